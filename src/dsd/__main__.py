@@ -1,0 +1,5 @@
+import sys
+
+from dsd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,25 @@
+"""The failures a user can cause or meet; the CLI prints each as one line and exits with status 2."""
+
+
+class DSDError(Exception):
+    """Base class: the message is one line naming the key, file or step and what was expected."""
+
+
+class ConfigError(DSDError, ValueError):
+    """A bad configuration key or value."""
+
+
+class DataError(DSDError, ValueError):
+    """Bad or missing input data: the message names the file or folder."""
+
+
+class CheckpointError(DSDError, ValueError):
+    """A missing, corrupt, foreign or mismatched checkpoint."""
+
+
+class NonFiniteLoss(DSDError, RuntimeError):
+    """Training produced a NaN/inf loss more often than allowed."""
+
+
+class Preempted(DSDError, RuntimeError):
+    """SIGTERM / SIGUSR1 arrived; a resume checkpoint was written."""

@@ -1,0 +1,202 @@
+"""Per-tensor magnitude pruning with masks held fixed for a whole sparse phase.
+
+Masking is done in place on the parameters themselves (no reparametrisation), so recurrent layers keep their
+flat weights and checkpoints keep plain state dicts. After every optimizer step the pruned weights and the
+optimizer state at pruned entries are set back to exactly zero, so momentum, weight decay and Adam moments
+cannot revive them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+STATE_VERSION = 1
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Sparsity is the fraction pruned: 0 keeps everything, 1 would delete the tensor."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def prunable_parameters(
+    model: nn.Module, exclude: Iterable[str] = (), include: Iterable[str] | None = None
+) -> dict[str, nn.Parameter]:
+    """Weights with 2+ dims (conv, linear, embedding, RNN, attention) minus `exclude`; each shared tensor once.
+
+    `include`, when given, narrows the candidates to names matching one of its patterns (the speech track
+    prunes only fully connected and recurrent weights, say). Names are those of `model.named_parameters()`.
+    """
+    exclude, include = tuple(exclude), None if include is None else tuple(include)
+    chosen = {}
+    for name, param in model.named_parameters():  # shared parameters are listed once, under their first name
+        if param.dim() < 2 or _matches(name, exclude):
+            continue
+        if include is not None and not _matches(name, include):
+            continue
+        chosen[name] = param
+    return chosen
+
+
+@torch.no_grad()
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bool mask (True = kept) pruning exactly round(sparsity * numel) entries of smallest |w|.
+
+    Ties at the threshold are broken by flat index (lower index pruned first), so the mask is a pure function
+    of the weights. A selection (kthvalue) instead of a full sort keeps this linear in the tensor size.
+    """
+    n = weight.numel()
+    k = int(round(check_sparsity(sparsity) * n))
+    if k == 0:
+        return torch.ones_like(weight, dtype=torch.bool)
+    magnitude = weight.detach().abs().flatten()
+    if magnitude.dtype in (torch.float16, torch.bfloat16):
+        magnitude = magnitude.float()
+    threshold = magnitude.kthvalue(k).values
+    below = magnitude < threshold
+    at = magnitude == threshold
+    still_to_prune = k - int(below.sum())
+    pruned = below | (at & (at.cumsum(0) <= still_to_prune))
+    return (~pruned).view_as(weight)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """1 bit per weight for checkpoints (uint8 tensor, loadable with weights_only=True)."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().flatten().numpy()))
+
+
+def unpack_mask(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
+    shape = torch.Size(shape)
+    bits = np.unpackbits(packed.cpu().numpy(), count=shape.numel())
+    return torch.from_numpy(bits.astype(bool)).view(shape)
+
+
+class Pruner:
+    """Prunes a model's weights per tensor by magnitude and keeps them pruned until `remove()`.
+
+    >>> pruner = Pruner(model, sparsity=0.3, exclude=("conv1.weight",))
+    >>> loss.backward(); optimizer.step(); pruner.step(optimizer)
+    >>> pruner.remove(optimizer)   # re-dense
+
+    For a DistributedDataParallel model pass the wrapped module (`ddp.module`): masks are a function of the
+    weights, which DDP keeps identical on every rank, so every rank chooses the same masks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        exclude: Iterable[str] = (),
+        include: Iterable[str] | None = None,
+        *,
+        _masks: Mapping[str, torch.Tensor] | None = None,
+    ):
+        self.model = model
+        self.target_sparsity = check_sparsity(sparsity)
+        self.exclude = tuple(exclude)
+        self.include = None if include is None else tuple(include)
+        if _masks is None:
+            self._params = prunable_parameters(model, self.exclude, self.include)
+            self.masks = {n: magnitude_mask(p, self.target_sparsity) for n, p in self._params.items()}
+        else:
+            named = dict(model.named_parameters())
+            self._params = {n: named[n] for n in _masks}
+            self.masks = {n: m.to(named[n].device) for n, m in _masks.items()}
+        self.active = True
+        self._refresh_lists()
+        self.apply()
+
+    def _refresh_lists(self) -> None:
+        self._param_list = list(self._params.values())
+        self._mask_list = [self.masks[n] for n in self._params]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Set every pruned weight to exactly zero (one fused pass over all masked tensors)."""
+        if self.active and self._param_list:
+            torch._foreach_mul_(self._param_list, self._mask_list)
+
+    @torch.no_grad()
+    def _mask_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is None:
+            return
+        tensors, masks = [], []
+        for param, mask in zip(self._param_list, self._mask_list, strict=True):
+            for value in optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    tensors.append(value)
+                    masks.append(mask if value.device == mask.device else mask.to(value.device))
+        if tensors:
+            torch._foreach_mul_(tensors, masks)
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Call after every optimizer step (also when a GradScaler skipped it): re-zero weights and state."""
+        if not self.active:
+            return
+        self.apply()
+        self._mask_optimizer_state(optimizer)
+
+    def remove(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Re-dense: clear the optimizer state at pruned entries once more, then stop masking."""
+        if self.active:
+            self.apply()
+            self._mask_optimizer_state(optimizer)
+        self.active = False
+        self.masks, self._params = {}, {}
+        self._refresh_lists()
+
+    @torch.no_grad()
+    def sparsity(self) -> dict[str, float]:
+        """Measured fraction of exact zeros per masked tensor (not the target)."""
+        return {n: float((p == 0).sum()) / p.numel() for n, p in self._params.items() if n in self.masks}
+
+    @torch.no_grad()
+    def overall_sparsity(self) -> float:
+        """Measured fraction of zeros over all masked tensors together."""
+        if not self.masks:
+            return 0.0
+        zeros = sum(int((self._params[n] == 0).sum()) for n in self.masks)
+        return zeros / sum(self._params[n].numel() for n in self.masks)
+
+    def state_dict(self) -> dict:
+        """Masks bit-packed (1 bit per weight); loadable with torch.load(weights_only=True)."""
+        return {
+            "version": STATE_VERSION,
+            "sparsity": self.target_sparsity,
+            "exclude": list(self.exclude),
+            "include": None if self.include is None else list(self.include),
+            "active": self.active,
+            "masks": {n: pack_mask(m) for n, m in self.masks.items()},
+            "shapes": {n: list(m.shape) for n, m in self.masks.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, model: nn.Module, state: Mapping) -> Pruner:
+        """Resume with exactly the saved masks (never re-chosen from the current weights)."""
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise ValueError("not a dsd.Pruner state dict (missing or unknown 'version')")
+        params = dict(model.named_parameters())
+        masks = {}
+        for name, shape in state["shapes"].items():
+            if name not in params:
+                raise ValueError(f"pruner state names parameter {name!r}, which the model does not have")
+            if list(params[name].shape) != list(shape):
+                raise ValueError(
+                    f"pruner state mask for {name!r} has shape {tuple(shape)}, "
+                    f"the model's parameter has {tuple(params[name].shape)}"
+                )
+            masks[name] = unpack_mask(state["masks"][name], shape)
+        pruner = cls(model, state["sparsity"], state["exclude"], state["include"], _masks=masks)
+        if not state.get("active", True):
+            pruner.remove()
+        return pruner

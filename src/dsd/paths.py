@@ -1,0 +1,61 @@
+"""One function per artifact path, shared by the Snakefile and the CLI so the two never disagree.
+
+Arguments may be Snakemake wildcard strings such as "{row}"; the functions only join text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def dataset_dir(data_root: str, dataset: str) -> Path:
+    return Path(data_root) / dataset
+
+
+def prepared(data_root: str, dataset: str) -> Path:
+    """Written last by `dsd prepare`: its presence means the data set is complete and checked."""
+    return Path(data_root) / f"{dataset}.prepared.json"
+
+
+def run_dir(output_dir: str, row: str, seed: int | str, phase: str) -> Path:
+    return Path(output_dir) / "runs" / str(row) / f"seed{seed}" / str(phase)
+
+
+def checkpoint(run: Path) -> Path:
+    """The phase's final model (+ optimizer and masks): the next phase starts from it."""
+    return Path(run) / "model.pt"
+
+
+def metrics(run: Path) -> Path:
+    """Per-epoch history and final test metrics of one phase; written after the checkpoint."""
+    return Path(run) / "metrics.json"
+
+
+def resume(run: Path) -> Path:
+    """Rolling mid-phase checkpoint; not a Snakemake output, so it survives a failed or killed job."""
+    return Path(run) / "resume.pt"
+
+
+def samples(run: Path) -> Path:
+    """A few test predictions (captions, transcripts) for the qualitative tables and figures."""
+    return Path(run) / "samples.json"
+
+
+def tables_dir(output_dir: str) -> Path:
+    return Path(output_dir) / "tables"
+
+
+def plots_dir(output_dir: str) -> Path:
+    return Path(output_dir) / "plots"
+
+
+def logs_dir(output_dir: str) -> Path:
+    return Path(output_dir) / "logs"
+
+
+def benchmarks_dir(output_dir: str) -> Path:
+    return Path(output_dir) / "benchmarks"
+
+
+def wandb_dir(output_dir: str) -> Path:
+    return Path(output_dir) / "wandb"

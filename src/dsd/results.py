@@ -1,0 +1,176 @@
+"""Tables from finished runs: our baseline, DSD and equal-epoch control beside the paper's figures.
+
+Gains are signed so that positive always means "better than the reference": for error rates a drop, for
+BLEU a rise. The paired per-seed difference DSD - control (same seed, same dense start, same data order) has
+a t-based 95% confidence interval; the verdict column says plainly whether DSD beat the control.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from dsd import paths
+from dsd.schedule import CONTROL, Recipe
+
+
+def paper_headline() -> pd.DataFrame:
+    with resources.files("dsd").joinpath("reference/dsd_paper_headline.csv").open() as f:
+        return pd.read_csv(f).set_index("row")
+
+
+def paper_phases() -> pd.DataFrame:
+    with resources.files("dsd").joinpath("reference/dsd_paper_phases.csv").open() as f:
+        return pd.read_csv(f)
+
+
+def read_metrics(output_dir: str, row: str, seed: int, phase: str) -> dict:
+    path = paths.metrics(paths.run_dir(output_dir, row, seed, phase))
+    return json.loads(Path(path).read_text())
+
+
+def rel_gain_pct(reference: float, value: float, higher_is_better: bool) -> float:
+    """Relative improvement of `value` over `reference`, in percent (positive = better)."""
+    if reference == 0 or not math.isfinite(reference):
+        return float("nan")
+    change = (value - reference) if higher_is_better else (reference - value)
+    return 100.0 * change / abs(reference)
+
+
+def paired_ci(differences, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and t-interval of paired differences; (mean, nan, nan) with fewer than two pairs."""
+    d = np.asarray(differences, dtype=float)
+    mean = float(d.mean())
+    if d.size < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float, higher_is_better: bool) -> str:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "too few seeds"
+    better_side = low > 0 if higher_is_better else high < 0
+    worse_side = high < 0 if higher_is_better else low > 0
+    if better_side:
+        return "DSD better than control"
+    if worse_side:
+        return "DSD worse than control"
+    return "no significant difference"
+
+
+def _std(values) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def comparison_row(output_dir: str, row: str, seeds, final_phase: str) -> dict:
+    runs = {
+        seed: {name: read_metrics(output_dir, row, seed, name) for name in ("dense", final_phase, CONTROL)}
+        for seed in seeds
+    }
+    first = runs[seeds[0]]["dense"]
+    metric, higher = first["metric"], first["higher_is_better"]
+    base = [runs[s]["dense"]["test"][metric] for s in seeds]
+    dsd = [runs[s][final_phase]["test"][metric] for s in seeds]
+    control = [runs[s][CONTROL]["test"][metric] for s in seeds]
+    diff_mean, low, high = paired_ci(np.subtract(dsd, control))
+    headline = paper_headline()
+    paper = headline.loc[row] if row in headline.index else None
+    out = {
+        "row": row,
+        "dataset": first["dataset"],
+        "metric": metric,
+        "higher_is_better": higher,
+        "paper_dataset": paper["dataset"] if paper is not None else "",
+        "paper_metric": paper["metric"] if paper is not None else "",
+        "paper_baseline": float(paper["paper_baseline"]) if paper is not None else float("nan"),
+        "paper_dsd": float(paper["paper_dsd"]) if paper is not None else float("nan"),
+        "paper_rel_gain_pct": float(paper["paper_rel_gain_pct"]) if paper is not None else float("nan"),
+        "baseline_mean": float(np.mean(base)),
+        "baseline_std": _std(base),
+        "dsd_mean": float(np.mean(dsd)),
+        "dsd_std": _std(dsd),
+        "control_mean": float(np.mean(control)),
+        "control_std": _std(control),
+        "rel_gain_vs_baseline_pct": rel_gain_pct(float(np.mean(base)), float(np.mean(dsd)), higher),
+        "rel_gain_vs_control_pct": rel_gain_pct(float(np.mean(control)), float(np.mean(dsd)), higher),
+        "dsd_minus_control_mean": diff_mean,
+        "dsd_minus_control_ci95_low": low,
+        "dsd_minus_control_ci95_high": high,
+        "ci_excludes_zero": bool(math.isfinite(low) and (low > 0 or high < 0)),
+        "verdict": verdict(low, high, higher),
+        "n_seeds": len(seeds),
+    }
+    second = {"top1_error_pct": "top5_error_pct", "bleu4": "bleu1", "wer_pct": "cer_pct"}.get(metric)
+    if second and second in first["test"]:
+        out[f"baseline_{second}_mean"] = float(np.mean([runs[s]["dense"]["test"][second] for s in seeds]))
+        out[f"dsd_{second}_mean"] = float(np.mean([runs[s][final_phase]["test"][second] for s in seeds]))
+        out[f"control_{second}_mean"] = float(np.mean([runs[s][CONTROL]["test"][second] for s in seeds]))
+    return out
+
+
+def phase_rows(output_dir: str, row: str, seeds, recipe: Recipe) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        for name in [*recipe.names, CONTROL]:
+            m = read_metrics(output_dir, row, seed, name)
+            rows.append(
+                {
+                    "row": row,
+                    "seed": seed,
+                    "phase": name,
+                    "kind": m["kind"],
+                    "metric": m["metric"],
+                    "test_value": m["test"][m["metric"]],
+                    "val_value": m["val"][m["metric"]],
+                    "target_sparsity": m["target_sparsity"],
+                    "measured_sparsity": m["measured_sparsity"],
+                    "epochs": m["epochs"],
+                    "lr": m["lr"],
+                    "wall_seconds": m["wall_seconds"],
+                }
+            )
+    return rows
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, floatfmt=".2f") + "\n"
+
+
+def write_tables(output_dir: str, recipes: dict[str, Recipe], seeds, out_dir: str | Path) -> pd.DataFrame:
+    """paper_comparison.{csv,md} and phases.{csv,md}; returns the comparison table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds)
+    comparison = pd.DataFrame([comparison_row(output_dir, r, seeds, rec.final) for r, rec in recipes.items()])
+    phases = pd.DataFrame([p for r, rec in recipes.items() for p in phase_rows(output_dir, r, seeds, rec)])
+    comparison.to_csv(out_dir / "paper_comparison.csv", index=False)
+    phases.to_csv(out_dir / "phases.csv", index=False)
+    shown = [
+        "row",
+        "metric",
+        "paper_baseline",
+        "paper_dsd",
+        "paper_rel_gain_pct",
+        "baseline_mean",
+        "baseline_std",
+        "dsd_mean",
+        "dsd_std",
+        "control_mean",
+        "control_std",
+        "rel_gain_vs_baseline_pct",
+        "rel_gain_vs_control_pct",
+        "dsd_minus_control_ci95_low",
+        "dsd_minus_control_ci95_high",
+        "verdict",
+        "n_seeds",
+    ]
+    (out_dir / "paper_comparison.md").write_text(_markdown(comparison[shown]))
+    (out_dir / "phases.md").write_text(_markdown(phases))
+    return comparison

@@ -1,0 +1,130 @@
+"""Phase recipes: dense -> sparse(s1) -> redense [-> sparse(s2) -> redense ...], and the equal-epoch control.
+
+Iterative DSD and Skinny-DNN / IHT are the same recipe with more phases. Phase names are stable identifiers
+used in run folders: `dense`, `sparse1`, `redense1`, `sparse2`, ... and `control` for the dense run that
+continues from `dense` for as many epochs, with the same learning rates, as all later phases together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+from dsd.masks import check_sparsity
+
+KINDS = ("dense", "sparse", "redense")
+CONTROL = "control"
+REDENSE_LR_FACTOR = 0.1
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    kind: str  # dense | sparse | redense
+    epochs: float
+    lr: float
+    sparsity: float = 0.0
+
+    @property
+    def prunes(self) -> bool:
+        return self.kind == "sparse"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    phases: tuple[Phase, ...]
+
+    @classmethod
+    def from_config(cls, entries: Iterable[Mapping]) -> Recipe:
+        """Build and check a recipe; a re-dense phase without `lr` runs at 1/10 of the preceding sparse LR."""
+        phases: list[Phase] = []
+        counts = dict.fromkeys(KINDS, 0)
+        for i, entry in enumerate(entries):
+            kind = entry.get("kind")
+            where = f"phases[{i}]"
+            if kind not in KINDS:
+                raise ValueError(f"{where}.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+            previous = phases[-1] if phases else None
+            if kind == "dense" and previous is not None:
+                raise ValueError(f"{where}: 'dense' may only be the first phase (use 'redense' after sparse)")
+            if kind == "sparse" and previous is None:
+                raise ValueError(f"{where}: a sparse phase needs a dense phase before it")
+            if kind == "redense" and (previous is None or previous.kind != "sparse"):
+                raise ValueError(f"{where}: a redense phase must follow a sparse phase")
+            epochs = entry.get("epochs")
+            if not isinstance(epochs, (int, float)) or isinstance(epochs, bool) or epochs <= 0:
+                raise ValueError(f"{where}.epochs must be a positive number, got {epochs!r}")
+            lr = entry.get("lr")
+            if lr is None and kind == "redense":
+                lr = previous.lr * REDENSE_LR_FACTOR
+            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+                raise ValueError(f"{where}.lr must be a positive number, got {lr!r}")
+            sparsity = entry.get("sparsity", 0.0)
+            if kind == "sparse":
+                if "sparsity" not in entry:
+                    raise ValueError(f"{where}.sparsity is required for a sparse phase")
+                try:
+                    sparsity = check_sparsity(sparsity)
+                except ValueError as err:
+                    raise ValueError(f"{where}.sparsity: {err}") from None
+            elif sparsity:
+                raise ValueError(f"{where}: only sparse phases take a sparsity, got {sparsity!r} on {kind}")
+            counts[kind] += 1
+            name = "dense" if kind == "dense" else f"{kind}{counts[kind]}"
+            phases.append(Phase(name, kind, float(epochs), float(lr), float(sparsity)))
+        if not phases:
+            raise ValueError("phases: the recipe is empty (it needs at least a dense phase)")
+        return cls(tuple(phases))
+
+    @classmethod
+    def iht(cls, dense: Phase, sparsity: float, cycles: int, epochs: float, lr: float) -> Recipe:
+        """Skinny-DNN / IHT: `cycles` x (sparse, redense), ending sparse (a sparse net is the deliverable)."""
+        entries = [{"kind": "dense", "epochs": dense.epochs, "lr": dense.lr}]
+        for c in range(cycles):
+            entries.append({"kind": "sparse", "epochs": epochs, "lr": lr, "sparsity": sparsity})
+            if c < cycles - 1:
+                entries.append({"kind": "redense", "epochs": epochs, "lr": lr})
+        return cls.from_config(entries)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.phases]
+
+    def __getitem__(self, name: str) -> Phase:
+        for phase in self.phases:
+            if phase.name == name:
+                return phase
+        if name == CONTROL:
+            raise KeyError("'control' is not one phase: see Recipe.control_phases()")
+        raise KeyError(f"unknown phase {name!r}; this recipe has {', '.join(self.names)}")
+
+    def previous(self, name: str) -> str | None:
+        """The phase whose final checkpoint this phase starts from (None for the first phase)."""
+        if name == CONTROL:
+            return self.phases[0].name
+        index = self.names.index(self[name].name)
+        return self.names[index - 1] if index else None
+
+    @property
+    def final(self) -> str:
+        return self.phases[-1].name
+
+    def control_phases(self) -> tuple[Phase, ...]:
+        """The equal-epoch control: every phase after the first, same epochs and LR, no pruning."""
+        return tuple(replace(p, kind="dense", sparsity=0.0) for p in self.phases[1:])
+
+    @property
+    def total_epochs(self) -> float:
+        return sum(p.epochs for p in self.phases)
+
+
+def lr_at(base_lr: float, step: int, total_steps: int, schedule: str) -> float:
+    """LR within one phase; every phase restarts from its own base LR (as the paper's phases do)."""
+    if schedule == "constant" or total_steps <= 1:
+        return base_lr
+    if schedule == "cosine":
+        return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / total_steps))
+    if schedule == "step":  # /10 at 50% and 75% of the phase, the classic ImageNet shape
+        return base_lr * (0.1 ** ((step >= total_steps // 2) + (step >= 3 * total_steps // 4)))
+    raise ValueError(f"unknown lr schedule {schedule!r} (expected constant, cosine or step)")

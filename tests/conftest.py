@@ -1,0 +1,82 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def tiny_vision_config(tmp: Path, **extra) -> dict:
+    """One vision row, two seeds, a few images per class and two steps per epoch: the whole chain in seconds."""
+    config = {
+        "output_dir": str(tmp / "results"),
+        "data_root": str(tmp / "data"),
+        "seeds": [0, 1],
+        "rows": ["resnet18"],
+        "threads": 1,
+        "wandb": {"mode": "disabled"},
+        "experiments": {
+            "resnet18": {
+                "track": "vision",
+                "dataset": "shapes",
+                "model": {"arch": "resnet18", "size": "mini", "width": 4, "num_classes": 10},
+                "data": {
+                    "image_size": 32,
+                    "resize": 32,
+                    "val_dir": "val",
+                    "test_dir": "test",
+                    "in_memory": True,
+                    "generate": {"per_class": {"train": 6, "val": 2, "test": 2}},
+                },
+                "train": {"batch_size": 16, "lr_schedule": "cosine", "max_steps_per_epoch": 2},
+                "prune": {"exclude": ["conv1.weight"]},
+                "phases": [
+                    {"kind": "dense", "epochs": 1, "lr": 0.05},
+                    {"kind": "sparse", "epochs": 2, "lr": 0.005, "sparsity": 0.3},
+                    {"kind": "redense", "epochs": 1},
+                ],
+            }
+        },
+    }
+    config.update(extra)
+    return config
+
+
+def write_config(tmp: Path, config: dict) -> Path:
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [
+        str(BIN / "snakemake"),
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "2",
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir)
+
+
+def dsd_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dsd", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    return tiny_vision_config(tmp_path)

@@ -1,0 +1,246 @@
+"""Captioning track: Karpathy reader, vocabulary, decoding, BLEU, scenes generator, pruning, end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import sacrebleu
+import torch
+from torch import nn
+
+from dsd import scenes
+from dsd.config import ConfigError, Experiment, TrainHparams
+from dsd.masks import Pruner
+from dsd.tracks import DataError
+from dsd.tracks import captioning as cap
+
+torch.set_num_threads(1)
+
+
+def _karpathy(tmp_path, images):
+    path = tmp_path / "dataset_flickr8k.json"
+    path.write_text(json.dumps({"dataset": "flickr8k", "images": images}))
+    return path
+
+
+def _entry(i, split, raws):
+    return {
+        "filename": f"im{i}.jpg",
+        "imgid": i,
+        "split": split,
+        "sentids": list(range(len(raws))),
+        "sentences": [{"raw": r, "tokens": r.split(), "imgid": i, "sentid": j} for j, r in enumerate(raws)],
+    }
+
+
+def _exp(data_dir, dataset="flickr8k", **kw):
+    return Experiment(row="captioning", track="captioning", dataset=dataset, data_dir=str(data_dir), **kw)
+
+
+def test_karpathy_reader_normalises_and_names_bad_fields(tmp_path):
+    images = [
+        _entry(0, "train", ["A Dog, running!", "the dog runs."]),
+        _entry(1, "restval", ["Two cats"]),
+        _entry(2, "test", ["a bird"]),
+    ]
+    images[2]["filepath"] = "val2014"  # COCO layout: image_dir / filepath / filename
+    read = cap.read_karpathy(_karpathy(tmp_path, images), tmp_path / "imgs")
+    assert read[0].captions == (("a", "dog", "running"), ("the", "dog", "runs"))
+    assert [im.split for im in read] == ["train", "train", "test"]  # restval counts as train
+    assert read[2].path == tmp_path / "imgs" / "val2014" / "im2.jpg"
+
+    del images[1]["sentences"]
+    with pytest.raises(DataError) as err:
+        cap.read_karpathy(_karpathy(tmp_path, images))
+    message = str(err.value)
+    assert "dataset_flickr8k.json" in message and "images[1]" in message and "im1.jpg" in message
+    assert "'sentences'" in message and "\n" not in message
+
+    images[1]["sentences"] = [{"imgid": 1}]
+    with pytest.raises(DataError, match="'tokens'"):
+        cap.read_karpathy(_karpathy(tmp_path, images))
+
+
+def test_check_flickr8k_names_a_missing_image(tmp_path):
+    _karpathy(tmp_path, [_entry(0, "train", ["a dog"]), _entry(1, "val", ["a cat"])])
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "im0.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="im1.jpg"):
+        cap.check_flickr8k(_exp(tmp_path))
+    (tmp_path / "images" / "im1.jpg").write_bytes(b"")  # complete now, but features need the VGG weights
+    with pytest.raises(DataError, match="encoder_weights"):
+        cap.check_flickr8k(_exp(tmp_path))
+
+
+def test_vocabulary_min_count_specials_and_truncation(tmp_path):
+    captions = [("a", "dog")] * 5 + [("a", "cat")] * 4
+    vocab = cap.build_vocabulary(captions, min_count=5)
+    assert list(vocab) == ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"]  # 'cat' seen 4 times only
+    assert cap.build_vocabulary(captions, min_count=4)["cat"] == 6
+    long = tuple(f"w{i}" for i in range(20))
+    ids = cap.encode(long, vocab, max_words=16)
+    assert len(ids) == 18 and ids[0] == vocab["<start>"] and ids[-1] == vocab["<end>"]
+    assert set(ids[1:-1]) == {vocab["<unk>"]}
+
+    # built from train captions only: a word frequent in test is not in the vocabulary
+    _karpathy(tmp_path, [_entry(0, "train", ["a dog"] * 5), _entry(1, "test", ["a zebra"] * 5)])
+    vocab = cap.vocabulary(_exp(tmp_path, data={"min_count": 5}))
+    assert "dog" in vocab and "zebra" not in vocab
+
+
+def test_unknown_config_key_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="model: unknown key 'hiden_dim'"):
+        cap.model_config(_exp(tmp_path, model={"hiden_dim": 3}))
+    with pytest.raises(ConfigError, match="eval: unknown key 'beam'"):
+        cap.eval_config(_exp(tmp_path, eval={"beam": 3}))
+
+
+@torch.no_grad()
+def _score(model, feature, ids, max_len):
+    """Total log-probability of a caption (+ <end> unless it ran to max_len)."""
+    state, token, total = model.start(feature[None]), torch.tensor([1]), 0.0
+    for w in ids + ([2] if len(ids) < max_len else []):
+        logp, state = model.step(token, state)
+        total += float(logp[0, w])
+        token = torch.tensor([w])
+    return total
+
+
+def test_beam_one_is_greedy_and_wide_beam_is_exhaustive():
+    torch.manual_seed(0)
+    model = cap.ShowAndTell(feature_dim=12, vocab_size=40, embed_dim=16, hidden_dim=24, dropout=0.0).eval()
+    features = torch.randn(64, 12) * 3
+    greedy = cap.greedy(model, features, max_len=16)
+    assert cap.beam_search(model, features, beam_size=1, max_len=16) == greedy
+    assert len({tuple(g) for g in greedy}) > 1  # not a degenerate comparison
+
+    # 3 usable words, 3 steps: a beam of 64 holds every sequence, so it must find the exhaustive optimum
+    small = cap.ShowAndTell(feature_dim=8, vocab_size=7, embed_dim=8, hidden_dim=16, dropout=0.0).eval()
+    feats = torch.randn(8, 8) * 3
+    found = cap.beam_search(small, feats, beam_size=64, max_len=3)
+    candidates = [list(c) for n in range(4) for c in itertools.product((3, 4, 5, 6), repeat=n)]
+    for feature, ids in zip(feats, found, strict=True):
+        best = max(candidates, key=lambda c: _score(small, feature, c, 3))
+        assert ids == best
+
+
+def test_corpus_bleu_matches_sacrebleu():
+    # coco-caption and sacrebleu agree when every n-gram order has a match in the corpus (coco's 1e-15/1e-9
+    # smoothing is then negligible) and the brevity penalty uses the closest reference length in both; the
+    # hypotheses here are shorter than their closest references, so the brevity penalty is exercised too.
+    hyps = ["a dog runs on the grass", "a man rides a red bike", "two cats sit on a mat", "a bird flies"]
+    refs = [
+        ["a brown dog runs on the green grass", "the dog is running on grass outside", "a dog running"],
+        ["a man is riding a red bike down the road", "a person rides a bicycle", "man on a red bike"],
+        ["two cats are sitting on a mat", "two small cats sit on the mat together", "cats on a mat"],
+        ["a small bird flies over the water", "a bird is flying in the sky", "bird flying high"],
+    ]
+    ours = cap.corpus_bleu([[r.split() for r in rs] for rs in refs], [h.split() for h in hyps])
+    theirs = sacrebleu.corpus_bleu(
+        hyps,
+        [list(col) for col in zip(*refs, strict=True)],
+        tokenize="none",
+        smooth_method="none",
+        force=True,
+    )
+    assert theirs.bp < 1.0
+    for n in range(4):  # bleu-n = BP * geometric mean of the first n precisions
+        logs = [math.log(p / 100) for p in theirs.precisions[: n + 1]]
+        expected = 100 * theirs.bp * math.exp(sum(logs) / (n + 1))
+        assert ours[f"bleu{n + 1}"] == pytest.approx(expected, abs=1e-3)
+    assert ours["bleu4"] == pytest.approx(theirs.score, abs=1e-3)
+
+
+def test_scenes_are_deterministic_and_karpathy(tmp_path):
+    a = scenes.generate(tmp_path / "a", seed=3, splits=(6, 2, 2), image_size=32)
+    b = scenes.generate(tmp_path / "b", seed=3, splits=(6, 2, 2), image_size=32)
+    c = scenes.generate(tmp_path / "c", seed=4, splits=(6, 2, 2), image_size=32)
+    assert a.read_text() == b.read_text() and a.read_text() != c.read_text()
+    for name in ("scene_00000.png", "scene_00009.png"):
+        assert (tmp_path / "a/images" / name).read_bytes() == (tmp_path / "b/images" / name).read_bytes()
+    read = cap.read_karpathy(a, tmp_path / "a/images")
+    assert [im.split for im in read] == ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+    assert all(len(im.captions) == 5 and im.path.is_file() for im in read)
+    assert all(len(set(im.captions)) > 1 for im in read)  # the five references differ
+    sentids = [s["sentid"] for im in json.loads(a.read_text())["images"] for s in im["sentences"]]
+    assert sentids == list(range(50))
+
+
+def test_pruning_leaves_the_word_embedding_dense():
+    torch.manual_seed(0)
+    model = cap.ShowAndTell(feature_dim=32, vocab_size=50, embed_dim=16, hidden_dim=24, dropout=0.0)
+    pruner = Pruner(model, 0.8, exclude=("embed.weight",))
+    measured = pruner.sparsity()
+    assert set(measured) == {"image_proj.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "out.weight"}
+    assert all(v == pytest.approx(0.8, abs=1e-3) for v in measured.values())
+    assert int((model.embed.weight == 0).sum()) == 0
+    # the in-place masks survive an Adam step through the LSTM's flat weights
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = (torch.randn(4, 32), torch.randint(4, 50, (4, 7)))
+    cap.loss(model, batch, "cpu").backward()
+    optimizer.step()
+    pruner.step(optimizer)
+    assert all(v == pytest.approx(0.8, abs=1e-3) for v in pruner.sparsity().values())
+    assert int((model.embed.weight == 0).sum()) == 0
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+        )
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def test_end_to_end_on_tiny_scenes(tmp_path):
+    exp = _exp(
+        tmp_path / "scenes",
+        dataset="scenes",
+        model={"embed_dim": 16, "hidden_dim": 32, "dropout": 0.0},
+        data={"scenes_splits": [40, 8, 8], "scenes_image_size": 32, "image_size": 32, "min_count": 2},
+        train=TrainHparams(batch_size=16, eval_batch_size=8),
+    )
+    summary = cap.DATASETS["scenes"](exp)
+    assert summary["images"] == {"train": 40, "val": 8, "test": 8} and summary["captions"] == 280
+    json.dumps(summary)
+    with pytest.raises(DataError, match="features"):
+        cap.build_model(exp)
+
+    torch.manual_seed(0)
+    encoder = cap.encoder_from_module(TinyCNN())
+    path = cap.extract_features(exp, encoder, image_size=32)
+    saved = torch.load(path, weights_only=True)
+    assert saved["features"].shape == (56, 32) and len(saved["filenames"]) == 56
+
+    model = cap.build_model(exp)
+    assert model.embed.weight.shape[0] == len(cap.vocabulary(exp))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for epoch in range(3):
+        for batch in cap.train_loader(exp, seed=0, epoch=epoch):
+            value = cap.loss(model, batch, "cpu")
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            losses.append(value.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+
+    metrics = cap.evaluate(model, exp, "val", "cpu")
+    assert set(metrics) == {"bleu1", "bleu2", "bleu3", "bleu4"}
+    assert all(0.0 <= v <= 100.0 for v in metrics.values()) and metrics["bleu1"] > 0
+    shown = cap.samples(model, exp, "cpu", 3)
+    assert len(shown) == 3 and all(s["hypothesis"] and s["image"].endswith(".png") for s in shown)
+
+
+def test_vgg_weights_must_be_a_local_file(tmp_path):
+    exp = _exp(tmp_path, data={"encoder_weights": str(tmp_path / "vgg16.pth")})
+    with pytest.raises(DataError, match="vgg16.pth"):
+        cap.vgg16_encoder(exp)

@@ -1,0 +1,242 @@
+"""The DSD core: exact per-tensor pruning, masks held through every optimizer, re-dense, resume."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dsd
+from dsd.masks import magnitude_mask, pack_mask, unpack_mask
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = torch.relu(self.conv2(x)).mean(dim=(2, 3))
+        return self.fc(x)
+
+
+class RecurrentNet(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.rnn = cell(8, 12, num_layers=2, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.embed(tokens))
+        return self.fc(out[:, -1])
+
+
+def batch_for(model):
+    g = torch.Generator().manual_seed(1)
+    if isinstance(model, ConvNet):
+        return torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g)
+    return torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 5, (6,), generator=g)
+
+
+OPTIMIZERS = {
+    "sgd_momentum_wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-2),
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.9, weight_decay=1e-3),
+}
+MODELS = {
+    "conv": (ConvNet, ("conv1.weight",)),
+    "lstm": (lambda: RecurrentNet(nn.LSTM), ("embed.weight",)),
+    "gru": (lambda: RecurrentNet(nn.GRU), ("embed.weight",)),
+}
+
+
+def train_steps(model, optimizer, pruner, steps, check=None):
+    x, y = batch_for(model)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        if pruner is not None:
+            pruner.step(optimizer)
+        if check is not None:
+            check()
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_sparse_phase_holds_masks_and_redense_revives(model_name, opt_name):
+    torch.manual_seed(0)
+    factory, exclude = MODELS[model_name]
+    model = factory()
+    optimizer = OPTIMIZERS[opt_name](model.parameters())
+    train_steps(model, optimizer, None, 3)  # dense: optimizer state exists at every entry
+    excluded_before = {n: p.detach().clone() for n, p in model.named_parameters() if n in exclude}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    pruner = dsd.Pruner(model, sparsity=0.3, exclude=exclude)
+    params = dict(model.named_parameters())
+    assert set(pruner.masks) == {n for n, p in params.items() if p.dim() >= 2 and n not in exclude}
+    for mask in pruner.masks.values():
+        assert mask.dtype == torch.bool
+        assert int((~mask).sum()) == round(0.3 * mask.numel())  # exact count per tensor
+    # the pruned entries are the smallest magnitudes of each tensor
+    for name, mask in pruner.masks.items():
+        w = before[name].abs()
+        assert w[~mask].max() <= w[mask].min()
+
+    def check():
+        for name, mask in pruner.masks.items():
+            p = params[name]
+            assert torch.all(p[~mask] == 0), f"{name} revived"
+            for value in optimizer.state[p].values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    assert torch.all(value[~mask] == 0), f"optimizer state of {name} nonzero at pruned entry"
+
+    kept_before = {n: params[n].detach().clone() for n in pruner.masks}
+    train_steps(model, optimizer, pruner, 20, check)
+    for name, mask in pruner.masks.items():
+        assert not torch.equal(params[name][mask], kept_before[name][mask]), f"{name} kept weights froze"
+    assert all(abs(s - 0.3) < 0.02 for s in pruner.sparsity().values())
+    # excluded tensors: not masked, still trained (not zeroed)
+    for name, value in excluded_before.items():
+        assert name not in pruner.masks
+        assert (params[name] != 0).float().mean() > 0.95
+        assert not torch.equal(params[name], value)
+
+    masks = {n: m.clone() for n, m in pruner.masks.items()}
+    pruner.remove(optimizer)
+    assert pruner.masks == {}
+    train_steps(model, optimizer, pruner, 5)
+    revived = sum(int((params[n][~m] != 0).sum()) for n, m in masks.items())
+    total = sum(int((~m).sum()) for m in masks.values())
+    assert revived > 0.5 * total, "re-dense must move pruned weights off zero"
+
+
+def test_resume_is_bitwise_identical():
+    torch.manual_seed(0)
+    model = RecurrentNet(nn.LSTM)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    train_steps(model, optimizer, None, 2)
+    pruner = dsd.Pruner(model, 0.5, exclude=("embed.weight",))
+    train_steps(model, optimizer, pruner, 5)
+    saved = {
+        "model": copy.deepcopy(model.state_dict()),
+        "opt": copy.deepcopy(optimizer.state_dict()),
+        "pruner": pruner.state_dict(),
+    }
+    train_steps(model, optimizer, pruner, 10)  # uninterrupted
+    # a fresh process: new objects, weights drift so that re-choosing masks would differ
+    resumed = RecurrentNet(nn.LSTM)
+    resumed.load_state_dict(saved["model"])
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    opt2.load_state_dict(saved["opt"])
+    pruner2 = dsd.Pruner.from_state_dict(resumed, saved["pruner"])
+    assert all(torch.equal(pruner2.masks[n], pruner.masks[n]) for n in pruner.masks)
+    train_steps(resumed, opt2, pruner2, 10)
+    for (n, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_sparsity_validation_names_value():
+    model = ConvNet()
+    for bad in (1.5, -0.1, 1.0, "0.3", True):
+        with pytest.raises(ValueError, match="sparsity must be a number in \\[0, 1\\)"):
+            dsd.Pruner(model, bad)
+
+
+def test_ties_broken_deterministically_by_index():
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 0.5, 1.0, 3.0]])
+    mask = magnitude_mask(w, 0.5)  # prune 4: 0.5 then the first three 1.0s in flat order
+    assert mask.tolist() == [[False, False, False, True], [True, False, True, True]]
+    assert torch.equal(mask, magnitude_mask(w.clone(), 0.5))
+
+
+def test_shared_parameter_pruned_once_and_patterns():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.head = nn.Linear(4, 2)
+
+    model = Tied()
+    pruner = dsd.Pruner(model, 0.25, exclude=("head.*",))
+    assert list(pruner.masks) == ["a.weight"]
+    only = dsd.prunable_parameters(model, include=("head.weight",))
+    assert list(only) == ["head.weight"]
+
+
+def test_mask_packing_is_one_bit_per_weight():
+    mask = torch.rand(37, 11) > 0.4
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (37 * 11 + 7) // 8
+    assert torch.equal(unpack_mask(packed, mask.shape), mask)
+
+
+def test_from_state_dict_rejects_other_model():
+    pruner = dsd.Pruner(ConvNet(), 0.3)
+    with pytest.raises(ValueError, match="which the model does not have"):
+        dsd.Pruner.from_state_dict(RecurrentNet(nn.GRU), pruner.state_dict())
+
+
+def test_skipped_amp_step_leaves_pruned_weights_zero():
+    torch.manual_seed(0)
+    model = ConvNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner = dsd.Pruner(model, 0.5, exclude=("conv1.weight",))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x, y = batch_for(model)
+    loss = nn.functional.cross_entropy(model(x), y)
+    scaler.scale(loss * float("inf")).backward()  # inf gradients: the scaler skips this step
+    scaler.step(optimizer)
+    scaler.update()
+    pruner.step(optimizer)
+    for name, mask in pruner.masks.items():
+        assert torch.all(dict(model.named_parameters())[name][~mask] == 0)
+    assert scaler.get_scale() < 2.0**16  # it really was skipped
+
+
+def test_recipe_defaults_and_control():
+    recipe = dsd.Recipe.from_config(
+        [
+            {"kind": "dense", "epochs": 4, "lr": 0.1},
+            {"kind": "sparse", "epochs": 2, "lr": 0.01, "sparsity": 0.5},
+            {"kind": "redense", "epochs": 2},
+            {"kind": "sparse", "epochs": 1, "lr": 0.001, "sparsity": 0.25},
+            {"kind": "redense", "epochs": 1, "lr": 3e-5},
+        ]
+    )
+    assert recipe.names == ["dense", "sparse1", "redense1", "sparse2", "redense2"]
+    assert recipe["redense1"].lr == pytest.approx(0.001)  # 1/10 of the preceding sparse LR
+    assert recipe["redense2"].lr == 3e-5
+    control = recipe.control_phases()
+    assert [p.kind for p in control] == ["dense"] * 4
+    assert sum(p.epochs for p in control) == recipe.total_epochs - recipe["dense"].epochs
+    assert [p.lr for p in control] == [p.lr for p in recipe.phases[1:]]
+    assert recipe.previous("control") == "dense" and recipe.previous("sparse2") == "redense1"
+    iht = dsd.Recipe.iht(recipe["dense"], sparsity=0.5, cycles=3, epochs=1, lr=0.01)
+    assert [p.kind for p in iht.phases] == ["dense", "sparse", "redense", "sparse", "redense", "sparse"]
+
+
+@pytest.mark.parametrize(
+    "phases, message",
+    [
+        ([{"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 0.5}], "needs a dense phase before it"),
+        (
+            [{"kind": "dense", "epochs": 1, "lr": 0.1}, {"kind": "redense", "epochs": 1}],
+            "must follow a sparse",
+        ),
+        ([{"kind": "dense", "epochs": 1, "lr": 0.1}, {"kind": "sparse", "epochs": 1, "lr": 0.1}], "sparsity"),
+    ],
+)
+def test_recipe_rejects_bad_order(phases, message):
+    with pytest.raises(ValueError, match=message):
+        dsd.Recipe.from_config(phases)

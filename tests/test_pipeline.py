@@ -1,0 +1,100 @@
+"""The Snakemake chain end to end on tiny generated data, and bad input failing cleanly."""
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import dsd_cli, snakemake, tiny_vision_config, write_config
+
+from dsd import paths
+
+
+def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
+    config = tiny_vision_config(tmp_path)
+    configfile = write_config(tmp_path, config)
+    first = snakemake(tmp_path, configfile)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "results" / "tables" / "paper_comparison.csv")
+    assert list(table["row"]) == ["resnet18"]
+    row = table.iloc[0]
+    assert row["metric"] == "top1_error_pct" and not row["higher_is_better"]
+    assert row["n_seeds"] == 2 and row["paper_baseline"] == pytest.approx(30.43)
+    for column in ("baseline_mean", "dsd_mean", "control_mean", "baseline_std", "rel_gain_vs_control_pct"):
+        assert pd.notna(row[column]), column
+    # every phase of every seed ran, the sparse phase really was 30% sparse, the control had equal epochs
+    for seed in (0, 1):
+
+        def run(phase, seed=seed):
+            return json.loads(
+                paths.metrics(paths.run_dir(config["output_dir"], "resnet18", seed, phase)).read_text()
+            )
+
+        assert run("sparse1")["measured_sparsity"] == pytest.approx(0.3, abs=0.01)
+        assert run("redense1")["measured_sparsity"] == 0.0
+        assert run("control")["epochs"] == run("sparse1")["epochs"] + run("redense1")["epochs"]
+        assert not paths.resume(paths.run_dir(config["output_dir"], "resnet18", seed, "sparse1")).exists()
+    second = snakemake(tmp_path, configfile)
+    assert second.returncode == 0
+    assert "Nothing to be done" in second.stdout + second.stderr
+
+
+def test_dry_run_plans_every_phase_and_control(tmp_path):
+    config = tiny_vision_config(tmp_path, seeds=[0, 1, 2])
+    result = snakemake(tmp_path, write_config(tmp_path, config), "-n", "--quiet", "rules")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    assert "train_phase" in out and "prepare_data" in out and "tables" in out
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"experiments.resnet18.trian": {}}, "unknown key 'trian'"),
+        ({"seeds": "zero"}, "config.seeds"),
+        (
+            {"experiments.resnet18.phases": [{"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 0.5}]},
+            "dense phase before",
+        ),
+        (
+            {
+                "experiments.resnet18.phases": [
+                    {"kind": "dense", "epochs": 1, "lr": 0.1},
+                    {"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 1.5},
+                ]
+            },
+            "got 1.5",
+        ),
+    ],
+)
+def test_bad_config_stops_with_one_line(tmp_path, change, message):
+    from dsd.config import set_dotted
+
+    config = tiny_vision_config(tmp_path)
+    for key, value in change.items():
+        set_dotted(config, key, value)
+    result = snakemake(tmp_path, write_config(tmp_path, config), "-n")
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("dsd: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_data_folder_is_one_clear_line(tmp_path):
+    config = tiny_vision_config(tmp_path, data={"imagenet": str(tmp_path / "no_such_imagenet")})
+    config["experiments"]["resnet18"]["dataset"] = "imagenet"
+    result = snakemake(tmp_path, write_config(tmp_path, config))
+    assert result.returncode != 0
+    log = (tmp_path / "results" / "logs" / "prepare_imagenet.log").read_text().strip().splitlines()
+    assert log[-1].startswith("dsd: error:") and "no_such_imagenet" in log[-1] and "not found" in log[-1]
+    assert not paths.prepared(config["data_root"], "imagenet").exists()
+
+
+def test_cli_rejects_bad_sparsity_and_key(tmp_path):
+    configfile = write_config(tmp_path, tiny_vision_config(tmp_path))
+    bad_phases = "[{kind: dense, epochs: 1, lr: 0.1}, {kind: sparse, epochs: 1, lr: 0.1, sparsity: 1.5}]"
+    result = dsd_cli("check-config", str(configfile), "--set", f"experiments.resnet18.phases={bad_phases}")
+    assert result.returncode == 2 and "sparsity must be a number in [0, 1), got 1.5" in result.stderr
+    result = dsd_cli("check-config", str(configfile), "--set", "experiments.resnet18.model.wdith=3")
+    assert result.returncode == 2 and "model: unknown key 'wdith'" in result.stderr
+    result = dsd_cli("spec", "--config", str(configfile), "--row", "resnet18", "--set", "threads=0")
+    assert result.returncode == 2 and result.stderr.strip().startswith("dsd: error: config.threads")

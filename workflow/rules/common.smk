@@ -1,0 +1,56 @@
+# Config checks and the small lookups the rules share. Everything else lives in the dsd package.
+import shlex
+import sys
+
+dsd_config.expand_dotted(config)
+try:
+    for _row in dsd_config.rows(config):
+        dsd_config.Experiment.from_config(config, _row)
+except dsd_config.ConfigError as err:
+    sys.exit(f"dsd: error: {err}")
+
+ROWS = dsd_config.rows(config)
+SEEDS = config.get("seeds", [0, 1, 2])
+OUT = config.get("output_dir", "results")
+DATA_ROOT = config.get("data_root", "results/data")
+EXPERIMENTS = {row: dsd_config.Experiment.from_config(config, row) for row in ROWS}
+PYTHON = sys.executable
+
+
+def spec(row):
+    """The experiment as JSON: the rules' only way to pass configuration, and a rerun trigger."""
+    return EXPERIMENTS[row].to_json()
+
+
+def phases(row):
+    return [*EXPERIMENTS[row].recipe.names, "control"]
+
+
+def run_dir(row, seed, phase):
+    return str(paths.run_dir(OUT, row, seed, phase))
+
+
+def metrics_of(row, seed, phase):
+    return str(paths.metrics(paths.run_dir(OUT, row, seed, phase)))
+
+
+def all_metrics():
+    return [metrics_of(row, seed, phase) for row in ROWS for seed in SEEDS for phase in phases(row)]
+
+
+def prepared_of(row):
+    return str(paths.prepared(DATA_ROOT, EXPERIMENTS[row].dataset))
+
+
+def previous_checkpoint(wildcards):
+    """Input of a phase: the previous phase's final checkpoint (nothing for dense)."""
+    previous = EXPERIMENTS[wildcards.row].recipe.previous(wildcards.phase)
+    if previous is None:
+        return []
+    return str(paths.checkpoint(paths.run_dir(OUT, wildcards.row, wildcards.seed, previous)))
+
+
+wildcard_constraints:
+    row="|".join(ROWS),
+    seed=r"\d+",
+    phase=r"dense|sparse\d+|redense\d+|control",

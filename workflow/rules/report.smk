@@ -1,0 +1,18 @@
+# Tables (and later plots and the report) from every finished run.
+
+
+rule tables:
+    input:
+        all_metrics(),
+    output:
+        csv=str(paths.tables_dir(OUT) / "paper_comparison.csv"),
+        md=str(paths.tables_dir(OUT) / "paper_comparison.md"),
+        phases=str(paths.tables_dir(OUT) / "phases.csv"),
+    params:
+        specs=" ".join(f"--spec {shlex.quote(spec(row))}" for row in ROWS),
+        seeds=" ".join(str(s) for s in SEEDS),
+        out=str(paths.tables_dir(OUT)),
+    log:
+        str(paths.logs_dir(OUT) / "tables.log"),
+    shell:
+        "{PYTHON} -m dsd table {params.specs} --seeds {params.seeds} --out {params.out:q} 2> {log:q}"

@@ -1,0 +1,24 @@
+# One job per phase of a run; `control` continues from dense with the later phases' epochs and LRs.
+
+
+rule train_phase:
+    input:
+        data=lambda w: prepared_of(w.row),
+        init=previous_checkpoint,
+    output:
+        model=str(paths.checkpoint(paths.run_dir(OUT, "{row}", "{seed}", "{phase}"))),
+        metrics=str(paths.metrics(paths.run_dir(OUT, "{row}", "{seed}", "{phase}"))),
+    params:
+        spec=lambda w: spec(w.row),
+        init=lambda w, input: f"--init {input.init}" if input.init else "",
+        out=lambda w: run_dir(w.row, w.seed, w.phase),
+    threads: config.get("threads", 1)
+    resources:
+        gpu=config.get("gpus_per_job", 1),
+    log:
+        str(paths.logs_dir(OUT) / "{row}" / "seed{seed}" / "{phase}.log"),
+    benchmark:
+        str(paths.benchmarks_dir(OUT) / "rules" / "{row}" / "seed{seed}" / "{phase}.tsv")
+    shell:
+        "{PYTHON} -m dsd train --spec {params.spec:q} --seed {wildcards.seed} --phase {wildcards.phase}"
+        " {params.init} --out {params.out:q} 2> {log:q}"
