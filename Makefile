@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

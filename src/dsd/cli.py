@@ -74,6 +74,23 @@ def cmd_prepare(args) -> None:
     print(f"prepared {exp.dataset} at {exp.data_dir}")
 
 
+def cmd_features(args) -> None:
+    """Captioning: encode every image once with a trained vision checkpoint (the frozen CNN)."""
+    from dsd import checkpoint, tracks
+    from dsd.tracks import captioning
+    from dsd.train import resolve_device
+
+    exp = _experiment(args)
+    encoder_exp = Experiment.from_json(args.encoder_spec)
+    model = tracks.get(encoder_exp.track).build_model(encoder_exp)
+    state = checkpoint.load(args.encoder_checkpoint)
+    checkpoint.load_model(model, state, args.encoder_checkpoint)
+    device = resolve_device(exp.device)
+    encoder = captioning.encoder_from_module(model).to(device)
+    out = captioning.extract_features(exp, encoder, captioning.data_config(exp).image_size)
+    print(f"wrote {out}")
+
+
 def cmd_train(args) -> None:
     from dsd import paths
     from dsd.train import run_phase
@@ -108,9 +125,7 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(result, indent=1))
 
 
-def cmd_table(args) -> None:
-    from dsd import results
-
+def _experiments_and_seeds(args) -> tuple[list[Experiment], list[int]]:
     if args.spec:
         experiments = [Experiment.from_json(text) for text in args.spec]
         seeds = args.seeds
@@ -119,12 +134,30 @@ def cmd_table(args) -> None:
         experiments = [Experiment.from_config(config, row) for row in rows(config)]
         seeds = args.seeds or config.get("seeds", [0, 1, 2])
     if not experiments or not seeds:
-        raise ConfigError("table needs --config FILE, or --spec JSON (repeatable) with --seeds")
+        raise ConfigError("give --config FILE, or --spec JSON (repeatable) with --seeds")
+    return experiments, seeds
+
+
+def cmd_table(args) -> None:
+    from dsd import results
+
+    experiments, seeds = _experiments_and_seeds(args)
     output_dir = experiments[0].output_dir
     out = args.out or str(Path(output_dir) / "tables")
     recipes = {exp.row: exp.recipe for exp in experiments}
     table = results.write_tables(output_dir, recipes, seeds, out)
     print(f"wrote {out}/paper_comparison.csv ({len(table)} rows)")
+
+
+def cmd_plots(args) -> None:
+    from dsd import plots
+
+    experiments, seeds = _experiments_and_seeds(args)
+    output_dir = experiments[0].output_dir
+    out = args.out or str(Path(output_dir) / "plots")
+    recipes = {exp.row: exp.recipe for exp in experiments}
+    files = plots.write_plots(output_dir, recipes, {e.row: e.track for e in experiments}, seeds, out)
+    print(f"wrote {len(files)} figures to {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="generate an embedded data set or check a real one")
     _add_experiment_args(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("features", help="captioning: encode the images with a trained vision checkpoint")
+    _add_experiment_args(p)
+    p.add_argument("--encoder-spec", required=True, help="the vision experiment's JSON")
+    p.add_argument("--encoder-checkpoint", required=True)
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("train", help="train one phase (dense, sparseN, redenseN or control)")
     _add_experiment_args(p)
@@ -166,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--out", help="folder for the tables (default: <output_dir>/tables)")
     p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("plots", help="figures from finished runs and the tables")
+    p.add_argument("--config", help="a config YAML (all its rows)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--spec", action="append", help="an experiment as JSON (repeatable), instead of --config")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--out", help="folder for the figures (default: <output_dir>/plots)")
+    p.set_defaults(func=cmd_plots)
     return parser
 
 

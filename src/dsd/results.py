@@ -143,6 +143,24 @@ def _markdown(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, floatfmt=".2f") + "\n"
 
 
+def samples_table(output_dir: str, row: str, seed: int, recipe: Recipe) -> pd.DataFrame | None:
+    """Reference vs dense vs DSD outputs on the first test items (captions, transcripts)."""
+    files = {
+        name: paths.samples(paths.run_dir(output_dir, row, seed, name)) for name in ("dense", recipe.final)
+    }
+    if not all(f.exists() for f in files.values()):
+        return None
+    dense, dsd = (json.loads(f.read_text())["samples"] for f in files.values())
+    return pd.DataFrame(
+        {
+            "item": [s.get("id") or Path(s.get("image", "")).name for s in dense],
+            "reference": [s["reference"] for s in dense],
+            "dense": [s["hypothesis"] for s in dense],
+            "dsd": [s["hypothesis"] for s in dsd],
+        }
+    )
+
+
 def write_tables(output_dir: str, recipes: dict[str, Recipe], seeds, out_dir: str | Path) -> pd.DataFrame:
     """paper_comparison.{csv,md} and phases.{csv,md}; returns the comparison table."""
     out_dir = Path(out_dir)
@@ -173,4 +191,8 @@ def write_tables(output_dir: str, recipes: dict[str, Recipe], seeds, out_dir: st
     ]
     (out_dir / "paper_comparison.md").write_text(_markdown(comparison[shown]))
     (out_dir / "phases.md").write_text(_markdown(phases))
+    for row, recipe in recipes.items():
+        examples = samples_table(output_dir, row, seeds[0], recipe)
+        if examples is not None:
+            (out_dir / f"samples_{row}.md").write_text(_markdown(examples))
     return comparison

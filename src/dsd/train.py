@@ -239,9 +239,10 @@ def run_phase(
                     step=global_step,
                 )
                 position = {"sub": sub, "epoch": epoch + 1, "step": 0}
-                checkpoint.save(
-                    _state(exp, phase, model, optimizer, scaler, pruner, history, position), resume_path
-                )
+                if sub < len(phases) - 1 or epoch < n_epochs - 1:  # the last one is model.pt, written next
+                    checkpoint.save(
+                        _state(exp, phase, model, optimizer, scaler, pruner, history, position), resume_path
+                    )
             position = {"sub": sub + 1, "epoch": 0, "step": 0}
 
     test = track.evaluate(model, exp, "test", device)

@@ -2,6 +2,8 @@
 import shlex
 import sys
 
+from dsd.tracks import captioning
+
 dsd_config.expand_dotted(config)
 try:
     for _row in dsd_config.rows(config):
@@ -9,11 +11,11 @@ try:
 except dsd_config.ConfigError as err:
     sys.exit(f"dsd: error: {err}")
 
-ROWS = dsd_config.rows(config)
+ROWS = dsd_config.rows(config)  # the rows of the tables; EXPERIMENTS also has rows they depend on
 SEEDS = config.get("seeds", [0, 1, 2])
 OUT = config.get("output_dir", "results")
 DATA_ROOT = config.get("data_root", "results/data")
-EXPERIMENTS = {row: dsd_config.Experiment.from_config(config, row) for row in ROWS}
+EXPERIMENTS = {row: dsd_config.Experiment.from_config(config, row) for row in config["experiments"]}
 PYTHON = sys.executable
 
 
@@ -38,8 +40,12 @@ def all_metrics():
     return [metrics_of(row, seed, phase) for row in ROWS for seed in SEEDS for phase in phases(row)]
 
 
-def prepared_of(row):
-    return str(paths.prepared(DATA_ROOT, EXPERIMENTS[row].dataset))
+def data_inputs(row):
+    """What a row's training needs besides the previous checkpoint: its prepared data (and image features)."""
+    inputs = [str(paths.prepared(DATA_ROOT, EXPERIMENTS[row].dataset))]
+    if EXPERIMENTS[row].track == "captioning" and captioning.encoder_source(EXPERIMENTS[row]):
+        inputs.append(str(captioning.features_path(EXPERIMENTS[row])))
+    return inputs
 
 
 def previous_checkpoint(wildcards):
@@ -51,6 +57,6 @@ def previous_checkpoint(wildcards):
 
 
 wildcard_constraints:
-    row="|".join(ROWS),
+    row="|".join(EXPERIMENTS),
     seed=r"\d+",
     phase=r"dense|sparse\d+|redense\d+|control",

@@ -16,3 +16,20 @@ rule tables:
         str(paths.logs_dir(OUT) / "tables.log"),
     shell:
         "{PYTHON} -m dsd table {params.specs} --seeds {params.seeds} --out {params.out:q} 2> {log:q}"
+
+
+rule plots:
+    input:
+        rules.tables.output,
+    output:
+        gains=str(paths.plots_dir(OUT) / "gains.png"),
+        curves=str(paths.plots_dir(OUT) / "curves.png"),
+        weights=[str(paths.plots_dir(OUT) / f"weights_{row}.png") for row in ROWS],
+    params:
+        specs=" ".join(f"--spec {shlex.quote(spec(row))}" for row in ROWS),
+        seeds=" ".join(str(s) for s in SEEDS),
+        out=str(paths.plots_dir(OUT)),
+    log:
+        str(paths.logs_dir(OUT) / "plots.log"),
+    shell:
+        "{PYTHON} -m dsd plots {params.specs} --seeds {params.seeds} --out {params.out:q} 2> {log:q}"

@@ -3,7 +3,7 @@
 
 rule train_phase:
     input:
-        data=lambda w: prepared_of(w.row),
+        data=lambda w: data_inputs(w.row),
         init=previous_checkpoint,
     output:
         model=str(paths.checkpoint(paths.run_dir(OUT, "{row}", "{seed}", "{phase}"))),

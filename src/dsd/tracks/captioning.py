@@ -49,6 +49,8 @@ class DataConfig:
     images: str | None = None  # image folder; None: the first of IMAGE_DIRS that exists
     features: str = "features.pt"  # cached CNN features, inside the data folder
     encoder_weights: str | None = None  # local torchvision VGG-16 state dict (paper scale); never downloaded
+    encoder_row: str | None = None  # embedded scale: the vision row whose trained dense CNN is the encoder
+    encoder_seed: int = 0
     image_size: int = 224  # encoder input (resize shorter side + centre crop)
     min_count: int = 5  # vocabulary: words seen this often in train captions
     max_words: int = 16  # captions truncated to this many words for training
@@ -354,6 +356,16 @@ def _summary(exp: Experiment) -> dict:
 
 DATASETS = {"scenes": prepare_scenes, "flickr8k": check_flickr8k}
 CONFIGS = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig}
+
+
+def features_path(exp: Experiment) -> Path:
+    return Path(exp.data_dir) / data_config(exp).features
+
+
+def encoder_source(exp: Experiment) -> tuple[str, int] | None:
+    """(vision row, seed) whose dense checkpoint encodes the images, when the pipeline trains the encoder."""
+    cfg = data_config(exp)
+    return (cfg.encoder_row, cfg.encoder_seed) if cfg.encoder_row else None
 
 
 def encoder_from_module(model: nn.Module) -> nn.Module:

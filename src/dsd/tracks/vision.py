@@ -102,6 +102,11 @@ class MiniVGG(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
+        for m in self.features:  # He initialisation: without batch norm the default init stalls training
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
     def forward(self, x):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
