@@ -1,7 +1,7 @@
 """Data loaders with a reproducible order: the order of epoch e depends only on (seed, e).
 
 That is what makes a resumed phase replay exactly the batches an uninterrupted one would have seen, and
-what lets every DDP rank agree on the permutation (DistributedSampler with set_epoch).
+what lets every DDP rank agree on the permutation.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 
 def epoch_seed(seed: int, *parts: int) -> int:
@@ -49,22 +49,34 @@ def loader(
     collate_fn: Callable | None = None,
     workers: int = 0,
     order: Sequence[int] | None = None,
+    skip_batches: int = 0,
 ) -> DataLoader:
     """Training loaders shuffle with a generator seeded from (seed, epoch); evaluation loaders keep order.
 
-    Under torch.distributed every rank gets its shard of the same permutation. `order` fixes the sequence
-    instead (not sharded). Pinned memory is used when CUDA is there.
+    `order` fixes the sequence instead (SortaGrad). `skip_batches` drops the first batches of exactly that
+    order (mid-epoch resume). Under torch.distributed, `batch_size` is the global batch: each rank takes its
+    contiguous slice of every global batch of the same order a single process would see (incomplete last
+    batch dropped so ranks stay in step), so N ranks reproduce one process's batches. Pinned memory on CUDA.
     """
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     sampler: Sampler | None = None
-    dist = distributed()
-    if order is not None:
-        sampler = FixedOrderSampler(order)
-    elif dist is not None and train:
-        sampler = DistributedSampler(dataset, num_replicas=dist[1], rank=dist[0], shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-    elif train:
-        sampler = RandomSampler(dataset, generator=generator)
+    if train:
+        sequence = list(order) if order is not None else list(RandomSampler(dataset, generator=generator))
+        sequence = sequence[skip_batches * batch_size :]
+        dist = distributed()
+        if dist is not None:
+            rank, world = dist
+            if batch_size % world:
+                raise ValueError(f"batch size {batch_size} is not divisible by the {world} ranks")
+            per_rank = batch_size // world
+            full = len(sequence) - len(sequence) % batch_size
+            sequence = [
+                i
+                for start in range(0, full, batch_size)
+                for i in sequence[start + rank * per_rank : start + (rank + 1) * per_rank]
+            ]
+            batch_size = per_rank
+        sampler = FixedOrderSampler(sequence)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -95,17 +95,44 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _distributed_setup(exp: Experiment) -> tuple[torch.device, int, int]:
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on the CPU). Returns (device, rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return resolve_device(exp.device), 0, 1
+    device = resolve_device(exp.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, torch.distributed.get_rank(), world
+
+
+def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t) / world
+
+
 def run_phase(
     exp: Experiment, seed: int, phase: str, out_dir: str | Path, init: str | Path | None = None, progress=None
 ) -> dict:
-    """Train `phase` for run `seed`; resumes from `out_dir/resume.pt` when a previous attempt left one."""
+    """Train `phase` for run `seed`; resumes from `out_dir/resume.pt` when a previous attempt left one.
+
+    Under torchrun every rank trains its shard of each global batch (DDP); masks are a function of the
+    weights, identical on every rank, and re-applied on every rank; rank 0 alone writes files and wandb.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     track = tracks.get(exp.track)
     recipe_index, phases = phases_of(exp, phase)
-    if init is None and recipe_index not in (0,):
+    if init is None and recipe_index != 0:
         raise ValueError(f"phase {phase!r} starts from the previous phase's checkpoint: pass init")
-    device = resolve_device(exp.device)
+    device, rank, world = _distributed_setup(exp)
+    lead = rank == 0
     if device.type == "cpu":
         torch.set_num_threads(exp.threads)
     torch.manual_seed(epoch_seed(seed))
@@ -117,6 +144,7 @@ def run_phase(
     pruner: Pruner | None = None
     history: list[dict] = []
     position = {"sub": 0, "epoch": 0, "step": 0}
+    partial: dict = {}  # accumulators of an epoch interrupted by a signal
     resume_path = paths.resume(out_dir)
 
     if resume_path.exists():
@@ -126,16 +154,21 @@ def run_phase(
         scaler.load_state_dict(state["scaler"])
         if state.get("pruner") is not None:
             pruner = Pruner.from_state_dict(model, state["pruner"])
-        history, position = state["history"], state["position"]
+        history, position, partial = state["history"], state["position"], state.get("partial") or {}
     elif init is not None:
         state = checkpoint.load(init)
         checkpoint.load_model(model, state, init)
         optimizer.load_state_dict(state["optimizer"])  # momentum carries over; LR is set per step below
         if state.get("pruner") is not None:  # coming out of a sparse phase: drop the mask (re-dense)
             Pruner.from_state_dict(model, state["pruner"]).remove(optimizer)
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
 
     tracker = Tracker(
-        exp.wandb.mode,
+        exp.wandb.mode if lead else "disabled",
         exp.wandb.project,
         exp.wandb.entity,
         paths.wandb_dir(exp.output_dir),
@@ -145,8 +178,14 @@ def run_phase(
         config={"experiment": json.loads(exp.to_json()), "seed": seed, "phase": phase},
     )
     started = time.time()
-    global_step = sum(h.get("steps", 0) for h in history)
+    global_step = sum(h.get("steps", 0) for h in history) + partial.get("count", 0)
     hp = exp.train
+
+    def save_resume(pos: dict, extra: dict | None = None) -> None:
+        if lead:
+            state = _state(exp, phase, model, optimizer, scaler, pruner, history, pos)
+            checkpoint.save(state | {"partial": extra or {}}, resume_path)
+
     with _StopSignal() as stop:
         for sub in range(position["sub"], len(phases)):
             current = phases[sub]
@@ -163,23 +202,37 @@ def run_phase(
             # The control replays the data order of the DSD phase it stands in for (a paired comparison).
             order_key = (sub + 1, 0) if phase == CONTROL else (recipe_index, sub)
             for epoch in range(first_epoch, n_epochs):
-                run_seed = epoch_seed(seed, *order_key, epoch)
-                torch.manual_seed(run_seed)  # augmentation and dropout of this epoch
-                model.train()
-                loss_sum, count, bad = 0.0, 0, 0
-                batches = track.train_loader(exp, seed=epoch_seed(seed, *order_key), epoch=epoch)
+                torch.manual_seed(
+                    epoch_seed(seed, *order_key, epoch)
+                )  # augmentation and dropout of this epoch
+                skip = position["step"] if (sub, epoch) == (position["sub"], position["epoch"]) else 0
+                batches = track.train_loader(
+                    exp, seed=epoch_seed(seed, *order_key), epoch=epoch, skip_batches=skip
+                )
+                if (
+                    skip
+                ):  # mid-epoch resume: continue the random streams exactly where the signal stopped them
+                    torch.set_rng_state(partial["rng"]["cpu"])
+                    if "cuda" in partial["rng"] and torch.cuda.is_available():
+                        torch.cuda.set_rng_state_all(partial["rng"]["cuda"])
+                loss_sum, count, bad = (
+                    (partial.get(k, 0) for k in ("loss_sum", "count", "bad")) if skip else (0.0, 0, 0)
+                )
+                seconds_before = partial.get("seconds", 0.0) if skip else 0.0
                 budget = min(steps_per_epoch, total - epoch * steps_per_epoch)
+                trained.train()
+                label = current.name if phase != CONTROL else f"control:{current.name}"
                 bar = tqdm(
                     total=budget,
-                    desc=f"{exp.row} s{seed} {current.name if phase != CONTROL else 'control:' + current.name} "
-                    f"ep{epoch + 1}/{n_epochs}",
+                    initial=skip,
+                    desc=f"{exp.row} s{seed} {label} ep{epoch + 1}/{n_epochs}",
                     unit="step",
                     leave=False,
-                    disable=progress is False,
+                    disable=progress is False or not lead,
                     mininterval=2.0,
                 )
                 epoch_start = time.time()
-                for step, batch in enumerate(batches):
+                for step, batch in enumerate(batches, start=skip):
                     if step >= budget:
                         break
                     for group in optimizer.param_groups:
@@ -188,7 +241,7 @@ def run_phase(
                         torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
                     )
                     with autocast:
-                        loss = track.loss(model, batch, device)
+                        loss = track.loss(trained, batch, device)
                     if not torch.isfinite(loss.detach()):
                         bad += 1
                         if bad > hp.max_bad_batches:
@@ -211,13 +264,21 @@ def run_phase(
                     count += 1
                     global_step += 1
                     bar.update()
-                    if stop.received:
-                        break
+                    if stop.received and step + 1 < budget:
+                        save_resume(
+                            {"sub": sub, "epoch": epoch, "step": step + 1},
+                            {
+                                "loss_sum": loss_sum,
+                                "count": count,
+                                "bad": bad,
+                                "seconds": seconds_before + time.time() - epoch_start,
+                                "rng": _rng_state(),
+                            },
+                        )
+                        raise Preempted(
+                            f"{stop.received}: checkpointed {phase} at epoch {epoch}, step {step + 1}"
+                        )
                 bar.close()
-                if stop.received:
-                    raise Preempted(
-                        f"{stop.received} received during {phase} epoch {epoch}; resume restarts that epoch"
-                    )
                 val = track.evaluate(model, exp, "val", device)
                 record = {
                     "phase": current.name,
@@ -225,11 +286,11 @@ def run_phase(
                     "epoch": epoch,
                     "steps": count,
                     "lr": current.lr,
-                    "train_loss": loss_sum / max(count, 1),
+                    "train_loss": _mean_over_ranks(loss_sum / max(count, 1), device, world),
                     "bad_batches": bad,
-                    "seconds": time.time() - epoch_start,
+                    "seconds": seconds_before + time.time() - epoch_start,
                     "val": val,
-                    "sparsity": (pruner.overall_sparsity() if pruner else 0.0),
+                    "sparsity": pruner.overall_sparsity() if pruner else 0.0,
                 }
                 history.append(record)
                 tracker.log(
@@ -239,10 +300,11 @@ def run_phase(
                     step=global_step,
                 )
                 position = {"sub": sub, "epoch": epoch + 1, "step": 0}
+                partial = {}
                 if sub < len(phases) - 1 or epoch < n_epochs - 1:  # the last one is model.pt, written next
-                    checkpoint.save(
-                        _state(exp, phase, model, optimizer, scaler, pruner, history, position), resume_path
-                    )
+                    save_resume(position)
+                if stop.received:
+                    raise Preempted(f"{stop.received}: checkpointed {phase} after epoch {epoch}")
             position = {"sub": sub + 1, "epoch": 0, "step": 0}
 
     test = track.evaluate(model, exp, "test", device)
@@ -259,13 +321,14 @@ def run_phase(
         "epochs": sum(p.epochs for p in phases),
         "lr": phases[0].lr,
         "target_sparsity": final_phase.sparsity,
-        "measured_sparsity": (pruner.overall_sparsity() if pruner else 0.0),
+        "measured_sparsity": pruner.overall_sparsity() if pruner else 0.0,
         "sparsity_per_layer": per_layer,
         "metric": track.METRIC,
         "higher_is_better": track.HIGHER_IS_BETTER,
         "val": val,
         "test": test,
         "history": history,
+        "world_size": world,
         "wall_seconds": time.time() - started,
         "device": str(device),
         "machine": platform.node(),
@@ -276,16 +339,17 @@ def run_phase(
         tracker.log({f"sparsity/{n}": s for n, s in per_layer.items()}, step=global_step)
         tracker.histograms(model, list(per_layer)[:4], step=global_step)
     tracker.finish()
-    checkpoint.save(
-        _state(exp, phase, model, optimizer, scaler, pruner, history, position), paths.checkpoint(out_dir)
-    )
-    sample_rows = track.samples(model, exp, device, 8)
-    if sample_rows:
-        _write_json(
-            paths.samples(out_dir), {"row": exp.row, "seed": seed, "phase": phase, "samples": sample_rows}
-        )
-    _write_json(paths.metrics(out_dir), metrics)  # last: its presence means the phase is complete
-    resume_path.unlink(missing_ok=True)
+    if lead:
+        final = _state(exp, phase, model, optimizer, scaler, pruner, history, position)
+        checkpoint.save(final, paths.checkpoint(out_dir))
+        sample_rows = track.samples(model, exp, device, 8)
+        if sample_rows:
+            payload = {"row": exp.row, "seed": seed, "phase": phase, "samples": sample_rows}
+            _write_json(paths.samples(out_dir), payload)
+        _write_json(paths.metrics(out_dir), metrics)  # last: its presence means the phase is complete
+        resume_path.unlink(missing_ok=True)
+    if world > 1:
+        torch.distributed.barrier()
     return metrics
 
 

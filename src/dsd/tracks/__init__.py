@@ -5,8 +5,9 @@ HIGHER_IS_BETTER: bool
 DATASETS: dict[str, Callable[[Experiment], dict]]
     dataset name -> prepare(exp): generate the embedded data set under exp.data_dir, or check a real
     one there; returns a small JSON-able summary. Raises DataError (one line naming the file) if bad.
+CONFIGS: dict[str, type]        typed hparams of the experiment's "model", "data", "eval" sections
 build_model(exp) -> nn.Module
-train_loader(exp, seed: int, epoch: int) -> DataLoader   (built with dsd.data.loader)
+train_loader(exp, seed, epoch, skip_batches=0) -> DataLoader   (built with dsd.data.loader)
 eval_loader(exp, split: str) -> DataLoader               split in {"val", "test"}
 loss(model, batch, device) -> Tensor                     forward + loss on one training batch
 evaluate(model, exp, split, device) -> dict[str, float]  includes METRIC

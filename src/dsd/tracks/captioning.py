@@ -287,7 +287,7 @@ class SplitImages(Dataset):
         return self.features[index], index
 
 
-def train_loader(exp: Experiment, seed: int, epoch: int):
+def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0):
     return dsd_data.loader(
         CaptionPairs(exp),
         exp.train.batch_size,
@@ -296,6 +296,7 @@ def train_loader(exp: Experiment, seed: int, epoch: int):
         epoch=epoch,
         collate_fn=collate_pairs,
         workers=exp.train.workers,
+        skip_batches=skip_batches,
     )
 
 

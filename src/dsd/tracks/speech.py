@@ -383,7 +383,7 @@ def dataset(exp: Experiment, split: str) -> SpeechSet:
     return _dataset_at(str(path))
 
 
-def train_loader(exp: Experiment, seed: int, epoch: int):
+def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0):
     """SortaGrad: epoch 0 of a phase goes shortest utterance first; later epochs are shuffled."""
     ds, cfg = dataset(exp, "train"), data_config(exp)
     sortagrad = cfg.sortagrad if cfg.sortagrad is not None else model_config(exp).arch == "deepspeech2"
@@ -397,6 +397,7 @@ def train_loader(exp: Experiment, seed: int, epoch: int):
         collate_fn=collate,
         workers=exp.train.workers,
         order=order,
+        skip_batches=skip_batches,
     )
 
 

@@ -252,7 +252,7 @@ def dataset(exp: Experiment, split: str) -> ImageFolderData:
     return _CACHE[key]
 
 
-def train_loader(exp: Experiment, seed: int, epoch: int):
+def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0):
     return data.loader(
         dataset(exp, "train"),
         exp.train.batch_size,
@@ -260,6 +260,7 @@ def train_loader(exp: Experiment, seed: int, epoch: int):
         seed=seed,
         epoch=epoch,
         workers=exp.train.workers,
+        skip_batches=skip_batches,
     )
 
 
