@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
+	$(BIN)/snakemake --report results/report.html --workflow-profile workflow/profiles/default
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -144,8 +144,7 @@ def cmd_table(args) -> None:
     experiments, seeds = _experiments_and_seeds(args)
     output_dir = experiments[0].output_dir
     out = args.out or str(Path(output_dir) / "tables")
-    recipes = {exp.row: exp.recipe for exp in experiments}
-    table = results.write_tables(output_dir, recipes, seeds, out)
+    table = results.write_tables(experiments, seeds, out)
     print(f"wrote {out}/paper_comparison.csv ({len(table)} rows)")
 
 
@@ -155,8 +154,7 @@ def cmd_plots(args) -> None:
     experiments, seeds = _experiments_and_seeds(args)
     output_dir = experiments[0].output_dir
     out = args.out or str(Path(output_dir) / "plots")
-    recipes = {exp.row: exp.recipe for exp in experiments}
-    files = plots.write_plots(output_dir, recipes, {e.row: e.track for e in experiments}, seeds, out)
+    files = plots.write_plots(experiments, seeds, out)
     print(f"wrote {len(files)} figures to {out}")
 
 

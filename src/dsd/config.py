@@ -127,6 +127,7 @@ class Experiment:
     train: TrainHparams = TrainHparams()
     prune: PruneHparams = PruneHparams()
     phases: tuple[dict, ...] = ()
+    sweep: tuple[float, ...] = ()  # sparsities of the first sparse phase to try; the best on validation wins
     device: str = "auto"
     threads: int = 1
     wandb: WandbHparams = WandbHparams()
@@ -134,6 +135,13 @@ class Experiment:
     @property
     def recipe(self) -> Recipe:
         return Recipe.from_config(self.phases)
+
+    @property
+    def variants(self) -> dict[float, Recipe]:
+        """Sparsity -> recipe for every swept sparsity (the recipe's own sparsity is the main chain)."""
+        main = self.recipe
+        first = next((p.sparsity for p in main.phases if p.prunes), None)
+        return {s: main if s == first else main.variant(s) for s in self.sweep}
 
     @classmethod
     def from_config(cls, config: Mapping, row: str) -> Experiment:
@@ -162,6 +170,7 @@ class Experiment:
             train=parse_dataclass(TrainHparams, entry.get("train"), f"{where}.train"),
             prune=parse_dataclass(PruneHparams, prune, f"{where}.prune"),
             phases=tuple(dict(p) for p in entry["phases"]),
+            sweep=tuple(entry.get("sweep") or ()),
             device=config.get("device", "auto"),
             threads=config.get("threads", 1),
             wandb=parse_dataclass(WandbHparams, config.get("wandb"), "config.wandb"),
@@ -170,6 +179,11 @@ class Experiment:
             experiment.recipe  # noqa: B018 - validates the phase list now, not mid-pipeline
         except ValueError as err:
             raise ConfigError(f"{where}.{err}") from None
+        for sparsity in experiment.sweep:
+            try:
+                experiment.recipe.variant(sparsity)
+            except (ValueError, StopIteration) as err:
+                raise ConfigError(f"{where}.sweep: {err or 'the recipe has no sparse phase'}") from None
         from dsd import tracks  # the track's own sections (model, data, eval) are typed by the track
 
         for section, hparams in tracks.get(experiment.track).CONFIGS.items():
@@ -190,6 +204,7 @@ class Experiment:
         )
         raw["wandb"] = WandbHparams(**raw["wandb"])
         raw["phases"] = tuple(raw["phases"])
+        raw["sweep"] = tuple(raw.get("sweep") or ())
         return cls(**raw)
 
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from dsd import paths  # noqa: E402
 from dsd.masks import unpack_mask  # noqa: E402
-from dsd.results import read_metrics, rel_gain_pct  # noqa: E402
+from dsd.results import chosen_final_phase, read_metrics, rel_gain_pct, sweep_rows  # noqa: E402
 from dsd.schedule import CONTROL, Recipe  # noqa: E402
 
 
@@ -40,12 +40,13 @@ def gains(
     comparison: pd.DataFrame, output_dir: str, seeds, recipes: dict[str, Recipe], out: Path
 ) -> list[Path]:
     rows = list(comparison["row"])
+    dsd_phase = dict(zip(comparison["row"], comparison["dsd_phase"], strict=True))  # sweeps: the chosen one
     ours_base, ours_ctrl = [], []
     for row in rows:
         per_seed_base, per_seed_ctrl = [], []
         for seed in seeds:
             dense = read_metrics(output_dir, row, seed, "dense")
-            final = read_metrics(output_dir, row, seed, recipes[row].final)
+            final = read_metrics(output_dir, row, seed, dsd_phase[row])
             control = read_metrics(output_dir, row, seed, CONTROL)
             metric, higher = dense["metric"], dense["higher_is_better"]
             value = final["test"][metric]
@@ -182,14 +183,31 @@ def captions(output_dir: str, row: str, seed: int, recipe: Recipe, out: Path, n:
     return _save(fig, out, f"captions_{row}")
 
 
-def write_plots(
-    output_dir: str, recipes: dict[str, Recipe], tracks: dict[str, str], seeds, out: str | Path
-) -> list[Path]:
+def sweep(exp, seeds, out: Path) -> list[Path]:
+    rows = pd.DataFrame(sweep_rows(exp, seeds))
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    for split, style in (("val", "o-"), ("test", "s--")):
+        x, y, err = 100 * rows["sparsity"], rows[f"{split}_mean"], rows[f"{split}_std"]
+        ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=split)
+    _, chosen = chosen_final_phase(exp, seeds)
+    ax.axvline(100 * chosen, color="gray", linestyle=":", label=f"chosen on val: {100 * chosen:.0f}%")
+    ax.set_xlabel("sparsity of the sparse phase, %")
+    ax.set_ylabel(f"{rows['metric'][0]} after re-dense")
+    ax.set_title(f"{exp.row}: metric vs sparsity ({len(seeds)} seeds)")
+    ax.legend(fontsize=8)
+    return _save(fig, out, f"sweep_{exp.row}")
+
+
+def write_plots(experiments, seeds, out: str | Path) -> list[Path]:
     out = Path(out)
+    output_dir = experiments[0].output_dir
+    recipes = {exp.row: exp.recipe for exp in experiments}
     comparison = pd.read_csv(paths.tables_dir(output_dir) / "paper_comparison.csv")
     files = gains(comparison, output_dir, seeds, recipes, out) + curves(output_dir, seeds, recipes, out)
-    for row, recipe in recipes.items():
-        files += weight_histograms(output_dir, row, seeds[0], recipe, out)
-        if tracks[row] == "captioning":
-            files += captions(output_dir, row, seeds[0], recipe, out)
+    for exp in experiments:
+        files += weight_histograms(output_dir, exp.row, seeds[0], exp.recipe, out)
+        if exp.track == "captioning":
+            files += captions(output_dir, exp.row, seeds[0], exp.recipe, out)
+        if exp.sweep:
+            files += sweep(exp, seeds, out)
     return files

@@ -69,6 +69,39 @@ def _std(values) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
+def sweep_rows(exp, seeds) -> list[dict]:
+    """Per swept sparsity: validation and test metric of the final phase over seeds."""
+    rows = []
+    for sparsity, recipe in sorted(exp.variants.items()):
+        runs = [read_metrics(exp.output_dir, exp.row, s, recipe.final) for s in seeds]
+        metric = runs[0]["metric"]
+        val, test = [r["val"][metric] for r in runs], [r["test"][metric] for r in runs]
+        rows.append(
+            {
+                "row": exp.row,
+                "sparsity": sparsity,
+                "final_phase": recipe.final,
+                "metric": metric,
+                "higher_is_better": runs[0]["higher_is_better"],
+                "val_mean": float(np.mean(val)),
+                "val_std": _std(val),
+                "test_mean": float(np.mean(test)),
+                "test_std": _std(test),
+            }
+        )
+    return rows
+
+
+def chosen_final_phase(exp, seeds) -> tuple[str, float | None]:
+    """The phase that stands for DSD: the recipe's final phase, or the sweep's best on the validation set."""
+    if not exp.sweep:
+        return exp.recipe.final, None
+    rows = sweep_rows(exp, seeds)
+    pick = max if rows[0]["higher_is_better"] else min
+    best = pick(rows, key=lambda r: r["val_mean"])
+    return best["final_phase"], best["sparsity"]
+
+
 def comparison_row(output_dir: str, row: str, seeds, final_phase: str) -> dict:
     runs = {
         seed: {name: read_metrics(output_dir, row, seed, name) for name in ("dense", final_phase, CONTROL)}
@@ -161,12 +194,23 @@ def samples_table(output_dir: str, row: str, seed: int, recipe: Recipe) -> pd.Da
     )
 
 
-def write_tables(output_dir: str, recipes: dict[str, Recipe], seeds, out_dir: str | Path) -> pd.DataFrame:
-    """paper_comparison.{csv,md} and phases.{csv,md}; returns the comparison table."""
+def write_tables(experiments, seeds, out_dir: str | Path) -> pd.DataFrame:
+    """paper_comparison.{csv,md}, phases.{csv,md}, sweep_<row>.csv and samples_<row>.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)
-    comparison = pd.DataFrame([comparison_row(output_dir, r, seeds, rec.final) for r, rec in recipes.items()])
+    output_dir = experiments[0].output_dir
+    recipes = {exp.row: exp.recipe for exp in experiments}
+    rows = []
+    for exp in experiments:
+        final, chosen = chosen_final_phase(exp, seeds)
+        rows.append(
+            comparison_row(output_dir, exp.row, seeds, final)
+            | {"dsd_phase": final, "chosen_sparsity": chosen}
+        )
+        if exp.sweep:
+            pd.DataFrame(sweep_rows(exp, seeds)).to_csv(out_dir / f"sweep_{exp.row}.csv", index=False)
+    comparison = pd.DataFrame(rows)
     phases = pd.DataFrame([p for r, rec in recipes.items() for p in phase_rows(output_dir, r, seeds, rec)])
     comparison.to_csv(out_dir / "paper_comparison.csv", index=False)
     phases.to_csv(out_dir / "phases.csv", index=False)

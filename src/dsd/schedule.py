@@ -8,6 +8,7 @@ continues from `dense` for as many epochs, with the same learning rates, as all 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -87,6 +88,22 @@ class Recipe:
                 entries.append({"kind": "redense", "epochs": epochs, "lr": lr})
         return cls.from_config(entries)
 
+    def variant(self, sparsity: float) -> Recipe:
+        """The same recipe with another sparsity for its first sparse phase; later phases get the suffix
+        `_s<percent>` (`sparse1_s50`, `redense1_s50`) so a sparsity sweep shares only the dense phase."""
+        check_sparsity(sparsity)
+        tag = sweep_tag(sparsity)
+        first = next(i for i, p in enumerate(self.phases) if p.prunes)
+        phases = list(self.phases[:first])
+        for i, p in enumerate(self.phases[first:], start=first):
+            phases.append(replace(p, name=f"{p.name}_{tag}", sparsity=sparsity if i == first else p.sparsity))
+        return Recipe(tuple(phases))
+
+    def resolve(self, name: str) -> Recipe:
+        """The recipe (this one or a sweep variant) that has a phase called `name`."""
+        match = re.fullmatch(r".+_s(\d+)", name)
+        return self.variant(int(match.group(1)) / 100) if match else self
+
     @property
     def names(self) -> list[str]:
         return [p.name for p in self.phases]
@@ -103,8 +120,9 @@ class Recipe:
         """The phase whose final checkpoint this phase starts from (None for the first phase)."""
         if name == CONTROL:
             return self.phases[0].name
-        index = self.names.index(self[name].name)
-        return self.names[index - 1] if index else None
+        recipe = self.resolve(name)
+        index = recipe.names.index(recipe[name].name)
+        return recipe.names[index - 1] if index else None
 
     @property
     def final(self) -> str:
@@ -117,6 +135,10 @@ class Recipe:
     @property
     def total_epochs(self) -> float:
         return sum(p.epochs for p in self.phases)
+
+
+def sweep_tag(sparsity: float) -> str:
+    return f"s{round(sparsity * 100):02d}"
 
 
 def lr_at(base_lr: float, step: int, total_steps: int, schedule: str) -> float:

@@ -58,6 +58,7 @@ def phases_of(exp: Experiment, name: str) -> tuple[int, tuple[Phase, ...]]:
     recipe = exp.recipe
     if name == CONTROL:
         return len(recipe.phases), recipe.control_phases()
+    recipe = recipe.resolve(name)  # a sparsity-sweep variant shares the dense phase, so the same data order
     return recipe.names.index(recipe[name].name), (recipe[name],)
 
 

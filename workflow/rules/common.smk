@@ -25,7 +25,11 @@ def spec(row):
 
 
 def phases(row):
-    return [*EXPERIMENTS[row].recipe.names, "control"]
+    """Every phase a row trains: its recipe, the control, and the phases of each sparsity-sweep variant."""
+    names = [*EXPERIMENTS[row].recipe.names, "control"]
+    for recipe in EXPERIMENTS[row].variants.values():
+        names += [name for name in recipe.names if name not in names]
+    return names
 
 
 def run_dir(row, seed, phase):
@@ -59,4 +63,4 @@ def previous_checkpoint(wildcards):
 wildcard_constraints:
     row="|".join(EXPERIMENTS),
     seed=r"\d+",
-    phase=r"dense|sparse\d+|redense\d+|control",
+    phase=r"dense|control|(sparse|redense)\d+(_s\d+)?",

@@ -5,9 +5,9 @@ rule tables:
     input:
         all_metrics(),
     output:
-        csv=str(paths.tables_dir(OUT) / "paper_comparison.csv"),
+        csv=report(str(paths.tables_dir(OUT) / "paper_comparison.csv"), caption="../report/comparison.rst", category="Tables"),
         md=str(paths.tables_dir(OUT) / "paper_comparison.md"),
-        phases=str(paths.tables_dir(OUT) / "phases.csv"),
+        phases=report(str(paths.tables_dir(OUT) / "phases.csv"), caption="../report/phases.rst", category="Tables"),
     params:
         specs=" ".join(f"--spec {shlex.quote(spec(row))}" for row in ROWS),
         seeds=" ".join(str(s) for s in SEEDS),
@@ -22,9 +22,12 @@ rule plots:
     input:
         rules.tables.output,
     output:
-        gains=str(paths.plots_dir(OUT) / "gains.png"),
-        curves=str(paths.plots_dir(OUT) / "curves.png"),
-        weights=[str(paths.plots_dir(OUT) / f"weights_{row}.png") for row in ROWS],
+        gains=report(str(paths.plots_dir(OUT) / "gains.png"), caption="../report/gains.rst", category="Plots"),
+        curves=report(str(paths.plots_dir(OUT) / "curves.png"), caption="../report/curves.rst", category="Plots"),
+        weights=[
+            report(str(paths.plots_dir(OUT) / f"weights_{row}.png"), caption="../report/weights.rst", category="Weights")
+            for row in ROWS
+        ],
     params:
         specs=" ".join(f"--spec {shlex.quote(spec(row))}" for row in ROWS),
         seeds=" ".join(str(s) for s in SEEDS),

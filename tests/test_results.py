@@ -1,0 +1,67 @@
+"""Statistics of the comparison table on hand-made numbers, and wandb tracking that never stops training."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_vision_config
+
+from dsd import tracks
+from dsd.config import Experiment
+from dsd.results import paired_ci, paper_headline, rel_gain_pct, verdict
+from dsd.tracking import Tracker
+from dsd.train import run_phase
+
+
+def test_paired_ci_matches_hand_computation():
+    mean, low, high = paired_ci([1.0, 2.0, 3.0])
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, df=2) * sd / sqrt(n)
+    assert mean == pytest.approx(2.0)
+    assert (low, high) == pytest.approx((2.0 - half, 2.0 + half))
+    assert all(math.isnan(v) for v in paired_ci([0.7])[1:])
+
+
+def test_verdict_respects_direction_of_metric():
+    assert verdict(-1.5, -0.2, higher_is_better=False) == "DSD better than control"  # error went down
+    assert verdict(-1.5, -0.2, higher_is_better=True) == "DSD worse than control"  # BLEU went down
+    assert verdict(-0.5, 0.4, higher_is_better=False) == "no significant difference"
+    assert verdict(float("nan"), float("nan"), higher_is_better=True) == "too few seeds"
+
+
+def test_relative_gain_reproduces_the_papers_column():
+    paper = paper_headline()
+    for row, entry in paper.iterrows():
+        gain = rel_gain_pct(entry["paper_baseline"], entry["paper_dsd"], bool(entry["higher_is_better"]))
+        assert gain == pytest.approx(entry["paper_rel_gain_pct"], abs=0.06), row
+
+
+def test_offline_wandb_writes_a_run_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    tracker = Tracker(
+        "offline", "dsd-test", None, tmp_path, group="resnet18-seed0", job_type="sparse1", name="t"
+    )
+    assert tracker.run is not None
+    tracker.log({"train_loss": 0.5, "val/top1_error_pct": 12.0}, step=1)
+    tracker.histograms(torch.nn.Linear(3, 3), ["weight"], step=1)
+    tracker.summary({"test/top1_error_pct": 11.0})
+    tracker.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = (next(runs[0].glob("run-*.wandb"))).read_bytes()
+    for key in (b"train_loss", b"val/top1_error_pct", b"weights/weight", b"test/top1_error_pct", b"sparse1"):
+        assert key in records, key
+
+
+def test_wandb_failure_in_online_mode_does_not_fail_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "no-login"))  # no stored credentials either
+    config = tiny_vision_config(tmp_path, wandb={"mode": "online", "project": "dsd-test"})
+    exp = Experiment.from_config(config, "resnet18")
+    tracks.get("vision").DATASETS["shapes"](exp)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run_phase(exp, 0, "dense", tmp_path / "run", progress=False)
+    assert any("wandb disabled for this run" in str(w.message) for w in caught)
+    assert metrics["test"]["top1_error_pct"] >= 0
