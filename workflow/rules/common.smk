@@ -2,6 +2,7 @@
 import shlex
 import sys
 
+from dsd import gpus as dsd_gpus
 from dsd.tracks import captioning
 
 dsd_config.expand_dotted(config)
@@ -17,6 +18,8 @@ OUT = config.get("output_dir", "results")
 DATA_ROOT = config.get("data_root", "results/data")
 EXPERIMENTS = {row: dsd_config.Experiment.from_config(config, row) for row in config["experiments"]}
 PYTHON = sys.executable
+# Distinct GPUs per concurrent job (Snakemake only counts them); a stdlib-only script, so no torch import.
+GPUS = f"{PYTHON} {shlex.quote(dsd_gpus.__file__)}"
 
 
 def spec(row):

@@ -20,5 +20,5 @@ rule train_phase:
     benchmark:
         str(paths.benchmarks_dir(OUT) / "rules" / "{row}" / "seed{seed}" / "{phase}.tsv")
     shell:
-        "{PYTHON} -m dsd train --spec {params.spec:q} --seed {wildcards.seed} --phase {wildcards.phase}"
+        "{GPUS} {resources.gpu} -- {PYTHON} -m dsd train --spec {params.spec:q} --seed {wildcards.seed} --phase {wildcards.phase}"
         " {params.init} --out {params.out:q} 2> {log:q}"

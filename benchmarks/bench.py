@@ -1,0 +1,797 @@
+"""Benchmarks of the DSD implementation against torch.nn.utils.prune and a bare PyTorch loop.
+
+Every timing figure is a ratio measured inside this one process: the variants run interleaved (A, B, then
+B, A on the next repetition, so slow drift of a shared machine hits both equally), one ratio per repetition,
+and the summary gives the median with the interquartile range and min-max of those per-repetition ratios.
+Times are process CPU time by default (one thread; `--wall` for wall-clock).
+
+    .venv/bin/python benchmarks/bench.py            # full run, < 10 minutes on a 2-core CPU
+    .venv/bin/python benchmarks/bench.py --quick    # ~1-minute smoke run of every section (smaller sizes)
+
+Writes results/benchmarks/*.csv and results/benchmarks/summary.md (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+from torchvision import models
+
+from dsd import shapes
+from dsd.config import Experiment, WandbHparams, load_config
+from dsd.masks import Pruner, prunable_parameters
+from dsd.tracks import speech, vision
+from dsd.tracks.captioning import ShowAndTell
+from dsd.train import run_phase
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "benchmarks"
+THREADS = 1  # the embedded config's `threads: 1`; one thread is also the least noisy on a shared 2-core box
+SPARSITY = 0.3
+# Process CPU time: with one thread it is the time the work itself took, without the time other jobs on a
+# shared machine held the core (`--wall` switches to wall-clock time).
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = CLOCKS["cpu"]
+
+# Targets of the "Benchmarks" issue.
+TARGET_SELECTION_SPEEDUP = 3.0  # ours >= 3x faster than prune.l1_unstructured
+TARGET_STEP_OVERHEAD_PCT = 3.0  # pruner.step adds <= 3% to a resnet50 training step
+TARGET_TRAIN_BYTES = 1.0  # mask bytes per pruned weight while training
+TARGET_CKPT_BITS = 1.0  # mask bits per pruned weight in a checkpoint
+TARGET_TRAINER_RATIO = 0.97  # project loop samples/s >= 0.97x a bare loop
+
+# DeepSpeech 2: configs/paper.yaml's deepspeech2 row (161 log-spectrogram bins) for selection and memory.
+DS2_PAPER = speech.ModelConfig(
+    arch="deepspeech2",
+    conv_channels=32,
+    conv_kernels=((41, 11), (21, 11)),
+    rnn_hidden=1280,
+    rnn_layers=7,
+    rnn_type="gru",
+    stride=2,
+)
+# A training step of the paper-size model takes minutes on this CPU: the step benchmark keeps the paper's
+# convolutions and GRU type but 3 layers of 512.
+DS2_STEP = dataclasses.replace(DS2_PAPER, rnn_hidden=512, rnn_layers=3)
+DS2_QUICK = dataclasses.replace(DS2_PAPER, rnn_hidden=256, rnn_layers=3)
+DS2_FEATURES = 161
+NEURALTALK_VOCAB = 2538  # Flickr8k train captions, words seen >= 5 times (the paper's NeuralTalk setting)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def interleaved(
+    variants: dict[str, Callable[[], float]], reps: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Run the variants in turn, rotating the order each repetition (A, B / B, A; with three variants every
+    one takes every position equally often); each callable returns its seconds."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for rep in range(warmup + reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = variants[name]()
+            if rep >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = clock()
+    fn()
+    return clock() - start
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {
+        "median": statistics.median(values),
+        "q1": q[0],
+        "q3": q[2],
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def ratios(numerator: list[float], denominator: list[float]) -> list[float]:
+    return [a / b for a, b in zip(numerator, denominator, strict=True)]
+
+
+def verdict(value: float, target: float, higher_is_better: bool, stats: dict | None = None) -> str:
+    """PASS or MISS (with the shortfall relative to the target) of the median; flagged when the IQR
+    reaches the other side of the target, i.e. the noise is too large to call it."""
+    ok = value >= target if higher_is_better else value <= target
+    text = (
+        "PASS"
+        if ok
+        else f"MISS by {abs(value - target) / target * 100:.1f}% (got {value:.4g}, target {target:g})"
+    )
+    if stats is not None:
+        low, high = stats["q1"], stats["q3"]
+        if low < target < high:
+            text += f"; IQR {low:.3g}-{high:.3g} straddles the target: not resolved at this noise level"
+    return text
+
+
+def fmt(stats: dict[str, float], digits: int = 2) -> str:
+    return (
+        f"{stats['median']:.{digits}f} (IQR {stats['q1']:.{digits}f}-{stats['q3']:.{digits}f}, "
+        f"min-max {stats['min']:.{digits}f}-{stats['max']:.{digits}f})"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ models
+def neuraltalk() -> nn.Module:
+    """The paper's NeuralTalk language model: VGG fc7 features (4096), embed 512, LSTM 512, ~2.5k words."""
+    return ShowAndTell(4096, NEURALTALK_VOCAB, 512, 512, 0.5)
+
+
+def deepspeech2(cfg: speech.ModelConfig) -> nn.Module:
+    return speech.DeepSpeech2(DS2_FEATURES, cfg)
+
+
+def model_zoo(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], dict]]:
+    """name -> (builder, Pruner include/exclude of the row in configs/default.yaml)."""
+    vision_models = (
+        ("resnet18", "resnet50", "googlenet") if quick else ("resnet18", "resnet50", "vgg16", "googlenet")
+    )
+    zoo = {}
+    for arch in vision_models:
+        extra = {"aux_logits": True, "init_weights": True} if arch == "googlenet" else {}
+        zoo[arch] = (
+            lambda arch=arch, extra=extra: models.get_model(arch, num_classes=1000, **extra),
+            {"exclude": (vision.first_conv(arch),)},
+        )
+    zoo["neuraltalk"] = (neuraltalk, {"exclude": ("embed.weight",)})
+    ds2 = DS2_QUICK if quick else DS2_PAPER
+    zoo["deepspeech2"] = (
+        lambda: deepspeech2(ds2),
+        {"include": speech.PRUNE_INCLUDE, "exclude": speech.PRUNE_EXCLUDE},
+    )
+    return zoo
+
+
+def torch_prune(model: nn.Module, names: list[str], amount: float) -> None:
+    """torch's reparametrisation (weight_orig * weight_mask) on the named parameters."""
+    modules = dict(model.named_modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # RNN flat weights are no longer one contiguous chunk
+        for name in names:
+            owner, attr = name.rsplit(".", 1)
+            prune.l1_unstructured(modules[owner], attr, amount)
+
+
+def torch_masks(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    return {n: dict(model.named_buffers())[n + "_mask"] for n in names}
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------- 1. mask selection
+def bench_selection_model(
+    name: str, build: Callable[[], nn.Module], patterns: dict, reps: int, warmup: int
+) -> dict:
+    """Pruner(...) construction (select + zero in place) vs prune.l1_unstructured on every prunable tensor.
+
+    Each repetition works on fresh deep copies (copying is not timed), so no run sees already-pruned weights.
+    """
+    torch.manual_seed(0)
+    model = build()
+    names = list(prunable_parameters(model, **patterns))
+    result: dict = {}
+
+    def ours() -> float:
+        target = copy.deepcopy(model)
+        seconds = timed(lambda: result.__setitem__("ours", Pruner(target, SPARSITY, **patterns)))
+        return seconds
+
+    def theirs() -> float:
+        target = copy.deepcopy(model)
+        seconds = timed(lambda: torch_prune(target, names, SPARSITY))
+        result["torch_model"] = target
+        return seconds
+
+    times = interleaved({"ours": ours, "torch": theirs}, reps=reps, warmup=warmup)
+    pruner, torch_model = result["ours"], result["torch_model"]
+    ours_pruned = {n: int((~m).sum()) for n, m in pruner.masks.items()}
+    torch_pruned = {n: int((m == 0).sum()) for n, m in torch_masks(torch_model, names).items()}
+    mismatched = [n for n in names if ours_pruned.get(n) != torch_pruned[n]]
+    speedup = spread(ratios(times["torch"], times["ours"]))
+    return {
+        "model": name,
+        "params": count_params(model),
+        "pruned_tensors": len(names),
+        "masked_weights": sum(p.numel() for n, p in model.named_parameters() if n in names),
+        "reps": reps,
+        "ours_s_median": statistics.median(times["ours"]),
+        "torch_s_median": statistics.median(times["torch"]),
+        **{f"speedup_{k}": v for k, v in speedup.items()},
+        "pruned_entries": sum(ours_pruned.values()),
+        "same_count_every_tensor": not mismatched,
+        "mismatched_tensors": ";".join(mismatched),
+        "status": verdict(speedup["median"], TARGET_SELECTION_SPEEDUP, higher_is_better=True, stats=speedup),
+        "_times": times,
+    }
+
+
+def bench_selection(quick: bool) -> list[dict]:
+    rows = []
+    for name, (build, patterns) in model_zoo(quick).items():
+        big = name in ("vgg16", "deepspeech2")  # > 100M weights: ~30 s a round on a busy 2-core machine
+        reps = 2 if quick else (3 if big else 5)
+        row = bench_selection_model(name, build, patterns, reps, warmup=0 if big else 1)
+        print(
+            f"  selection {name}: speedup {fmt(spread(ratios(row['_times']['torch'], row['_times']['ours'])))}"
+        )
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. step overhead
+def vision_batch(batch: int, size: int):
+    return torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+
+
+def speech_batch(batch: int, frames: int):
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.full((batch,), frames, dtype=torch.long)
+    target_lengths = torch.full((batch,), frames // 10, dtype=torch.long)
+    return {
+        "features": torch.randn(batch, frames, DS2_FEATURES, generator=g),
+        "lengths": lengths,
+        "targets": torch.randint(1, len(speech.ALPHABET), (int(target_lengths.sum()),), generator=g),
+        "target_lengths": target_lengths,
+    }
+
+
+def vision_loss(model: nn.Module, batch) -> torch.Tensor:
+    return vision.loss(model, batch, torch.device("cpu"))
+
+
+def speech_loss(model: nn.Module, batch) -> torch.Tensor:
+    return speech.loss(model, batch, torch.device("cpu"))
+
+
+def train_step(model, optimizer, loss_fn, batch, pruner: Pruner | None = None, pruner_times=None) -> float:
+    """One forward, backward, optimizer.step (+ pruner.step); returns seconds (pruner.step's share recorded)."""
+    start = clock()
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn(model, batch).backward()
+    optimizer.step()
+    if pruner is not None:
+        before = clock()
+        pruner.step(optimizer)
+        pruner_times.append(clock() - before)
+    return clock() - start
+
+
+def bench_step_model(
+    name: str, build, patterns: dict, loss_fn, batch, make_opt, reps: int, setting: str
+) -> list[dict]:
+    """Dense step vs dense step + pruner.step (same model and optimizer) vs torch's reparametrised copy."""
+    torch.manual_seed(0)
+    model = build()
+    model.train()
+    optimizer = make_opt(model)
+    names = list(prunable_parameters(model, **patterns))
+    reparam = copy.deepcopy(model)
+    torch_prune(reparam, names, SPARSITY)
+    pruner = Pruner(model, SPARSITY, **patterns)
+    torch_opt = make_opt(reparam)
+    inner: list[float] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        times = interleaved(
+            {
+                "dense": lambda: train_step(model, optimizer, loss_fn, batch),
+                "ours": lambda: train_step(model, optimizer, loss_fn, batch, pruner, inner),
+                "torch": lambda: train_step(reparam, torch_opt, loss_fn, batch),
+            },
+            reps=reps,
+            warmup=1,
+        )
+    inner = inner[-reps:]
+    dense = times["dense"]
+    ours_pct = spread([(r - 1) * 100 for r in ratios(times["ours"], dense)])
+    torch_pct = spread([(r - 1) * 100 for r in ratios(times["torch"], dense)])
+    share_pct = spread([p / (t - p) * 100 for p, t in zip(inner, times["ours"], strict=True)])
+    common = {
+        "model": name,
+        "setting": setting,
+        "reps": reps,
+        "dense_step_s_median": statistics.median(dense),
+    }
+    target = TARGET_STEP_OVERHEAD_PCT if name == "resnet50" else None
+    rows = []
+    for method, stats in (
+        ("ours: pruner.step, A/B step ratio", ours_pct),
+        ("ours: pruner.step call / rest of step", share_pct),
+        ("torch reparametrisation, A/B step ratio", torch_pct),
+    ):
+        status = "(no target)"
+        if target is not None and method.startswith("ours"):
+            status = verdict(stats["median"], target, higher_is_better=False, stats=stats)
+        rows.append(
+            common
+            | {"method": method}
+            | {f"overhead_pct_{k}": v for k, v in stats.items()}
+            | {"status": status}
+        )
+    return rows
+
+
+def sgd(lr: float, momentum: float, nesterov: bool, weight_decay: float):
+    return lambda m: torch.optim.SGD(
+        m.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+    )
+
+
+def bench_step(quick: bool) -> list[dict]:
+    size, batch, reps = (112, 4, 3) if quick else (224, 8, 9)
+    rows = bench_step_model(
+        "resnet50",
+        lambda: models.resnet50(num_classes=1000),
+        {"exclude": ("conv1.weight",)},
+        vision_loss,
+        vision_batch(batch, size),
+        sgd(0.01, 0.9, False, 5e-4),
+        reps,
+        f"batch {batch} at {size}x{size}, SGD momentum 0.9, weight decay 5e-4",
+    )
+    ds2 = DS2_QUICK if quick else DS2_STEP
+    frames, sbatch, sreps = (100, 2, 3) if quick else (200, 4, 6)
+    rows += bench_step_model(
+        "deepspeech2",
+        lambda: deepspeech2(ds2),
+        {"include": speech.PRUNE_INCLUDE, "exclude": speech.PRUNE_EXCLUDE},
+        speech_loss,
+        speech_batch(sbatch, frames),
+        sgd(1e-4, 0.99, True, 0.0),
+        sreps,
+        f"{ds2.rnn_layers} bidirectional GRU layers of {ds2.rnn_hidden}, paper convolutions, batch {sbatch} x "
+        f"{frames} frames x {DS2_FEATURES} bins, SGD Nesterov 0.99",
+    )
+    for row in rows:
+        print(f"  step {row['model']} {row['method']}: {row['overhead_pct_median']:+.2f}%")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- 3. memory
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter, buffer and plain tensor attribute (torch's recomputed `weight`) of a model."""
+    seen, total = set(), 0
+    for module in model.modules():
+        tensors = list(module._parameters.values()) + list(module._buffers.values())
+        tensors += [v for v in vars(module).values() if torch.is_tensor(v)]
+        for t in tensors:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.nbytes
+    return total
+
+
+def saved_bytes(obj) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.tell()
+
+
+def bench_memory_model(name: str, build, patterns: dict) -> dict:
+    torch.manual_seed(0)
+    model = build()
+    dense_bytes, dense_ckpt = tensor_bytes(model), saved_bytes(model.state_dict())
+    reparam = copy.deepcopy(model)
+    pruner = Pruner(model, SPARSITY, **patterns)
+    names = list(pruner.masks)
+    masked = sum(m.numel() for m in pruner.masks.values())
+    torch_prune(reparam, names, SPARSITY)
+    ours_train = tensor_bytes(model) + sum(m.nbytes for m in pruner.masks.values()) - dense_bytes
+    torch_train = tensor_bytes(reparam) - dense_bytes
+    state = pruner.state_dict()
+    payload = sum(p.nbytes for p in state["masks"].values())
+    ours_ckpt = saved_bytes({"model": model.state_dict(), "pruner": state}) - dense_ckpt
+    torch_ckpt = saved_bytes(reparam.state_dict()) - dense_ckpt
+    return {
+        "model": name,
+        "masked_weights": masked,
+        "ours_train_bytes_per_weight": ours_train / masked,
+        "torch_train_bytes_per_weight": torch_train / masked,
+        "ours_ckpt_bits_per_weight": ours_ckpt * 8 / masked,
+        "ours_ckpt_mask_payload_bits_per_weight": payload * 8 / masked,
+        "torch_ckpt_bits_per_weight": torch_ckpt * 8 / masked,
+        "train_status": verdict(ours_train / masked, TARGET_TRAIN_BYTES, higher_is_better=False),
+        "ckpt_status": verdict(ours_ckpt * 8 / masked, TARGET_CKPT_BITS, higher_is_better=False),
+    }
+
+
+def bench_memory(quick: bool) -> list[dict]:
+    """Exact byte counts (no timing). The two >100M-parameter models are skipped: per-weight figures do not
+    depend on size, and copying them costs more than a minute."""
+    rows = []
+    for name, (build, patterns) in model_zoo(quick=True).items():
+        if name == "deepspeech2":
+            build = lambda: deepspeech2(DS2_QUICK if quick else DS2_STEP)  # noqa: E731
+        rows.append(bench_memory_model(name, build, patterns))
+        print(f"  memory {name}: {rows[-1]['ours_train_bytes_per_weight']:.3f} B/w training")
+    return rows
+
+
+# ------------------------------------------------------------------------------------ 4. trainer overhead
+def trainer_experiment(tmp: Path, epochs: int) -> Experiment:
+    """configs/default.yaml's resnet18 row, one dense phase, on a small generated shapes set in `tmp`."""
+    exp = Experiment.from_config(load_config(ROOT / "configs" / "default.yaml"), "resnet18")
+    return dataclasses.replace(
+        exp,
+        data_dir=str(tmp / "shapes"),
+        data_root=str(tmp),
+        output_dir=str(tmp / "out"),
+        device="cpu",
+        threads=THREADS,
+        wandb=WandbHparams(mode="disabled"),
+        phases=({"kind": "dense", "epochs": epochs, "lr": 0.05},),
+    )
+
+
+class TimedLoader:
+    """Wraps a training loader: time from the first batch asked for to the end of the epoch's loop over it,
+    i.e. the epoch's training steps."""
+
+    def __init__(self, loader, seconds: list[float]):
+        self.loader, self.seconds = loader, seconds
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        start = clock()
+        try:
+            yield from self.loader
+        finally:  # also when the loop breaks early and the generator is closed
+            self.seconds.append(clock() - start)
+
+
+def project_run(exp: Experiment, out_dir: Path) -> dict[str, float]:
+    """dsd.train.run_phase, timed through wrappers of the vision track's `train_loader` and `evaluate`."""
+    step_seconds: list[float] = []
+    val_seconds: list[float] = []
+    original_loader, original_evaluate = vision.train_loader, vision.evaluate
+
+    def train_loader(*args, **kwargs):
+        return TimedLoader(original_loader(*args, **kwargs), step_seconds)
+
+    def evaluate(model, exp_, split, device):
+        start = clock()
+        result = original_evaluate(model, exp_, split, device)
+        if split == "val":
+            val_seconds.append(clock() - start)
+        return result
+
+    vision.train_loader, vision.evaluate = train_loader, evaluate
+    try:
+        start = clock()
+        run_phase(exp, 0, "dense", out_dir, progress=False)
+        whole = clock() - start
+    finally:
+        vision.train_loader, vision.evaluate = original_loader, original_evaluate
+    steps = sum(step_seconds)
+    return {"steps": steps, "steps+val": steps + sum(val_seconds), "whole call": whole}
+
+
+def bare_run(exp: Experiment) -> dict[str, float]:
+    """The minimal loop: same model builder and seed, same Dataset object, batch size and SGD settings."""
+    start_call = clock()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model = vision.build_model(exp)
+    hp = exp.train
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=exp.phases[0]["lr"],
+        momentum=hp.momentum,
+        nesterov=hp.nesterov,
+        weight_decay=hp.weight_decay,
+    )
+    data = vision.dataset(exp, "train")
+    steps = 0.0
+    for _ in range(int(exp.phases[0]["epochs"])):
+        model.train()
+        loader = torch.utils.data.DataLoader(data, batch_size=hp.batch_size, shuffle=True)
+        start = clock()
+        for images, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        steps += clock() - start
+    return {"steps": steps, "steps+val": steps, "whole call": clock() - start_call}
+
+
+def bench_trainer(quick: bool) -> list[dict]:
+    epochs, reps, per_class = (1, 2, 16) if quick else (2, 5, 64)
+    with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
+        tmp = Path(tmp)
+        exp = trainer_experiment(tmp, epochs)
+        shapes.generate(exp.data_dir, seed=0, size=32, per_class={"train": per_class, "val": 10, "test": 10})
+        samples = len(vision.dataset(exp, "train")) * epochs  # decodes the images once, before timing
+        results: dict[str, list[dict]] = {"project": [], "bare": []}
+        counter = iter(range(10**6))
+
+        def project() -> float:
+            results["project"].append(project_run(exp, tmp / "out" / f"run{next(counter)}"))
+            return 0.0
+
+        def bare() -> float:
+            results["bare"].append(bare_run(exp))
+            return 0.0
+
+        interleaved({"project": project, "bare": bare}, reps=reps, warmup=1)
+    rows = []
+    for scope, label in (
+        ("steps", "training steps only (validation excluded)"),
+        ("steps+val", "training steps + per-epoch validation (project) vs steps (bare: has none)"),
+        ("whole call", "whole call: model build, epochs, checkpoints, test evaluation"),
+    ):
+        project_times = [r[scope] for r in results["project"][-reps:]]
+        bare_times = [r[scope] for r in results["bare"][-reps:]]
+        stats = spread(ratios(bare_times, project_times))  # samples/s ratio = inverse time ratio
+        rows.append(
+            {
+                "scope": label,
+                "samples_per_run": samples,
+                "reps": reps,
+                "project_samples_per_s": samples / statistics.median(project_times),
+                "bare_samples_per_s": samples / statistics.median(bare_times),
+                **{f"ratio_{k}": v for k, v in stats.items()},
+                "status": verdict(stats["median"], TARGET_TRAINER_RATIO, higher_is_better=True, stats=stats)
+                if scope == "steps"
+                else "(no target)",
+            }
+        )
+        print(f"  trainer {scope}: {fmt(stats, 3)}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- 5. pipeline
+def pipeline_benchmarks(rules_dir: Path) -> pd.DataFrame | None:
+    """Sum Snakemake `benchmark:` files: wall seconds summed, peak max_rss, per rule (phase) and per row."""
+    files = sorted(rules_dir.rglob("*.tsv"))
+    if not files:
+        return None
+    records = []
+    for path in files:
+        parts = path.relative_to(rules_dir).with_suffix("").parts
+        table = pd.read_csv(path, sep="\t")
+        if len(parts) == 3:  # <row>/seed<seed>/<phase>.tsv
+            rule, row = f"train:{parts[2]}", parts[0]
+        else:  # prepare_<dataset>.tsv
+            rule, row = parts[-1], "(data)"
+        records.append({"rule": rule, "row": row, "s": table["s"].mean(), "max_rss": table["max_rss"].max()})
+    jobs = pd.DataFrame(records)
+    out = []
+    for level in ("rule", "row"):
+        grouped = jobs.groupby(level).agg(
+            jobs=("s", "size"), wall_s=("s", "sum"), peak_max_rss_mb=("max_rss", "max")
+        )
+        out.append(grouped.reset_index().rename(columns={level: "name"}).assign(level=level))
+    total = {"level": "total", "name": "all", "jobs": len(jobs), "wall_s": jobs["s"].sum()}
+    out.append(pd.DataFrame([total | {"peak_max_rss_mb": jobs["max_rss"].max()}]))
+    return pd.concat(out, ignore_index=True)[["level", "name", "jobs", "wall_s", "peak_max_rss_mb"]]
+
+
+# ----------------------------------------------------------------------------------------- reporting
+def table(df: pd.DataFrame, columns: dict[str, str]) -> str:
+    rows = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    for _, r in df.iterrows():
+        cells = []
+        for key in columns:
+            value = r[key]
+            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, float]) -> str:
+    sel, step, mem, trainer, pipeline = (
+        results[k] for k in ("selection", "step", "memory", "trainer", "pipeline")
+    )
+    sel = sel.assign(speedup=[fmt(r) for r in spread_rows(sel, "speedup")])
+    step = step.assign(overhead=[fmt(r) for r in spread_rows(step, "overhead_pct")])
+    trainer = trainer.assign(ratio=[fmt(r, 3) for r in spread_rows(trainer, "ratio")])
+    head = [
+        "# DSD benchmarks",
+        "",
+        f"{'QUICK smoke run (reduced sizes, 2 repetitions: not for quoting)' if quick else 'Full run'}; "
+        f"torch {torch.__version__}, {THREADS} CPU thread(s) (torch.set_num_threads({THREADS})), "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the end; {sum(seconds.values()):.0f} s wall in all ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+        + ").",
+        "Timings are per-repetition ratios of interleaved A/B runs in one process: median "
+        "(IQR, min-max over repetitions), measured in "
+        + (
+            "wall-clock time."
+            if clock_name == "wall"
+            else "process CPU time (time.process_time; --wall for wall-clock)."
+        ),
+        "",
+        f"## 1. Mask selection at {SPARSITY:.0%}: Pruner(...) vs prune.l1_unstructured "
+        f"(target: >= {TARGET_SELECTION_SPEEDUP:g}x on every model)",
+        "",
+        table(
+            sel,
+            {
+                "model": "model",
+                "params": "params",
+                "pruned_tensors": "tensors",
+                "ours_s_median": "ours s",
+                "torch_s_median": "torch s",
+                "speedup": "speedup (torch/ours)",
+                "same_count_every_tensor": "same #pruned per tensor",
+                "status": "target",
+            },
+        ),
+        "",
+        "DeepSpeech-2: "
+        + ("reduced (3 GRU layers of 256) in --quick" if quick else _ds2_text(DS2_PAPER))
+        + "; NeuralTalk: ShowAndTell(4096-d VGG features, vocab 2538, embed 512, LSTM 512), embedding dense.",
+        "",
+        f"## 2. Sparse-phase step overhead (target: <= {TARGET_STEP_OVERHEAD_PCT:g}% on resnet50, "
+        "ours A/B ratio)",
+        "",
+        table(
+            step,
+            {
+                "model": "model",
+                "setting": "setting",
+                "dense_step_s_median": "dense step s",
+                "method": "method",
+                "overhead": "overhead % of dense step",
+                "status": "target",
+            },
+        ),
+        "",
+        "'pruner.step call / rest of step' times the call inside the same steps (less noisy than the A/B "
+        "difference of two whole steps).",
+        "",
+        "## 3. Memory per pruned weight (exact byte counts of the tensors and of torch.save output)",
+        "",
+        table(
+            mem,
+            {
+                "model": "model",
+                "masked_weights": "masked weights",
+                "ours_train_bytes_per_weight": "ours B/w training",
+                "torch_train_bytes_per_weight": "torch B/w training",
+                "train_status": f"target <= {TARGET_TRAIN_BYTES:g} B/w",
+                "ours_ckpt_bits_per_weight": "ours bits/w ckpt",
+                "ours_ckpt_mask_payload_bits_per_weight": "ours mask payload bits/w",
+                "torch_ckpt_bits_per_weight": "torch bits/w ckpt",
+                "ckpt_status": f"target <= {TARGET_CKPT_BITS:g} bit/w",
+            },
+        ),
+        "",
+        "Checkpoint figures: size of torch.save({model state, pruner.state_dict()}) (ours) or of the pruned "
+        "model's state dict (torch) minus the dense state dict, per masked weight; the payload column is the "
+        "packed masks alone (the rest is pickle/zip framing per tensor).",
+        "",
+        f"## 4. Trainer overhead: dsd.train.run_phase vs a bare loop (target: >= {TARGET_TRAINER_RATIO:g}x "
+        "samples/s, training steps only)",
+        "",
+        table(
+            trainer,
+            {
+                "scope": "what is timed",
+                "project_samples_per_s": "project samples/s",
+                "bare_samples_per_s": "bare samples/s",
+                "ratio": "project / bare",
+                "status": "target",
+            },
+        ),
+        "",
+        "resnet18 row of configs/default.yaml (mini, width 16, 32x32, batch 32, SGD), one dense phase, "
+        "generated shapes data, wandb disabled, progress bar off.",
+        "",
+        "## 5. Pipeline (Snakemake benchmark files)",
+        "",
+    ]
+    if pipeline is None:
+        head.append("No files under results/benchmarks/rules/: run `make run` first.")
+    else:
+        head.append(
+            table(
+                pipeline,
+                {
+                    "level": "level",
+                    "name": "name",
+                    "jobs": "jobs",
+                    "wall_s": "wall s (sum)",
+                    "peak_max_rss_mb": "peak max_rss MB",
+                },
+            )
+        )
+    return "\n".join(head) + "\n"
+
+
+def _ds2_text(cfg: speech.ModelConfig) -> str:
+    return (
+        f"configs/paper.yaml size ({cfg.rnn_layers} bidirectional GRU layers of {cfg.rnn_hidden}, "
+        f"conv {cfg.conv_channels}ch, {DS2_FEATURES} bins) for selection; smaller in steps/memory (see there)"
+    )
+
+
+def spread_rows(df: pd.DataFrame, prefix: str) -> list[dict[str, float]]:
+    keys = ("median", "q1", "q3", "min", "max")
+    return [{k: r[f"{prefix}_{k}"] for k in keys} for _, r in df.iterrows()]
+
+
+def run_sections(quick: bool) -> tuple[dict[str, pd.DataFrame | None], dict[str, float]]:
+    sections = {
+        "selection": lambda: pd.DataFrame(bench_selection(quick)),
+        "step": lambda: pd.DataFrame(bench_step(quick)),
+        "memory": lambda: pd.DataFrame(bench_memory(quick)),
+        "trainer": lambda: pd.DataFrame(bench_trainer(quick)),
+        "pipeline": lambda: pipeline_benchmarks(OUT / "rules"),
+    }
+    results, seconds = {}, {}
+    for i, (name, fn) in enumerate(sections.items(), 1):
+        print(f"{i}. {name}", flush=True)
+        torch.set_num_threads(THREADS)  # run_phase sets it from the config (also THREADS)
+        start = time.perf_counter()
+        results[name] = fn()
+        seconds[name] = time.perf_counter() - start
+    return results, seconds
+
+
+def write_csvs(results: dict[str, pd.DataFrame | None]) -> None:
+    sel = results["selection"]
+    raw = [
+        {"model": r["model"], "variant": v, "rep": i, "seconds": t}
+        for r in sel.to_dict("records")
+        for v, ts in r["_times"].items()
+        for i, t in enumerate(ts)
+    ]
+    sel.drop(columns="_times").to_csv(OUT / "selection.csv", index=False)
+    pd.DataFrame(raw).to_csv(OUT / "selection_reps.csv", index=False)
+    results["step"].to_csv(OUT / "step_overhead.csv", index=False)
+    results["memory"].to_csv(OUT / "memory.csv", index=False)
+    results["trainer"].to_csv(OUT / "trainer.csv", index=False)
+    if results["pipeline"] is not None:
+        results["pipeline"].to_csv(OUT / "pipeline.csv", index=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global clock
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="~1-minute smoke run of every section")
+    parser.add_argument("--wall", action="store_true", help="time with the wall clock instead of CPU time")
+    args = parser.parse_args(argv)
+    clock = CLOCKS["wall" if args.wall else "cpu"]
+    torch.set_num_threads(THREADS)
+    OUT.mkdir(parents=True, exist_ok=True)
+    results, seconds = run_sections(args.quick)
+    write_csvs(results)
+    text = summary(results, args.quick, "wall" if args.wall else "cpu", seconds)
+    (OUT / "summary.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

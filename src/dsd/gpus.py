@@ -1,0 +1,252 @@
+"""Distinct GPUs for concurrent jobs on one machine: one `flock`ed lock file per device.
+
+Snakemake's `--resources gpu=N` limits how many GPUs the running jobs ask for together, but it does not say
+*which* GPU a job gets (snakemake issue #116): four single-GPU jobs would all train on GPU 0. `acquire(n)`
+picks `n` devices no other process holds, holds one lock file per device for the lifetime of the process,
+and sets `CUDA_VISIBLE_DEVICES` to them. The locks are `fcntl.flock` locks, so the kernel releases them
+when the last process holding them ends, also on a crash or `kill -9`: no stale marker files.
+
+As a command prefix (what the Snakemake rules use), the locks go with the command through `exec`:
+
+    python -m dsd.gpus 1 -- python -m dsd train ...
+    python /path/to/dsd/gpus.py 2 --timeout 3600 -- torchrun ...   # same, without importing the dsd package
+
+On a machine without GPUs (or with `n` = 0) nothing is locked and nothing is changed. This module imports
+only the standard library (torch only as a last resort to count devices), so the prefix costs milliseconds.
+
+Where the locks live: `--lock-dir`, else `$DSD_GPU_LOCK_DIR`, else `<tmp>/dsd-gpu-locks`; inside a SLURM job
+a subfolder per job id, since SLURM already gives each job its own GPUs (the indices a job sees may be
+renumbered from 0, so jobs must not compete for "GPU 0" across allocations), while the processes inside one
+allocation (a Snakemake run under `salloc`) share its folder and get distinct devices of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["GPUTimeoutError", "acquire", "held", "lock_folder", "main", "release", "visible_devices"]
+
+POLL_SECONDS = 0.2  # between two attempts while the wanted devices are busy (plus up to 50% jitter)
+
+_held: dict[str, int] = {}  # device id (as in CUDA_VISIBLE_DEVICES) -> open, flocked fd
+_saved_env: list[str | None] = []  # CUDA_VISIBLE_DEVICES before acquire(), restored by release()
+
+
+class GPUTimeoutError(TimeoutError):
+    """Raised when `n` devices did not become free within the timeout."""
+
+
+def lock_folder(path: str | os.PathLike | None = None) -> Path:
+    """The folder of the lock files (see the module docstring); created if missing."""
+    if path is None:
+        path = Path(os.environ.get("DSD_GPU_LOCK_DIR") or Path(tempfile.gettempdir()) / "dsd-gpu-locks")
+        job = os.environ.get("SLURM_JOB_ID")
+        if job:
+            path = path / f"slurm-{job}"
+    path = Path(path)
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # shared by every user of the machine, like /tmp
+            path.chmod(0o1777)
+    return path
+
+
+def _count_devices() -> int:
+    """How many CUDA devices this machine has, cheaply: no torch when there is no GPU driver at all."""
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    if nvidia.is_dir():
+        return sum(1 for _ in nvidia.iterdir())
+    if not Path("/dev/kfd").exists():  # neither NVIDIA nor ROCm driver: no CUDA device
+        return 0
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
+def visible_devices() -> list[str]:
+    """The device ids a process may use: the entries of CUDA_VISIBLE_DEVICES, else 0 .. count-1."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is not None:
+        ids = [part.strip() for part in value.split(",") if part.strip()]
+        # CUDA stops at the first invalid entry; "-1" is the usual way to hide every device
+        return ids[: ids.index("-1")] if "-1" in ids else ids
+    return [str(i) for i in range(_count_devices())]
+
+
+def _lock_name(device: str) -> str:
+    return "gpu-" + re.sub(r"[^A-Za-z0-9_.-]", "_", device) + ".lock"
+
+
+def _open(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)  # flock needs no write access
+    os.set_inheritable(fd, True)  # the locks must survive exec into the training command
+    return fd
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def acquire(
+    n: int,
+    total: int | None = None,
+    lock_dir: str | os.PathLike | None = None,
+    timeout: float | None = None,
+) -> list[int]:
+    """Lock `n` free devices, point CUDA_VISIBLE_DEVICES at them, and return their indices.
+
+    `total`: how many devices to share (default: all visible ones): devices 0 .. total-1, or the first
+    `total` entries of CUDA_VISIBLE_DEVICES when it is set. `total=4` on a CPU machine is what the tests use.
+    The indices returned are positions in that list, equal to the device numbers when CUDA_VISIBLE_DEVICES
+    was not set. Blocks until `n` devices are free at the same time, or raises GPUTimeoutError after
+    `timeout` seconds (None: wait forever). Returns [] and changes nothing when `n` is 0 or there is no
+    device. The locks stay held until `release()` or the end of the process (and of any process it `exec`s
+    or forks that keeps the descriptors open).
+    """
+    if n < 0:
+        raise ValueError(f"cannot acquire {n} GPUs")
+    if total is None:
+        devices = visible_devices()
+    elif total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
+    elif os.environ.get("CUDA_VISIBLE_DEVICES") is None:
+        devices = [str(i) for i in range(total)]  # no need to count: the caller says how many there are
+    else:
+        devices = visible_devices()
+        if total > len(devices):
+            raise ValueError(f"total={total} but CUDA_VISIBLE_DEVICES lists only {len(devices)} devices")
+        devices = devices[:total]
+    if n == 0 or not devices:
+        return []
+    if n > len(devices):
+        raise ValueError(f"asked for {n} GPUs but only {len(devices)} are visible ({','.join(devices)})")
+    if _held:
+        raise RuntimeError(f"this process already holds GPUs {','.join(_held)}; call release() first")
+
+    folder = lock_folder(lock_dir)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    fds = {device: _open(folder / _lock_name(device)) for device in devices}
+    guard = _open(folder / "allocate.lock")  # one allocation at a time: no two half-allocations starving
+    try:
+        while True:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            got = []
+            try:
+                for device in devices:
+                    if _try_lock(fds[device]):
+                        got.append(device)
+                        if len(got) == n:
+                            break
+                if len(got) < n:
+                    for device in got:
+                        fcntl.flock(fds[device], fcntl.LOCK_UN)
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
+            if len(got) == n:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise GPUTimeoutError(
+                    f"dsd.gpus: {n} of {len(devices)} GPUs ({','.join(devices)}) did not become free within "
+                    f"{timeout:g} s; lock files in {folder} (a device is busy while a process holds its lock)"
+                )
+            pause = POLL_SECONDS * (1 + 0.5 * random.random())
+            if deadline is not None:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
+            time.sleep(pause)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    finally:
+        os.close(guard)
+    for device, fd in fds.items():
+        if device in got:
+            _held[device] = fd
+        else:
+            os.close(fd)
+    _saved_env[:] = [os.environ.get("CUDA_VISIBLE_DEVICES")]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(got)
+    return [devices.index(device) for device in got]
+
+
+def held() -> list[str]:
+    """The device ids this process holds (as written to CUDA_VISIBLE_DEVICES)."""
+    return list(_held)
+
+
+def release() -> None:
+    """Give the devices back now (otherwise that happens when the process ends); restore the environment."""
+    while _held:
+        _, fd = _held.popitem()
+        os.close(fd)  # closing the last descriptor of the open file releases its flock
+    if _saved_env:
+        previous = _saved_env.pop()
+        if previous is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = previous
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dsd.gpus N [--timeout S] [--total T] [--lock-dir D] -- command ...`: lock, then exec."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
+    else:
+        command = []
+    parser = argparse.ArgumentParser(
+        prog="python -m dsd.gpus",
+        description="Lock N free GPUs, set CUDA_VISIBLE_DEVICES to them and exec the command "
+        "(the locks are held until it ends).",
+        usage="%(prog)s N [options] -- command [args ...]",
+    )
+    parser.add_argument("n", type=int, help="how many GPUs the command needs (0: run it unchanged)")
+    parser.add_argument("--total", type=int, help="share only the first T visible devices")
+    parser.add_argument(
+        "--lock-dir", help="folder of the lock files (default: $DSD_GPU_LOCK_DIR or <tmp>/dsd-gpu-locks)"
+    )
+    parser.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait)")
+    parser.add_argument("--quiet", action="store_true", help="do not print the devices chosen")
+    args = parser.parse_args(argv)
+    if not command:
+        parser.error("give the command after --")
+    try:
+        chosen = acquire(args.n, total=args.total, lock_dir=args.lock_dir, timeout=args.timeout)
+    except (GPUTimeoutError, ValueError, RuntimeError, OSError) as err:
+        print(f"dsd: error: {err}", file=sys.stderr)
+        return 2
+    if chosen and not args.quiet:
+        print(
+            f"dsd.gpus: CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        os.execvp(command[0], command)
+    except OSError as err:
+        print(f"dsd: error: cannot run {command[0]!r}: {err}", file=sys.stderr)
+        return 127
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

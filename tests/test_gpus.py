@@ -1,0 +1,159 @@
+"""dsd.gpus: distinct devices for concurrent jobs, checked with real processes on a CPU machine (total=4)."""
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dsd import gpus
+
+SCRIPT = gpus.__file__  # run as a script: the prefix must work without importing the dsd package (torch)
+
+# The command a job runs under the prefix: report its devices, then hold them until a file appears.
+HOLDER = (
+    "import os, sys, time\n"
+    "print(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'), flush=True)\n"
+    "while not os.path.exists(sys.argv[1]):\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+def start(n, lock_dir, release_file, *options):
+    cmd = [sys.executable, SCRIPT, str(n), "--total", "4", "--lock-dir", str(lock_dir), "--quiet", *options]
+    cmd += ["--", sys.executable, "-c", HOLDER, str(release_file)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_line(proc, timeout):
+    """The next stdout line of proc, or None if none came within timeout seconds."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            return None
+    return proc.stdout.readline().strip()
+
+
+def devices_of(line):
+    return set(line.split(","))
+
+
+@pytest.fixture(autouse=True)
+def _clean_state(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    yield
+    gpus.release()
+
+
+def test_concurrent_jobs_get_distinct_devices(tmp_path):
+    release = tmp_path / "release"
+    procs = [start(1, tmp_path / "locks", release) for _ in range(4)]
+    try:
+        lines = [read_line(p, 30) for p in procs]  # all four hold their device at the same time
+        assert sorted(lines) == ["0", "1", "2", "3"]
+    finally:
+        release.touch()
+        for p in procs:
+            assert p.wait(30) == 0, p.stderr.read()
+
+
+def test_third_job_waits_for_a_free_pair(tmp_path):
+    locks = tmp_path / "locks"
+    procs = [start(2, locks, tmp_path / f"r{i}") for i in range(3)]
+    try:
+        held = {}  # which two get a pair first is up to the scheduler
+        deadline = time.monotonic() + 30
+        while len(held) < 2 and time.monotonic() < deadline:
+            for i, p in enumerate(procs):
+                if i not in held and (line := read_line(p, 0.1)) is not None:
+                    held[i] = devices_of(line)
+        assert len(held) == 2, [p.stderr for p in procs]
+        (a, pair_a), (b, pair_b) = held.items()
+        assert pair_a | pair_b == {"0", "1", "2", "3"}
+        (waiting,) = set(range(3)) - set(held)
+        assert read_line(procs[waiting], 1.5) is None  # all four busy: the third job waits
+        (tmp_path / f"r{a}").touch()
+        assert procs[a].wait(10) == 0
+        assert devices_of(read_line(procs[waiting], 10)) == pair_a  # it gets the pair given back
+    finally:
+        for i in range(3):
+            (tmp_path / f"r{i}").touch()
+        for p in procs:
+            p.wait(30)
+
+
+def test_killed_job_releases_its_devices_and_timeout_is_clear(tmp_path):
+    locks = tmp_path / "locks"
+    holder = start(3, locks, tmp_path / "never")
+    try:
+        assert len(devices_of(read_line(holder, 30))) == 3
+        assert gpus.acquire(1, total=4, lock_dir=locks, timeout=5) == [3]  # the one device left
+        gpus.release()
+        t0 = time.monotonic()
+        with pytest.raises(gpus.GPUTimeoutError, match=r"2 of 4 GPUs .* did not become free within 0.5 s"):
+            gpus.acquire(2, total=4, lock_dir=locks, timeout=0.5)
+        assert time.monotonic() - t0 < 3
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ  # a failed acquire changes nothing
+        holder.send_signal(signal.SIGKILL)  # no clean-up runs: the kernel drops the flocks
+        holder.wait(10)
+        assert gpus.acquire(4, total=4, lock_dir=locks, timeout=5) == [0, 1, 2, 3]
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_cli_timeout_is_one_line_and_status_2(tmp_path):
+    locks = tmp_path / "locks"
+    assert gpus.acquire(4, total=4, lock_dir=locks) == [0, 1, 2, 3]  # this process holds everything
+    cmd = [sys.executable, SCRIPT, "1", "--total", "4", "--lock-dir", str(locks), "--timeout", "0.3"]
+    result = subprocess.run([*cmd, "--", "true"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith("dsd: error: dsd.gpus: 1 of 4 GPUs (0,1,2,3) did not become free")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_existing_cuda_visible_devices_are_shared_by_their_ids(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,GPU-1b2c")
+    assert gpus.acquire(2, lock_dir=tmp_path) == [0, 1]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
+    assert sorted(p.name for p in tmp_path.glob("gpu-*.lock")) == [
+        "gpu-3.lock",
+        "gpu-5.lock",
+        "gpu-GPU-1b2c.lock",
+    ]
+    assert gpus.held() == ["3", "5"]
+
+
+def test_no_gpu_or_zero_requested_changes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpus, "_count_devices", lambda: 0)
+    assert gpus.acquire(1, lock_dir=tmp_path) == []
+    assert gpus.acquire(0, total=4, lock_dir=tmp_path) == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpus.acquire(2, lock_dir=tmp_path) == []
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert gpus.held() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    # the prefix on a CPU machine just runs the command, with the environment untouched
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "1", "--lock-dir", str(tmp_path), "--", sys.executable, "-c",
+         "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))"],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"},
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "-1", result.stderr
+
+
+def test_more_than_visible_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="asked for 5 GPUs but only 4 are visible"):
+        gpus.acquire(5, total=4, lock_dir=tmp_path)
+
+
+def test_slurm_jobs_get_their_own_lock_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSD_GPU_LOCK_DIR", str(tmp_path))
+    assert gpus.lock_folder() == tmp_path
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    assert gpus.lock_folder() == tmp_path / "slurm-42"

@@ -1,0 +1,138 @@
+"""The pipeline on a real (one-node, localhost) SLURM cluster through snakemake-executor-plugin-slurm.
+
+Opt-in: it installs Debian's slurm-wlm and munge with apt and runs daemons as root. It runs when root and
+DSD_SLURM_TEST=1 (opt-in); deselect with `-m "not slow"` or `-k "not slurm"`. About 3 minutes: six SLURM
+jobs in five rounds, each ~30-45 s, mostly the two Snakemake start-ups (and torch imports) per job.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, REPO, tiny_vision_config, write_config
+from slurm_cluster import FAST_POLL_SNAKEMAKE, PARTITION, SlurmCluster, install
+
+pytestmark = pytest.mark.slow
+
+DEADLINE = 270  # seconds for the whole Snakemake run (~2.5-3.5 min seen); then it is killed with SIGKILL
+POLL = 5  # seconds between two squeue status checks (see slurm_cluster.FAST_POLL_SNAKEMAKE)
+
+
+def _enabled() -> bool:
+    wanted = os.environ.get("DSD_SLURM_TEST") == "1"  # opt-in: apt + daemons + ~3.5 min
+    return wanted and os.geteuid() == 0
+
+
+def test_profile_is_valid_yaml_with_comments_for_every_setting():
+    text = (REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text()
+    settings = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert all("#" in line for line in settings), [line for line in settings if "#" not in line]
+    profile = yaml.safe_load(text)
+    assert profile["executor"] == "slurm"
+    assert profile["slurm-status-command"] == "squeue"
+    assert {"slurm_partition", "slurm_account", "runtime", "mem_mb", "cpus_per_task"} <= set(
+        profile["default-resources"]
+    )
+    assert "train_phase" in profile["set-resources"]
+
+
+def test_profile_dry_run(tmp_path):
+    """The profile's settings are all known to Snakemake and the plugin (a dry run parses them all)."""
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "-q", "rules",
+         "--configfile", str(write_config(tmp_path, config)),
+         "--profile", str(REPO / "workflow" / "profiles" / "slurm")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train_phase" in result.stdout + result.stderr
+
+
+def _test_profile(folder: Path) -> Path:
+    """The repository's SLURM profile, pointed at the test cluster: its partition, no account, no GPUs."""
+    profile = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    profile["jobs"] = 2
+    profile["latency-wait"] = 5
+    profile["retries"] = 0
+    profile["slurm-init-seconds-before-status-checks"] = POLL  # first squeue this long after a submission
+    profile["slurm-no-account"] = True  # no accounting database here
+    profile["slurm-keep-successful-logs"] = True
+    profile["default-resources"].pop("slurm_account")
+    profile["default-resources"] |= {"slurm_partition": PARTITION, "mem_mb": 1000, "runtime": 10}
+    profile["set-resources"] = {
+        "train_phase": {"slurm_partition": PARTITION, "mem_mb": 2000, "runtime": 10, "gpu": 0}
+    }
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(profile))
+    return folder
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+
+def test_pipeline_on_slurm(tmp_path):
+    if not _enabled():
+        pytest.skip("SLURM integration test: set DSD_SLURM_TEST=1 (needs root and apt) to run")
+    install()
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    exp = config["experiments"]["resnet18"]
+    exp["train"]["max_steps_per_epoch"] = 1
+    exp["phases"] = [
+        {"kind": "dense", "epochs": 1, "lr": 0.05},
+        {"kind": "sparse", "epochs": 1, "lr": 0.005, "sparsity": 0.3},
+        {"kind": "redense", "epochs": 1},
+    ]
+    configfile = write_config(tmp_path, config)
+    profile = _test_profile(tmp_path / "profile")
+    log = tmp_path / "snakemake.log"
+    cmd = [
+        sys.executable, "-c", FAST_POLL_SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+        "--configfile", str(configfile), "--profile", str(profile), "tables",
+    ]  # fmt: skip
+    cluster = SlurmCluster()
+    proc = None
+    t0 = time.monotonic()
+    try:
+        cluster.start()
+        with log.open("w") as out:
+            # own session: the deadline kill takes Snakemake and everything it started
+            proc = subprocess.Popen(
+                cmd,
+                cwd=tmp_path,
+                env=cluster.env() | {"DSD_SLURM_POLL_SECONDS": str(POLL)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                proc.wait(timeout=DEADLINE)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # Snakemake ignores SIGTERM while polling
+                proc.wait(10)
+                pytest.fail(f"snakemake on SLURM took more than {DEADLINE} s\n{_tail(log)}\n{cluster.logs()}")
+        elapsed = time.monotonic() - t0
+        assert proc.returncode == 0, f"{_tail(log)}\n{cluster.logs()}"
+        log_text = log.read_text()
+        # prepare_data, dense, sparse1, control, redense1, tables: each its own sbatch job
+        assert log_text.count("has been submitted with SLURM jobid") == 6, _tail(log)
+        results = Path(config["output_dir"])
+        for phase in ("dense", "sparse1", "redense1", "control"):
+            metrics = results / "runs" / "resnet18" / "seed0" / phase / "metrics.json"
+            assert metrics.exists(), f"{metrics} missing\n{_tail(log)}"
+        assert (results / "tables" / "paper_comparison.csv").exists()
+        assert (results / "tables" / "paper_comparison.md").exists()
+        slurm_logs = list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))
+        assert len(slurm_logs) == 6, slurm_logs  # one per SLURM job (kept: slurm-keep-successful-logs)
+        print(f"SLURM pipeline: {elapsed:.0f} s")
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        cluster.stop()
