@@ -196,21 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("table", help="build results/tables from finished runs")
-    p.add_argument("--config", help="a config YAML (all its rows)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--spec", action="append", help="an experiment as JSON (repeatable), instead of --config")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--out", help="folder for the tables (default: <output_dir>/tables)")
-    p.set_defaults(func=cmd_table)
-
-    p = sub.add_parser("plots", help="figures from finished runs and the tables")
-    p.add_argument("--config", help="a config YAML (all its rows)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--spec", action="append", help="an experiment as JSON (repeatable), instead of --config")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--out", help="folder for the figures (default: <output_dir>/plots)")
-    p.set_defaults(func=cmd_plots)
+    for name, func, what in (
+        ("table", cmd_table, "build results/tables from finished runs"),
+        ("plots", cmd_plots, "figures from finished runs and the tables"),
+    ):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--config", help="a config YAML (all its rows)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE")
+        p.add_argument(
+            "--spec", action="append", help="an experiment as JSON (repeatable), instead of --config"
+        )
+        p.add_argument("--seeds", type=int, nargs="+")
+        p.add_argument(
+            "--out", help=f"output folder (default: <output_dir>/{'tables' if name == 'table' else name})"
+        )
+        p.set_defaults(func=func)
     return parser
 
 
