@@ -70,6 +70,12 @@ def test_bad_audio_and_transcripts_are_named(tmp_path):
     bad.write_bytes(b"not a flac file at all")
     with pytest.raises(DataError, match="19-198-0000.flac: unreadable"):
         speech.load_audio(bad)
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(str(bad), np.zeros(0, dtype="float32"), 16000, format="FLAC")  # a valid file with no samples
+    with pytest.raises(DataError, match="19-198-0000.flac: (audio file has no samples|unreadable)"):
+        speech.load_audio(bad)
     bad.unlink()
     with pytest.raises(DataError, match="19-198-0000.flac: audio file is missing"):
         speech.load_audio(bad)
