@@ -139,23 +139,20 @@ def _experiments_and_seeds(args) -> tuple[list[Experiment], list[int]]:
 
 
 def cmd_table(args) -> None:
-    from dsd import results
+    from dsd import paths, results
 
     experiments, seeds = _experiments_and_seeds(args)
-    output_dir = experiments[0].output_dir
-    out = args.out or str(Path(output_dir) / "tables")
+    out = args.out or str(paths.tables_dir(experiments[0].output_dir))
     table = results.write_tables(experiments, seeds, out)
     print(f"wrote {out}/paper_comparison.csv ({len(table)} rows)")
 
 
 def cmd_plots(args) -> None:
-    from dsd import plots
+    from dsd import paths, plots
 
     experiments, seeds = _experiments_and_seeds(args)
-    output_dir = experiments[0].output_dir
-    out = args.out or str(Path(output_dir) / "plots")
-    files = plots.write_plots(experiments, seeds, out)
-    print(f"wrote {len(files)} figures to {out}")
+    out = args.out or str(paths.plots_dir(experiments[0].output_dir))
+    print(f"wrote {len(plots.write_plots(experiments, seeds, out))} figures to {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
