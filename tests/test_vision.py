@@ -92,3 +92,48 @@ def test_corrupt_jpeg_and_empty_class_named(tmp_path):
     (imagenet / "train" / "n99999999").mkdir()
     with pytest.raises(DataError, match="n99999999: class folder is empty"):
         vision.check_imagefolder(exp)
+
+
+@pytest.mark.parametrize(("height", "width", "scale"), [(32, 32, (0.6, 1.0)), (24, 40, (0.08, 1.0))])
+def test_batched_crop_boxes_follow_torchvision_random_resized_crop(height, width, scale):
+    """The in-memory batch augmentation draws boxes from the same distribution as torchvision's transform."""
+    from torchvision.transforms import RandomResizedCrop
+
+    n, ratio = 4000, (3 / 4, 4 / 3)
+    torch.manual_seed(0)
+    top, left, h, w = vision.random_resized_boxes(n, height, width, scale, ratio)
+    assert bool(((top >= 0) & (left >= 0) & (top + h <= height) & ((left + w) <= width) & (h > 0)).all())
+    image = torch.zeros(3, height, width)
+    reference = torch.tensor([RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(n)])
+    ours = torch.stack([top, left, h, w], dim=1)
+    area_ours, area_ref = (ours[:, 2] * ours[:, 3]).mean(), (reference[:, 2] * reference[:, 3]).float().mean()
+    assert abs(float(area_ours / area_ref) - 1) < 0.03
+    for column in range(4):  # every coordinate's mean within a few standard errors of torchvision's
+        ref = reference[:, column].float()
+        assert abs(float(ours[:, column].mean() - ref.mean())) < 4 * float(ref.std()) / math.sqrt(n) + 0.05
+
+
+def test_batched_crop_of_the_whole_image_is_the_image():
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    out = vision.batch_random_resized_crop(images, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert torch.equal(out, images.float() / 255)
+
+
+def test_in_memory_batches_are_transformed_per_image(tmp_path):
+    """A batch of identical images comes out with different crops and flips (one draw per image)."""
+    root = tmp_path / "train"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.tile(np.arange(32, dtype=np.uint8)[None, :, None] * 8, (32, 1, 3))).save(
+                root / cls / f"{i}.png"
+            )
+    data = vision.ImageFolderData(root, vision.DataConfig(image_size=24, crop_scale_min=0.3), True, True)
+    torch.manual_seed(0)
+    batch = data.__getitems__(list(range(16)))
+    images = torch.stack([image for image, _ in batch])
+    assert images.shape == (16, 3, 24, 24) and [label for _, label in batch] == [0] * 8 + [1] * 8
+    assert len({tuple(image[0, 0, :3].tolist()) for image in images}) > 8  # not one crop for all
+    evaluation = vision.ImageFolderData(root, vision.DataConfig(image_size=24, resize=24), False, True)
+    a, b = evaluation.__getitems__([0, 1])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[0], evaluation[0][0])  # deterministic, same as per image

@@ -9,6 +9,7 @@ scales, so one `exclude` pattern keeps it dense.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torchvision import datasets, models
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.models.googlenet import BasicConv2d, Inception
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from dsd import data, shapes
@@ -200,9 +202,14 @@ def _decode(path: str) -> torch.Tensor:
 
 
 class ImageFolderData(Dataset):
-    """torchvision's ImageFolder indexing with one decoder for every image (corrupt files named)."""
+    """torchvision's ImageFolder indexing with one decoder for every image (corrupt files named).
 
-    def __init__(self, root: Path, transform, in_memory: bool):
+    In memory (small data sets of one image size) a batch is transformed in one go: `__getitems__` crops
+    every image of the batch with `batch_random_resized_crop`, since per-image transforms cost more than the
+    training step itself on a CPU.
+    """
+
+    def __init__(self, root: Path, cfg: DataConfig, train: bool, in_memory: bool):
         if not root.is_dir():
             raise DataError(f"{root}: image folder not found (expected <split>/<class>/*.jpg)")
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -212,8 +219,13 @@ class ImageFolderData(Dataset):
             folder = datasets.ImageFolder(root)
         except (FileNotFoundError, RuntimeError) as err:
             raise DataError(f"{root}: {err}") from None
-        self.classes, self.samples, self.transform = folder.classes, folder.samples, transform
-        self.images = [_decode(p) for p, _ in self.samples] if in_memory else None
+        self.classes, self.samples = folder.classes, folder.samples
+        self.cfg, self.train, self.transform = cfg, train, transforms(cfg, train)
+        self.images = None
+        if in_memory:
+            images = [_decode(p) for p, _ in self.samples]
+            sizes = {tuple(image.shape) for image in images}
+            self.images = torch.stack(images) if len(sizes) == 1 else images
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -222,6 +234,58 @@ class ImageFolderData(Dataset):
         path, label = self.samples[index]
         image = self.images[index] if self.images is not None else _decode(path)
         return self.transform(image), label
+
+    def __getitems__(self, indices: list[int]):
+        if not isinstance(self.images, torch.Tensor):
+            return [self[i] for i in indices]
+        batch = self.images[indices]
+        if self.train:
+            batch = batch_random_resized_crop(batch, self.cfg.image_size, (self.cfg.crop_scale_min, 1.0))
+            flip = torch.rand(len(indices)) < 0.5
+            batch[flip] = batch[flip].flip(-1)
+            batch = v2.functional.normalize(batch, IMAGENET_MEAN, IMAGENET_STD)
+        else:  # deterministic: the same resize and crop for every image
+            batch = self.transform(batch)
+        return list(zip(batch, [self.samples[i][1] for i in indices], strict=True))
+
+
+def batch_random_resized_crop(
+    images: torch.Tensor, size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)
+) -> torch.Tensor:
+    """RandomResizedCrop for a whole uint8 batch, a box per image; float output in [0, 1].
+
+    The boxes are resampled with roi_align (bilinear, averaging when shrinking): one kernel call per batch.
+    """
+    n, _, height, width = images.shape
+    top, left, h, w = random_resized_boxes(n, height, width, scale, ratio)
+    boxes = torch.stack([torch.arange(n, dtype=torch.float32), left, top, left + w, top + h], dim=1)
+    floats = images.float().div_(255)
+    return roi_align(floats, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def random_resized_boxes(n: int, height: int, width: int, scale, ratio, tries: int = 10):
+    """n draws of RandomResizedCrop's box as (top, left, height, width) float tensors.
+
+    Per box up to `tries` (area, aspect) draws, the first that fits is kept; else torchvision's fallback,
+    the largest centered box within the ratio range.
+    """
+    area = height * width * torch.empty(n, tries).uniform_(*scale)
+    log_ratio = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    w = torch.sqrt(area * torch.exp(log_ratio)).round()
+    h = torch.sqrt(area / torch.exp(log_ratio)).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.float().argmax(dim=1, keepdim=True)
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(dim=1)
+    fallback_w, fallback_h = width, height
+    if width / height < ratio[0]:
+        fallback_h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        fallback_w = round(height * ratio[1])
+    w = torch.where(found, w, torch.full_like(w, fallback_w))
+    h = torch.where(found, h, torch.full_like(h, fallback_h))
+    top = torch.where(found, (torch.rand(n) * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(found, (torch.rand(n) * (width - w + 1)).floor(), ((width - w) / 2).floor())
+    return top, left, h, w
 
 
 def transforms(cfg: DataConfig, train: bool):
@@ -246,9 +310,7 @@ def dataset(exp: Experiment, split: str) -> ImageFolderData:
     folder = {"train": cfg.train_dir, "val": cfg.val_dir, "test": cfg.test_dir}[split]
     key = (exp.data_dir, folder, split == "train", json.dumps(exp.data, sort_keys=True))
     if key not in _CACHE:
-        _CACHE[key] = ImageFolderData(
-            Path(exp.data_dir) / folder, transforms(cfg, split == "train"), cfg.in_memory
-        )
+        _CACHE[key] = ImageFolderData(Path(exp.data_dir) / folder, cfg, split == "train", cfg.in_memory)
     return _CACHE[key]
 
 
