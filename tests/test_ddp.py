@@ -1,11 +1,15 @@
 """DSD under DistributedDataParallel: two gloo processes on the CPU against one process, same global batch."""
 
+import json
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import snakemake, tiny_vision_config, write_config
 from torch import nn
 
 import dsd
+from dsd import paths
 
 STEPS, GLOBAL_BATCH = 12, 16
 
@@ -66,3 +70,17 @@ def test_two_rank_ddp_matches_single_process(tmp_path):
         torch.testing.assert_close(result["model"][name], value, atol=1e-5, rtol=0)
     for name, mask in pruner.masks.items():
         assert torch.all(result["model"][name][~mask] == 0)
+
+
+def test_a_job_asking_for_two_gpus_trains_under_torchrun(tmp_path):
+    """`gpus_per_job: 2` starts each phase under torchrun: here two gloo ranks on the CPU, rank 0 writing."""
+    config = tiny_vision_config(tmp_path, seeds=[0], gpus_per_job=2)
+    target = paths.metrics(paths.run_dir(config["output_dir"], "resnet18", 0, "sparse1"))
+    result = snakemake(tmp_path, write_config(tmp_path, config), str(target), "--resources", "gpu=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for phase in ("dense", "sparse1"):
+        metrics = json.loads(
+            paths.metrics(paths.run_dir(config["output_dir"], "resnet18", 0, phase)).read_text()
+        )
+        assert metrics["world_size"] == 2
+    assert abs(metrics["measured_sparsity"] - 0.3) < 0.01

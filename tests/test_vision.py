@@ -104,7 +104,9 @@ def test_batched_crop_boxes_follow_torchvision_random_resized_crop(height, width
     top, left, h, w = vision.random_resized_boxes(n, height, width, scale, ratio)
     assert bool(((top >= 0) & (left >= 0) & (top + h <= height) & ((left + w) <= width) & (h > 0)).all())
     image = torch.zeros(3, height, width)
-    reference = torch.tensor([RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(n)])
+    reference = torch.tensor(
+        [RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(n)]
+    )
     ours = torch.stack([top, left, h, w], dim=1)
     area_ours, area_ref = (ours[:, 2] * ours[:, 3]).mean(), (reference[:, 2] * reference[:, 3]).float().mean()
     assert abs(float(area_ours / area_ref) - 1) < 0.03

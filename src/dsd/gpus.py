@@ -34,7 +34,16 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["GPUTimeoutError", "acquire", "held", "lock_folder", "main", "release", "visible_devices"]
+__all__ = [
+    "GPUTimeoutError",
+    "acquire",
+    "held",
+    "launcher",
+    "lock_folder",
+    "main",
+    "release",
+    "visible_devices",
+]
 
 POLL_SECONDS = 0.2  # between two attempts while the wanted devices are busy (plus up to 50% jitter)
 
@@ -203,6 +212,17 @@ def release() -> None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = previous
+
+
+def launcher(n: int, python: str = sys.executable) -> list[str]:
+    """How a job starts `dsd`: one process, or torchrun with one process per GPU when it asks for n > 1.
+
+    `--standalone` gives every job its own rendezvous on a free port, so jobs on one node do not collide.
+    Without GPUs the n processes train on the CPU with gloo (how the tests exercise it).
+    """
+    if n > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "dsd"]
+    return [python, "-m", "dsd"]
 
 
 def main(argv: list[str] | None = None) -> int:

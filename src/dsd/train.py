@@ -247,7 +247,7 @@ def run_phase(
                         bad += 1
                         if bad > hp.max_bad_batches:
                             raise NonFiniteLoss(
-                                f"{exp.row} seed {seed} {phase}: non-finite loss ({float(loss)}) at epoch {epoch}, "
+                                f"{exp.row} seed {seed} {phase}: non-finite loss ({float(loss.detach())}) at epoch {epoch}, "
                                 f"step {step} (global step {global_step}); no weights were written for this step"
                             )
                         optimizer.zero_grad(set_to_none=True)
