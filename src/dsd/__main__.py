@@ -1,5 +1,11 @@
+import os
 import sys
 
 from dsd.cli import main
 
-sys.exit(main())
+code = main()
+# Everything a command writes is closed by now (checkpoints, metrics, the wandb run). Skipping the interpreter's
+# teardown of torch saves about a second per process: minutes over the hundred jobs of a pipeline.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)
