@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: run test lint format bench clean-results
+.PHONY: run test lint format bench publish
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
 	$(BIN)/snakemake --report results/report.html --workflow-profile workflow/profiles/default
+
+# After a `make run`: copy its tables and plots to results/published/ (committed; update PROVENANCE.md there).
+publish:
+	test -f results/tables/paper_comparison.csv || { echo "make: run 'make run' first"; exit 1; }
+	rm -rf results/published/tables results/published/plots
+	mkdir -p results/published
+	cp -r results/tables results/plots results/published/
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py

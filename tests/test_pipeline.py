@@ -1,10 +1,12 @@
 """The Snakemake chain end to end on tiny generated data, and bad input failing cleanly."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import dsd_cli, snakemake, tiny_vision_config, write_config
+from conftest import REPO, dsd_cli, snakemake, tiny_vision_config, write_config
 
 from dsd import paths
 
@@ -98,3 +100,16 @@ def test_cli_rejects_bad_sparsity_and_key(tmp_path):
     assert result.returncode == 2 and "model: unknown key 'wdith'" in result.stderr
     result = dsd_cli("spec", "--config", str(configfile), "--row", "resnet18", "--set", "threads=0")
     assert result.returncode == 2 and result.stderr.strip().startswith("dsd: error: config.threads")
+
+
+def test_no_output_of_the_default_pipeline_is_committed():
+    """A fresh clone must train: were a table or plot tracked, Snakemake would find the targets present and
+    skip every run. Published copies live in results/published/ instead (`make publish`)."""
+    outputs = [paths.tables_dir("results"), paths.plots_dir("results"), Path("results/report.html")]
+    tracked = subprocess.run(
+        ["git", "ls-files", "--", *map(str, outputs)], cwd=REPO, capture_output=True, text=True
+    )
+    if tracked.returncode:
+        pytest.skip(f"not a git checkout: {tracked.stderr.strip()}")
+    assert tracked.stdout == ""
+    assert (REPO / "results" / "published" / "tables" / "paper_comparison.md").is_file()
