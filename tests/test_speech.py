@@ -93,6 +93,25 @@ def test_greedy_ctc_decoding():
     assert speech.greedy_decode([0, 0, 0]) == ""
 
 
+def test_beam_search_with_a_lexicon_returns_lexicon_words(tmp_path):
+    """torchaudio's flashlight decoder (flashlight-text is a dev dependency): where greedy decoding misspells
+    a word, the lexicon-constrained beam search returns the closest word of the lexicon."""
+    lexicon = tmp_path / "lexicon.txt"
+    lexicon.write_text("cat\tc a t |\ncap\tc a p |\ndog\td o g |\n")
+    frames = [("c", 1.0), ("a", 1.0), ("x", 0.5), ("t", 0.4)]  # greedy: "cax"; t beats p
+    logits = torch.full((len(frames) + 1, len(speech.ALPHABET)), -4.0)
+    for i, (char, score) in enumerate(frames):
+        logits[i, speech.ALPHABET.index(char)] = score
+    logits[2, speech.ALPHABET.index("t")] = 0.4
+    logits[2, speech.ALPHABET.index("p")] = 0.1
+    logits[len(frames), 0] = 1.0  # blank
+    log_probs = logits.log_softmax(-1)
+    assert speech.greedy_decode(log_probs.argmax(-1)) == "caxt"
+    decoder = speech._beam_decoder(speech.EvalConfig(decoder="beam", lexicon=str(lexicon), beam_size=10))
+    best = decoder(log_probs[None], torch.tensor([len(frames) + 1], dtype=torch.int32))[0][0]
+    assert list(best.words) == ["cat"]
+
+
 def test_wer_cer_by_hand():
     refs, hyps = ["the cat sat", "on the mat"], ["the cat sit", "on mat"]
     rates = speech.error_rates(refs, hyps)
