@@ -9,7 +9,7 @@ from conftest import tiny_vision_config
 
 from dsd import tracks
 from dsd.config import Experiment
-from dsd.results import paired_ci, paper_headline, rel_gain_pct, verdict
+from dsd.results import paired_ci, paper_headline, rel_gain_pct, runtime_rows, verdict
 from dsd.tracking import Tracker
 from dsd.train import run_phase
 
@@ -65,3 +65,26 @@ def test_wandb_failure_in_online_mode_does_not_fail_training(tmp_path, monkeypat
         metrics = run_phase(exp, 0, "dense", tmp_path / "run", progress=False)
     assert any("wandb disabled for this run" in str(w.message) for w in caught)
     assert metrics["test"]["top1_error_pct"] >= 0
+
+
+def test_runtime_table_sums_snakemake_benchmark_files(tmp_path):
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for seed, phase, seconds in [
+        (0, "dense", 30.5),
+        (0, "sparse1", 12.0),
+        (1, "dense", 29.5),
+        (2, "dense", 99.0),
+    ]:
+        folder = tmp_path / "benchmarks" / "rules" / "resnet18" / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{phase}.tsv").write_text(
+            header + f"{seconds}\t0:00:30\t800\t5000\t470\t580\t0\t6\t45\t15\n"
+        )
+    (row,) = runtime_rows(str(tmp_path), ["resnet18", "vgg16"], seeds=[0, 1], cores=2)  # seed 2 not asked
+    assert row == {
+        "row": "resnet18",
+        "jobs": 3,
+        "job_minutes": 72.0 / 60,
+        "cores": 2,
+        "share_of_run_minutes": 0.6,
+    }

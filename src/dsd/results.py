@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -194,8 +195,29 @@ def samples_table(output_dir: str, row: str, seed: int, recipe: Recipe) -> pd.Da
     )
 
 
+def runtime_rows(output_dir: str, rows, seeds, cores: int | None = None) -> list[dict]:
+    """What each row cost, from Snakemake's per-job benchmark files: jobs, their summed wall time, and that
+    sum divided by the cores running jobs side by side (a row's share of the pipeline's wall time)."""
+    cores = cores or os.cpu_count() or 1
+    out = []
+    for row in rows:
+        files = [
+            f
+            for seed in seeds
+            for f in (paths.benchmarks_dir(output_dir) / "rules" / row / f"seed{seed}").glob("*.tsv")
+        ]
+        if not files:
+            continue
+        seconds = sum(float(pd.read_csv(f, sep="\t")["s"].iloc[0]) for f in files)
+        out.append(
+            {"row": row, "jobs": len(files), "job_minutes": seconds / 60, "cores": cores,
+             "share_of_run_minutes": seconds / 60 / cores}
+        )  # fmt: skip
+    return out
+
+
 def write_tables(experiments, seeds, out_dir: str | Path) -> pd.DataFrame:
-    """paper_comparison.{csv,md}, phases.{csv,md}, sweep_<row>.csv and samples_<row>.md."""
+    """paper_comparison.{csv,md}, phases.{csv,md}, runtime.{csv,md}, sweep_<row>.csv and samples_<row>.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)
@@ -235,6 +257,10 @@ def write_tables(experiments, seeds, out_dir: str | Path) -> pd.DataFrame:
     ]
     (out_dir / "paper_comparison.md").write_text(_markdown(comparison[shown]))
     (out_dir / "phases.md").write_text(_markdown(phases))
+    runtime = pd.DataFrame(runtime_rows(output_dir, list(recipes), seeds))
+    if not runtime.empty:
+        runtime.to_csv(out_dir / "runtime.csv", index=False)
+        (out_dir / "runtime.md").write_text(_markdown(runtime))
     for row, recipe in recipes.items():
         examples = samples_table(output_dir, row, seeds[0], recipe)
         if examples is not None:
