@@ -38,6 +38,11 @@ def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
     second = snakemake(tmp_path, configfile)
     assert second.returncode == 0
     assert "Nothing to be done" in second.stdout + second.stderr
+    # a new recipe retrains the row but keeps its data (rows sharing a data set are not all retrained)
+    config["experiments"]["resnet18"]["phases"][0]["lr"] = 0.04
+    plan = snakemake(tmp_path, write_config(tmp_path, config), "-n", "--quiet", "rules")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "train_phase" in plan.stdout and "prepare_data" not in plan.stdout
 
 
 def test_dry_run_plans_every_phase_and_control(tmp_path):

@@ -193,6 +193,14 @@ class Experiment:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
+    def data_only(self) -> Experiment:
+        """Only what preparing the data set reads. The data rule's input: a change to one row's model or recipe
+        must not regenerate data that other rows share (and so retrain them all)."""
+        return dataclasses.replace(
+            self, model={}, eval={}, train=TrainHparams(), prune=PruneHparams(), phases=(), sweep=(),
+            wandb=WandbHparams(),
+        )  # fmt: skip
+
     @classmethod
     def from_json(cls, text: str) -> Experiment:
         raw = json.loads(text)

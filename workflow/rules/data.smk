@@ -8,7 +8,7 @@ rule prepare_data:
     output:
         str(paths.prepared(DATA_ROOT, "{dataset}")),
     params:
-        spec=lambda w: spec(DATASET_ROW[w.dataset]),
+        spec=lambda w: EXPERIMENTS[DATASET_ROW[w.dataset]].data_only().to_json(),  # rerun only on data changes
     log:
         str(paths.logs_dir(OUT) / "prepare_{dataset}.log"),
     benchmark:
