@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +19,10 @@ from dsd.tracks import DataError, speech
 torch.set_num_threads(1)
 
 
-def _exp(tmp_path, arch="deepspeech", **data) -> Experiment:
+COUNTS = {"train": 6, "dev": 2, "test": 2}  # utterances per speaker of the tiny embedded corpus
+
+
+def _exp(tmp_path, arch="deepspeech", decode=None, **data) -> Experiment:
     model = {"hidden": 32, "rnn_hidden": 24, "rnn_layers": 2, "conv_channels": 4}
     return Experiment(
         row=arch,
@@ -27,8 +32,20 @@ def _exp(tmp_path, arch="deepspeech", **data) -> Experiment:
         data_root=str(tmp_path),
         model={"arch": arch, **model},
         data=data,
+        eval=decode or {},
         train=TrainHparams(batch_size=8, eval_batch_size=16),
     )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The embedded corpus at a tiny size, synthesised once (a few seconds) for the tests that read it."""
+    base = tmp_path_factory.mktemp("tiny")
+    return base, speech.DATASETS["spoken"](_exp(base, utterances_per_speaker=COUNTS))
+
+
+def _words(folder) -> set[str]:
+    return {w for item in speech.read_librispeech(folder) for w in item["transcript"].split()}
 
 
 def _write_librispeech(root, lines, sr=16000, seconds=0.3):
@@ -94,7 +111,7 @@ def test_greedy_ctc_decoding():
 
 
 def test_beam_search_with_a_lexicon_returns_lexicon_words(tmp_path):
-    """torchaudio's flashlight decoder (flashlight-text is a dev dependency): where greedy decoding misspells
+    """torchaudio's flashlight decoder (flashlight-text, a core dependency): where greedy decoding misspells
     a word, the lexicon-constrained beam search returns the closest word of the lexicon."""
     lexicon = tmp_path / "lexicon.txt"
     lexicon.write_text("cat\tc a t |\ncap\tc a p |\ndog\td o g |\n")
@@ -156,16 +173,14 @@ def test_synthesiser_is_deterministic_for_a_seed():
         assert np.array_equal(x, y)  # bit-identical samples, not merely similar
 
 
-def test_end_to_end_tiny_corpus(tmp_path):
-    counts = {"train": 6, "dev": 2, "test": 2}
-    exp = _exp(tmp_path, utterances_per_speaker=counts)
-    summary = speech.DATASETS["spoken"](exp)
+def test_end_to_end_tiny_corpus(tiny):
+    base, summary = tiny
     assert summary["train"]["utterances"] == 6 * len(spoken.SPEAKERS["train"])
-    assert (tmp_path / "spoken" / "test" / "201" / "1" / "201-1.trans.txt").is_file()
+    assert (base / "spoken" / "test" / "201" / "1" / "201-1.trans.txt").is_file()
     # the same reader serves the embedded corpus
-    assert len(speech.read_librispeech(tmp_path / "spoken" / "dev")) == 2 * len(spoken.SPEAKERS["dev"])
+    assert len(speech.read_librispeech(base / "spoken" / "dev")) == 2 * len(spoken.SPEAKERS["dev"])
     for arch in ("deepspeech", "deepspeech2"):
-        exp = _exp(tmp_path, arch, utterances_per_speaker=counts)
+        exp = _exp(base, arch, utterances_per_speaker=COUNTS)
         torch.manual_seed(0)
         model = speech.build_model(exp)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -182,7 +197,72 @@ def test_end_to_end_tiny_corpus(tmp_path):
         assert 0 <= rates["wer_pct"] <= 500 and 0 <= rates["cer_pct"] <= 500
         out = speech.samples(model, exp, "cpu", 3)
         assert [s["id"] for s in out] == ["201-1-0000", "201-1-0001", "202-1-0000"]
-    ds2 = _exp(tmp_path, "deepspeech2", utterances_per_speaker=counts)
+    ds2 = _exp(base, "deepspeech2", utterances_per_speaker=COUNTS)
     first = next(iter(speech.train_loader(ds2, seed=0, epoch=0)))["lengths"]
     assert first.tolist() == sorted(first.tolist())  # SortaGrad: epoch 0 shortest first
     assert first.max() <= speech.dataset(ds2, "train").lengths.sort().values[7]
+
+
+def test_prepare_writes_a_lexicon_of_the_training_words(tiny, tmp_path):
+    """Flashlight format, exactly the distinct words of the training transcripts, sorted; rewritten with the
+    corpus when its spec changes."""
+    base, summary = tiny
+    words = _words(base / "spoken" / "train")
+    lines = (base / "spoken" / "lexicon.txt").read_text().splitlines()
+    assert lines == [f"{w}\t{' '.join(w)} |" for w in sorted(words)]
+    assert summary["lexicon_words"] == len(words) > 10
+    assert not list((base / "spoken").glob("lexicon.txt.*"))  # no temporary file left behind
+    out = tmp_path / "words.txt"
+    assert speech.write_lexicon(["stop can't", "can't  stop"], out) == 2
+    assert out.read_text() == "can't\tc a n ' t |\nstop\ts t o p |\n"
+    # data prepared before lexicons existed get one without being synthesised again
+    shutil.copytree(base / "spoken", tmp_path / "spoken")
+    (tmp_path / "spoken" / "lexicon.txt").unlink()
+    assert speech.DATASETS["spoken"](_exp(tmp_path, utterances_per_speaker=COUNTS)) == summary
+    assert (tmp_path / "spoken" / "lexicon.txt").read_text() == (base / "spoken" / "lexicon.txt").read_text()
+    # another corpus seed regenerates the corpus in place, and its lexicon with it
+    one = {"train": 1, "dev": 1, "test": 1}
+    again = speech.DATASETS["spoken"](_exp(tmp_path, utterances_per_speaker=one, corpus_seed=99))
+    new_words = _words(tmp_path / "spoken" / "train")
+    assert new_words != words and again["lexicon_words"] == len(new_words)
+    lines = (tmp_path / "spoken" / "lexicon.txt").read_text().splitlines()
+    assert lines == [f"{w}\t{' '.join(w)} |" for w in sorted(new_words)]
+
+
+def test_lexicon_path_relative_to_the_data_folder_and_missing_is_data_error(tiny, tmp_path):
+    base, _ = tiny
+    exp = _exp(base, decode={"decoder": "beam", "lexicon": "lexicon.txt"}, utterances_per_speaker=COUNTS)
+    assert speech.eval_file(exp, "lexicon") == base / "spoken" / "lexicon.txt"
+    absolute = tmp_path / "words.txt"
+    absolute.write_text("cat\tc a t |\n")
+    exp = _exp(base, decode={"decoder": "beam", "lexicon": str(absolute)}, utterances_per_speaker=COUNTS)
+    assert speech.eval_file(exp, "lexicon") == absolute
+    missing = _exp(base, decode={"decoder": "beam", "lexicon": "nowhere.txt"}, utterances_per_speaker=COUNTS)
+    model, calls = speech.build_model(missing), []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    where = re.escape(str(base / "spoken" / "nowhere.txt"))
+    with pytest.raises(DataError, match=f"^{where}: lexicon file is missing"):
+        speech.evaluate(model, missing, "test", "cpu")
+    assert calls == []  # raised before the model ran on any batch
+
+
+def test_beam_evaluate_also_reports_greedy_from_the_same_pass(tiny):
+    base, _ = tiny
+    greedy = _exp(base, utterances_per_speaker=COUNTS)
+    beam = _exp(
+        base,
+        decode={"decoder": "beam", "lexicon": "lexicon.txt", "beam_size": 10},
+        utterances_per_speaker=COUNTS,
+    )
+    torch.manual_seed(0)
+    model, calls = speech.build_model(beam), []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    plain = speech.evaluate(model, greedy, "test", "cpu")
+    assert set(plain) == {"wer_pct", "cer_pct"}
+    calls.clear()
+    both = speech.evaluate(model, beam, "test", "cpu")
+    assert set(both) == {"wer_pct", "cer_pct", "greedy_wer_pct", "greedy_cer_pct"}
+    assert len(calls) == len(list(speech.eval_loader(beam, "test")))  # one forward pass per batch
+    assert both["greedy_wer_pct"] == plain["wer_pct"] and both["greedy_cer_pct"] == plain["cer_pct"]
+    _, refs, hyps = speech.transcribe(model, beam, "test", "cpu")  # the plain keys score the beam's output
+    assert speech.error_rates(refs, hyps) == {k: both[k] for k in ("wer_pct", "cer_pct")}

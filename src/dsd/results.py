@@ -141,8 +141,13 @@ def comparison_row(output_dir: str, row: str, seeds, final_phase: str) -> dict:
         "verdict": verdict(low, high, higher),
         "n_seeds": len(seeds),
     }
-    second = {"top1_error_pct": "top5_error_pct", "bleu4": "bleu1", "wer_pct": "cer_pct"}.get(metric)
-    if second and second in first["test"]:
+    # the paper's second metric, and for beam-decoded speech the greedy (acoustic model alone) rates
+    extra_metrics = {
+        "top1_error_pct": ["top5_error_pct"],
+        "bleu4": ["bleu1"],
+        "wer_pct": ["cer_pct", "greedy_wer_pct", "greedy_cer_pct"],
+    }.get(metric, [])
+    for second in (name for name in extra_metrics if name in first["test"]):
         out[f"baseline_{second}_mean"] = float(np.mean([runs[s]["dense"]["test"][second] for s in seeds]))
         out[f"dsd_{second}_mean"] = float(np.mean([runs[s][final_phase]["test"][second] for s in seeds]))
         out[f"control_{second}_mean"] = float(np.mean([runs[s][CONTROL]["test"][second] for s in seeds]))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ SAMPLE_RATE = 16_000
 PRUNE_INCLUDE = ("fc*.weight", "rnn*.weight_ih_l*", "rnn*.weight_hh_l*", "out.weight")
 PRUNE_EXCLUDE = ("conv.*",)
 SPLITS = ("train", "val", "test")
+LEXICON = "lexicon.txt"  # written beside the embedded corpus by prepare_spoken
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -78,10 +79,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    decoder: str = "greedy"  # greedy | beam (torchaudio ctc_decoder, needs flashlight-text)
+    decoder: str = "greedy"  # greedy | beam (torchaudio's flashlight ctc_decoder)
     beam_size: int = 50
-    lexicon: str | None = None
-    lm: str | None = None
+    lexicon: str | None = None  # flashlight lexicon; relative paths (here and lm): inside the data folder
+    lm: str | None = None  # KenLM file
     lm_weight: float = 2.0
     word_score: float = 0.0
 
@@ -421,8 +422,22 @@ def _prepare(exp: Experiment) -> dict:
     return summary
 
 
+def write_lexicon(transcripts, path: str | Path) -> int:
+    """Flashlight lexicon, one sorted line per distinct word: `word<TAB>w o r d |` ("|" ends a word).
+
+    Written to a temporary file and renamed, so a reader never sees half a lexicon. Returns the word count.
+    """
+    words = sorted({w for text in transcripts for w in text.split()})
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(f"{w}\t{' '.join(w)} |\n" for w in words))
+    tmp.replace(path)
+    return len(words)
+
+
 def prepare_spoken(exp: Experiment) -> dict:
-    """Synthesise the embedded corpus under exp.data_dir (once per spec), then cache its features."""
+    """Synthesise the embedded corpus under exp.data_dir (once per spec), then write the lexicon of its
+    training words (the default beam decoder's vocabulary) and cache its features."""
     from dsd import spoken
 
     data = data_config(exp)
@@ -435,13 +450,18 @@ def prepare_spoken(exp: Experiment) -> dict:
     )
     root, stamp = Path(exp.data_dir), Path(exp.data_dir) / "corpus.json"
     wanted = json.dumps(asdict(spec), sort_keys=True)
-    if not stamp.is_file() or stamp.read_text() != wanted:
-        for old in root.glob("features/*.pt"):
-            old.unlink()
+    fresh = stamp.is_file() and stamp.read_text() == wanted
+    if not fresh:
+        stamp.unlink(missing_ok=True)  # an interrupted rewrite must not pass for a finished one
+        for old in [*root.glob("features/*.pt"), root / LEXICON]:
+            old.unlink(missing_ok=True)
         spoken.write_corpus(root, spec)
-        stamp.write_text(wanted)
+    # rewritten every time (it is cheap), so it always matches the training transcripts
+    words = write_lexicon([item["transcript"] for item in _sources(exp, "train")], root / LEXICON)
+    if not fresh:
+        stamp.write_text(wanted)  # last: the corpus and its lexicon are complete
         _dataset_at.cache_clear()
-    return {"dataset": "spoken", **_prepare(exp)}
+    return {"dataset": "spoken", "lexicon_words": words, **_prepare(exp)}
 
 
 def prepare_librispeech(exp: Experiment) -> dict:
@@ -481,11 +501,28 @@ def greedy_decode(ids) -> str:
     return " ".join("".join(chars).split())
 
 
+def eval_file(exp: Experiment, key: str) -> Path | None:
+    """eval.lexicon or eval.lm as a file; a relative path is inside the data set folder, where prepare writes
+    the embedded corpus' lexicon.txt. A missing file is a DataError naming it."""
+    value = getattr(eval_config(exp), key)
+    if value is None:
+        return None
+    path = Path(value)
+    path = path if path.is_absolute() else Path(exp.data_dir) / path
+    if not path.is_file():
+        raise DataError(f"{path}: {key} file is missing (config.experiments.{exp.row}.eval.{key})")
+    return path
+
+
 def _beam_decoder(cfg: EvalConfig):
-    """torchaudio's flashlight decoder with an optional KenLM; needs the flashlight-text package."""
+    """torchaudio's flashlight decoder with an optional lexicon and KenLM (flashlight-text package)."""
     try:
         from torchaudio.models.decoder import ctc_decoder
-
+    except (ImportError, RuntimeError) as err:  # torchaudio reports a missing flashlight-text as RuntimeError
+        raise ConfigError(
+            f"eval.decoder 'beam' needs flashlight-text (pip install flashlight-text): {err}"
+        ) from None
+    try:
         return ctc_decoder(
             lexicon=cfg.lexicon,
             tokens=["_", "|", "'", *"abcdefghijklmnopqrstuvwxyz"],  # "|" is the word boundary (our space)
@@ -496,36 +533,50 @@ def _beam_decoder(cfg: EvalConfig):
             blank_token="_",
             sil_token="|",
         )
-    except (ImportError, RuntimeError) as err:
-        raise ConfigError(
-            f"eval.decoder 'beam' needs flashlight-text (pip install flashlight-text): {err}"
-        ) from None
+    except (RuntimeError, ValueError) as err:  # e.g. a lexicon spelling with a token outside the alphabet
+        files = ", ".join(f for f in (cfg.lexicon, cfg.lm) if f) or "eval"
+        raise DataError(f"{files}: cannot build the beam decoder ({err})") from None
 
 
 @torch.no_grad()
-def transcribe(model: nn.Module, exp: Experiment, split: str, device, limit: int | None = None):
-    """(ids, references, hypotheses) for a split, in file order."""
+def _decode(model: nn.Module, exp: Experiment, split: str, device, limit: int | None = None) -> dict:
+    """One forward pass per batch, decoded by the configured decoder ("hyps") and greedily ("greedy").
+
+    Both from the same log-probabilities, so the greedy numbers show the acoustic model alone at no cost
+    of a second pass. With the greedy decoder the two lists are the same.
+    """
     cfg, was_training = eval_config(exp), model.training
-    beam = _beam_decoder(cfg) if cfg.decoder == "beam" else None
+    beam = None
+    if cfg.decoder == "beam":  # checked and built before any batch runs
+        files = {key: eval_file(exp, key) for key in ("lexicon", "lm")}
+        beam = _beam_decoder(replace(cfg, **{k: None if f is None else str(f) for k, f in files.items()}))
     model.eval()
-    ids, refs, hyps = [], [], []
+    out = {"ids": [], "refs": [], "hyps": [], "greedy": []}
     try:
         for batch in eval_loader(exp, split):
             log_probs, lengths = model(batch["features"].to(device), batch["lengths"].to(device))
             log_probs, lengths = log_probs.float().cpu(), lengths.cpu()
+            best = log_probs.argmax(-1)
+            greedy = [greedy_decode(best[b, : lengths[b]]) for b in range(len(lengths))]
+            out["greedy"] += greedy
             if beam is None:
-                best = log_probs.argmax(-1)
-                hyps += [greedy_decode(best[b, : lengths[b]]) for b in range(len(lengths))]
+                out["hyps"] += greedy
             else:
                 results = beam(log_probs, lengths.int())
-                hyps += [" ".join(r[0].words) if r and r[0].words else "" for r in results]
-            ids += batch["ids"]
-            refs += batch["texts"]
-            if limit is not None and len(ids) >= limit:
+                out["hyps"] += [" ".join(r[0].words) if r and r[0].words else "" for r in results]
+            out["ids"] += batch["ids"]
+            out["refs"] += batch["texts"]
+            if limit is not None and len(out["ids"]) >= limit:
                 break
     finally:
         model.train(was_training)
-    return ids, refs, hyps
+    return out
+
+
+def transcribe(model: nn.Module, exp: Experiment, split: str, device, limit: int | None = None):
+    """(ids, references, hypotheses) for a split, in file order."""
+    out = _decode(model, exp, split, device, limit)
+    return out["ids"], out["refs"], out["hyps"]
 
 
 def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float]:
@@ -539,8 +590,12 @@ def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float
 
 
 def evaluate(model: nn.Module, exp: Experiment, split: str, device) -> dict[str, float]:
-    _, refs, hyps = transcribe(model, exp, split, device)
-    return error_rates(refs, hyps)
+    """WER/CER of the configured decoder; with the beam decoder also greedy_wer_pct and greedy_cer_pct."""
+    out = _decode(model, exp, split, device)
+    rates = error_rates(out["refs"], out["hyps"])
+    if eval_config(exp).decoder == "beam":
+        rates |= {f"greedy_{k}": v for k, v in error_rates(out["refs"], out["greedy"]).items()}
+    return rates
 
 
 def samples(model: nn.Module, exp: Experiment, device, n: int) -> list[dict]:
@@ -561,6 +616,7 @@ __all__ = [
     "build_model",
     "error_rates",
     "eval_loader",
+    "eval_file",
     "evaluate",
     "greedy_decode",
     "loss",
@@ -568,4 +624,5 @@ __all__ = [
     "read_manifest",
     "samples",
     "train_loader",
+    "write_lexicon",
 ]
