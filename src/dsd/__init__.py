@@ -1,7 +1,30 @@
-"""Dense-Sparse-Dense training: per-tensor magnitude masks, phase recipes, and the paper's pipeline."""
+"""Dense-Sparse-Dense training: per-tensor magnitude masks, phase recipes, and the paper's pipeline.
 
-from dsd.masks import Pruner, magnitude_mask, prunable_parameters
-from dsd.schedule import Phase, Recipe
+The public names load on first use (PEP 562), so `python -m dsd` can start without importing torch: a job
+handed to the warm interpreter (dsd.prefork) never pays for it.
+"""
+
+from importlib import import_module
 
 __all__ = ["Phase", "Pruner", "Recipe", "magnitude_mask", "prunable_parameters"]
 __version__ = "0.1.0"
+
+_HOME = {
+    "Phase": "dsd.schedule",
+    "Recipe": "dsd.schedule",
+    "Pruner": "dsd.masks",
+    "magnitude_mask": "dsd.masks",
+    "prunable_parameters": "dsd.masks",
+}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(import_module(_HOME[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dsd' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,103 @@
+"""The warm interpreter (dsd.prefork): a job run in a forked child must be the job a fresh process runs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_vision_config
+from test_reliability import slow_sparse_config, strip
+
+from dsd import paths, prefork
+from dsd.config import Experiment
+from dsd.tracks import vision
+
+
+def dsd_command(*args, env, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "dsd", *args], env=env, capture_output=True, text=True, timeout=300, **kwargs
+    )
+
+
+@pytest.fixture
+def sockets():
+    """A short folder of its own: a unix socket path must stay under 108 bytes (pytest's tmp paths are long)."""
+    folder = Path(tempfile.mkdtemp(prefix="dsd-pf-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def served_jobs(folder) -> list[str]:
+    return [line for log in folder.glob("*.log") for line in log.read_text().splitlines() if "pid " in line]
+
+
+def test_a_job_in_the_warm_interpreter_equals_one_in_a_fresh_process(tmp_path, sockets):
+    exp = Experiment.from_config(tiny_vision_config(tmp_path), "resnet18")
+    vision.DATASETS["shapes"](exp)
+    warm = os.environ | {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets)}
+    cold = os.environ | {"DSD_PREFORK": "0", "DSD_PREFORK_DIR": str(sockets)}
+    runs = {}
+    for name, env in (("warm", warm), ("cold", cold), ("warm-again", warm)):
+        out = tmp_path / name
+        result = dsd_command(
+            "train", "--spec", exp.to_json(), "--seed", "0", "--phase", "dense", "--out", str(out), env=env
+        )
+        assert result.returncode == 0, result.stderr
+        assert "test top1_error_pct" in result.stdout  # the child wrote to the job's own stdout
+        runs[name] = out
+    assert len(served_jobs(sockets)) == 2, served_jobs(sockets)  # the cold run did not go through the server
+    metrics = {k: json.loads(paths.metrics(v).read_text()) for k, v in runs.items()}
+    assert strip(metrics["warm"]) == strip(metrics["cold"]) == strip(metrics["warm-again"])
+    models = {k: torch.load(paths.checkpoint(v), weights_only=True)["model"] for k, v in runs.items()}
+    for name, weight in models["cold"].items():
+        assert torch.equal(weight, models["warm"][name]) and torch.equal(weight, models["warm-again"][name])
+
+
+def test_exit_status_and_error_line_pass_through(tmp_path, sockets):
+    env = os.environ | {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets)}
+    result = dsd_command("check-config", str(tmp_path / "missing.yaml"), env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith("dsd: error:") and "missing.yaml" in result.stderr, result.stderr
+    usage = dsd_command("train", "--no-such-flag", env=env)  # argparse's exit inside the child
+    assert usage.returncode == 2 and "arguments are required: --seed, --phase" in usage.stderr
+    assert len(served_jobs(sockets)) == 2
+
+
+def test_signals_reach_the_job_and_its_status_comes_back(tmp_path, sockets):
+    """A signal to the client lands in the forked child; a job a signal kills reports 128 + N, as a shell does."""
+    config = slow_sparse_config(tmp_path)
+    config["experiments"]["resnet18"]["phases"][0]["epochs"] = 30
+    exp = Experiment.from_config(config, "resnet18")
+    vision.DATASETS["shapes"](exp)
+    env = os.environ | {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets)}
+    out = tmp_path / "dense"
+    cmd = [sys.executable, "-m", "dsd", "train", "--spec", exp.to_json(), "--seed", "0", "--phase", "dense"]
+    client = subprocess.Popen([*cmd, "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not paths.resume(out).exists() and client.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    client.send_signal(signal.SIGHUP)  # training handles SIGTERM/SIGUSR1 (checkpoint); SIGHUP kills it
+    _, stderr = client.communicate(timeout=60)
+    assert client.returncode == 128 + signal.SIGHUP, stderr
+    assert not paths.metrics(out).exists()
+    assert len(served_jobs(sockets)) == 1
+
+
+def test_the_server_key_follows_import_time_environment_only():
+    base = {"PATH": "/usr/bin", "HOME": "/root"}
+    assert prefork.server_key(base) == prefork.server_key(base | {"SNAKEMAKE_JOB": "7", "HOME": "/tmp"})
+    assert prefork.server_key(base) != prefork.server_key(base | {"OMP_NUM_THREADS": "4"})
+    assert prefork.server_key(base) != prefork.server_key(base | {"PYTHONHASHSEED": "0"})
+
+
+def test_it_stays_out_of_torchrun_slurm_and_when_switched_off():
+    assert not prefork.enabled({"DSD_PREFORK": "0"})
+    assert not prefork.enabled({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    assert not prefork.enabled({"SLURM_JOB_ID": "12"})
