@@ -63,5 +63,14 @@ class Tracker:
         self._guard(lambda: self.run.summary.update(values))
 
     def finish(self) -> None:
-        self._guard(lambda: self.run.finish())
+        """Finish the run and stop wandb's service, which waits until the run's records are on disk: jobs end
+        with os._exit (no atexit hook), and a finished run's file is otherwise written a moment later."""
+
+        def finish_and_flush():
+            import wandb
+
+            self.run.finish()
+            wandb.teardown()
+
+        self._guard(finish_and_flush)
         self.run = None
