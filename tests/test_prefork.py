@@ -70,8 +70,10 @@ def test_exit_status_and_error_line_pass_through(tmp_path, sockets):
     assert len(served_jobs(sockets)) == 2
 
 
-def test_signals_reach_the_job_and_its_status_comes_back(tmp_path, sockets):
-    """A signal to the client lands in the forked child; a job a signal kills reports 128 + N, as a shell does."""
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
+def test_signals_reach_the_job_and_its_status_comes_back(tmp_path, sockets, sig):
+    """A signal to the client lands in the forked child; a job a signal kills reports 128 + N, as a shell does
+    (Ctrl-C: KeyboardInterrupt's traceback, then 130, as a fresh interpreter)."""
     config = slow_sparse_config(tmp_path)
     config["experiments"]["resnet18"]["phases"][0]["epochs"] = 30
     exp = Experiment.from_config(config, "resnet18")
@@ -83,9 +85,10 @@ def test_signals_reach_the_job_and_its_status_comes_back(tmp_path, sockets):
     deadline = time.time() + 120
     while not paths.resume(out).exists() and client.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    client.send_signal(signal.SIGHUP)  # training handles SIGTERM/SIGUSR1 (checkpoint); SIGHUP kills it
+    client.send_signal(sig)  # training handles SIGTERM/SIGUSR1 (checkpoint); these two end it
     _, stderr = client.communicate(timeout=60)
-    assert client.returncode == 128 + signal.SIGHUP, stderr
+    assert client.returncode == 128 + sig, stderr
+    assert ("KeyboardInterrupt" in stderr) == (sig == signal.SIGINT)
     assert not paths.metrics(out).exists()
     assert len(served_jobs(sockets)) == 1
 

@@ -11,10 +11,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from dsd import spoken
+from dsd import paths, spoken
 from dsd.config import ConfigError, Experiment, TrainHparams
 from dsd.masks import Pruner
 from dsd.tracks import DataError, speech
+from dsd.train import run_phase
 
 torch.set_num_threads(1)
 
@@ -244,6 +245,10 @@ def test_lexicon_path_relative_to_the_data_folder_and_missing_is_data_error(tiny
     with pytest.raises(DataError, match=f"^{where}: lexicon file is missing"):
         speech.evaluate(model, missing, "test", "cpu")
     assert calls == []  # raised before the model ran on any batch
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=f"^{where}: lexicon file is missing"):
+        run_phase(missing, 0, "dense", out, progress=False)  # before the first epoch, not after it
+    assert not paths.resume(out).exists() and not paths.metrics(out).exists()
 
 
 def test_beam_evaluate_also_reports_greedy_from_the_same_pass(tiny):

@@ -114,6 +114,7 @@ def cmd_evaluate(args) -> None:
 
     exp = _experiment(args)
     track = tracks.get(exp.track)
+    track.check(exp)
     device = resolve_device(exp.device)
     model = track.build_model(exp)
     state = checkpoint.load(args.checkpoint)

@@ -13,7 +13,8 @@ Off with `DSD_PREFORK=0`; off by itself under torchrun, inside SLURM jobs, off L
 driver is loaded (GPU jobs run for hours, and CUDA must not be initialised before a fork). A server serves
 one key (interpreter, installed packages, dsd sources, the environment variables libraries read at import),
 so an edit or an install starts a fresh one; it exits after IDLE_SECONDS without jobs. Its log is the socket
-path + ".log". This module imports only the standard library: the client must start in milliseconds.
+path + ".log"; the socket lives in the temp folder, or in `$DSD_PREFORK_DIR`. This module imports only the
+standard library: the client must start in milliseconds.
 """
 
 from __future__ import annotations
@@ -290,6 +291,11 @@ def _child(request: dict, fds: list[int], conn: socket.socket, resources: tuple,
         code = main(request["argv"])
     except SystemExit as stop:  # argparse errors and --help
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except KeyboardInterrupt:  # Ctrl-C forwarded by the client: the traceback and status of a fresh process
+        import traceback
+
+        traceback.print_exc()
+        code = 128 + signal.SIGINT
     except BaseException:
         import traceback
 

@@ -129,6 +129,7 @@ def run_phase(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     track = tracks.get(exp.track)
+    track.check(exp)
     recipe_index, phases = phases_of(exp, phase)
     if init is None and recipe_index != 0:
         raise ValueError(f"phase {phase!r} starts from the previous phase's checkpoint: pass init")

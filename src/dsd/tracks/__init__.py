@@ -12,6 +12,8 @@ eval_loader(exp, split: str) -> DataLoader               split in {"val", "test"
 loss(model, batch, device) -> Tensor                     forward + loss on one training batch
 evaluate(model, exp, split, device) -> dict[str, float]  includes METRIC
 samples(model, exp, device, n) -> list[dict]             a few test predictions (may return [])
+check(exp) -> None                                       before training: raise what evaluation would
+                                                         fail on at the end of the first epoch
 """
 
 from __future__ import annotations

@@ -514,14 +514,27 @@ def eval_file(exp: Experiment, key: str) -> Path | None:
     return path
 
 
-def _beam_decoder(cfg: EvalConfig):
-    """torchaudio's flashlight decoder with an optional lexicon and KenLM (flashlight-text package)."""
+def _ctc_decoder():
     try:
         from torchaudio.models.decoder import ctc_decoder
     except (ImportError, RuntimeError) as err:  # torchaudio reports a missing flashlight-text as RuntimeError
         raise ConfigError(
             f"eval.decoder 'beam' needs flashlight-text (pip install flashlight-text): {err}"
         ) from None
+    return ctc_decoder
+
+
+def check(exp: Experiment) -> None:
+    """The beam decoder's files and package, before an epoch of training is spent finding out."""
+    if eval_config(exp).decoder == "beam":
+        for key in ("lexicon", "lm"):
+            eval_file(exp, key)
+        _ctc_decoder()
+
+
+def _beam_decoder(cfg: EvalConfig):
+    """torchaudio's flashlight decoder with an optional lexicon and KenLM (flashlight-text package)."""
+    ctc_decoder = _ctc_decoder()
     try:
         return ctc_decoder(
             lexicon=cfg.lexicon,
@@ -614,6 +627,7 @@ __all__ = [
     "PRUNE_EXCLUDE",
     "PRUNE_INCLUDE",
     "build_model",
+    "check",
     "error_rates",
     "eval_loader",
     "eval_file",

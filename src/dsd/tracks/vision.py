@@ -399,5 +399,9 @@ def evaluate(model: nn.Module, exp: Experiment, split: str, device: torch.device
     }
 
 
+def check(exp: Experiment) -> None:
+    """Evaluation needs nothing beyond the data, which the data rule checks."""
+
+
 def samples(model: nn.Module, exp: Experiment, device: torch.device, n: int) -> list[dict]:
     return []
