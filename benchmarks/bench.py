@@ -20,6 +20,7 @@ import io
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -568,6 +569,62 @@ def bench_trainer(quick: bool) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------ 6. job start-up
+def bench_startup(quick: bool) -> list[dict]:
+    """`python -m dsd` as Snakemake runs it: a fresh interpreter (DSD_PREFORK=0) vs a child of the warm one.
+
+    Wall-clock of the whole command, interleaved; the warm server is started before timing (its one-off
+    imports are the cost of the first job of a pipeline, not of every job)."""
+    reps, per_class = (2, 4) if quick else (5, 8)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
+        tmp = Path(tmp)
+        exp = trainer_experiment(tmp, epochs=1)
+        shapes.generate(exp.data_dir, seed=0, size=32, per_class={"train": per_class, "val": 2, "test": 2})
+        train = [
+            "train",
+            "--spec",
+            exp.to_json(),
+            "--seed",
+            "0",
+            "--phase",
+            "dense",
+            "--out",
+            str(tmp / "run"),
+        ]
+        commands = {
+            "check-config (start-up only)": ["check-config", str(ROOT / "configs" / "default.yaml")],
+            "train a 1-epoch phase (tiny data)": train,
+        }
+        env = os.environ | {"DSD_PREFORK_DIR": str(tmp), "WANDB_MODE": "disabled"}
+
+        def run(args: list[str], prefork: str) -> float:
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "dsd", *args],
+                env=env | {"DSD_PREFORK": prefork},
+                check=True,
+                capture_output=True,
+                cwd=ROOT,
+            )
+            return time.perf_counter() - start
+
+        for name, args in commands.items():
+            run(args, "1")  # starts (or reuses) the server
+            times = interleaved(
+                {"fresh": lambda args=args: run(args, "0"), "warm": lambda args=args: run(args, "1")},
+                reps=reps,
+                warmup=0,
+            )
+            fresh, warm = statistics.median(times["fresh"]), statistics.median(times["warm"])
+            speedup = spread(ratios(times["fresh"], times["warm"]))
+            rows.append(
+                {"command": name, "fresh_s": fresh, "warm_s": warm, "saved_s": fresh - warm}
+                | {f"speedup_{k}": v for k, v in speedup.items()}
+            )
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- 5. pipeline
 def pipeline_benchmarks(rules_dir: Path) -> pd.DataFrame | None:
     """Sum Snakemake `benchmark:` files: wall seconds summed, peak max_rss, per rule (phase) and per row."""
@@ -608,8 +665,8 @@ def table(df: pd.DataFrame, columns: dict[str, str]) -> str:
 
 
 def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, float]) -> str:
-    sel, step, mem, trainer, pipeline = (
-        results[k] for k in ("selection", "step", "memory", "trainer", "pipeline")
+    sel, step, mem, trainer, pipeline, startup = (
+        results[k] for k in ("selection", "step", "memory", "trainer", "pipeline", "startup")
     )
     sel = sel.assign(speedup=[fmt(r) for r in spread_rows(sel, "speedup")])
     step = step.assign(overhead=[fmt(r) for r in spread_rows(step, "overhead_pct")])
@@ -726,6 +783,30 @@ def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, floa
                 },
             )
         )
+        head += [
+            "",
+            "Jobs that ran in the warm interpreter (dsd.prefork, the default on a CPU machine) report the "
+            "max_rss of their small client process, not of the training.",
+        ]
+    startup = startup.assign(speedup=[fmt(r) for r in spread_rows(startup, "speedup")])
+    head += [
+        "",
+        "## 6. Job start-up: fresh interpreter vs the warm one (dsd.prefork), wall-clock per command",
+        "",
+        table(
+            startup,
+            {
+                "command": "command",
+                "fresh_s": "fresh s",
+                "warm_s": "warm s",
+                "saved_s": "saved s per job",
+                "speedup": "fresh / warm",
+            },
+        ),
+        "",
+        "Medians over interleaved runs of `python -m dsd ...` in subprocesses, as Snakemake starts its jobs; "
+        "the train command trains the resnet18 row for one epoch of a tiny generated set (wandb disabled).",
+    ]
     return "\n".join(head) + "\n"
 
 
@@ -748,6 +829,7 @@ def run_sections(quick: bool) -> tuple[dict[str, pd.DataFrame | None], dict[str,
         "memory": lambda: pd.DataFrame(bench_memory(quick)),
         "trainer": lambda: pd.DataFrame(bench_trainer(quick)),
         "pipeline": lambda: pipeline_benchmarks(OUT / "rules"),
+        "startup": lambda: pd.DataFrame(bench_startup(quick)),
     }
     results, seconds = {}, {}
     for i, (name, fn) in enumerate(sections.items(), 1):
@@ -772,6 +854,7 @@ def write_csvs(results: dict[str, pd.DataFrame | None]) -> None:
     results["step"].to_csv(OUT / "step_overhead.csv", index=False)
     results["memory"].to_csv(OUT / "memory.csv", index=False)
     results["trainer"].to_csv(OUT / "trainer.csv", index=False)
+    results["startup"].to_csv(OUT / "startup.csv", index=False)
     if results["pipeline"] is not None:
         results["pipeline"].to_csv(OUT / "pipeline.csv", index=False)
 
