@@ -224,12 +224,17 @@ def serve(path: Path) -> None:
 def _accept(listener: socket.socket, children: dict, resources: tuple) -> None:
     conn, _ = listener.accept()
     conn.settimeout(10.0)  # a client that connects and sends nothing must not stall every other job
+    fds: list[int] = []
     try:
         _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+        if len(fds) != 3:
+            raise ValueError(f"expected stdin, stdout and stderr, got {len(fds)} descriptors")
         (size,) = struct.unpack("!I", _read_exactly(conn, 4))
         request = json.loads(_read_exactly(conn, size))
     except (OSError, ValueError, struct.error) as err:
         _log(f"bad request: {err}")
+        for fd in fds:  # the server must not collect the descriptors of requests it refused
+            os.close(fd)
         conn.close()
         return
     conn.settimeout(None)
