@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
-	$(BIN)/snakemake --report results/report.html --workflow-profile workflow/profiles/default
+	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --report results/report.html
 
 # After a `make run`: copy its tables and plots to results/published/ (committed; update PROVENANCE.md there).
 publish:

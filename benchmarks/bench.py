@@ -35,12 +35,19 @@ from torch import nn
 from torch.nn.utils import prune
 from torchvision import models
 
-from dsd import shapes
-from dsd.config import Experiment, WandbHparams, load_config
-from dsd.masks import Pruner, prunable_parameters
-from dsd.tracks import speech, vision
-from dsd.tracks.captioning import ShowAndTell
-from dsd.train import run_phase
+from dsd import hparams
+from dsd.config import Config, parse_config
+from dsd.core.masks import Pruner, prunable_parameters
+from dsd.engine import prepare
+from dsd.engine.trainer import run_phase
+from dsd.tracks.captioning.model import ShowAndTell
+from dsd.tracks.speech import config as speech_config
+from dsd.tracks.speech import data as speech_data
+from dsd.tracks.speech import metric as speech_metric
+from dsd.tracks.speech import model as speech_model
+from dsd.tracks.vision import data as vision_data
+from dsd.tracks.vision import metric as vision_metric
+from dsd.tracks.vision import model as vision_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "benchmarks"
@@ -59,7 +66,7 @@ TARGET_CKPT_BITS = 1.0  # mask bits per pruned weight in a checkpoint
 TARGET_TRAINER_RATIO = 0.97  # project loop samples/s >= 0.97x a bare loop
 
 # DeepSpeech 2: configs/paper.yaml's deepspeech2 row (161 log-spectrogram bins) for selection and memory.
-DS2_PAPER = speech.ModelConfig(
+DS2_PAPER = speech_config.Model(
     arch="deepspeech2",
     conv_channels=32,
     conv_kernels=((41, 11), (21, 11)),
@@ -73,6 +80,11 @@ DS2_PAPER = speech.ModelConfig(
 DS2_STEP = dataclasses.replace(DS2_PAPER, rnn_hidden=512, rnn_layers=3)
 DS2_QUICK = dataclasses.replace(DS2_PAPER, rnn_hidden=256, rnn_layers=3)
 DS2_FEATURES = 161
+DS2_PRUNE_INCLUDE = (
+    "rnn*.weight_ih_l*",
+    "rnn*.weight_hh_l*",
+    "out.weight",
+)  # configs/paper.yaml's deepspeech2
 NEURALTALK_VOCAB = 2538  # Flickr8k train captions, words seen >= 5 times (the paper's NeuralTalk setting)
 
 
@@ -143,8 +155,8 @@ def neuraltalk() -> nn.Module:
     return ShowAndTell(4096, NEURALTALK_VOCAB, 512, 512, 0.5)
 
 
-def deepspeech2(cfg: speech.ModelConfig) -> nn.Module:
-    return speech.DeepSpeech2(DS2_FEATURES, cfg)
+def deepspeech2(cfg: speech_config.Model) -> nn.Module:
+    return speech_model.DeepSpeech2(DS2_FEATURES, cfg)
 
 
 def model_zoo(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], dict]]:
@@ -157,13 +169,13 @@ def model_zoo(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], dict]]:
         extra = {"aux_logits": True, "init_weights": True} if arch == "googlenet" else {}
         zoo[arch] = (
             lambda arch=arch, extra=extra: models.get_model(arch, num_classes=1000, **extra),
-            {"exclude": (vision.first_conv(arch),)},
+            {"exclude": (vision_model.first_conv(arch),)},
         )
     zoo["neuraltalk"] = (neuraltalk, {"exclude": ("embed.weight",)})
     ds2 = DS2_QUICK if quick else DS2_PAPER
     zoo["deepspeech2"] = (
         lambda: deepspeech2(ds2),
-        {"include": speech.PRUNE_INCLUDE, "exclude": speech.PRUNE_EXCLUDE},
+        {"include": DS2_PRUNE_INCLUDE, "exclude": ("conv.*",)},
     )
     return zoo
 
@@ -258,17 +270,17 @@ def speech_batch(batch: int, frames: int):
     return {
         "features": torch.randn(batch, frames, DS2_FEATURES, generator=g),
         "lengths": lengths,
-        "targets": torch.randint(1, len(speech.ALPHABET), (int(target_lengths.sum()),), generator=g),
+        "targets": torch.randint(1, len(speech_data.ALPHABET), (int(target_lengths.sum()),), generator=g),
         "target_lengths": target_lengths,
     }
 
 
 def vision_loss(model: nn.Module, batch) -> torch.Tensor:
-    return vision.loss(model, batch, torch.device("cpu"))
+    return vision_metric.loss(model, batch, torch.device("cpu"))
 
 
 def speech_loss(model: nn.Module, batch) -> torch.Tensor:
-    return speech.loss(model, batch, torch.device("cpu"))
+    return speech_metric.loss(model, batch, torch.device("cpu"))
 
 
 def train_step(model, optimizer, loss_fn, batch, pruner: Pruner | None = None, pruner_times=None) -> float:
@@ -362,7 +374,7 @@ def bench_step(quick: bool) -> list[dict]:
     rows += bench_step_model(
         "deepspeech2",
         lambda: deepspeech2(ds2),
-        {"include": speech.PRUNE_INCLUDE, "exclude": speech.PRUNE_EXCLUDE},
+        {"include": DS2_PRUNE_INCLUDE, "exclude": ("conv.*",)},
         speech_loss,
         speech_batch(sbatch, frames),
         sgd(1e-4, 0.99, True, 0.0),
@@ -436,19 +448,17 @@ def bench_memory(quick: bool) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ 4. trainer overhead
-def trainer_experiment(tmp: Path, epochs: int) -> Experiment:
+def trainer_config(tmp: Path, epochs: int, per_class: int, val: int) -> Config:
     """configs/default.yaml's resnet18 row, one dense phase, on a small generated shapes set in `tmp`."""
-    exp = Experiment.from_config(load_config(ROOT / "configs" / "default.yaml"), "resnet18")
-    return dataclasses.replace(
-        exp,
-        data_dir=str(tmp / "shapes"),
-        data_root=str(tmp),
-        output_dir=str(tmp / "out"),
-        device="cpu",
-        threads=THREADS,
-        wandb=WandbHparams(mode="disabled"),
-        phases=({"kind": "dense", "epochs": epochs, "lr": 0.05},),
-    )
+    raw = hparams.load_yaml(ROOT / "configs" / "default.yaml")
+    raw |= {"data_root": str(tmp), "output_dir": str(tmp / "out"), "device": "cpu", "threads": THREADS}
+    raw |= {"wandb": {"mode": "disabled"}, "rows": ["resnet18"]}
+    row = raw["experiments"]["resnet18"]
+    row["phases"] = [{"kind": "dense", "epochs": epochs, "lr": 0.05}]
+    row["data"] = row["data"] | {"generate": {"per_class": {"train": per_class, "val": val, "test": val}}}
+    config = parse_config(raw, check_models=False)
+    prepare.prepare(config.experiment("resnet18"))
+    return config
 
 
 class TimedLoader:
@@ -469,50 +479,50 @@ class TimedLoader:
             self.seconds.append(clock() - start)
 
 
-def project_run(exp: Experiment, out_dir: Path) -> dict[str, float]:
-    """dsd.train.run_phase, timed through wrappers of the vision track's `train_loader` and `evaluate`."""
+def project_run(config: Config, out_dir: Path) -> dict[str, float]:
+    """dsd.engine.trainer.run_phase, timed through wrappers of the vision track's `train_loader` and `monitor`."""
     step_seconds: list[float] = []
     val_seconds: list[float] = []
-    original_loader, original_evaluate = vision.train_loader, vision.evaluate
+    original_loader, original_monitor = vision_data.train_loader, vision_metric.monitor
 
     def train_loader(*args, **kwargs):
         return TimedLoader(original_loader(*args, **kwargs), step_seconds)
 
-    def evaluate(model, exp_, split, device):
+    def monitor(model, exp_, device):
         start = clock()
-        result = original_evaluate(model, exp_, split, device)
-        if split == "val":
-            val_seconds.append(clock() - start)
+        result = original_monitor(model, exp_, device)
+        val_seconds.append(clock() - start)
         return result
 
-    vision.train_loader, vision.evaluate = train_loader, evaluate
+    vision_data.train_loader, vision_metric.monitor = train_loader, monitor
     try:
         start = clock()
-        run_phase(exp, 0, "dense", out_dir, progress=False)
+        run_phase(config.phase("resnet18", 0, "dense"), out_dir, options=config.options)
         whole = clock() - start
     finally:
-        vision.train_loader, vision.evaluate = original_loader, original_evaluate
+        vision_data.train_loader, vision_metric.monitor = original_loader, original_monitor
     steps = sum(step_seconds)
     return {"steps": steps, "steps+val": steps + sum(val_seconds), "whole call": whole}
 
 
-def bare_run(exp: Experiment) -> dict[str, float]:
+def bare_run(config: Config) -> dict[str, float]:
     """The minimal loop: same model builder and seed, same Dataset object, batch size and SGD settings."""
     start_call = clock()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    model = vision.build_model(exp)
-    hp = exp.train
+    exp = config.experiment("resnet18")
+    model = vision_model.build(exp)
+    hp, phase = exp.train, config.row("resnet18").phases[0]
     optimizer = torch.optim.SGD(
         model.parameters(),
-        lr=exp.phases[0]["lr"],
+        lr=phase.lr,
         momentum=hp.momentum,
         nesterov=hp.nesterov,
         weight_decay=hp.weight_decay,
     )
-    data = vision.dataset(exp, "train")
+    data = vision_data.dataset(exp, "train")
     steps = 0.0
-    for _ in range(int(exp.phases[0]["epochs"])):
+    for _ in range(int(phase.epochs)):
         model.train()
         loader = torch.utils.data.DataLoader(data, batch_size=hp.batch_size, shuffle=True)
         start = clock()
@@ -528,18 +538,19 @@ def bench_trainer(quick: bool) -> list[dict]:
     epochs, reps, per_class = (1, 2, 16) if quick else (2, 5, 64)
     with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
         tmp = Path(tmp)
-        exp = trainer_experiment(tmp, epochs)
-        shapes.generate(exp.data_dir, seed=0, size=32, per_class={"train": per_class, "val": 10, "test": 10})
-        samples = len(vision.dataset(exp, "train")) * epochs  # decodes the images once, before timing
+        config = trainer_config(tmp, epochs, per_class, val=10)
+        samples = (
+            len(vision_data.dataset(config.experiment("resnet18"), "train")) * epochs
+        )  # decoded once, untimed
         results: dict[str, list[dict]] = {"project": [], "bare": []}
         counter = iter(range(10**6))
 
         def project() -> float:
-            results["project"].append(project_run(exp, tmp / "out" / f"run{next(counter)}"))
+            results["project"].append(project_run(config, tmp / "out" / f"run{next(counter)}"))
             return 0.0
 
         def bare() -> float:
-            results["bare"].append(bare_run(exp))
+            results["bare"].append(bare_run(config))
             return 0.0
 
         interleaved({"project": project, "bare": bare}, reps=reps, warmup=1)
@@ -547,7 +558,7 @@ def bench_trainer(quick: bool) -> list[dict]:
     for scope, label in (
         ("steps", "training steps only (validation excluded)"),
         ("steps+val", "training steps + per-epoch validation (project) vs steps (bare: has none)"),
-        ("whole call", "whole call: model build, epochs, checkpoints, test evaluation"),
+        ("whole call", "whole call: model build, epochs, checkpoints"),
     ):
         project_times = [r[scope] for r in results["project"][-reps:]]
         bare_times = [r[scope] for r in results["bare"][-reps:]]
@@ -579,19 +590,9 @@ def bench_startup(quick: bool) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
         tmp = Path(tmp)
-        exp = trainer_experiment(tmp, epochs=1)
-        shapes.generate(exp.data_dir, seed=0, size=32, per_class={"train": per_class, "val": 2, "test": 2})
-        train = [
-            "train",
-            "--spec",
-            exp.to_json(),
-            "--seed",
-            "0",
-            "--phase",
-            "dense",
-            "--out",
-            str(tmp / "run"),
-        ]
+        config = trainer_config(tmp, 1, per_class, val=2)
+        spec = config.phase("resnet18", 0, "dense").to_json()
+        train = ["train", "--spec", spec, "--options", config.options.to_json(), "--out", str(tmp / "run")]
         commands = {
             "check-config (start-up only)": ["check-config", str(ROOT / "configs" / "default.yaml")],
             "train a 1-epoch phase (tiny data)": train,
@@ -625,6 +626,45 @@ def bench_startup(quick: bool) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------ 7. config path
+def bench_config_path(quick: bool) -> list[dict]:
+    """Reading and checking a config, as `dsd check-config` and a Snakemake dry run do: wall-clock per command,
+    and whether it imports torch (each command also runs once with a `torch` on the path that fails to
+    import: it must still succeed). Parameter names for the prune-pattern check are cached after the first."""
+    reps = 2 if quick else 5
+    paper = str(ROOT / "configs" / "paper.yaml")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
+        poison = Path(tmp) / "poison" / "torch"
+        poison.mkdir(parents=True)
+        (poison / "__init__.py").write_text("raise ImportError('torch imported')\n")
+        data = "data={imagenet: /in, flickr8k: /fl, librispeech: /ls}"
+        commands = {
+            "dsd check-config configs/paper.yaml": [sys.executable, "-m", "dsd", "check-config", paper],
+            "snakemake -n --configfile configs/paper.yaml": [
+                sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", tmp, "-n", "-q", "rules",
+                "--configfile", paper, "--config", data, "--cores", "1",
+            ],
+        }  # fmt: skip
+        env = os.environ | {"DSD_PREFORK": "0"}
+        for name, cmd in commands.items():
+            subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=tmp)  # fills the names cache
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=tmp)
+                times.append(time.perf_counter() - start)
+            poisoned = subprocess.run(
+                cmd, env=env | {"PYTHONPATH": str(poison.parent)}, capture_output=True, cwd=tmp
+            )
+            rows.append(
+                {"command": name, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+                 "imports_torch": "no" if poisoned.returncode == 0 else "yes"}
+            )  # fmt: skip
+            print(f"  {name}: {rows[-1]['median_s']:.2f} s, imports torch: {rows[-1]['imports_torch']}")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- 5. pipeline
 def pipeline_benchmarks(rules_dir: Path) -> pd.DataFrame | None:
     """Sum Snakemake `benchmark:` files: wall seconds summed, peak max_rss, per rule (phase) and per row."""
@@ -635,8 +675,9 @@ def pipeline_benchmarks(rules_dir: Path) -> pd.DataFrame | None:
     for path in files:
         parts = path.relative_to(rules_dir).with_suffix("").parts
         table = pd.read_csv(path, sep="\t")
-        if len(parts) == 3:  # <row>/seed<seed>/<phase>.tsv
-            rule, row = f"train:{parts[2]}", parts[0]
+        if len(parts) == 3:  # <row>/seed<seed>/<phase>.tsv, <phase>.eval.tsv
+            phase, _, step = parts[2].partition(".")
+            rule, row = (f"evaluate:{phase}" if step == "eval" else f"train:{phase}"), parts[0]
         else:  # prepare_<dataset>.tsv
             rule, row = parts[-1], "(data)"
         records.append({"rule": rule, "row": row, "s": table["s"].mean(), "max_rss": table["max_rss"].max()})
@@ -806,11 +847,29 @@ def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, floa
         "",
         "Medians over interleaved runs of `python -m dsd ...` in subprocesses, as Snakemake starts its jobs; "
         "the train command trains the resnet18 row for one epoch of a tiny generated set (wandb disabled).",
+        "",
+        "## 7. Config path: reading and checking a config without the ML stack (target: check-config < 1 s, "
+        "no torch import)",
+        "",
+        table(
+            results["config"],
+            {
+                "command": "command",
+                "median_s": "median s",
+                "min_s": "min s",
+                "max_s": "max s",
+                "imports_torch": "imports torch",
+            },
+        ),
+        "",
+        "Wall-clock of whole commands in fresh interpreters (no warm interpreter); `imports torch` is no when the "
+        "command succeeds with a `torch` on the path that raises on import. The prune-pattern check reads "
+        "parameter names from a per-user cache, filled once (a subprocess builds the models on the meta device).",
     ]
     return "\n".join(head) + "\n"
 
 
-def _ds2_text(cfg: speech.ModelConfig) -> str:
+def _ds2_text(cfg: speech_config.Model) -> str:
     return (
         f"configs/paper.yaml size ({cfg.rnn_layers} bidirectional GRU layers of {cfg.rnn_hidden}, "
         f"conv {cfg.conv_channels}ch, {DS2_FEATURES} bins) for selection; smaller in steps/memory (see there)"
@@ -830,6 +889,7 @@ def run_sections(quick: bool) -> tuple[dict[str, pd.DataFrame | None], dict[str,
         "trainer": lambda: pd.DataFrame(bench_trainer(quick)),
         "pipeline": lambda: pipeline_benchmarks(OUT / "rules"),
         "startup": lambda: pd.DataFrame(bench_startup(quick)),
+        "config": lambda: pd.DataFrame(bench_config_path(quick)),
     }
     results, seconds = {}, {}
     for i, (name, fn) in enumerate(sections.items(), 1):
@@ -855,6 +915,7 @@ def write_csvs(results: dict[str, pd.DataFrame | None]) -> None:
     results["memory"].to_csv(OUT / "memory.csv", index=False)
     results["trainer"].to_csv(OUT / "trainer.csv", index=False)
     results["startup"].to_csv(OUT / "startup.csv", index=False)
+    results["config"].to_csv(OUT / "config_path.csv", index=False)
     if results["pipeline"] is not None:
         results["pipeline"].to_csv(OUT / "pipeline.csv", index=False)
 

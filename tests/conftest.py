@@ -80,3 +80,40 @@ def dsd_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.fixture
 def tiny_config(tmp_path):
     return tiny_vision_config(tmp_path)
+
+
+# ------------------------------------------------------------------- the pipeline's steps, in-process
+
+
+def parse(config: dict):
+    from dsd.config import parse_config
+
+    return parse_config(config)
+
+
+def prepare_data(config, row: str) -> dict:
+    """`dsd prepare` of a row's data set (config: a parsed Config)."""
+    from dsd.engine import prepare
+
+    return prepare.prepare(config.row(row).data_spec().experiment(config.options))
+
+
+def train(config, row: str, seed: int, phase: str, out=None, init=None) -> dict:
+    """`dsd train` of one phase; `init` defaults to the previous phase's checkpoint under output_dir."""
+    from dsd import paths
+    from dsd.engine.trainer import run_phase
+
+    spec = config.phase(row, seed, phase)
+    out = out or paths.run_dir(config.options.output_dir, row, seed, phase)
+    if init is None and spec.previous() is not None:
+        init = paths.checkpoint(paths.run_dir(config.options.output_dir, row, seed, spec.previous().phase))
+    return run_phase(spec, out, init=init, options=config.options)
+
+
+def evaluate(config, row: str, seed: int, phase: str, checkpoint=None, splits=("val", "test")) -> dict:
+    from dsd import paths
+    from dsd.engine.evaluation import evaluate_checkpoint
+
+    checkpoint = checkpoint or paths.checkpoint(paths.run_dir(config.options.output_dir, row, seed, phase))
+    spec = config.phase(row, seed, phase)
+    return evaluate_checkpoint(spec, config.row(row).eval, checkpoint, config.options, splits)

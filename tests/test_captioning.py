@@ -11,11 +11,14 @@ import sacrebleu
 import torch
 from torch import nn
 
-from dsd import scenes
-from dsd.config import ConfigError, Experiment, TrainHparams
-from dsd.masks import Pruner
-from dsd.tracks import DataError
-from dsd.tracks import captioning as cap
+from dsd.core.masks import Pruner
+from dsd.engine import prepare
+from dsd.errors import ConfigError, DataError
+from dsd.spec import RunOptions, parse_row
+from dsd.tracks.captioning import data as cap_data
+from dsd.tracks.captioning import metric as cap_metric
+from dsd.tracks.captioning import model as cap_model
+from dsd.tracks.captioning import synthetic as scenes
 
 torch.set_num_threads(1)
 
@@ -36,8 +39,21 @@ def _entry(i, split, raws):
     }
 
 
-def _exp(data_dir, dataset="flickr8k", **kw):
-    return Experiment(row="captioning", track="captioning", dataset=dataset, data_dir=str(data_dir), **kw)
+def _exp(data_dir, dataset="flickr8k", model=None, data=None, eval=None, train=None):
+    """A captioning row: `data_dir` is the real data set's folder, or (scenes) the data_root it is generated in."""
+    entry = {
+        "track": "captioning",
+        "dataset": dataset,
+        "model": model or {},
+        "data": {"encoder_weights": "vgg16.pth", **(data or {})},
+        "eval": eval or {},
+        "train": train or {},
+        "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}],
+    }
+    generated = dataset == "scenes"
+    row = parse_row("captioning", entry, None if generated else str(data_dir))
+    options = RunOptions(data_root=str(data_dir), output_dir=str(data_dir))
+    return row.experiment(options, upstream={"encoder": "a test encoder"})
 
 
 def test_karpathy_reader_normalises_and_names_bad_fields(tmp_path):
@@ -47,55 +63,56 @@ def test_karpathy_reader_normalises_and_names_bad_fields(tmp_path):
         _entry(2, "test", ["a bird"]),
     ]
     images[2]["filepath"] = "val2014"  # COCO layout: image_dir / filepath / filename
-    read = cap.read_karpathy(_karpathy(tmp_path, images), tmp_path / "imgs")
+    read = cap_data.read_karpathy(_karpathy(tmp_path, images), tmp_path / "imgs")
     assert read[0].captions == (("a", "dog", "running"), ("the", "dog", "runs"))
     assert [im.split for im in read] == ["train", "train", "test"]  # restval counts as train
     assert read[2].path == tmp_path / "imgs" / "val2014" / "im2.jpg"
 
     del images[1]["sentences"]
     with pytest.raises(DataError) as err:
-        cap.read_karpathy(_karpathy(tmp_path, images))
+        cap_data.read_karpathy(_karpathy(tmp_path, images))
     message = str(err.value)
     assert "dataset_flickr8k.json" in message and "images[1]" in message and "im1.jpg" in message
     assert "'sentences'" in message and "\n" not in message
 
     images[1]["sentences"] = [{"imgid": 1}]
     with pytest.raises(DataError, match="'tokens'"):
-        cap.read_karpathy(_karpathy(tmp_path, images))
+        cap_data.read_karpathy(_karpathy(tmp_path, images))
 
 
-def test_check_flickr8k_names_a_missing_image(tmp_path):
+def test_preparing_flickr8k_names_a_missing_image(tmp_path):
     _karpathy(tmp_path, [_entry(0, "train", ["a dog"]), _entry(1, "val", ["a cat"])])
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "im0.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="im1.jpg"):
-        cap.check_flickr8k(_exp(tmp_path))
-    (tmp_path / "images" / "im1.jpg").write_bytes(b"")  # complete now, but features need the VGG weights
-    with pytest.raises(DataError, match="encoder_weights"):
-        cap.check_flickr8k(_exp(tmp_path))
+        prepare.prepare(_exp(tmp_path))
+    (tmp_path / "images" / "im1.jpg").write_bytes(b"")
+    assert prepare.prepare(_exp(tmp_path))["summary"]["images"] == {"train": 1, "val": 1, "test": 0}
 
 
 def test_vocabulary_min_count_specials_and_truncation(tmp_path):
     captions = [("a", "dog")] * 5 + [("a", "cat")] * 4
-    vocab = cap.build_vocabulary(captions, min_count=5)
+    vocab = cap_data.build_vocabulary(captions, min_count=5)
     assert list(vocab) == ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"]  # 'cat' seen 4 times only
-    assert cap.build_vocabulary(captions, min_count=4)["cat"] == 6
+    assert cap_data.build_vocabulary(captions, min_count=4)["cat"] == 6
     long = tuple(f"w{i}" for i in range(20))
-    ids = cap.encode(long, vocab, max_words=16)
+    ids = cap_data.encode(long, vocab, max_words=16)
     assert len(ids) == 18 and ids[0] == vocab["<start>"] and ids[-1] == vocab["<end>"]
     assert set(ids[1:-1]) == {vocab["<unk>"]}
 
     # built from train captions only: a word frequent in test is not in the vocabulary
     _karpathy(tmp_path, [_entry(0, "train", ["a dog"] * 5), _entry(1, "test", ["a zebra"] * 5)])
-    vocab = cap.vocabulary(_exp(tmp_path, data={"min_count": 5}))
+    vocab = cap_data.vocabulary(_exp(tmp_path, data={"min_count": 5}))
     assert "dog" in vocab and "zebra" not in vocab
 
 
 def test_unknown_config_key_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="model: unknown key 'hiden_dim'"):
-        cap.model_config(_exp(tmp_path, model={"hiden_dim": 3}))
-    with pytest.raises(ConfigError, match="eval: unknown key 'beam'"):
-        cap.eval_config(_exp(tmp_path, eval={"beam": 3}))
+    with pytest.raises(ConfigError, match="model.hiden_dim: unknown key .did you mean 'hidden_dim'"):
+        _exp(tmp_path, model={"hiden_dim": 3})
+    with pytest.raises(ConfigError, match="eval.beam: unknown key"):
+        _exp(tmp_path, eval={"beam": 3})
+    with pytest.raises(ConfigError, match="data.features: this key moved to a cache"):
+        _exp(tmp_path, data={"features": "vgg16_fc7.pt"})
 
 
 @torch.no_grad()
@@ -111,16 +128,18 @@ def _score(model, feature, ids, max_len):
 
 def test_beam_one_is_greedy_and_wide_beam_is_exhaustive():
     torch.manual_seed(0)
-    model = cap.ShowAndTell(feature_dim=12, vocab_size=40, embed_dim=16, hidden_dim=24, dropout=0.0).eval()
+    model = cap_model.ShowAndTell(
+        feature_dim=12, vocab_size=40, embed_dim=16, hidden_dim=24, dropout=0.0
+    ).eval()
     features = torch.randn(64, 12) * 3
-    greedy = cap.greedy(model, features, max_len=16)
-    assert cap.beam_search(model, features, beam_size=1, max_len=16) == greedy
+    greedy = cap_model.greedy(model, features, max_len=16)
+    assert cap_model.beam_search(model, features, beam_size=1, max_len=16) == greedy
     assert len({tuple(g) for g in greedy}) > 1  # not a degenerate comparison
 
     # 3 usable words, 3 steps: a beam of 64 holds every sequence, so it must find the exhaustive optimum
-    small = cap.ShowAndTell(feature_dim=8, vocab_size=7, embed_dim=8, hidden_dim=16, dropout=0.0).eval()
+    small = cap_model.ShowAndTell(feature_dim=8, vocab_size=7, embed_dim=8, hidden_dim=16, dropout=0.0).eval()
     feats = torch.randn(8, 8) * 3
-    found = cap.beam_search(small, feats, beam_size=64, max_len=3)
+    found = cap_model.beam_search(small, feats, beam_size=64, max_len=3)
     candidates = [list(c) for n in range(4) for c in itertools.product((3, 4, 5, 6), repeat=n)]
     for feature, ids in zip(feats, found, strict=True):
         best = max(candidates, key=lambda c: _score(small, feature, c, 3))
@@ -138,7 +157,7 @@ def test_corpus_bleu_matches_sacrebleu():
         ["two cats are sitting on a mat", "two small cats sit on the mat together", "cats on a mat"],
         ["a small bird flies over the water", "a bird is flying in the sky", "bird flying high"],
     ]
-    ours = cap.corpus_bleu([[r.split() for r in rs] for rs in refs], [h.split() for h in hyps])
+    ours = cap_metric.corpus_bleu([[r.split() for r in rs] for rs in refs], [h.split() for h in hyps])
     theirs = sacrebleu.corpus_bleu(
         hyps,
         [list(col) for col in zip(*refs, strict=True)],
@@ -161,7 +180,7 @@ def test_scenes_are_deterministic_and_karpathy(tmp_path):
     assert a.read_text() == b.read_text() and a.read_text() != c.read_text()
     for name in ("scene_00000.png", "scene_00009.png"):
         assert (tmp_path / "a/images" / name).read_bytes() == (tmp_path / "b/images" / name).read_bytes()
-    read = cap.read_karpathy(a, tmp_path / "a/images")
+    read = cap_data.read_karpathy(a, tmp_path / "a/images")
     assert [im.split for im in read] == ["train"] * 6 + ["val"] * 2 + ["test"] * 2
     assert all(len(im.captions) == 5 and im.path.is_file() for im in read)
     assert all(len(set(im.captions)) > 1 for im in read)  # the five references differ
@@ -171,7 +190,7 @@ def test_scenes_are_deterministic_and_karpathy(tmp_path):
 
 def test_pruning_leaves_the_word_embedding_dense():
     torch.manual_seed(0)
-    model = cap.ShowAndTell(feature_dim=32, vocab_size=50, embed_dim=16, hidden_dim=24, dropout=0.0)
+    model = cap_model.ShowAndTell(feature_dim=32, vocab_size=50, embed_dim=16, hidden_dim=24, dropout=0.0)
     pruner = Pruner(model, 0.8, exclude=("embed.weight",))
     measured = pruner.sparsity()
     assert set(measured) == {"image_proj.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "out.weight"}
@@ -180,7 +199,7 @@ def test_pruning_leaves_the_word_embedding_dense():
     # the in-place masks survive an Adam step through the LSTM's flat weights
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     batch = (torch.randn(4, 32), torch.randint(4, 50, (4, 7)))
-    cap.loss(model, batch, "cpu").backward()
+    cap_metric.loss(model, batch, "cpu").backward()
     optimizer.step()
     pruner.step(optimizer)
     assert all(v == pytest.approx(0.8, abs=1e-3) for v in pruner.sparsity().values())
@@ -201,31 +220,32 @@ class TinyCNN(nn.Module):
 
 def test_end_to_end_on_tiny_scenes(tmp_path):
     exp = _exp(
-        tmp_path / "scenes",
+        tmp_path,
         dataset="scenes",
         model={"embed_dim": 16, "hidden_dim": 32, "dropout": 0.0},
         data={"scenes_splits": [40, 8, 8], "scenes_image_size": 32, "image_size": 32, "min_count": 2},
-        train=TrainHparams(batch_size=16, eval_batch_size=8),
+        eval={"batch_size": 8},
+        train={"batch_size": 16},
     )
-    summary = cap.DATASETS["scenes"](exp)
+    summary = prepare.prepare(exp)["summary"]
     assert summary["images"] == {"train": 40, "val": 8, "test": 8} and summary["captions"] == 280
-    json.dumps(summary)
     with pytest.raises(DataError, match="features"):
-        cap.build_model(exp)
+        cap_model.build(exp)
 
     torch.manual_seed(0)
-    encoder = cap.encoder_from_module(TinyCNN())
-    path = cap.extract_features(exp, encoder, image_size=32)
+    encoder = cap_model.encoder_from_module(TinyCNN())
+    path = cap_data.extract_features(exp, encoder)
     saved = torch.load(path, weights_only=True)
     assert saved["features"].shape == (56, 32) and len(saved["filenames"]) == 56
+    assert saved["data_fingerprint"] == prepare.data_fingerprint(exp)
 
-    model = cap.build_model(exp)
-    assert model.embed.weight.shape[0] == len(cap.vocabulary(exp))
+    model = cap_model.build(exp)
+    assert model.embed.weight.shape[0] == len(cap_data.vocabulary(exp))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for epoch in range(3):
-        for batch in cap.train_loader(exp, seed=0, epoch=epoch):
-            value = cap.loss(model, batch, "cpu")
+        for batch in cap_data.train_loader(exp, seed=0, epoch=epoch):
+            value = cap_metric.loss(model, batch, "cpu")
             optimizer.zero_grad()
             value.backward()
             optimizer.step()
@@ -233,14 +253,29 @@ def test_end_to_end_on_tiny_scenes(tmp_path):
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
 
-    metrics = cap.evaluate(model, exp, "val", "cpu")
+    metrics, shown = cap_metric.evaluate(model, exp, "val", "cpu", n_samples=3)
     assert set(metrics) == {"bleu1", "bleu2", "bleu3", "bleu4"}
     assert all(0.0 <= v <= 100.0 for v in metrics.values()) and metrics["bleu1"] > 0
-    shown = cap.samples(model, exp, "cpu", 3)
     assert len(shown) == 3 and all(s["hypothesis"] and s["image"].endswith(".png") for s in shown)
+    assert set(cap_metric.monitor(model, exp, "cpu")) == set(metrics)
+
+
+def test_features_of_other_images_are_never_read(tmp_path):
+    """A features cache carries the data set's fingerprint: regenerated data makes it stale, not reusable."""
+    data = {"scenes_splits": [6, 2, 2], "scenes_image_size": 32, "image_size": 32, "min_count": 1}
+    exp = _exp(tmp_path, dataset="scenes", data=data)
+    prepare.prepare(exp)
+    cap_data.extract_features(exp, cap_model.encoder_from_module(TinyCNN()))
+    assert cap_data.feature_dim(exp) == 32
+    marker = prepare.marker(exp)
+    marker.write_text(marker.read_text().replace(prepare.data_fingerprint(exp), "0123456789abcdef"))
+    with pytest.raises(DataError, match="stale, computed from other images"):
+        cap_data.load_features(exp)
+    other = _exp(tmp_path, dataset="scenes", data=data | {"image_size": 24})
+    assert cap_data.features_path(other) != cap_data.features_path(exp)  # another encoder input size
 
 
 def test_vgg_weights_must_be_a_local_file(tmp_path):
-    exp = _exp(tmp_path, data={"encoder_weights": str(tmp_path / "vgg16.pth")})
-    with pytest.raises(DataError, match="vgg16.pth"):
-        cap.vgg16_encoder(exp)
+    exp = _exp(tmp_path, data={"encoder_weights": "weights/vgg16.pth"})
+    with pytest.raises(DataError, match=str(tmp_path / "weights" / "vgg16.pth")):  # inside the data folder
+        cap_model.vgg16_encoder(exp)

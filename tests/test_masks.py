@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import dsd
-from dsd.masks import magnitude_mask, pack_mask, unpack_mask
+from dsd.core.masks import magnitude_mask, pack_mask, unpack_mask
 
 
 class ConvNet(nn.Module):

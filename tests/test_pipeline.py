@@ -32,17 +32,47 @@ def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
             )
 
         assert run("sparse1")["measured_sparsity"] == pytest.approx(0.3, abs=0.01)
+        assert run("sparse1")["fingerprint"] != run("redense1")["fingerprint"]
         assert run("redense1")["measured_sparsity"] == 0.0
         assert run("control")["epochs"] == run("sparse1")["epochs"] + run("redense1")["epochs"]
         assert not paths.resume(paths.run_dir(config["output_dir"], "resnet18", seed, "sparse1")).exists()
     second = snakemake(tmp_path, configfile)
     assert second.returncode == 0
     assert "Nothing to be done" in second.stdout + second.stderr
+    # run options change no result, so they rerun nothing
+    for option in ("wandb={mode: online}", "threads=2", "wandb={mode: disabled}", "workers=2"):
+        plan = snakemake(tmp_path, configfile, "-n", "--config", option)
+        assert "Nothing to be done" in plan.stdout + plan.stderr, (option, plan.stdout[-2000:])
+    # the sparse phase's sparsity: its phase and the one after it, per seed, then the tables
+    config["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.5
+    assert planned(tmp_path, write_config(tmp_path, config)) == {
+        "train_phase": 4, "evaluate_phase": 4, "tables": 1, "plots": 1, "all": 1
+    }  # fmt: skip
+    # how models are evaluated: evaluation and tables only, no training
+    config["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.3
+    config["experiments"]["resnet18"]["eval"] = {"batch_size": 3}
+    assert planned(tmp_path, write_config(tmp_path, config)) == {
+        "evaluate_phase": 8,
+        "tables": 1,
+        "plots": 1,
+        "all": 1,
+    }
     # a new recipe retrains the row but keeps its data (rows sharing a data set are not all retrained)
     config["experiments"]["resnet18"]["phases"][0]["lr"] = 0.04
-    plan = snakemake(tmp_path, write_config(tmp_path, config), "-n", "--quiet", "rules")
+    jobs = planned(tmp_path, write_config(tmp_path, config))
+    assert jobs["train_phase"] == 8 and "prepare_data" not in jobs
+
+
+def planned(workdir, configfile) -> dict[str, int]:
+    """Snakemake's dry-run job counts per rule."""
+    plan = snakemake(workdir, configfile, "-n", "--quiet", "rules")
     assert plan.returncode == 0, plan.stderr[-3000:]
-    assert "train_phase" in plan.stdout and "prepare_data" not in plan.stdout
+    counts = {}
+    for line in plan.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
 
 
 def test_dry_run_plans_every_phase_and_control(tmp_path):
@@ -56,8 +86,11 @@ def test_dry_run_plans_every_phase_and_control(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"experiments.resnet18.trian": {}}, "unknown key 'trian'"),
-        ({"seeds": "zero"}, "config.seeds"),
+        (
+            {"experiments.resnet18.trian": {}},
+            "config.experiments.resnet18.trian: unknown key (did you mean 'train'?",
+        ),
+        ({"seeds": "zero"}, "config.seeds: expected a list"),
         (
             {"experiments.resnet18.phases": [{"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 0.5}]},
             "dense phase before",
@@ -69,7 +102,7 @@ def test_dry_run_plans_every_phase_and_control(tmp_path):
                     {"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 1.5},
                 ]
             },
-            "got 1.5",
+            "config.experiments.resnet18.phases[1].sparsity: must be < 1, got 1.5",
         ),
     ],
 )
@@ -100,11 +133,14 @@ def test_cli_rejects_bad_sparsity_and_key(tmp_path):
     configfile = write_config(tmp_path, tiny_vision_config(tmp_path))
     bad_phases = "[{kind: dense, epochs: 1, lr: 0.1}, {kind: sparse, epochs: 1, lr: 0.1, sparsity: 1.5}]"
     result = dsd_cli("check-config", str(configfile), "--set", f"experiments.resnet18.phases={bad_phases}")
-    assert result.returncode == 2 and "sparsity must be a number in [0, 1), got 1.5" in result.stderr
+    assert result.returncode == 2 and "phases[1].sparsity: must be < 1, got 1.5" in result.stderr
     result = dsd_cli("check-config", str(configfile), "--set", "experiments.resnet18.model.wdith=3")
-    assert result.returncode == 2 and "model: unknown key 'wdith'" in result.stderr
-    result = dsd_cli("spec", "--config", str(configfile), "--row", "resnet18", "--set", "threads=0")
-    assert result.returncode == 2 and result.stderr.strip().startswith("dsd: error: config.threads")
+    assert result.returncode == 2 and "model.wdith: unknown key (did you mean 'width'?" in result.stderr
+    result = dsd_cli("spec", "--config", str(configfile), "--row", "resnet18", "--seed", "0", "--phase", "dense",
+                     "--set", "threads=0")  # fmt: skip
+    assert result.returncode == 2 and result.stderr.strip().startswith(
+        "dsd: error: config.threads: must be >= 1"
+    )
 
 
 def test_no_output_of_the_default_pipeline_is_committed():

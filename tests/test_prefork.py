@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_vision_config
+from conftest import parse, prepare_data, tiny_vision_config
 from test_reliability import slow_sparse_config, strip
 
 from dsd import paths, prefork
-from dsd.config import Experiment
-from dsd.tracks import vision
 
 
 def dsd_command(*args, env, **kwargs):
@@ -39,18 +37,17 @@ def served_jobs(folder) -> list[str]:
 
 
 def test_a_job_in_the_warm_interpreter_equals_one_in_a_fresh_process(tmp_path, sockets):
-    exp = Experiment.from_config(tiny_vision_config(tmp_path), "resnet18")
-    vision.DATASETS["shapes"](exp)
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    job = ["--spec", config.phase("resnet18", 0, "dense").to_json(), "--options", config.options.to_json()]
     warm = os.environ | {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets)}
     cold = os.environ | {"DSD_PREFORK": "0", "DSD_PREFORK_DIR": str(sockets)}
     runs = {}
     for name, env in (("warm", warm), ("cold", cold), ("warm-again", warm)):
         out = tmp_path / name
-        result = dsd_command(
-            "train", "--spec", exp.to_json(), "--seed", "0", "--phase", "dense", "--out", str(out), env=env
-        )
+        result = dsd_command("train", *job, "--out", str(out), env=env)
         assert result.returncode == 0, result.stderr
-        assert "test top1_error_pct" in result.stdout  # the child wrote to the job's own stdout
+        assert "resnet18 seed 0 dense" in result.stdout  # the child wrote to the job's own stdout
         runs[name] = out
     assert len(served_jobs(sockets)) == 2, served_jobs(sockets)  # the cold run did not go through the server
     metrics = {k: json.loads(paths.metrics(v).read_text()) for k, v in runs.items()}
@@ -66,7 +63,7 @@ def test_exit_status_and_error_line_pass_through(tmp_path, sockets):
     assert result.returncode == 2
     assert result.stderr.startswith("dsd: error:") and "missing.yaml" in result.stderr, result.stderr
     usage = dsd_command("train", "--no-such-flag", env=env)  # argparse's exit inside the child
-    assert usage.returncode == 2 and "arguments are required: --seed, --phase" in usage.stderr
+    assert usage.returncode == 2 and "unrecognized arguments: --no-such-flag" in usage.stderr
     assert len(served_jobs(sockets)) == 2
 
 
@@ -76,11 +73,12 @@ def test_signals_reach_the_job_and_its_status_comes_back(tmp_path, sockets, sig)
     (Ctrl-C: KeyboardInterrupt's traceback, then 130, as a fresh interpreter)."""
     config = slow_sparse_config(tmp_path)
     config["experiments"]["resnet18"]["phases"][0]["epochs"] = 30
-    exp = Experiment.from_config(config, "resnet18")
-    vision.DATASETS["shapes"](exp)
+    config = parse(config)
+    prepare_data(config, "resnet18")
     env = os.environ | {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets)}
     out = tmp_path / "dense"
-    cmd = [sys.executable, "-m", "dsd", "train", "--spec", exp.to_json(), "--seed", "0", "--phase", "dense"]
+    spec = config.phase("resnet18", 0, "dense").to_json()
+    cmd = [sys.executable, "-m", "dsd", "train", "--spec", spec, "--options", config.options.to_json()]
     client = subprocess.Popen([*cmd, "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not paths.resume(out).exists() and client.poll() is None and time.time() < deadline:

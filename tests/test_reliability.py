@@ -10,12 +10,11 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import BIN, REPO, snakemake, tiny_vision_config, write_config
+from conftest import BIN, REPO, parse, prepare_data, snakemake, tiny_vision_config, train, write_config
 
-from dsd import checkpoint, paths
-from dsd.config import Experiment
+from dsd import paths
+from dsd.engine import checkpoint
 from dsd.errors import CheckpointError, NonFiniteLoss
-from dsd.train import run_phase
 
 VOLATILE = {"seconds", "wall_seconds", "machine"}
 
@@ -44,6 +43,8 @@ def assert_same_run(dir_a, dir_b, row, seed, phases):
         run_a, run_b = (paths.run_dir(d, row, seed, phase) for d in (dir_a, dir_b))
         metrics_a, metrics_b = (json.loads(paths.metrics(r).read_text()) for r in (run_a, run_b))
         assert strip(metrics_a) == strip(metrics_b), phase
+        eval_a, eval_b = (json.loads(paths.evaluation(r).read_text()) for r in (run_a, run_b))
+        assert eval_a["test"] == eval_b["test"] and eval_a["val"] == eval_b["val"], phase
         model_a, model_b = (
             torch.load(paths.checkpoint(r), weights_only=True)["model"] for r in (run_a, run_b)
         )
@@ -89,20 +90,25 @@ def test_kill_9_mid_sparse_phase_then_rerun_is_bitwise_identical(tmp_path):
 
 
 def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(tmp_path):
-    config = slow_sparse_config(tmp_path)
-    exp = Experiment.from_config(config, "resnet18")
-    from dsd import tracks
-
-    tracks.get("vision").DATASETS["shapes"](exp)
-    dense = paths.run_dir(exp.output_dir, "resnet18", 0, "dense")
-    run_phase(exp, 0, "dense", dense, progress=False)
-    reference = run_phase(
-        exp, 0, "sparse1", tmp_path / "reference", init=paths.checkpoint(dense), progress=False
-    )
+    config = parse(slow_sparse_config(tmp_path))
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    reference = train(config, "resnet18", 0, "sparse1", out=tmp_path / "reference")
 
     out = tmp_path / "preempted"
-    cmd = [sys.executable, "-m", "dsd", "train", "--spec", exp.to_json(), "--seed", "0", "--phase", "sparse1"]
-    cmd += ["--init", str(paths.checkpoint(dense)), "--out", str(out)]
+    spec = config.phase("resnet18", 0, "sparse1")
+    dense = paths.checkpoint(paths.run_dir(config.options.output_dir, "resnet18", 0, "dense"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsd",
+        "train",
+        "--spec",
+        spec.to_json(),
+        "--options",
+        config.options.to_json(),
+    ]
+    cmd += ["--init", str(dense), "--out", str(out)]
     process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     while not paths.resume(out).exists() and process.poll() is None:
         time.sleep(0.005)
@@ -111,34 +117,77 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 2 and "SIGTERM: checkpointed sparse1" in stderr, stderr
     assert not paths.metrics(out).exists()
-    resumed = run_phase(exp, 0, "sparse1", out, init=paths.checkpoint(dense), progress=False)
+    resumed = train(config, "resnet18", 0, "sparse1", out=out)
     assert strip(resumed) == strip(reference)
     a = torch.load(paths.checkpoint(out), weights_only=True)
     b = torch.load(paths.checkpoint(tmp_path / "reference"), weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_same_config_and_seed_twice_is_identical(tmp_path):
-    config = tiny_vision_config(tmp_path)
-    exp = Experiment.from_config(config, "resnet18")
-    from dsd import tracks
+def test_a_resume_point_of_another_spec_is_discarded_not_used(tmp_path, capfd):
+    """Interrupt a sparse phase, change its sparsity, rerun: the old resume.pt (30%) must not be continued."""
+    raw = slow_sparse_config(tmp_path)
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    out = paths.run_dir(config.options.output_dir, "resnet18", 0, "sparse1")
+    spec = config.phase("resnet18", 0, "sparse1")
+    dense = paths.checkpoint(paths.run_dir(config.options.output_dir, "resnet18", 0, "dense"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsd",
+        "train",
+        "--spec",
+        spec.to_json(),
+        "--options",
+        config.options.to_json(),
+    ]
+    process = subprocess.Popen(
+        [*cmd, "--init", str(dense), "--out", str(out)], stderr=subprocess.PIPE, text=True
+    )
+    while not paths.resume(out).exists() and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert paths.resume(out).exists()
 
-    tracks.get("vision").DATASETS["shapes"](exp)
-    first = run_phase(exp, 1, "dense", tmp_path / "a", progress=False)
-    second = run_phase(exp, 1, "dense", tmp_path / "b", progress=False)
+    raw["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.7
+    changed = parse(raw)
+    metrics = train(changed, "resnet18", 0, "sparse1")
+    assert metrics["target_sparsity"] == 0.7 and metrics["measured_sparsity"] == pytest.approx(0.7, abs=0.01)
+    assert len(metrics["history"]) == 6  # every epoch trained afresh, none taken from the 30% run
+    message = [
+        line for line in capfd.readouterr().err.splitlines() if "resume.pt is from another spec" in line
+    ]
+    assert message and "phases[1].sparsity: 0.3 -> 0.7" in message[0]
+
+
+def test_an_init_checkpoint_of_another_spec_is_refused(tmp_path):
+    raw = tiny_vision_config(tmp_path)
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    raw["experiments"]["resnet18"]["phases"][0]["lr"] = 0.04
+    with pytest.raises(CheckpointError, match=r"trained for another spec .*phases\[0\]\.lr: 0.05 -> 0.04"):
+        train(parse(raw), "resnet18", 0, "sparse1")
+
+
+def test_same_config_and_seed_twice_is_identical(tmp_path):
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    first = train(config, "resnet18", 1, "dense", out=tmp_path / "a")
+    second = train(config, "resnet18", 1, "dense", out=tmp_path / "b")
     assert strip(first) == strip(second)
-    other_seed = run_phase(exp, 2, "dense", tmp_path / "c", progress=False)
+    other_seed = train(config, "resnet18", 2, "dense", out=tmp_path / "c")
     assert strip(other_seed)["history"] != strip(first)["history"]
 
 
 def test_bad_checkpoints_are_named(tmp_path):
-    config = tiny_vision_config(tmp_path)
-    exp = Experiment.from_config(config, "resnet18")
-    from dsd import tracks
-
-    track = tracks.get("vision")
-    track.DATASETS["shapes"](exp)
-    run_phase(exp, 0, "dense", tmp_path / "dense", progress=False)
+    raw = tiny_vision_config(tmp_path)
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense", out=tmp_path / "dense")
     good = paths.checkpoint(tmp_path / "dense")
 
     truncated = tmp_path / "truncated.pt"
@@ -156,31 +205,20 @@ def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="pickled.pt: refused, it needs pickled code"):
         checkpoint.load(pickled)
 
-    other = Experiment.from_config(
-        tiny_vision_config(
-            tmp_path,
-            experiments={
-                "resnet18": {
-                    **config["experiments"]["resnet18"],
-                    "model": {"arch": "vgg16", "size": "mini", "width": 4, "num_classes": 10},
-                }
-            },
-        ),
-        "resnet18",
-    )
-    with pytest.raises(CheckpointError, match="checkpoint is for a different model"):
-        run_phase(other, 0, "sparse1", tmp_path / "sparse", init=good, progress=False)
+    raw["experiments"]["resnet18"]["model"] = {"arch": "vgg16", "size": "mini", "width": 4, "num_classes": 10}
+    raw["experiments"]["resnet18"]["prune"] = {"exclude": ["features.0.weight"]}
+    with pytest.raises(CheckpointError, match="trained for another spec"):
+        train(parse(raw), "resnet18", 0, "sparse1", out=tmp_path / "sparse", init=good)
 
 
 def test_non_finite_loss_stops_with_step_number(tmp_path):
     config = tiny_vision_config(tmp_path)
-    config["experiments"]["resnet18"]["phases"][0]["lr"] = float(
-        "inf"
-    )  # the first step makes the weights NaN
-    exp = Experiment.from_config(config, "resnet18")
-    from dsd import tracks
-
-    tracks.get("vision").DATASETS["shapes"](exp)
+    config["experiments"]["resnet18"]["phases"][0]["lr"] = (
+        1e30  # the first steps blow the weights up to inf/NaN
+    )
+    config = parse(config)
+    prepare_data(config, "resnet18")
+    out = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss .* at epoch 0, step \d+"):
-        run_phase(exp, 0, "dense", tmp_path / "run", progress=False)
-    assert not paths.metrics(tmp_path / "run").exists() and not paths.checkpoint(tmp_path / "run").exists()
+        train(config, "resnet18", 0, "dense", out=out)
+    assert not paths.metrics(out).exists() and not paths.checkpoint(out).exists()

@@ -5,13 +5,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_vision_config
+from conftest import parse, prepare_data, tiny_vision_config, train
 
-from dsd import tracks
-from dsd.config import Experiment
-from dsd.results import paired_ci, paper_headline, rel_gain_pct, runtime_rows, verdict
+from dsd.report.tables import paired_ci, paper_headline, rel_gain_pct, runtime_rows, verdict
+from dsd.spec import Wandb
 from dsd.tracking import Tracker
-from dsd.train import run_phase
 
 
 def test_paired_ci_matches_hand_computation():
@@ -38,9 +36,8 @@ def test_relative_gain_reproduces_the_papers_column():
 
 def test_offline_wandb_writes_a_run_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    tracker = Tracker(
-        "offline", "dsd-test", None, tmp_path, group="resnet18-seed0", job_type="sparse1", name="t"
-    )
+    settings = Wandb(mode="offline", project="dsd-test")
+    tracker = Tracker(settings, tmp_path, group="resnet18-seed0", job_type="sparse1", name="t")
     assert tracker.run is not None
     tracker.log({"train_loss": 0.5, "val/top1_error_pct": 12.0}, step=1)
     tracker.histograms(torch.nn.Linear(3, 3), ["weight"], step=1)
@@ -57,14 +54,13 @@ def test_wandb_failure_in_online_mode_does_not_fail_training(tmp_path, monkeypat
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "no-login"))  # no stored credentials either
-    config = tiny_vision_config(tmp_path, wandb={"mode": "online", "project": "dsd-test"})
-    exp = Experiment.from_config(config, "resnet18")
-    tracks.get("vision").DATASETS["shapes"](exp)
+    config = parse(tiny_vision_config(tmp_path, wandb={"mode": "online", "project": "dsd-test"}))
+    prepare_data(config, "resnet18")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = run_phase(exp, 0, "dense", tmp_path / "run", progress=False)
+        metrics = train(config, "resnet18", 0, "dense", out=tmp_path / "run")
     assert any("wandb disabled for this run" in str(w.message) for w in caught)
-    assert metrics["test"]["top1_error_pct"] >= 0
+    assert metrics["monitor"]["top1_error_pct"] >= 0
 
 
 def test_runtime_table_sums_snakemake_benchmark_files(tmp_path):

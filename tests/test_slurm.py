@@ -28,7 +28,7 @@ def _enabled() -> bool:
 
 
 def test_profile_is_valid_yaml_with_comments_for_every_setting():
-    text = (REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text()
+    text = (REPO / "profiles" / "slurm" / "config.yaml").read_text()
     settings = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert all("#" in line for line in settings), [line for line in settings if "#" not in line]
     profile = yaml.safe_load(text)
@@ -37,7 +37,7 @@ def test_profile_is_valid_yaml_with_comments_for_every_setting():
     assert {"slurm_partition", "slurm_account", "runtime", "mem_mb", "cpus_per_task"} <= set(
         profile["default-resources"]
     )
-    assert "train_phase" in profile["set-resources"]
+    assert {"train_phase", "evaluate_phase"} <= set(profile["set-resources"])
 
 
 def test_profile_dry_run(tmp_path):
@@ -46,7 +46,7 @@ def test_profile_dry_run(tmp_path):
     result = subprocess.run(
         [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "-q", "rules",
          "--configfile", str(write_config(tmp_path, config)),
-         "--profile", str(REPO / "workflow" / "profiles" / "slurm")],
+         "--profile", str(REPO / "profiles" / "slurm")],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -55,7 +55,7 @@ def test_profile_dry_run(tmp_path):
 
 def _test_profile(folder: Path) -> Path:
     """The repository's SLURM profile, pointed at the test cluster: its partition, no account, no GPUs."""
-    profile = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     profile["jobs"] = 2
     profile["latency-wait"] = 5
     profile["retries"] = 0
@@ -65,7 +65,8 @@ def _test_profile(folder: Path) -> Path:
     profile["default-resources"].pop("slurm_account")
     profile["default-resources"] |= {"slurm_partition": PARTITION, "mem_mb": 1000, "runtime": 10}
     profile["set-resources"] = {
-        "train_phase": {"slurm_partition": PARTITION, "mem_mb": 2000, "runtime": 10, "gpu": 0}
+        rule: {"slurm_partition": PARTITION, "mem_mb": 2000, "runtime": 10, "gpu": 0}
+        for rule in ("train_phase", "evaluate_phase")
     }
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(profile))
@@ -127,16 +128,17 @@ def test_pipeline_on_slurm(tmp_path):
         elapsed = time.monotonic() - t0
         assert proc.returncode == 0, f"{_tail(log)}\n{cluster.logs()}"
         log_text = log.read_text()
-        # prepare_data, dense, sparse1, control, redense1, tables: each its own sbatch job
-        assert log_text.count("has been submitted with SLURM jobid") == 6, _tail(log)
+        # prepare_data, 4 phases (dense, sparse1, redense1, control), their 4 evaluations, tables: 10 sbatch jobs
+        assert log_text.count("has been submitted with SLURM jobid") == 10, _tail(log)
         results = Path(config["output_dir"])
         for phase in ("dense", "sparse1", "redense1", "control"):
-            metrics = results / "runs" / "resnet18" / "seed0" / phase / "metrics.json"
-            assert metrics.exists(), f"{metrics} missing\n{_tail(log)}"
+            for name in ("metrics.json", "eval.json"):
+                path = results / "runs" / "resnet18" / "seed0" / phase / name
+                assert path.exists(), f"{path} missing\n{_tail(log)}"
         assert (results / "tables" / "paper_comparison.csv").exists()
         assert (results / "tables" / "paper_comparison.md").exists()
         slurm_logs = list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))
-        assert len(slurm_logs) == 6, slurm_logs  # one per SLURM job (kept: slurm-keep-successful-logs)
+        assert len(slurm_logs) == 10, slurm_logs  # one per SLURM job (kept: slurm-keep-successful-logs)
         print(f"SLURM pipeline: {elapsed:.0f} s")
     finally:
         if proc is not None and proc.poll() is None:

@@ -10,11 +10,11 @@ __all__ = ["Phase", "Pruner", "Recipe", "magnitude_mask", "prunable_parameters"]
 __version__ = "0.1.0"
 
 _HOME = {
-    "Phase": "dsd.schedule",
-    "Recipe": "dsd.schedule",
-    "Pruner": "dsd.masks",
-    "magnitude_mask": "dsd.masks",
-    "prunable_parameters": "dsd.masks",
+    "Phase": "dsd.core.schedule",
+    "Recipe": "dsd.core.schedule",
+    "Pruner": "dsd.core.masks",
+    "magnitude_mask": "dsd.core.masks",
+    "prunable_parameters": "dsd.core.masks",
 }
 
 

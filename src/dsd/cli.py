@@ -1,209 +1,266 @@
-"""`python -m dsd ...`: the small command line the Snakemake rules call (and people can call by hand).
+"""`python -m dsd ...`: the commands the Snakemake rules call, also for use by hand.
 
-Every expected failure (bad config, bad data, bad checkpoint, non-finite loss) ends as one line on stderr,
-`dsd: error: ...`, and exit status 2; no output file of the failing step is left behind.
+The rules pass each job exactly what its result depends on (`--spec`, JSON) and how to run it (`--options`);
+by hand, `--config FILE --row NAME [--seed N --phase P]` resolves the same from a config. Every expected
+failure ends as one line on stderr, `dsd: error: ...`, with exit status 2, and leaves no finished-looking
+output. Reading a config imports no torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from dsd.config import Experiment, load_config, rows
+from dsd import paths
+from dsd.config import Config, load_config
 from dsd.errors import ConfigError, DSDError
+from dsd.spec import DataSpec, PhaseSpec, RowSpec, RunOptions
 
 
-def _experiment(args) -> Experiment:
+def _config(args) -> Config:
+    if not args.config:
+        raise ConfigError("give --spec JSON (what the rules pass), or --config FILE with --row NAME")
+    return load_config(args.config, sets=args.set or ())
+
+
+def _options(args, config: Config | None = None) -> RunOptions:
+    if getattr(args, "options", None):
+        return RunOptions.from_json(args.options)
+    return config.options if config is not None else RunOptions()
+
+
+def _phase_spec(args, config: Config | None) -> PhaseSpec:
     if args.spec:
-        return Experiment.from_json(args.spec)
-    if not (args.config and args.row):
-        raise ConfigError("give --spec JSON, or --config FILE with --row NAME")
-    return Experiment.from_config(load_config(args.config, _overrides(args.set)), args.row)
+        return PhaseSpec.from_json(args.spec)
+    if args.row is None or args.seed is None or args.phase is None:
+        raise ConfigError("with --config, give --row, --seed and --phase")
+    return config.phase(args.row, args.seed, args.phase)
 
 
-def _overrides(pairs) -> dict:
-    import yaml
-
-    out = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
-def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spec", help="the experiment as JSON (what the Snakemake rules pass)")
-    parser.add_argument("--config", help="a config YAML (with --row), instead of --spec")
-    parser.add_argument("--row", help="experiment name in the config, e.g. resnet18")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
-
-
-def cmd_spec(args) -> None:
-    """Print the resolved experiment JSON (what the rules pass with --spec)."""
-    print(_experiment(args).to_json())
+# ------------------------------------------------------------------------------------------ commands
 
 
 def cmd_check_config(args) -> None:
-    config = load_config(args.file, _overrides(args.set))
-    for row in rows(config):
-        Experiment.from_config(config, row)
-    print(f"{args.file}: ok ({len(rows(config))} experiments)")
+    config = load_config(args.file, sets=args.set or ())
+    jobs = sum(len(config.row(r).phase_names) for r in config.rows) * len(config.seeds)
+    print(
+        f"{', '.join(map(str, args.file))}: ok ({len(config.rows)} rows, {len(config.seeds)} seeds, {jobs} training jobs)"
+    )
+
+
+def cmd_spec(args) -> None:
+    """Print a phase's spec and fingerprint (what its checkpoint depends on)."""
+    spec = _phase_spec(args, None if args.spec else _config(args))
+    print(json.dumps({"fingerprint": spec.fingerprint, "spec": json.loads(spec.to_json())}, indent=1))
 
 
 def cmd_prepare(args) -> None:
-    from dsd import paths, tracks
+    from dsd.engine import prepare
 
-    exp = _experiment(args)
-    track = tracks.get(exp.track)
-    if exp.dataset not in track.DATASETS:
-        raise ConfigError(
-            f"config.experiments.{exp.row}.dataset: {exp.dataset!r} is not a {exp.track} data set "
-            f"(known: {', '.join(track.DATASETS)})"
-        )
-    marker = paths.prepared(exp.data_root, exp.dataset)
-    marker.unlink(missing_ok=True)
-    summary = track.DATASETS[exp.dataset](exp)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(
-        json.dumps({"dataset": exp.dataset, "path": exp.data_dir, "summary": summary}, indent=1)
-    )
-    print(f"prepared {exp.dataset} at {exp.data_dir}")
+    if args.spec:
+        exp = DataSpec.from_json(args.spec).experiment(_options(args))
+    else:
+        config = _config(args)
+        exp = config.row(args.row).data_spec().experiment(config.options)
+    record = prepare.prepare(exp)
+    print(f"prepared {exp.dataset} at {exp.data_dir} (content {record['fingerprint']})")
 
 
 def cmd_features(args) -> None:
-    """Captioning: encode every image once with a trained vision checkpoint (the frozen CNN)."""
-    from dsd import checkpoint, tracks
-    from dsd.tracks import captioning
-    from dsd.train import resolve_device
+    """Captioning: encode every image once with the frozen CNN (a trained vision run, or local VGG-16 weights)."""
+    from dsd import tracks
+    from dsd.engine import checkpoint, distributed
+    from dsd.tracks.captioning import data, model
 
-    exp = _experiment(args)
-    encoder_exp = Experiment.from_json(args.encoder_spec)
-    model = tracks.get(encoder_exp.track).build_model(encoder_exp)
-    state = checkpoint.load(args.encoder_checkpoint)
-    checkpoint.load_model(model, state, args.encoder_checkpoint)
-    device = resolve_device(exp.device)
-    encoder = captioning.encoder_from_module(model).to(device)
-    out = captioning.extract_features(exp, encoder, captioning.data_config(exp).image_size)
-    print(f"wrote {out}")
+    config = None if args.spec else _config(args)
+    spec = PhaseSpec.from_json(args.spec) if args.spec else config.phase(args.row, 0, "dense")
+    options = _options(args, config)
+    exp = spec.experiment(options)
+    if exp.data.encoder_row:
+        if args.encoder_spec:
+            encoder_spec = PhaseSpec.from_json(args.encoder_spec)
+        else:
+            encoder_spec = config.phase(exp.data.encoder_row, exp.data.encoder_seed, "dense")
+        ckpt = args.encoder_checkpoint or paths.checkpoint(
+            paths.run_dir(options.output_dir, encoder_spec.row, encoder_spec.seed, "dense")
+        )
+        encoder_exp = encoder_spec.experiment(options)
+        vision = tracks.get(encoder_exp.track).model.build(encoder_exp)
+        checkpoint.load_model(vision, checkpoint.load(ckpt), ckpt)
+        encoder = model.encoder_from_module(vision)
+    else:
+        encoder = model.vgg16_encoder(exp)
+    device = distributed.resolve_device(options.device)
+    print(f"wrote {data.extract_features(exp, encoder.to(device))}")
 
 
 def cmd_train(args) -> None:
-    from dsd import paths
-    from dsd.train import run_phase
+    from dsd.engine.trainer import run_phase
 
-    exp = _experiment(args)
-    out = Path(args.out) if args.out else paths.run_dir(exp.output_dir, exp.row, args.seed, args.phase)
-    for stale in (paths.metrics(out), paths.checkpoint(out)):  # never leave a previous result looking current
-        stale.unlink(missing_ok=True)
-    metrics = run_phase(
-        exp, args.seed, args.phase, out, init=args.init, progress=None if args.progress else False
-    )
-    print(
-        f"{exp.row} seed {args.seed} {args.phase}: test {metrics['metric']} = {metrics['test'][metrics['metric']]:.2f}"
-    )
+    config = None if args.spec else _config(args)
+    spec = _phase_spec(args, config)
+    options = _options(args, config)
+    out = Path(args.out) if args.out else paths.run_dir(options.output_dir, spec.row, spec.seed, spec.phase)
+    init = args.init
+    previous = spec.previous()
+    if init is None and previous is not None and not args.spec:
+        init = paths.checkpoint(paths.run_dir(options.output_dir, spec.row, spec.seed, previous.phase))
+    for stale in (paths.metrics(out), paths.checkpoint(out), paths.evaluation(out)):
+        stale.unlink(missing_ok=True)  # never leave a previous result looking current
+    metrics = run_phase(spec, out, init=init, options=options, progress=args.progress)
+    last = metrics["history"][-1] if metrics["history"] else {"val": {}}
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in last["val"].items() if isinstance(v, float))
+    print(f"{spec.row} seed {spec.seed} {spec.phase} [{spec.fingerprint}]: trained; validation {shown}")
 
 
 def cmd_evaluate(args) -> None:
-    from dsd import checkpoint, tracks
-    from dsd.masks import Pruner
-    from dsd.train import resolve_device
+    from dsd import hparams, tracks
+    from dsd.engine.evaluation import evaluate_checkpoint
 
-    exp = _experiment(args)
-    track = tracks.get(exp.track)
-    track.check(exp)
-    device = resolve_device(exp.device)
-    model = track.build_model(exp)
-    state = checkpoint.load(args.checkpoint)
-    checkpoint.load_model(model, state, args.checkpoint)
-    result = {"checkpoint": args.checkpoint, "split": args.split}
-    if state.get("pruner"):
-        result["sparsity"] = Pruner.from_state_dict(model, state["pruner"]).overall_sparsity()
-    result |= track.evaluate(model.to(device), exp, args.split, device)
-    print(json.dumps(result, indent=1))
-
-
-def _experiments_and_seeds(args) -> tuple[list[Experiment], list[int]]:
+    config = None if args.spec else _config(args)
     if args.spec:
-        experiments = [Experiment.from_json(text) for text in args.spec]
-        seeds = args.seeds
+        spec = PhaseSpec.from_json(args.spec)
+        eval_section = hparams.parse(
+            tracks.get(spec.track).config.Eval, json.loads(args.eval or "{}"), "eval"
+        )
     else:
-        config = load_config(args.config, _overrides(args.set))
-        experiments = [Experiment.from_config(config, row) for row in rows(config)]
-        seeds = args.seeds or config.get("seeds", [0, 1, 2])
-    if not experiments or not seeds:
-        raise ConfigError("give --config FILE, or --spec JSON (repeatable) with --seeds")
-    return experiments, seeds
+        from dsd.engine import checkpoint
+
+        saved = checkpoint.load(args.checkpoint).get("identity", {}).get("spec", {})
+        seed = args.seed if args.seed is not None else saved.get("seed", 0)
+        spec = config.phase(args.row, seed, args.phase or saved.get("phase", "dense"))
+        eval_section = config.row(args.row).eval
+    splits = tuple(args.split) if args.split else ("val", "test")
+    result = evaluate_checkpoint(
+        spec, eval_section, args.checkpoint, _options(args, config), splits, args.any_spec
+    )
+    if args.out:
+        _write_json(Path(args.out), result)  # written whole, last: its presence means evaluation finished
+        print(
+            f"{spec.row} seed {spec.seed} {spec.phase}: test {result['metric']} = {result['test'][result['metric']]:.2f}"
+        )
+    else:
+        print(json.dumps(result, indent=1))
+
+
+def _rows_and_seeds(args) -> tuple[list[RowSpec], list[int], RunOptions]:
+    if args.spec:
+        if not args.seeds:
+            raise ConfigError("with --spec, give --seeds")
+        return [RowSpec.from_json(text) for text in args.spec], args.seeds, _options(args)
+    config = _config(args)
+    return [config.row(r) for r in config.rows], args.seeds or list(config.seeds), config.options
 
 
 def cmd_table(args) -> None:
-    from dsd import paths, results
+    from dsd.report import tables
 
-    experiments, seeds = _experiments_and_seeds(args)
-    out = args.out or str(paths.tables_dir(experiments[0].output_dir))
-    table = results.write_tables(experiments, seeds, out)
+    rows, seeds, options = _rows_and_seeds(args)
+    out = args.out or str(paths.tables_dir(options.output_dir))
+    table = tables.write_tables(rows, seeds, options.output_dir, out)
     print(f"wrote {out}/paper_comparison.csv ({len(table)} rows)")
 
 
 def cmd_plots(args) -> None:
-    from dsd import paths, plots
+    from dsd.report import plots
 
-    experiments, seeds = _experiments_and_seeds(args)
-    out = args.out or str(paths.plots_dir(experiments[0].output_dir))
-    print(f"wrote {len(plots.write_plots(experiments, seeds, out))} figures to {out}")
+    rows, seeds, options = _rows_and_seeds(args)
+    out = args.out or str(paths.plots_dir(options.output_dir))
+    print(f"wrote {len(plots.write_plots(rows, seeds, options.output_dir, out))} figures to {out}")
+
+
+def cmd_keys(args) -> None:
+    """Every config key with its type, default and meaning (generated from the typed sections)."""
+    from dsd import config, hparams, spec, tracks
+
+    sections = [("top level", config.ConfigKeys, ""), ("experiments.<row>", spec.RowKeys, "")]
+    sections += [("experiments.<row>.phases[i]", spec.PhaseEntry, "")]
+    for name in tracks.NAMES:
+        track = tracks.get(name).config
+        sections += [(f"{name}: {s}", getattr(track, s.title()), f"{s}.") for s in ("model", "data", "eval")]
+    for title, cls, prefix in sections:
+        print(f"\n## {title}\n\n| key | type | default | meaning |\n|---|---|---|---|")
+        for key, kind, default, text in hparams.describe(cls, prefix):
+            print(f"| `{key}` | {kind} | `{default}` | {text} |")
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+
+def _add_source(
+    parser: argparse.ArgumentParser, what: str = "the job's spec as JSON (what the rules pass)", repeat=False
+) -> None:
+    parser.add_argument("--spec", help=what, action="append" if repeat else "store")
+    parser.add_argument("--options", help="run options as JSON (what the rules pass)")
+    parser.add_argument("--config", nargs="+", help="config file(s), instead of --spec (later ones win)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
+    parser.add_argument("--row", help="experiment name in the config, e.g. resnet18")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("check-config", help="validate a config file")
-    p.add_argument("file")
+    p = sub.add_parser("check-config", help="validate config file(s) in depth, without running anything")
+    p.add_argument("file", nargs="+")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("spec", help="print one experiment's resolved JSON")
-    _add_experiment_args(p)
+    p = sub.add_parser("keys", help="print every config key with its type, default and meaning")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("spec", help="print one phase's spec and fingerprint")
+    _add_source(p)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--phase")
     p.set_defaults(func=cmd_spec)
 
     p = sub.add_parser("prepare", help="generate an embedded data set or check a real one")
-    _add_experiment_args(p)
+    _add_source(p, "the data set's spec as JSON")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("features", help="captioning: encode the images with a trained vision checkpoint")
-    _add_experiment_args(p)
-    p.add_argument("--encoder-spec", required=True, help="the vision experiment's JSON")
-    p.add_argument("--encoder-checkpoint", required=True)
+    p = sub.add_parser("features", help="captioning: encode the images once with the frozen CNN")
+    _add_source(p, "the captioning row's dense phase spec as JSON")
+    p.add_argument("--encoder-spec", help="the encoder run's dense phase spec as JSON")
+    p.add_argument("--encoder-checkpoint")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("train", help="train one phase (dense, sparseN, redenseN or control)")
-    _add_experiment_args(p)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--phase", required=True)
-    p.add_argument("--init", help="checkpoint of the previous phase (not for dense)")
-    p.add_argument("--out", help="run folder (default: from the config's output_dir)")
+    _add_source(p)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--phase")
+    p.add_argument("--init", help="checkpoint of the previous phase (default with --config: its run folder)")
+    p.add_argument("--out", help="run folder (default: from output_dir)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split")
-    _add_experiment_args(p)
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on the validation and test splits")
+    _add_source(p)
+    p.add_argument("--eval", help="with --spec: the eval section as JSON")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--seed", type=int, help="with --config (default: the checkpoint's)")
+    p.add_argument("--phase", help="with --config (default: the checkpoint's)")
+    p.add_argument("--split", action="append", choices=["val", "test"], help="default: both")
+    p.add_argument("--out", help="write the result here (JSON) instead of printing it")
+    p.add_argument("--any-spec", action="store_true", help="evaluate a checkpoint trained for another spec")
     p.set_defaults(func=cmd_evaluate)
 
     for name, func, what in (
-        ("table", cmd_table, "build results/tables from finished runs"),
+        ("table", cmd_table, "tables from finished runs"),
         ("plots", cmd_plots, "figures from finished runs and the tables"),
     ):
         p = sub.add_parser(name, help=what)
-        p.add_argument("--config", help="a config YAML (all its rows)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE")
-        p.add_argument(
-            "--spec", action="append", help="an experiment as JSON (repeatable), instead of --config"
-        )
+        _add_source(p, "a row's spec as JSON (repeatable)", repeat=True)
         p.add_argument("--seeds", type=int, nargs="+")
         p.add_argument(
             "--out", help=f"output folder (default: <output_dir>/{'tables' if name == 'table' else name})"
@@ -216,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DSDError, ValueError, FileNotFoundError) as err:
+    except (DSDError, ValueError, FileNotFoundError, PermissionError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"dsd: error: {message}", file=sys.stderr)
         return 2

@@ -1,227 +1,227 @@
-"""Pipeline configuration: schema validation and typed hyperparameters.
+"""Reading a config file into a checked `Config`: YAML as people write it, overrides, and checks in depth.
 
-The Snakefile and the CLI both go through `load_config` / `Experiment.from_config`, so a bad key is reported
-the same way (one line naming the key) whichever of them sees it first.
+`load_config(files, overrides, sets)` reads YAML files (later ones win), Snakemake's `--config` values and
+`--set KEY=VALUE` pairs, then checks every key (type, range, choices), the rows against each other (shared data
+sets, NeuralTalk's encoder row) and every prune pattern against its model's parameter names. A problem is one
+`ConfigError` naming the key path. Imports no torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import yaml
-
+from dsd import hparams, tracks
+from dsd.core.schedule import CONTROL
 from dsd.errors import ConfigError
-from dsd.schedule import Recipe
+from dsd.hparams import option
+from dsd.spec import (
+    ROW_NAME,
+    Experiment,
+    PhaseSpec,
+    RowSpec,
+    RunOptions,
+    differences,
+    fingerprint,
+    parse_row,
+)
 
 
-@cache
-def schema() -> dict:
-    return yaml.safe_load(resources.files("dsd").joinpath("schema/config.schema.yaml").read_text())
+@dataclass(frozen=True)
+class ConfigKeys(RunOptions):
+    """The top level of a config file (keys starting with `_` are ignored: YAML anchors live there)."""
+
+    experiments: dict = option(factory=dict, help="rows by name", nonempty=True)
+    seeds: tuple[int, ...] = option((0, 1, 2), "seeds of every row", min=0, nonempty=True, unique=True)
+    rows: tuple[str, ...] | None = option(
+        None, "rows of the tables (default: every experiment)", nonempty=True, unique=True
+    )
+    data: dict[str, str | None] = option(factory=dict, help="folders of real data sets, by data set name")
 
 
-def _where(path) -> str:
-    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in path]
-    return "config" + "".join(parts)
+@dataclass(frozen=True)
+class Config:
+    """A whole config file, checked: the rows of the tables, seeds, run options and every row's spec."""
+
+    rows: tuple[str, ...]
+    seeds: tuple[int, ...]
+    options: RunOptions
+    experiments: Mapping[str, RowSpec]
+
+    def row(self, name: str) -> RowSpec:
+        if name not in self.experiments:
+            raise ConfigError(
+                f"config.experiments: no experiment {name!r} (have: {', '.join(self.experiments)})"
+            )
+        return self.experiments[name]
+
+    def upstream(self, name: str) -> dict[str, str]:
+        """Fingerprints of the runs a row reads (NeuralTalk's encoder: a vision row's dense phase)."""
+        row = self.row(name)
+        out = {}
+        for key, source in tracks.get(row.track).config.upstream(row).items():
+            if isinstance(source, str):
+                out[key] = source
+            else:
+                out[key] = self.phase(*source).fingerprint
+        return out
+
+    def phase(self, name: str, seed: int, phase: str) -> PhaseSpec:
+        row = self.row(name)
+        recipe = row.recipe_of(phase)
+        # the control trains the later phases' epochs and LRs unpruned: their sparsities are not its inputs
+        chain = (recipe.phases[0], *recipe.control_phases()) if phase == CONTROL else recipe.chain(phase)
+        prunes = phase != CONTROL and any(p.prunes for p in chain)
+        return PhaseSpec(
+            row=name, track=row.track, dataset=row.dataset, data_path=row.data_path, model=row.model,
+            data=row.data, train=row.train, prune=row.prune if prunes else None, phases=chain, phase=phase,
+            seed=seed, upstream=self.upstream(name),
+        )  # fmt: skip
+
+    def experiment(self, name: str) -> Experiment:
+        return self.row(name).experiment(self.options, self.upstream(name))
 
 
-def validate(config: Mapping) -> None:
-    """Raise ConfigError with one line for the first schema violation (unknown keys named explicitly)."""
-    validator = jsonschema.Draft202012Validator(schema())
-    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
-    if error is None:
-        return
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed))
-        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
-        raise ConfigError(f"{_where(error.absolute_path)}: unknown key {extra[0]!r}{hint}")
-    raise ConfigError(f"{_where(error.absolute_path)}: {error.message}")
+def _merge(base: dict, update: Mapping) -> dict:
+    """Snakemake's config merge: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
-def load_config(path: str | Path, overrides: Mapping | None = None) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    config = yaml.safe_load(path.read_text()) or {}
-    for key, value in (overrides or {}).items():
-        set_dotted(config, key, value)
-    validate(config)
-    return config
-
-
-def expand_dotted(config: dict) -> dict:
-    """`snakemake --config data.imagenet=/data/imagenet` arrives as a top-level key with a dot: nest it."""
-    for key in [k for k in config if "." in k]:
-        set_dotted(config, key, config.pop(key))
-    return config
+def _typed(value):
+    """Snakemake passes nested --config values as strings: read each as YAML would (`8` an int)."""
+    if isinstance(value, Mapping):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_typed(v) for v in value]
+    if isinstance(value, str):
+        try:
+            return hparams.yaml_value(value)
+        except ConfigError:
+            return value
+    return value
 
 
 def set_dotted(config: dict, dotted: str, value: Any) -> None:
+    """`experiments.resnet18.phases.0.lr = 0.5` (a number indexes a list)."""
     *parents, last = dotted.split(".")
-    node = config
-    for key in parents:
+    node, where = config, "config"
+    for key in [*parents, last]:
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{where}: no item {key!r} (the list has {len(node)})")
+            index = int(key)
+            if key is last:
+                node[index] = value
+                return
+            node, where = node[index], f"{where}[{index}]"
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: is not a mapping, cannot set {dotted!r}")
+        if key is last:
+            node[key] = value
+            return
         node = node.setdefault(key, {})
-    node[last] = value
+        where = f"{where}.{key}"
 
 
-def parse_dataclass(cls, values: Mapping | None, where: str):
-    """Typed hparams from a mapping; an unknown key is a ConfigError naming it and the allowed ones."""
-    values = dict(values or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(names))})")
-    return cls(**values)
+def parse_sets(pairs: Iterable[str]) -> list[tuple[str, Any]]:
+    out = []
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        out.append((key, hparams.yaml_value(value)))
+    return out
 
 
-@dataclass(frozen=True)
-class TrainHparams:
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
-    amp: bool = True  # used on CUDA only
-    grad_clip: float | None = None
-    workers: int = 0
-    max_steps_per_epoch: int | None = None  # caps an epoch (smoke tests, quick looks)
-    max_bad_batches: int = 0  # non-finite losses tolerated (batch skipped) before the phase stops
+def load_config(
+    files: str | Path | Iterable[str | Path],
+    overrides: Mapping | None = None,
+    sets: Iterable[str] = (),
+    check_models: bool = True,
+) -> Config:
+    """Read config files (later ones win), then Snakemake's --config `overrides`, then `--set` pairs."""
+    files = [files] if isinstance(files, (str, Path)) else list(files)
+    raw: dict = {}
+    for path in files:
+        loaded = hparams.load_yaml(path)
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        raw = _merge(raw, loaded)
+    raw = _merge(raw, _typed(overrides or {}))
+    for key, value in parse_sets(sets):
+        set_dotted(raw, key, value)
+    return parse_config(raw, check_models=check_models)
 
 
-@dataclass(frozen=True)
-class PruneHparams:
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
+def parse_config(raw: Mapping, check_models: bool = True) -> Config:
+    top = hparams.parse(ConfigKeys, {k: v for k, v in raw.items() if not str(k).startswith("_")}, "config")
+    options = RunOptions(**{f.name: getattr(top, f.name) for f in fields(RunOptions)})
+    experiments = {}
+    for name, entry in top.experiments.items():
+        if not ROW_NAME.fullmatch(str(name)):
+            raise ConfigError(f"config.experiments.{name}: a row name is letters, digits, '-' and '_'")
+        dataset = entry.get("dataset") if isinstance(entry, Mapping) else None
+        path = top.data.get(dataset) if isinstance(dataset, str) else None
+        experiments[name] = parse_row(name, entry, os.path.abspath(path) if path else None)
+    rows = top.rows if top.rows is not None else tuple(experiments)
+    for i, name in enumerate(rows):
+        if name not in experiments:
+            raise ConfigError(
+                f"config.rows[{i}]: {name!r} is not an experiment (have: {', '.join(experiments)})"
+            )
+    config = Config(rows, top.seeds, options, experiments)
+    _check_shared_data(config)
+    for name, row in experiments.items():
+        tracks.get(row.track).config.check_config(row, config, f"config.experiments.{name}")
+    if check_models:
+        check_patterns(config)
+    return config
 
 
-@dataclass(frozen=True)
-class WandbHparams:
-    mode: str = "offline"
-    project: str = "dsd"
-    entity: str | None = None
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """Everything one row of the paper needs, resolved from the config; JSON round-trips for the CLI."""
-
-    row: str
-    track: str
-    dataset: str
-    data_dir: str  # the real data set's folder, or where the embedded one is generated
-    output_dir: str = "results"
-    data_root: str = "results/data"
-    model: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
-    train: TrainHparams = TrainHparams()
-    prune: PruneHparams = PruneHparams()
-    phases: tuple[dict, ...] = ()
-    sweep: tuple[float, ...] = ()  # sparsities of the first sparse phase to try; the best on validation wins
-    device: str = "auto"
-    threads: int = 1
-    wandb: WandbHparams = WandbHparams()
-
-    @property
-    def recipe(self) -> Recipe:
-        return Recipe.from_config(self.phases)
-
-    @property
-    def variants(self) -> dict[float, Recipe]:
-        """Sparsity -> recipe for every swept sparsity (the recipe's own sparsity is the main chain)."""
-        main = self.recipe
-        first = next((p.sparsity for p in main.phases if p.prunes), None)
-        return {s: main if s == first else main.variant(s) for s in self.sweep}
-
-    @classmethod
-    def from_config(cls, config: Mapping, row: str) -> Experiment:
-        validate(config)
-        experiments = config["experiments"]
-        if row not in experiments:
-            raise ConfigError(f"config.experiments: no experiment {row!r} (have: {', '.join(experiments)})")
-        entry = experiments[row]
-        where = f"config.experiments.{row}"
-        data_root = config.get("data_root", "results/data")
-        real = (config.get("data") or {}).get(entry["dataset"])
-        prune = dict(entry.get("prune") or {})
-        if prune.get("include") is not None:
-            prune["include"] = tuple(prune["include"])
-        prune["exclude"] = tuple(prune.get("exclude", ()))
-        experiment = cls(
-            row=row,
-            track=entry["track"],
-            dataset=entry["dataset"],
-            data_dir=str(real) if real else str(Path(data_root) / entry["dataset"]),
-            output_dir=config.get("output_dir", "results"),
-            data_root=data_root,
-            model=dict(entry.get("model") or {}),
-            data=dict(entry.get("data") or {}),
-            eval=dict(entry.get("eval") or {}),
-            train=parse_dataclass(TrainHparams, entry.get("train"), f"{where}.train"),
-            prune=parse_dataclass(PruneHparams, prune, f"{where}.prune"),
-            phases=tuple(dict(p) for p in entry["phases"]),
-            sweep=tuple(entry.get("sweep") or ()),
-            device=config.get("device", "auto"),
-            threads=config.get("threads", 1),
-            wandb=parse_dataclass(WandbHparams, config.get("wandb"), "config.wandb"),
+def _check_shared_data(config: Config) -> None:
+    """Rows that share a data set must read the same one: it lives in one folder, prepared once."""
+    first: dict[str, RowSpec] = {}
+    for name, row in config.experiments.items():
+        other = first.setdefault(row.dataset, row)
+        if other is row or other.data_spec() == row.data_spec():
+            continue
+        if other.track != row.track:
+            raise ConfigError(
+                f"config.experiments.{name}.dataset: {row.dataset!r} is a {other.track} data set"
+            )
+        diff = differences(other.data_spec().source, row.data_spec().source)[0]
+        raise ConfigError(
+            f"config.experiments.{name}.data: shares data set {row.dataset!r} with {other.name} but generates or "
+            f"reads it differently ({diff})"
         )
-        try:
-            experiment.recipe  # noqa: B018 - validates the phase list now, not mid-pipeline
-        except ValueError as err:
-            raise ConfigError(f"{where}.{err}") from None
-        for sparsity in experiment.sweep:
-            try:
-                experiment.recipe.variant(sparsity)
-            except (ValueError, StopIteration) as err:
-                raise ConfigError(f"{where}.sweep: {err or 'the recipe has no sparse phase'}") from None
-        from dsd import tracks  # the track's own sections (model, data, eval) are typed by the track
-
-        for section, hparams in tracks.get(experiment.track).CONFIGS.items():
-            parse_dataclass(hparams, getattr(experiment, section), f"{where}.{section}")
-        return experiment
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    def data_only(self) -> Experiment:
-        """Only what preparing the data set reads. The data rule's input: a change to one row's model or recipe
-        must not regenerate data that other rows share (and so retrain them all)."""
-        return dataclasses.replace(
-            self, model={}, eval={}, train=TrainHparams(), prune=PruneHparams(), phases=(), sweep=(),
-            wandb=WandbHparams(),
-        )  # fmt: skip
-
-    @classmethod
-    def from_json(cls, text: str) -> Experiment:
-        raw = json.loads(text)
-        raw["train"] = TrainHparams(**raw["train"])
-        prune = raw["prune"]
-        raw["prune"] = PruneHparams(
-            include=None if prune["include"] is None else tuple(prune["include"]),
-            exclude=tuple(prune["exclude"]),
-        )
-        raw["wandb"] = WandbHparams(**raw["wandb"])
-        raw["phases"] = tuple(raw["phases"])
-        raw["sweep"] = tuple(raw.get("sweep") or ())
-        return cls(**raw)
 
 
-def rows(config: Mapping) -> list[str]:
-    selected = config.get("rows")
-    names = list(config["experiments"])
-    if selected is None:
-        return names
-    missing = [r for r in selected if r not in names]
-    if missing:
-        raise ConfigError(f"config.rows: {missing[0]!r} is not an experiment (have: {', '.join(names)})")
-    return list(selected)
+def check_patterns(config: Config) -> None:
+    """Every include / exclude pattern must match a parameter of its model (a typo would prune a layer)."""
+    from dsd.core.patterns import unmatched
+
+    names = tracks.parameter_names([(row.track, row.model) for row in config.experiments.values()])
+    for name, row in config.experiments.items():
+        known = names.get((row.track, fingerprint(hparams.as_dict(row.model))))
+        if known is None:
+            continue
+        for key in ("exclude", "include"):
+            typos = unmatched(known, getattr(row.prune, key) or ())
+            if typos:
+                index = list(getattr(row.prune, key)).index(typos[0])
+                close = difflib.get_close_matches(typos[0], known, n=1) or known[:1]
+                raise ConfigError(
+                    f"config.experiments.{name}.prune.{key}[{index}]: {typos[0]!r} matches no parameter of the "
+                    f"model (closest: {close[0]!r})"
+                )

@@ -10,6 +10,7 @@ As a command prefix (what the Snakemake rules use), the locks go with the comman
 
     python -m dsd.gpus 1 -- python -m dsd train ...
     python /path/to/dsd/gpus.py 2 --timeout 3600 -- torchrun ...   # same, without importing the dsd package
+    python /path/to/dsd/gpus.py 2 --dsd -- train ...                # python -m dsd train, under torchrun
 
 On a machine without GPUs (or with `n` = 0) nothing is locked and nothing is changed. This module imports
 only the standard library (torch only as a last resort to count devices), so the prefix costs milliseconds.
@@ -246,9 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait)")
     parser.add_argument("--quiet", action="store_true", help="do not print the devices chosen")
+    parser.add_argument(
+        "--dsd",
+        action="store_true",
+        help="the command is dsd's arguments: run `python -m dsd`, under torchrun when N > 1",
+    )
     args = parser.parse_args(argv)
     if not command:
         parser.error("give the command after --")
+    if args.dsd:
+        command = launcher(args.n) + command
     try:
         chosen = acquire(args.n, total=args.total, lock_dir=args.lock_dir, timeout=args.timeout)
     except (GPUTimeoutError, ValueError, RuntimeError, OSError) as err:

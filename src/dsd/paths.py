@@ -27,7 +27,7 @@ def checkpoint(run: Path) -> Path:
 
 
 def metrics(run: Path) -> Path:
-    """Per-epoch history and final test metrics of one phase; written after the checkpoint."""
+    """Per-epoch history of one phase (training loss, validation monitor); written after the checkpoint."""
     return Path(run) / "metrics.json"
 
 
@@ -36,9 +36,10 @@ def resume(run: Path) -> Path:
     return Path(run) / "resume.pt"
 
 
-def samples(run: Path) -> Path:
-    """A few test predictions (captions, transcripts) for the qualitative tables and figures."""
-    return Path(run) / "samples.json"
+def evaluation(run: Path) -> Path:
+    """Validation and test metrics of the phase's checkpoint, with a few test predictions (captions,
+    transcripts); written by the evaluation step."""
+    return Path(run) / "eval.json"
 
 
 def tables_dir(output_dir: str) -> Path:

@@ -46,11 +46,13 @@ WARM_MODULES = (
     "wandb.sdk.launch.inputs.internal",  # what wandb.init imports on every run (about a second)
     "jiwer",
     "dsd.cli",
-    "dsd.train",
-    "dsd.results",
-    "dsd.tracks.vision",
-    "dsd.tracks.captioning",
-    "dsd.tracks.speech",
+    "dsd.engine.trainer",
+    "dsd.engine.evaluation",
+    "dsd.engine.prepare",
+    "dsd.report.tables",
+    "dsd.tracks.vision.metric",
+    "dsd.tracks.captioning.metric",
+    "dsd.tracks.speech.metric",
 )
 _IMPORT_TIME_ENV = ("OMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA_", "PYTHON", "LD_", "WANDB_")
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)

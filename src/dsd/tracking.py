@@ -12,22 +12,24 @@ log = logging.getLogger(__name__)
 
 
 class Tracker:
-    def __init__(self, mode: str, project: str, entity: str | None, directory: Path, **init):
+    """One wandb run; `settings` None (a non-zero rank) or mode `disabled` track nothing."""
+
+    def __init__(self, settings, directory: Path, **init):
         self.run = None
-        if mode == "disabled":
+        if settings is None or settings.mode == "disabled":
             return
         try:
             import wandb
 
             directory.mkdir(parents=True, exist_ok=True)
             # no console capture, system-stats sampler or git probing: seconds per run on a 2-core CPU
-            settings = wandb.Settings(console="off", x_disable_stats=True, disable_git=True, silent=True)
+            quiet = wandb.Settings(console="off", x_disable_stats=True, disable_git=True, silent=True)
             self.run = wandb.init(
-                settings=settings,
-                project=project,
-                entity=entity,
+                settings=quiet,
+                project=settings.project,
+                entity=settings.entity,
                 dir=str(directory),
-                mode=mode,
+                mode=settings.mode,
                 reinit="finish_previous",
                 **init,
             )

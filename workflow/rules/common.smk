@@ -1,69 +1,75 @@
-# Config checks and the small lookups the rules share. Everything else lives in the dsd package.
+# The config, read and checked in depth before any job is planned (one line `dsd: error: ...` naming the key),
+# and the small lookups the rules share. Reading it imports no torch.
+import json
+import os
 import shlex
 import sys
 
 from dsd import gpus as dsd_gpus
-from dsd.tracks import captioning
+from dsd import hparams, paths
+from dsd import config as dsd_config
+from dsd import tracks
 
-dsd_config.expand_dotted(config)
+# --configfile as given, else the embedded default; --config values on top (read as YAML would read them)
+CONFIG_FILES = [str(f) for f in workflow.overwrite_configfiles] or [os.path.join(workflow.basedir, "configs", "default.yaml")]
 try:
-    for _row in dsd_config.rows(config):
-        dsd_config.Experiment.from_config(config, _row)
+    CONFIG = dsd_config.load_config(CONFIG_FILES, overrides=dict(workflow.config_settings.config))
 except dsd_config.ConfigError as err:
     sys.exit(f"dsd: error: {err}")
 
-ROWS = dsd_config.rows(config)  # the rows of the tables; EXPERIMENTS also has rows they depend on
-SEEDS = config.get("seeds", [0, 1, 2])
-OUT = config.get("output_dir", "results")
-DATA_ROOT = config.get("data_root", "results/data")
-EXPERIMENTS = {row: dsd_config.Experiment.from_config(config, row) for row in config["experiments"]}
+OPTIONS = CONFIG.options
+OUT, DATA_ROOT = OPTIONS.output_dir, OPTIONS.data_root
+ROWS, SEEDS = CONFIG.rows, CONFIG.seeds  # the rows of the tables; CONFIG.experiments also has rows they read
+RUN = shlex.quote(OPTIONS.to_json())  # run options: in the commands, never a rerun trigger
 PYTHON = sys.executable
 # Distinct GPUs per concurrent job (Snakemake only counts them); a stdlib-only script, so no torch import.
 GPUS = f"{PYTHON} {shlex.quote(dsd_gpus.__file__)}"
 
 
-def spec(row):
-    """The experiment as JSON: the rules' only way to pass configuration, and a rerun trigger."""
-    return EXPERIMENTS[row].to_json()
-
-
-def phases(row):
-    """Every phase a row trains: its recipe, the control, and the phases of each sparsity-sweep variant."""
-    names = [*EXPERIMENTS[row].recipe.names, "control"]
-    for recipe in EXPERIMENTS[row].variants.values():
-        names += [name for name in recipe.names if name not in names]
-    return names
+def phase_spec(row, seed, phase):
+    """What the phase's checkpoint depends on, as JSON: the training and evaluation rules' rerun trigger."""
+    return CONFIG.phase(row, int(seed), phase).to_json()
 
 
 def run_dir(row, seed, phase):
     return str(paths.run_dir(OUT, row, seed, phase))
 
 
+def evaluation_of(row, seed, phase):
+    return str(paths.evaluation(paths.run_dir(OUT, row, seed, phase)))
+
+
 def metrics_of(row, seed, phase):
     return str(paths.metrics(paths.run_dir(OUT, row, seed, phase)))
 
 
-def all_metrics():
-    return [metrics_of(row, seed, phase) for row in ROWS for seed in SEEDS for phase in phases(row)]
+def all_results():
+    runs = [(row, seed, phase) for row in ROWS for seed in SEEDS for phase in CONFIG.row(row).phase_names]
+    return [f(*run) for run in runs for f in (metrics_of, evaluation_of)]
+
+
+def features_file(row):
+    """Captioning: the image features the row trains on (None for other tracks)."""
+    if CONFIG.row(row).track != "captioning":
+        return None
+    return str(tracks.get("captioning").config.features_path(CONFIG.experiment(row)))
 
 
 def data_inputs(row):
-    """What a row's training needs besides the previous checkpoint: its prepared data (and image features)."""
-    inputs = [str(paths.prepared(DATA_ROOT, EXPERIMENTS[row].dataset))]
-    if EXPERIMENTS[row].track == "captioning" and captioning.encoder_source(EXPERIMENTS[row]):
-        inputs.append(str(captioning.features_path(EXPERIMENTS[row])))
-    return inputs
+    """What a row's jobs read besides checkpoints: its prepared data set (and image features)."""
+    inputs = [str(paths.prepared(DATA_ROOT, CONFIG.row(row).dataset))]
+    return inputs + ([features_file(row)] if features_file(row) else [])
 
 
 def previous_checkpoint(wildcards):
     """Input of a phase: the previous phase's final checkpoint (nothing for dense)."""
-    previous = EXPERIMENTS[wildcards.row].recipe.previous(wildcards.phase)
+    previous = CONFIG.phase(wildcards.row, int(wildcards.seed), wildcards.phase).previous()
     if previous is None:
         return []
-    return str(paths.checkpoint(paths.run_dir(OUT, wildcards.row, wildcards.seed, previous)))
+    return str(paths.checkpoint(paths.run_dir(OUT, wildcards.row, wildcards.seed, previous.phase)))
 
 
 wildcard_constraints:
-    row="|".join(EXPERIMENTS),
+    row="|".join(CONFIG.experiments),
     seed=r"\d+",
-    phase=r"dense|control|(sparse|redense)\d+(_s\d+)?",
+    phase=r"dense|control|(sparse|redense)\d+(_s[0-9.]+)?",

@@ -1,44 +1,55 @@
-# Data preparation: generate an embedded data set, or check a real one, once per data set.
+# Data preparation: generate an embedded data set, or check a real one, once per data set; then, for
+# captioning, the frozen CNN's features of every image, once per (data set, encoder).
 DATASET_ROW = {}
-for _row in ROWS:
-    DATASET_ROW.setdefault(EXPERIMENTS[_row].dataset, _row)
+for _name, _row in CONFIG.experiments.items():
+    DATASET_ROW.setdefault(_row.dataset, _name)
 
 
 rule prepare_data:
     output:
         str(paths.prepared(DATA_ROOT, "{dataset}")),
     params:
-        spec=lambda w: EXPERIMENTS[DATASET_ROW[w.dataset]].data_only().to_json(),  # rerun only on data changes
+        spec=lambda w: CONFIG.row(DATASET_ROW[w.dataset]).data_spec().to_json(),  # only what preparing reads
     log:
         str(paths.logs_dir(OUT) / "prepare_{dataset}.log"),
     benchmark:
         str(paths.benchmarks_dir(OUT) / "rules" / "prepare_{dataset}.tsv")
     shell:
-        "{PYTHON} -m dsd prepare --spec {params.spec:q} 2> {log:q}"
+        "{PYTHON} -m dsd prepare --spec {params.spec:q} --options {RUN} 2> {log:q}"
 
 
-def encoder_checkpoint(row):
-    encoder_row, seed = captioning.encoder_source(EXPERIMENTS[row])
-    return str(paths.checkpoint(paths.run_dir(OUT, encoder_row, seed, "dense")))
+def encoder_inputs(row):
+    data = CONFIG.row(row).data
+    if not data.encoder_row:
+        return []
+    return [str(paths.checkpoint(paths.run_dir(OUT, data.encoder_row, data.encoder_seed, "dense")))]
 
 
-for _row, _exp in EXPERIMENTS.items():
-    if _exp.track != "captioning" or not captioning.encoder_source(_exp):
-        continue
+def encoder_args(row):
+    data = CONFIG.row(row).data
+    if not data.encoder_row:
+        return ""
+    spec = phase_spec(data.encoder_row, data.encoder_seed, "dense")
+    return f"--encoder-spec {shlex.quote(spec)} --encoder-checkpoint {shlex.quote(encoder_inputs(row)[0])}"
+
+
+FEATURES = {features_file(row): row for row in CONFIG.experiments if features_file(row)}  # one job per file
+
+for _path, _row in FEATURES.items():
 
     rule:
         name:
             f"image_features_{_row}"
         input:
-            data=str(paths.prepared(DATA_ROOT, _exp.dataset)),
-            encoder=encoder_checkpoint(_row),
+            data=str(paths.prepared(DATA_ROOT, CONFIG.row(_row).dataset)),
+            encoder=encoder_inputs(_row),
         output:
-            str(captioning.features_path(_exp)),
+            _path,
         params:
-            spec=spec(_row),
-            encoder_spec=EXPERIMENTS[captioning.encoder_source(_exp)[0]].to_json(),
+            # the file's name changes with the data set, encoder and image size; the row's dense spec covers the rest
+            spec=phase_spec(_row, 0, "dense"),
+            encoder=encoder_args(_row),
         log:
             str(paths.logs_dir(OUT) / f"features_{_row}.log"),
         shell:
-            "{PYTHON} -m dsd features --spec {params.spec:q} --encoder-spec {params.encoder_spec:q}"
-            " --encoder-checkpoint {input.encoder:q} 2> {log:q}"
+            "{PYTHON} -m dsd features --spec {params.spec:q} {params.encoder} --options {RUN} 2> {log:q}"

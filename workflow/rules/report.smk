@@ -1,21 +1,22 @@
-# Tables (and later plots and the report) from every finished run.
+# Tables and figures from every finished run (its training record and its evaluation).
+ROW_SPECS = " ".join(f"--spec {shlex.quote(CONFIG.row(row).to_json())}" for row in ROWS)
 
 
 rule tables:
     input:
-        all_metrics(),
+        all_results(),
     output:
         csv=report(str(paths.tables_dir(OUT) / "paper_comparison.csv"), caption="../report/comparison.rst", category="Tables"),
         md=str(paths.tables_dir(OUT) / "paper_comparison.md"),
         phases=report(str(paths.tables_dir(OUT) / "phases.csv"), caption="../report/phases.rst", category="Tables"),
     params:
-        specs=" ".join(f"--spec {shlex.quote(spec(row))}" for row in ROWS),
+        specs=ROW_SPECS,
         seeds=" ".join(str(s) for s in SEEDS),
         out=str(paths.tables_dir(OUT)),
     log:
         str(paths.logs_dir(OUT) / "tables.log"),
     shell:
-        "{PYTHON} -m dsd table {params.specs} --seeds {params.seeds} --out {params.out:q} 2> {log:q}"
+        "{PYTHON} -m dsd table {params.specs} --seeds {params.seeds} --options {RUN} --out {params.out:q} 2> {log:q}"
 
 
 rule plots:
@@ -29,10 +30,10 @@ rule plots:
             for row in ROWS
         ],
     params:
-        specs=" ".join(f"--spec {shlex.quote(spec(row))}" for row in ROWS),
+        specs=ROW_SPECS,
         seeds=" ".join(str(s) for s in SEEDS),
         out=str(paths.plots_dir(OUT)),
     log:
         str(paths.logs_dir(OUT) / "plots.log"),
     shell:
-        "{PYTHON} -m dsd plots {params.specs} --seeds {params.seeds} --out {params.out:q} 2> {log:q}"
+        "{PYTHON} -m dsd plots {params.specs} --seeds {params.seeds} --options {RUN} --out {params.out:q} 2> {log:q}"

@@ -10,17 +10,16 @@ rule train_phase:
         model=str(paths.checkpoint(paths.run_dir(OUT, "{row}", "{seed}", "{phase}"))),
         metrics=str(paths.metrics(paths.run_dir(OUT, "{row}", "{seed}", "{phase}"))),
     params:
-        spec=lambda w: spec(w.row),
-        init=lambda w, input: f"--init {input.init}" if input.init else "",
+        spec=lambda w: phase_spec(w.row, w.seed, w.phase),  # the rerun trigger: what the checkpoint depends on
+        init=lambda w, input: f"--init {shlex.quote(input.init)}" if input.init else "",
         out=lambda w: run_dir(w.row, w.seed, w.phase),
-        dsd=lambda w, resources: shlex.join(dsd_gpus.launcher(resources.gpu, PYTHON)),
-    threads: config.get("threads", 1)
+    threads: OPTIONS.threads
     resources:
-        gpu=config.get("gpus_per_job", 1),
+        gpu=OPTIONS.gpus_per_job,
     log:
         str(paths.logs_dir(OUT) / "{row}" / "seed{seed}" / "{phase}.log"),
     benchmark:
         str(paths.benchmarks_dir(OUT) / "rules" / "{row}" / "seed{seed}" / "{phase}.tsv")
     shell:
-        "{GPUS} {resources.gpu} -- {params.dsd} train --spec {params.spec:q} --seed {wildcards.seed} --phase {wildcards.phase}"
-        " {params.init} --out {params.out:q} 2> {log:q}"
+        "{GPUS} {resources.gpu} --dsd -- train --spec {params.spec:q} --options {RUN} {params.init}"
+        " --out {params.out:q} 2> {log:q}"

@@ -1,34 +1,104 @@
-"""The three tracks of the paper. Every track module has the same shape, so the trainer needs no branches:
+"""The paper's three tracks, one subpackage each, with the same files:
 
-METRIC: str                     primary metric key, as in the paper's table (e.g. "top1_error_pct")
-HIGHER_IS_BETTER: bool
-DATASETS: dict[str, Callable[[Experiment], dict]]
-    dataset name -> prepare(exp): generate the embedded data set under exp.data_dir, or check a real
-    one there; returns a small JSON-able summary. Raises DataError (one line naming the file) if bad.
-CONFIGS: dict[str, type]        typed hparams of the experiment's "model", "data", "eval" sections
-build_model(exp) -> nn.Module
-train_loader(exp, seed, epoch, skip_batches=0) -> DataLoader   (built with dsd.data.loader)
-eval_loader(exp, split: str) -> DataLoader               split in {"val", "test"}
-loss(model, batch, device) -> Tensor                     forward + loss on one training batch
-evaluate(model, exp, split, device) -> dict[str, float]  includes METRIC
-samples(model, exp, device, n) -> list[dict]             a few test predictions (may return [])
-check(exp) -> None                                       before training: raise what evaluation would
-                                                         fail on at the end of the first epoch
+    config.py     typed model / data / eval sections, METRIC, HIGHER_IS_BETTER, DATASETS (plain Python)
+    model.py      build(exp) -> nn.Module; parameter_names(model section) on the meta device
+    data.py       prepare(exp), sources(exp), train_loader(exp, seed, epoch, skip_batches), eval_loader(exp, split)
+    metric.py     loss(model, batch, device); evaluate(model, exp, split, device, samples) -> (metrics, samples);
+                  monitor(model, exp, device) -> the per-epoch validation metrics; check(exp)
+    synthetic.py  the embedded data set, generated from a seed
+
+`get(name).config` imports no torch; the other modules load on first use, so the config path stays fast.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import ModuleType
 
-from dsd.errors import DataError
+from dsd.errors import ConfigError
 
-__all__ = ["TRACKS", "DataError", "get"]
-
-TRACKS = ("vision", "captioning", "speech")
+NAMES = ("vision", "captioning", "speech")
 
 
-def get(name: str) -> ModuleType:
-    if name not in TRACKS:
-        raise ValueError(f"unknown track {name!r} (expected one of {', '.join(TRACKS)})")
-    return importlib.import_module(f"dsd.tracks.{name}")
+class Track:
+    """One track's modules, each imported when first used."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, module: str) -> ModuleType:
+        if module not in ("config", "model", "data", "metric", "synthetic"):
+            raise AttributeError(module)
+        loaded = importlib.import_module(f"dsd.tracks.{self.name}.{module}")
+        setattr(self, module, loaded)
+        return loaded
+
+
+_TRACKS: dict[str, Track] = {}
+
+
+def get(name: str) -> Track:
+    if name not in NAMES:
+        raise ConfigError(f"unknown track {name!r} (expected one of {', '.join(NAMES)})")
+    return _TRACKS.setdefault(name, Track(name))
+
+
+# ------------------------------------------------------------------ parameter names, for config checks
+
+
+def cache_dir() -> Path:
+    """Per-user cache: $DSD_CACHE_DIR, else $XDG_CACHE_HOME/dsd, else ~/.cache/dsd."""
+    explicit = os.environ.get("DSD_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsd"
+
+
+def _code_stamp(track: str) -> str:
+    """Changes with the track's model code, so cached parameter names never outlive it."""
+    source = Path(__file__).parent / track / "model.py"
+    st = source.stat()
+    return f"{st.st_mtime_ns:x}{st.st_size:x}"
+
+
+def parameter_names(requests) -> dict[tuple[str, str], list[str]]:
+    """(track, model section) -> the model's parameter names, keyed by (track, section fingerprint).
+
+    Building a model needs torch, which the config path does not import: names come from a per-user cache,
+    and the missing ones from one `python -m dsd.tracks.names` that builds the models on the meta device (no
+    memory, no weights). Where torch cannot be imported, the names are missing and the check is skipped.
+    """
+    from dsd import hparams
+    from dsd.spec import fingerprint
+
+    out, todo = {}, []
+    for track, model in requests:
+        section = hparams.as_dict(model)
+        key = (track, fingerprint(section))
+        path = cache_dir() / "parameter-names" / f"{track}-{_code_stamp(track)}-{key[1]}.json"
+        if key in out:
+            continue
+        if path.is_file():
+            out[key] = json.loads(path.read_text())
+        else:
+            todo.append((key, {"track": track, "model": section, "path": str(path)}))
+    if todo:
+        done = subprocess.run(
+            [sys.executable, "-m", "dsd.tracks.names"],
+            input=json.dumps([request for _, request in todo]),
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"dsd: warning: prune patterns not checked here ({reason})", file=sys.stderr)
+        for key, request in todo:
+            path = Path(request["path"])
+            if path.is_file():
+                out[key] = json.loads(path.read_text())
+    return out

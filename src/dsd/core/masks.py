@@ -8,25 +8,16 @@ cannot revive them.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from dsd.core.patterns import matches, unmatched
+from dsd.core.schedule import check_sparsity
+
 STATE_VERSION = 1
-
-
-def check_sparsity(sparsity: float) -> float:
-    """Sparsity is the fraction pruned: 0 keeps everything, 1 would delete the tensor."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    return float(sparsity)
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def prunable_parameters(
@@ -40,9 +31,9 @@ def prunable_parameters(
     exclude, include = tuple(exclude), None if include is None else tuple(include)
     chosen = {}
     for name, param in model.named_parameters():  # shared parameters are listed once, under their first name
-        if param.dim() < 2 or _matches(name, exclude):
+        if param.dim() < 2 or matches(name, exclude):
             continue
-        if include is not None and not _matches(name, include):
+        if include is not None and not matches(name, include):
             continue
         chosen[name] = param
     return chosen
@@ -109,6 +100,10 @@ class Pruner:
         self.exclude = tuple(exclude)
         self.include = None if include is None else tuple(include)
         if _masks is None:
+            names = [n for n, _ in model.named_parameters()]
+            typos = unmatched(names, (*self.exclude, *(self.include or ())))
+            if typos:
+                raise ValueError(f"pattern {typos[0]!r} (exclude/include) matches no parameter of the model")
             self._params = prunable_parameters(model, self.exclude, self.include)
             self.masks = {n: magnitude_mask(p, self.target_sparsity) for n, p in self._params.items()}
         else:

@@ -110,6 +110,12 @@ def render(rng: np.random.Generator, label: int, size: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def _split_index(split: str) -> int:
+    """A split's stream of the generator: fixed by name, never by the order the splits were listed in."""
+    known = list(SPLITS)
+    return known.index(split) if split in known else len(known) + sum(map(ord, split))
+
+
 def generate(out_dir: str | Path, seed: int = 0, size: int = 32, per_class: dict | None = None) -> dict:
     """Write the data set; returns a summary. Same seed and sizes -> identical files."""
     out_dir = Path(out_dir)
@@ -119,8 +125,7 @@ def generate(out_dir: str | Path, seed: int = 0, size: int = 32, per_class: dict
     for split, label in tqdm(jobs, desc="shapes", unit="class", leave=False):
         folder = out_dir / split / CLASSES[label]
         folder.mkdir(parents=True, exist_ok=True)
-        split_index = list(per_class).index(split)
-        rng = np.random.default_rng([seed, split_index, label])
+        rng = np.random.default_rng([seed, _split_index(split), label])
         for i in range(per_class[split]):
             render(rng, label, size).save(folder / f"{CLASSES[label]}_{i:05d}.jpg", quality=90)
         counts[split] = counts.get(split, 0) + per_class[split]

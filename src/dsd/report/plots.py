@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
@@ -22,9 +21,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from dsd import paths  # noqa: E402
-from dsd.masks import unpack_mask  # noqa: E402
-from dsd.results import chosen_final_phase, read_metrics, rel_gain_pct, sweep_rows  # noqa: E402
-from dsd.schedule import CONTROL, Recipe  # noqa: E402
+from dsd.core.masks import unpack_mask  # noqa: E402
+from dsd.core.schedule import CONTROL, Recipe  # noqa: E402
+from dsd.report.tables import chosen_final_phase, read_eval, read_metrics, rel_gain_pct, sweep_rows  # noqa: E402
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
@@ -45,9 +44,9 @@ def gains(
     for row in rows:
         per_seed_base, per_seed_ctrl = [], []
         for seed in seeds:
-            dense = read_metrics(output_dir, row, seed, "dense")
-            final = read_metrics(output_dir, row, seed, dsd_phase[row])
-            control = read_metrics(output_dir, row, seed, CONTROL)
+            dense = read_eval(output_dir, row, seed, "dense")
+            final = read_eval(output_dir, row, seed, dsd_phase[row])
+            control = read_eval(output_dir, row, seed, CONTROL)
             metric, higher = dense["metric"], dense["higher_is_better"]
             value = final["test"][metric]
             per_seed_base.append(rel_gain_pct(dense["test"][metric], value, higher))
@@ -116,7 +115,7 @@ def curves(output_dir: str, seeds, recipes: dict[str, Recipe], out: Path) -> lis
                 if ax is top:
                     ax.text(b + 0.6, 1.0, phase, transform=ax.get_xaxis_transform(), fontsize=7, va="top")
         top.set_title(row)
-        top.set_ylabel(f"val {metric}")
+        top.set_ylabel(f"val {metric} (monitor)")
         bottom.set_ylabel("train loss")
         bottom.set_xlabel("epoch")
         top.legend(fontsize=7)
@@ -162,7 +161,7 @@ def captions(output_dir: str, row: str, seed: int, recipe: Recipe, out: Path, n:
     from PIL import Image
 
     def read(phase):
-        return json.loads(paths.samples(paths.run_dir(output_dir, row, seed, phase)).read_text())["samples"]
+        return read_eval(output_dir, row, seed, phase)["samples"]
 
     dense, dsd = read("dense"), read(recipe.final)
     n = min(n, len(dense))
@@ -183,31 +182,30 @@ def captions(output_dir: str, row: str, seed: int, recipe: Recipe, out: Path, n:
     return _save(fig, out, f"captions_{row}")
 
 
-def sweep(exp, seeds, out: Path) -> list[Path]:
-    rows = pd.DataFrame(sweep_rows(exp, seeds))
+def sweep(spec, seeds, output_dir: str, out: Path) -> list[Path]:
+    rows = pd.DataFrame(sweep_rows(spec, seeds, output_dir))
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
     for split, style in (("val", "o-"), ("test", "s--")):
         x, y, err = 100 * rows["sparsity"], rows[f"{split}_mean"], rows[f"{split}_std"]
         ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=split)
-    _, chosen = chosen_final_phase(exp, seeds)
+    _, chosen = chosen_final_phase(spec, seeds, output_dir)
     ax.axvline(100 * chosen, color="gray", linestyle=":", label=f"chosen on val: {100 * chosen:.0f}%")
     ax.set_xlabel("sparsity of the sparse phase, %")
     ax.set_ylabel(f"{rows['metric'][0]} after re-dense")
-    ax.set_title(f"{exp.row}: metric vs sparsity ({len(seeds)} seeds)")
+    ax.set_title(f"{spec.name}: metric vs sparsity ({len(seeds)} seeds)")
     ax.legend(fontsize=8)
-    return _save(fig, out, f"sweep_{exp.row}")
+    return _save(fig, out, f"sweep_{spec.name}")
 
 
-def write_plots(experiments, seeds, out: str | Path) -> list[Path]:
+def write_plots(specs, seeds, output_dir: str, out: str | Path) -> list[Path]:
     out = Path(out)
-    output_dir = experiments[0].output_dir
-    recipes = {exp.row: exp.recipe for exp in experiments}
+    recipes = {row.name: row.recipe for row in specs}
     comparison = pd.read_csv(paths.tables_dir(output_dir) / "paper_comparison.csv")
     files = gains(comparison, output_dir, seeds, recipes, out) + curves(output_dir, seeds, recipes, out)
-    for exp in experiments:
-        files += weight_histograms(output_dir, exp.row, seeds[0], exp.recipe, out)
-        if exp.track == "captioning":
-            files += captions(output_dir, exp.row, seeds[0], exp.recipe, out)
-        if exp.sweep:
-            files += sweep(exp, seeds, out)
+    for row in specs:
+        files += weight_histograms(output_dir, row.name, seeds[0], row.recipe, out)
+        if row.track == "captioning":
+            files += captions(output_dir, row.name, seeds[0], row.recipe, out)
+        if row.sweep:
+            files += sweep(row, seeds, output_dir, out)
     return files

@@ -8,15 +8,19 @@ continues from `dense` for as many epochs, with the same learning rates, as all 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-
-from dsd.masks import check_sparsity
 
 KINDS = ("dense", "sparse", "redense")
 CONTROL = "control"
 REDENSE_LR_FACTOR = 0.1
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Sparsity is the fraction pruned: 0 keeps everything, 1 would delete the tensor."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
 
 
 @dataclass(frozen=True)
@@ -90,19 +94,21 @@ class Recipe:
 
     def variant(self, sparsity: float) -> Recipe:
         """The same recipe with another sparsity for its first sparse phase; later phases get the suffix
-        `_s<percent>` (`sparse1_s50`, `redense1_s50`) so a sparsity sweep shares only the dense phase."""
+        `_s<percent>` (`sparse1_s50`, `redense1_s82.5`) so a sparsity sweep shares only the dense phase.
+        The name only labels the variant: the sparsity itself travels in the phase."""
         check_sparsity(sparsity)
         tag = sweep_tag(sparsity)
-        first = next(i for i, p in enumerate(self.phases) if p.prunes)
+        first = next((i for i, p in enumerate(self.phases) if p.prunes), None)
+        if first is None:
+            raise ValueError("the recipe has no sparse phase to sweep")
         phases = list(self.phases[:first])
         for i, p in enumerate(self.phases[first:], start=first):
             phases.append(replace(p, name=f"{p.name}_{tag}", sparsity=sparsity if i == first else p.sparsity))
         return Recipe(tuple(phases))
 
-    def resolve(self, name: str) -> Recipe:
-        """The recipe (this one or a sweep variant) that has a phase called `name`."""
-        match = re.fullmatch(r".+_s(\d+)", name)
-        return self.variant(int(match.group(1)) / 100) if match else self
+    def chain(self, name: str) -> tuple[Phase, ...]:
+        """The phases a phase's checkpoint depends on: itself and every phase before it."""
+        return self.phases[: self.names.index(self[name].name) + 1]
 
     @property
     def names(self) -> list[str]:
@@ -120,9 +126,8 @@ class Recipe:
         """The phase whose final checkpoint this phase starts from (None for the first phase)."""
         if name == CONTROL:
             return self.phases[0].name
-        recipe = self.resolve(name)
-        index = recipe.names.index(recipe[name].name)
-        return recipe.names[index - 1] if index else None
+        index = self.names.index(self[name].name)
+        return self.names[index - 1] if index else None
 
     @property
     def final(self) -> str:
@@ -138,7 +143,8 @@ class Recipe:
 
 
 def sweep_tag(sparsity: float) -> str:
-    return f"s{round(sparsity * 100):02d}"
+    """`s50` for 0.5, `s82.5` for 0.825: the percentage, exact to 1e-6 %."""
+    return "s" + f"{round(sparsity * 100, 6):.6f}".rstrip("0").rstrip(".")
 
 
 def lr_at(base_lr: float, step: int, total_steps: int, schedule: str) -> float:

@@ -7,7 +7,7 @@ Rates, pitches and additive noise at a random SNR keep the task from being trivi
 
 Determinism: eSpeak NG keeps static state between calls (pitch-flutter phase, AGC) and its "breath" variants
 use an unseeded rand(). So variants with breath are not used, and each speaker is synthesised in a fresh
-worker process (`python -m dsd.spoken`), whose output then depends only on that speaker's requests. Every
+worker process (this file run as a script), whose output then depends only on that speaker's requests. Every
 random choice comes from a generator seeded by (seed, split, speaker): a fixed seed gives identical samples.
 """
 

@@ -18,7 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from dsd import paths
-from dsd.schedule import CONTROL, Recipe
+from dsd.core.schedule import CONTROL, Recipe
 
 
 def paper_headline() -> pd.DataFrame:
@@ -32,7 +32,14 @@ def paper_phases() -> pd.DataFrame:
 
 
 def read_metrics(output_dir: str, row: str, seed: int, phase: str) -> dict:
+    """A phase's training record: per-epoch history, epochs, LR, sparsity, wall time."""
     path = paths.metrics(paths.run_dir(output_dir, row, seed, phase))
+    return json.loads(Path(path).read_text())
+
+
+def read_eval(output_dir: str, row: str, seed: int, phase: str) -> dict:
+    """A phase's evaluation: validation and test metrics of its final checkpoint, a few test predictions."""
+    path = paths.evaluation(paths.run_dir(output_dir, row, seed, phase))
     return json.loads(Path(path).read_text())
 
 
@@ -70,16 +77,16 @@ def _std(values) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
-def sweep_rows(exp, seeds) -> list[dict]:
+def sweep_rows(row, seeds, output_dir: str) -> list[dict]:
     """Per swept sparsity: validation and test metric of the final phase over seeds."""
     rows = []
-    for sparsity, recipe in sorted(exp.variants.items()):
-        runs = [read_metrics(exp.output_dir, exp.row, s, recipe.final) for s in seeds]
+    for sparsity, recipe in sorted(row.variants.items()):
+        runs = [read_eval(output_dir, row.name, s, recipe.final) for s in seeds]
         metric = runs[0]["metric"]
         val, test = [r["val"][metric] for r in runs], [r["test"][metric] for r in runs]
         rows.append(
             {
-                "row": exp.row,
+                "row": row.name,
                 "sparsity": sparsity,
                 "final_phase": recipe.final,
                 "metric": metric,
@@ -93,11 +100,11 @@ def sweep_rows(exp, seeds) -> list[dict]:
     return rows
 
 
-def chosen_final_phase(exp, seeds) -> tuple[str, float | None]:
+def chosen_final_phase(row, seeds, output_dir: str) -> tuple[str, float | None]:
     """The phase that stands for DSD: the recipe's final phase, or the sweep's best on the validation set."""
-    if not exp.sweep:
-        return exp.recipe.final, None
-    rows = sweep_rows(exp, seeds)
+    if not row.sweep:
+        return row.recipe.final, None
+    rows = sweep_rows(row, seeds, output_dir)
     pick = max if rows[0]["higher_is_better"] else min
     best = pick(rows, key=lambda r: r["val_mean"])
     return best["final_phase"], best["sparsity"]
@@ -105,10 +112,10 @@ def chosen_final_phase(exp, seeds) -> tuple[str, float | None]:
 
 def comparison_row(output_dir: str, row: str, seeds, final_phase: str) -> dict:
     runs = {
-        seed: {name: read_metrics(output_dir, row, seed, name) for name in ("dense", final_phase, CONTROL)}
+        seed: {name: read_eval(output_dir, row, seed, name) for name in ("dense", final_phase, CONTROL)}
         for seed in seeds
     }
-    first = runs[seeds[0]]["dense"]
+    first = runs[seeds[0]]["dense"] | {"dataset": read_metrics(output_dir, row, seeds[0], "dense")["dataset"]}
     metric, higher = first["metric"], first["higher_is_better"]
     base = [runs[s]["dense"]["test"][metric] for s in seeds]
     dsd = [runs[s][final_phase]["test"][metric] for s in seeds]
@@ -159,6 +166,7 @@ def phase_rows(output_dir: str, row: str, seeds, recipe: Recipe) -> list[dict]:
     for seed in seeds:
         for name in [*recipe.names, CONTROL]:
             m = read_metrics(output_dir, row, seed, name)
+            e = read_eval(output_dir, row, seed, name)
             rows.append(
                 {
                     "row": row,
@@ -166,8 +174,8 @@ def phase_rows(output_dir: str, row: str, seeds, recipe: Recipe) -> list[dict]:
                     "phase": name,
                     "kind": m["kind"],
                     "metric": m["metric"],
-                    "test_value": m["test"][m["metric"]],
-                    "val_value": m["val"][m["metric"]],
+                    "test_value": e["test"][m["metric"]],
+                    "val_value": e["val"][m["metric"]],
                     "target_sparsity": m["target_sparsity"],
                     "measured_sparsity": m["measured_sparsity"],
                     "epochs": m["epochs"],
@@ -184,12 +192,9 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 def samples_table(output_dir: str, row: str, seed: int, recipe: Recipe) -> pd.DataFrame | None:
     """Reference vs dense vs DSD outputs on the first test items (captions, transcripts)."""
-    files = {
-        name: paths.samples(paths.run_dir(output_dir, row, seed, name)) for name in ("dense", recipe.final)
-    }
-    if not all(f.exists() for f in files.values()):
+    dense, dsd = (read_eval(output_dir, row, seed, name).get("samples") for name in ("dense", recipe.final))
+    if not dense or not dsd:
         return None
-    dense, dsd = (json.loads(f.read_text())["samples"] for f in files.values())
     return pd.DataFrame(
         {
             "item": [s.get("id") or Path(s.get("image", "")).name for s in dense],
@@ -221,22 +226,23 @@ def runtime_rows(output_dir: str, rows, seeds, cores: int | None = None) -> list
     return out
 
 
-def write_tables(experiments, seeds, out_dir: str | Path) -> pd.DataFrame:
+def write_tables(specs, seeds, output_dir: str, out_dir: str | Path) -> pd.DataFrame:
     """paper_comparison.{csv,md}, phases.{csv,md}, runtime.{csv,md}, sweep_<row>.csv and samples_<row>.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)
-    output_dir = experiments[0].output_dir
-    recipes = {exp.row: exp.recipe for exp in experiments}
+    recipes = {row.name: row.recipe for row in specs}
     rows = []
-    for exp in experiments:
-        final, chosen = chosen_final_phase(exp, seeds)
+    for row in specs:
+        final, chosen = chosen_final_phase(row, seeds, output_dir)
         rows.append(
-            comparison_row(output_dir, exp.row, seeds, final)
+            comparison_row(output_dir, row.name, seeds, final)
             | {"dsd_phase": final, "chosen_sparsity": chosen}
         )
-        if exp.sweep:
-            pd.DataFrame(sweep_rows(exp, seeds)).to_csv(out_dir / f"sweep_{exp.row}.csv", index=False)
+        if row.sweep:
+            pd.DataFrame(sweep_rows(row, seeds, output_dir)).to_csv(
+                out_dir / f"sweep_{row.name}.csv", index=False
+            )
     comparison = pd.DataFrame(rows)
     phases = pd.DataFrame([p for r, rec in recipes.items() for p in phase_rows(output_dir, r, seeds, rec)])
     comparison.to_csv(out_dir / "paper_comparison.csv", index=False)

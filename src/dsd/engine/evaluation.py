@@ -1,0 +1,72 @@
+"""Evaluate a phase's final checkpoint on the validation and test splits, with the row's eval settings.
+
+Evaluation is its own step: its identity is the checkpoint's plus the eval settings (decoder, beam, lexicon,
+LM, batch size), so switching how models are evaluated re-runs this step only, never training. A checkpoint
+trained for another spec than the one given is refused, unless asked (`any_spec`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dsd import hparams, tracks
+from dsd.core.masks import Pruner
+from dsd.engine import checkpoint, distributed, prepare, resume
+from dsd.errors import CheckpointError
+from dsd.spec import PhaseSpec, RunOptions, fingerprint
+
+SAMPLES = 8  # test items kept with their predictions (captions, transcripts) for the qualitative tables
+
+
+def eval_fingerprint(spec: PhaseSpec, eval_section) -> str:
+    return fingerprint({"checkpoint": spec.fingerprint, "eval": hparams.as_dict(eval_section)})
+
+
+def evaluate_checkpoint(
+    spec: PhaseSpec,
+    eval_section,
+    path: str | Path,
+    options: RunOptions = RunOptions(),
+    splits: tuple[str, ...] = ("val", "test"),
+    any_spec: bool = False,
+) -> dict:
+    exp = spec.experiment(options, eval_section)
+    track = tracks.get(exp.track)
+    track.metric.check(exp)
+    state = checkpoint.load(path)
+    saved = state.get("identity") or {}
+    why = resume.mismatch(saved, resume.identity(spec, prepare.data_fingerprint(exp)))
+    if why is not None and not any_spec:
+        raise CheckpointError(
+            f"{path}: trained for another spec than {spec.row} seed {spec.seed} {spec.phase} of this config "
+            f"({why}); --any-spec evaluates it anyway"
+        )
+    device = distributed.resolve_device(options.device)
+    if device.type == "cpu":
+        torch.set_num_threads(options.threads)
+    model = track.model.build(exp)
+    checkpoint.load_model(model, state, path)
+    model.to(device)
+    result = {
+        "row": spec.row,
+        "seed": spec.seed,
+        "phase": spec.phase,
+        "checkpoint": str(path),
+        "fingerprint": saved.get("fingerprint"),
+        "spec_matches": why is None,
+        "eval": hparams.as_dict(eval_section),
+        "eval_fingerprint": eval_fingerprint(spec, eval_section),
+        "metric": track.config.METRIC,
+        "higher_is_better": track.config.HIGHER_IS_BETTER,
+        "sparsity": Pruner.from_state_dict(model, state["pruner"]).overall_sparsity()
+        if state.get("pruner")
+        else 0.0,
+    }
+    for split in splits:
+        metrics, samples = track.metric.evaluate(model, exp, split, device, SAMPLES if split == "test" else 0)
+        result[split] = metrics
+        if samples:
+            result["samples"] = samples
+    return result

@@ -1,0 +1,91 @@
+"""Preparing a data set once: generate it or check it, and name its content.
+
+`<data_root>/<dataset>.prepared.json` is written last, so its presence means the data set is complete and
+checked. It holds the data set's fingerprint: for a generated data set the hash of its generator settings
+(generation is deterministic), for a real one the hash of every source file's path, size and modification
+time. Caches derived from the data carry that fingerprint, and checkpoints record it, so nothing computed
+from other data is ever taken for this data's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from dsd import paths, tracks
+from dsd.errors import DataError
+from dsd.spec import Experiment, fingerprint
+
+
+def marker(exp: Experiment) -> Path:
+    return paths.prepared(exp.options.data_root, exp.dataset)
+
+
+def read_marker(exp: Experiment) -> dict:
+    path = marker(exp)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: data set {exp.dataset!r} is not prepared (run: dsd prepare --config ... --row {exp.row})"
+        )
+    return json.loads(path.read_text())
+
+
+def data_fingerprint(exp: Experiment) -> str:
+    return read_marker(exp)["fingerprint"]
+
+
+def content_fingerprint(exp: Experiment) -> str:
+    """Generated data: its settings. Real data: every source file's relative path, size and mtime."""
+    spec = exp.data_spec()
+    if exp.generated:
+        return fingerprint({"generated": spec.fingerprint})
+    digest = hashlib.sha256(spec.fingerprint.encode())
+    for source in tracks.get(exp.track).data.sources(exp):
+        for entry in _listing(Path(source)):
+            digest.update(entry.encode())
+    return digest.hexdigest()[:16]
+
+
+def _listing(root: Path):
+    if not root.exists():
+        yield f"{root}\0missing\n"
+        return
+    if root.is_file():
+        st = root.stat()
+        yield f"{root.name}\0{st.st_size}\0{st.st_mtime_ns}\n"
+        return
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir():
+                stack.append(Path(entry.path))
+            else:
+                st = entry.stat()
+                yield f"{os.path.relpath(entry.path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+
+
+def prepare(exp: Experiment) -> dict:
+    """Generate or check the data set, build its caches, and write the marker last."""
+    path = marker(exp)
+    path.unlink(missing_ok=True)  # a data set being rewritten must not look prepared
+    data_fp = content_fingerprint(exp)
+    summary = tracks.get(exp.track).data.prepare(exp, data_fp)
+    if not exp.generated:  # a real data set may have changed while it was checked
+        data_fp = content_fingerprint(exp)
+    record = {
+        "dataset": exp.dataset,
+        "path": exp.data_dir,
+        "spec": json.loads(exp.data_spec().to_json()),
+        "fingerprint": data_fp,
+        "summary": summary,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return record

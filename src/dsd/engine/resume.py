@@ -1,0 +1,93 @@
+"""What a phase checkpoint holds, and the checks that keep a stale one from being used.
+
+A checkpoint (`resume.pt` mid-phase, `model.pt` at the end) holds the weights, optimizer and scaler state,
+the masks (bit-packed), the per-epoch history, the position in the phase, the RNG state, and the phase's
+identity: its spec fingerprint, the spec itself (so a mismatch can be named key by key) and the data set's
+content fingerprint. `resume.pt` of another spec or other data is discarded with one line (the phase starts
+afresh); an `--init` checkpoint of another spec is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from dsd.engine import checkpoint
+from dsd.errors import CheckpointError
+from dsd.spec import PhaseSpec, differences
+
+
+def identity(spec: PhaseSpec, data_fingerprint: str) -> dict:
+    return {"fingerprint": spec.fingerprint, "spec": spec.identity(), "data_fingerprint": data_fingerprint}
+
+
+def mismatch(saved: dict, expected: dict) -> str | None:
+    """None when `saved` (a checkpoint's identity) is `expected`; else the first differing keys, in words."""
+    if saved.get("fingerprint") == expected["fingerprint"]:
+        if saved.get("data_fingerprint") == expected["data_fingerprint"]:
+            return None
+        return f"data set content {saved.get('data_fingerprint')} -> {expected['data_fingerprint']}"
+    if "spec" not in saved:
+        return "written before checkpoints carried their spec"
+    diff = differences(saved["spec"], expected["spec"])
+    return "; ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
+
+
+def load_resume(path: Path, expected: dict) -> dict | None:
+    """The resume state when it belongs to this phase and data; otherwise None, after saying why."""
+    if not path.exists():
+        return None
+    state = checkpoint.load(path)
+    why = mismatch(state.get("identity") or {}, expected)
+    if why is None:
+        return state
+    print(f"dsd: {path} is from another spec ({why}); starting the phase afresh", file=sys.stderr, flush=True)
+    path.unlink()
+    return None
+
+
+def load_init(path: str | Path, expected: dict) -> dict:
+    """The previous phase's final checkpoint; refused when it was trained for another spec or other data."""
+    state = checkpoint.load(path)
+    why = mismatch(state.get("identity") or {}, expected)
+    if why is not None:
+        raise CheckpointError(f"{path}: trained for another spec than this phase starts from ({why})")
+    return state
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption) ask the loop to checkpoint at the next step and exit."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread: no signal handling
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

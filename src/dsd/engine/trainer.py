@@ -1,0 +1,275 @@
+"""Train one phase of a recipe: from the previous phase's checkpoint to this phase's checkpoint and metrics.
+
+    build (seed, model, optimizer) -> resume or init -> for each epoch: train_epoch, monitor, resume point
+    -> model.pt, metrics.json
+
+The `control` phase runs every post-dense phase's epochs and learning rates without pruning, in one job.
+Test metrics are not computed here: evaluation is its own step (`dsd.engine.evaluation`), so changing how a
+model is evaluated never retrains it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsd import paths, tracks
+from dsd.core.masks import Pruner
+from dsd.core.schedule import CONTROL, Phase
+from dsd.engine import checkpoint, distributed, prepare, resume
+from dsd.engine.epoch import train_epoch
+from dsd.engine.loaders import epoch_seed
+from dsd.errors import ConfigError, Preempted
+from dsd.spec import Experiment, PhaseSpec, RunOptions
+from dsd.tracking import Tracker
+
+
+@dataclass
+class State:
+    """Everything a phase carries from step to step (and into its checkpoints)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    pruner: Pruner | None = None
+    history: list[dict] = field(default_factory=list)
+    position: dict = field(default_factory=lambda: {"sub": 0, "epoch": 0, "step": 0})
+    partial: dict = field(default_factory=dict)  # accumulators of an epoch interrupted by a signal
+
+    def checkpoint(self, exp: Experiment, spec: PhaseSpec, identity: dict, position: dict) -> dict:
+        return {
+            "row": exp.row,
+            "arch": getattr(exp.model, "arch", exp.track),
+            "phase": spec.phase,
+            "identity": identity,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "pruner": self.pruner.state_dict() if self.pruner is not None and self.pruner.active else None,
+            "history": self.history,
+            "position": position,
+            "rng": resume.rng_state(),
+        }
+
+
+def make_optimizer(model: torch.nn.Module, exp: Experiment, lr: float) -> torch.optim.Optimizer:
+    hp = exp.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+        )
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=hp.weight_decay)
+    if hp.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=hp.weight_decay)
+    return torch.optim.RMSprop(params, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+
+def phases_of(spec: PhaseSpec) -> tuple[int, tuple[Phase, ...]]:
+    """(index of the phase in its recipe, the phases this job trains)."""
+    if spec.phase == CONTROL:  # the chain is the dense phase, then the control's own phases
+        return len(spec.phases), spec.phases[1:]
+    return spec.recipe.names.index(spec.phase), (spec.recipe[spec.phase],)
+
+
+def build(exp: Experiment, spec: PhaseSpec, device: torch.device, first_lr: float) -> State:
+    """Seeded model, optimizer and scaler (the seed fixes the initial weights of a dense phase)."""
+    torch.manual_seed(epoch_seed(spec.seed))
+    track = tracks.get(exp.track)
+    model = track.model.build(exp).to(device)
+    if device.type == "cuda" and exp.track == "vision":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, exp, first_lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and exp.train.amp)
+    return State(model, optimizer, scaler)
+
+
+def restore(
+    state: State, resume_path: Path, init: str | Path | None, spec: PhaseSpec, identity: dict
+) -> None:
+    """Continue from this phase's resume point, else start from the previous phase's final checkpoint."""
+    saved = resume.load_resume(resume_path, identity)
+    if saved is not None:
+        checkpoint.load_model(state.model, saved, resume_path)
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.scaler.load_state_dict(saved["scaler"])
+        if saved.get("pruner") is not None:
+            state.pruner = Pruner.from_state_dict(state.model, saved["pruner"])
+        state.history, state.position = saved["history"], saved["position"]
+        state.partial = saved.get("partial") or {}
+        return
+    if init is None:
+        return
+    previous = spec.previous()
+    saved = resume.load_init(init, resume.identity(previous, identity["data_fingerprint"]))
+    checkpoint.load_model(state.model, saved, init)
+    state.optimizer.load_state_dict(saved["optimizer"])  # momentum carries over; LR is set per step
+    if saved.get("pruner") is not None:  # coming out of a sparse phase: drop the mask (re-dense)
+        Pruner.from_state_dict(state.model, saved["pruner"]).remove(state.optimizer)
+
+
+def run_phase(
+    spec: PhaseSpec,
+    out_dir: str | Path,
+    init: str | Path | None = None,
+    options: RunOptions = RunOptions(),
+    progress: bool = False,
+) -> dict:
+    """Train `spec.phase` for run `spec.seed`; resumes from `out_dir/resume.pt` when it belongs to this spec.
+
+    Under torchrun every rank trains its shard of each global batch (DDP); masks are a function of the
+    weights, identical on every rank, and re-applied on every rank; rank 0 alone writes files and wandb.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exp = spec.experiment(options)
+    recipe_index, phases = phases_of(spec)
+    if init is None and recipe_index != 0:
+        raise ConfigError(f"phase {spec.phase!r} starts from the previous phase's checkpoint: pass --init")
+    identity = resume.identity(spec, prepare.data_fingerprint(exp))
+    device, rank, world = distributed.setup(options.device)
+    if device.type == "cpu":
+        torch.set_num_threads(options.threads)
+    state = build(exp, spec, device, phases[0].lr)
+    resume_path = paths.resume(out_dir)
+    restore(state, resume_path, init, spec, identity)
+    trained = state.model
+    if world > 1:
+        ids = [device] if device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
+    tracker = Tracker(
+        options.wandb if rank == 0 else None,
+        paths.wandb_dir(options.output_dir),
+        group=f"{exp.row}-seed{spec.seed}",
+        job_type=spec.phase,
+        name=f"{exp.row}-seed{spec.seed}-{spec.phase}",
+        config={
+            "spec": spec.identity(),
+            "fingerprint": spec.fingerprint,
+            "seed": spec.seed,
+            "phase": spec.phase,
+        },
+    )
+
+    def save_resume(position: dict, partial: dict | None = None) -> None:
+        if rank == 0:
+            payload = state.checkpoint(exp, spec, identity, position) | {"partial": partial or {}}
+            checkpoint.save(payload, resume_path)
+
+    started = time.time()
+    loop = _Loop(
+        exp, spec, state, trained, tracker, device, world, recipe_index, save_resume, progress and rank == 0
+    )
+    with resume.StopSignal() as stop:
+        for sub in range(state.position["sub"], len(phases)):
+            loop.run_phase_part(sub, phases, stop)
+            state.position = {"sub": sub + 1, "epoch": 0, "step": 0}
+    metrics = _metrics(exp, spec, state, phases, identity, world, device, time.time() - started)
+    if state.pruner is not None:
+        per_layer = metrics["sparsity_per_layer"]
+        tracker.log({f"sparsity/{n}": s for n, s in per_layer.items()}, step=loop.global_step)
+        tracker.histograms(state.model, list(per_layer)[:4], step=loop.global_step)
+    tracker.finish()
+    if rank == 0:
+        checkpoint.save(state.checkpoint(exp, spec, identity, state.position), paths.checkpoint(out_dir))
+        _write_json(paths.metrics(out_dir), metrics)  # last: its presence means the phase is complete
+        resume_path.unlink(missing_ok=True)
+    distributed.barrier(world)
+    return metrics
+
+
+class _Loop:
+    """The epochs of one job: for each phase it trains, prune at its start if it is sparse, then epochs."""
+
+    def __init__(
+        self, exp, spec, state, trained, tracker, device, world, recipe_index, save_resume, progress
+    ):
+        self.exp, self.spec, self.state, self.trained = exp, spec, state, trained
+        self.tracker, self.device, self.world = tracker, device, world
+        self.recipe_index, self.save_resume, self.progress = recipe_index, save_resume, progress
+        self.track = tracks.get(exp.track)
+        history, partial = state.history, state.partial
+        self.global_step = sum(h.get("steps", 0) for h in history) + partial.get("count", 0)
+
+    def run_phase_part(self, sub: int, phases: tuple[Phase, ...], stop) -> None:
+        exp, state, current = self.exp, self.state, phases[sub]
+        if current.prunes and state.pruner is None:
+            state.pruner = Pruner(
+                state.model, current.sparsity, exclude=exp.prune.exclude, include=exp.prune.include
+            )
+            state.pruner.step(state.optimizer)  # no stale momentum at pruned entries from the dense phase
+            self.tracker.histograms(state.model, list(state.pruner.masks)[:4], step=self.global_step)
+        steps_per_epoch = len(self.track.data.train_loader(exp, seed=0, epoch=0))
+        if exp.train.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, exp.train.max_steps_per_epoch)
+        total = math.ceil(current.epochs * steps_per_epoch)
+        n_epochs = math.ceil(current.epochs)
+        position = state.position
+        first_epoch = position["epoch"] if sub == position["sub"] else 0
+        # The control replays the data order of the DSD phase it stands in for (a paired comparison).
+        order_key = (sub + 1, 0) if self.spec.phase == CONTROL else (self.recipe_index, sub)
+        for epoch in range(first_epoch, n_epochs):
+            skip = position["step"] if (sub, epoch) == (position["sub"], position["epoch"]) else 0
+            budget = min(steps_per_epoch, total - epoch * steps_per_epoch)
+            record = train_epoch(
+                self, current, order_key, epoch, n_epochs, skip, budget, steps_per_epoch, total, stop
+            )
+            record["val"] = self.track.metric.monitor(state.model, exp, self.device)
+            record["sparsity"] = state.pruner.overall_sparsity() if state.pruner else 0.0
+            state.history.append(record)
+            self._log(record, current)
+            state.position = position = {"sub": sub, "epoch": epoch + 1, "step": 0}
+            state.partial = {}
+            if sub < len(phases) - 1 or epoch < n_epochs - 1:  # the last one is model.pt, written next
+                self.save_resume(position)
+            if stop.received:
+                raise Preempted(f"{stop.received}: checkpointed {self.spec.phase} after epoch {epoch}")
+
+    def _log(self, record: dict, current: Phase) -> None:
+        self.tracker.log(
+            {"train_loss": record["train_loss"], "lr": current.lr, "epoch": len(self.state.history)}
+            | {f"val/{k}": v for k, v in record["val"].items()}
+            | ({"sparsity/overall": record["sparsity"]} if self.state.pruner else {}),
+            step=self.global_step,
+        )
+
+
+def _metrics(exp, spec, state, phases, identity, world, device, seconds) -> dict:
+    final = phases[-1]
+    return {
+        "row": exp.row,
+        "track": exp.track,
+        "dataset": exp.dataset,
+        "seed": spec.seed,
+        "phase": spec.phase,
+        **identity,
+        "kind": "control" if spec.phase == CONTROL else final.kind,
+        "epochs": sum(p.epochs for p in phases),
+        "lr": phases[0].lr,
+        "target_sparsity": final.sparsity,
+        "measured_sparsity": state.pruner.overall_sparsity() if state.pruner else 0.0,
+        "sparsity_per_layer": state.pruner.sparsity() if state.pruner else {},
+        "metric": tracks.get(exp.track).config.METRIC,
+        "higher_is_better": tracks.get(exp.track).config.HIGHER_IS_BETTER,
+        "monitor": state.history[-1]["val"] if state.history else {},
+        "history": state.history,
+        "world_size": world,
+        "wall_seconds": seconds,
+        "device": str(device),
+        "machine": platform.node(),
+        "torch": torch.__version__,
+    }
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Captioning track: NeuralTalk on Flickr8k (Karpathy split), and its miniature on generated `scenes`."""

@@ -1,0 +1,93 @@
+"""Vision track settings: GoogLeNet, VGG-16, ResNet-18 / ResNet-50 on ImageFolder data; top-1 / top-5 error.
+
+Plain Python (no torch): read when a config is checked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from dsd.errors import ConfigError
+from dsd.hparams import option
+
+METRIC = "top1_error_pct"
+HIGHER_IS_BETTER = False
+DATASETS = {"shapes": "generated", "imagenet": "folder"}
+SOURCE_KEYS = ("train_dir", "val_dir", "test_dir", "generate")  # what preparing the data set reads
+
+
+@dataclass(frozen=True)
+class Model:
+    arch: Literal["resnet18", "resnet50", "vgg16", "googlenet"] = option("resnet18", "architecture family")
+    size: Literal["full", "mini"] = option(
+        "full", "full: torchvision's model; mini: same family, scaled down"
+    )
+    width: int = option(16, "mini: channels of the first stage", min=1)
+    num_classes: int = option(1000, "output classes (at least the data set's)", min=2)
+    dropout: float = option(0.5, "dropout of the classifier", min=0, lt=1)
+    aux_loss_weight: float = option(
+        0.3, "GoogLeNet (full): weight of the auxiliary classifiers' losses", min=0
+    )
+    weights: str | None = option(
+        None, "pretrained start: a local state-dict file, or IMAGENET1K_V1 (downloads)"
+    )
+
+
+@dataclass(frozen=True)
+class Generate:
+    """The embedded `shapes` data set: 10 classes of generated photographs."""
+
+    seed: int = option(0, "generator seed", min=0)
+    size: int = option(32, "image side in pixels", min=8)
+    per_class: dict[str, int] = option(
+        factory=lambda: {"train": 200, "val": 50, "test": 150}, help="images per class and split"
+    )
+
+
+@dataclass(frozen=True)
+class Data:
+    image_size: int = option(224, "training crop and evaluation crop side", min=1)
+    resize: int = option(256, "evaluation: resize the shorter side to this, then centre-crop", min=1)
+    crop_scale_min: float = option(0.08, "RandomResizedCrop's smallest area fraction", gt=0, max=1)
+    train_dir: str = option("train", "training split folder, inside the data set")
+    val_dir: str = option("val", "validation split folder (per-epoch monitor, sweep choice)")
+    test_dir: str = option("val", "test split folder (ImageNet reports on its validation set)")
+    in_memory: bool = option(False, "decode every image once per process (small data sets)")
+    generate: Generate = option(factory=Generate, help="embedded data set only: how it is generated")
+
+
+@dataclass(frozen=True)
+class Eval:
+    batch_size: int = option(256, "evaluation batch size", min=1)
+
+
+def check(row, where: str) -> None:
+    """A model with fewer outputs than the generated data set has classes cannot learn it."""
+    if row.dataset == "shapes" and row.model.num_classes < 10:
+        raise ConfigError(
+            f"{where}.model.num_classes: the shapes data set has 10 classes, got {row.model.num_classes}"
+        )
+
+
+def check_config(row, config, where: str) -> None:
+    """Where the data set is already prepared, its class count bounds num_classes."""
+    marker = Path(config.options.data_root) / f"{row.dataset}.prepared.json"
+    if not marker.is_file():
+        return
+    try:
+        summary = json.loads(marker.read_text()).get("summary", {})
+    except (OSError, ValueError):
+        return
+    classes = summary.get("classes")
+    count = len(classes) if isinstance(classes, list) else classes
+    if isinstance(count, int) and row.model.num_classes < count:
+        raise ConfigError(
+            f"{where}.model.num_classes: {row.model.num_classes}, but the prepared {row.dataset} has {count} classes"
+        )
+
+
+def upstream(row) -> dict:
+    return {}

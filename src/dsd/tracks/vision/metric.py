@@ -1,0 +1,59 @@
+"""Vision loss and metrics: cross-entropy (GoogLeNet's auxiliary heads weighted in), top-1 / top-5 error."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+
+from dsd.spec import Experiment
+from dsd.tracks.vision.data import eval_loader
+
+
+def loss(model: nn.Module, batch, device: torch.device) -> torch.Tensor:
+    images, labels = (t.to(device, non_blocking=True) for t in batch)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    out = model(images)
+    if isinstance(out, models.GoogLeNetOutputs):
+        weight = getattr(model, "aux_loss_weight", 0.3)
+        return F.cross_entropy(out.logits, labels) + weight * (
+            F.cross_entropy(out.aux_logits1, labels) + F.cross_entropy(out.aux_logits2, labels)
+        )
+    return F.cross_entropy(out, labels)
+
+
+@torch.no_grad()
+def _top_k(model: nn.Module, exp: Experiment, split: str, device: torch.device, batch_size: int) -> dict:
+    model.eval()
+    top1 = top5 = total = 0
+    loss_sum = 0.0
+    for images, labels in eval_loader(exp, split, batch_size):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == labels[:, None]
+        top1 += int(hits[:, 0].sum())
+        top5 += int(hits.any(dim=1).sum())
+        total += labels.numel()
+    return {
+        "top1_error_pct": 100.0 * (1 - top1 / total),
+        "top5_error_pct": 100.0 * (1 - top5 / total),
+        "loss": loss_sum / total,
+    }
+
+
+def evaluate(model, exp: Experiment, split: str, device, n_samples: int = 0) -> tuple[dict, list]:
+    """Top-1 / top-5 error (percent) and mean loss on a split; no qualitative samples for images."""
+    return _top_k(model, exp, split, device, exp.eval.batch_size), []
+
+
+def monitor(model, exp: Experiment, device) -> dict:
+    """The per-epoch validation during training: the same metrics, in training-size batches."""
+    return _top_k(model, exp, "val", device, exp.train.batch_size)
+
+
+def check(exp: Experiment) -> None:
+    """Evaluation needs nothing beyond the data, which preparing the data set checks."""

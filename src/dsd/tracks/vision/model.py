@@ -1,0 +1,163 @@
+"""Vision models: torchvision's GoogLeNet, VGG-16, ResNet-18 and ResNet-50 (`size: full`), and members of the
+same families scaled down for the embedded default (`size: mini`).
+
+The mini models are built from torchvision's own blocks (BasicBlock, Bottleneck, Inception, VGG conv stacks)
+with fewer channels and blocks and a stride-1 stem for small inputs. The first conv has the same parameter
+name at both scales, so one `exclude` pattern keeps it dense.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+from torchvision.models.googlenet import BasicConv2d, Inception
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from dsd.errors import DataError
+from dsd.spec import Experiment
+from dsd.tracks.vision.config import Model
+
+FIRST_CONV = {
+    "resnet18": "conv1.weight",
+    "resnet50": "conv1.weight",
+    "vgg16": "features.0.weight",
+    "googlenet": "conv1.conv.weight",
+}
+
+
+class MiniResNet(nn.Module):
+    """ResNet with torchvision's blocks, one block per stage, widths w, 2w, 4w, 8w; the stem keeps full
+    resolution and the first stage halves it (small inputs, CPU budget)."""
+
+    def __init__(self, block: type[nn.Module], width: int, num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, inplanes = [], width
+        for i in range(4):
+            planes, stride = width * 2**i, 2
+            out = planes * block.expansion
+            downsample = None
+            if stride != 1 or inplanes != out:
+                downsample = nn.Sequential(
+                    nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+                )
+            stages.append(block(inplanes, planes, stride, downsample))
+            inplanes = out
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(inplanes, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class MiniVGG(nn.Module):
+    """VGG: 3x3 conv stacks and max pools, no batch norm (like the paper's Caffe model), 3 FC layers."""
+
+    def __init__(self, width: int, num_classes: int, dropout: float):
+        super().__init__()
+        plan = [width, "M", 2 * width, "M", 4 * width, 4 * width, "M", 8 * width, 8 * width, "M"]
+        layers, channels = [], 3
+        for item in plan:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(channels, item, 3, padding=1), nn.ReLU(inplace=True)]
+                channels = item
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        hidden = 16 * width
+        self.classifier = nn.Sequential(
+            nn.Linear(channels, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+        for m in self.features:  # He initialisation: without batch norm the default init stalls training
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class MiniGoogLeNet(nn.Module):
+    """GoogLeNet: BasicConv2d stem and torchvision's Inception modules (no auxiliary heads at this size)."""
+
+    def __init__(self, width: int, num_classes: int, dropout: float):
+        super().__init__()
+        w = width
+        self.conv1 = BasicConv2d(3, w, kernel_size=3, padding=1)
+        self.maxpool1 = nn.MaxPool2d(2)
+        self.conv2 = BasicConv2d(w, 2 * w, kernel_size=3, padding=1)
+        self.maxpool2 = nn.MaxPool2d(2)
+        self.inception3a = Inception(2 * w, w, w, 2 * w, w // 4, w // 2, w // 2)  # -> 4w channels
+        self.inception3b = Inception(4 * w, 2 * w, 2 * w, 3 * w, w // 2, w, w)  # -> 7w
+        self.maxpool3 = nn.MaxPool2d(2)
+        self.inception4a = Inception(7 * w, 3 * w, 2 * w, 4 * w, w // 2, w, w)  # -> 9w
+        self.inception5a = Inception(9 * w, 4 * w, 3 * w, 5 * w, w // 2, 2 * w, 2 * w)  # -> 13w
+        self.dropout = nn.Dropout(dropout * 0.4)
+        self.fc = nn.Linear(13 * w, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool2(self.conv2(self.maxpool1(self.conv1(x))))
+        x = self.maxpool3(self.inception3b(self.inception3a(x)))
+        x = self.inception5a(self.inception4a(x))
+        return self.fc(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def build(exp: Experiment) -> nn.Module:
+    """The row's network; `model.weights` loads a pretrained start (a local file unless it names a download)."""
+    cfg = exp.model
+    model = _network(cfg)
+    if cfg.weights == "IMAGENET1K_V1":  # only when the config asks: this downloads
+        extra = {"aux_logits": True} if cfg.arch == "googlenet" else {}
+        pretrained = models.get_model(cfg.arch, weights="IMAGENET1K_V1", **extra)
+        model.load_state_dict(pretrained.state_dict())
+    elif cfg.weights:
+        path = Path(cfg.weights)
+        if not path.is_file():
+            raise DataError(
+                f"{path}: pretrained weights file not found (config.experiments.{exp.row}.model.weights)"
+            )
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
+
+
+def _network(cfg: Model) -> nn.Module:
+    if cfg.size == "mini":
+        if cfg.arch == "resnet18":
+            return MiniResNet(BasicBlock, cfg.width, cfg.num_classes)
+        if cfg.arch == "resnet50":
+            return MiniResNet(Bottleneck, cfg.width, cfg.num_classes)
+        if cfg.arch == "vgg16":
+            return MiniVGG(cfg.width, cfg.num_classes, cfg.dropout)
+        return MiniGoogLeNet(cfg.width, cfg.num_classes, cfg.dropout)
+    extra = {"aux_logits": True, "init_weights": True} if cfg.arch == "googlenet" else {}
+    if cfg.arch == "vgg16":
+        extra = {"dropout": cfg.dropout}
+    model = models.get_model(cfg.arch, num_classes=cfg.num_classes, **extra)
+    if cfg.arch == "googlenet":
+        model.aux_loss_weight = cfg.aux_loss_weight
+    return model
+
+
+def parameter_names(cfg: Model) -> list[str]:
+    """Names of the parameters, from a model built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        return [name for name, _ in _network(cfg).named_parameters()]
+
+
+def first_conv(arch: str) -> str:
+    return FIRST_CONV[arch]

@@ -1,0 +1,208 @@
+"""Run identity: the typed spec, its fingerprints, and config checks in depth (one line naming the key)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, dsd_cli, snakemake, tiny_vision_config, write_config
+
+from dsd import hparams
+from dsd.config import load_config, parse_config
+from dsd.errors import ConfigError
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("dsd: error:")]
+    assert result.returncode != 0 and len(lines) == 1, result.stdout + result.stderr
+    return lines[0]
+
+
+# Case 7 of the run-identity issue: each bad config stops `dsd check-config` and `snakemake -n` before any job,
+# with one line naming the key path.
+BAD = {
+    "unknown arch": ("experiments.resnet18.model.arch", "resnet19", "model.arch: expected one of resnet18"),
+    "unknown size": ("experiments.resnet18.model.size", "tiny", "model.size: expected one of full, mini"),
+    "width as a word": ("experiments.resnet18.model.width", "sixteen", "model.width: expected an integer"),
+    "too few classes": (
+        "experiments.resnet18.model.num_classes",
+        5,
+        "model.num_classes: the shapes data set has 10",
+    ),
+    "infinite epochs": (
+        "experiments.resnet18.phases.0.epochs",
+        float("inf"),
+        "phases[0].epochs: expected a finite",
+    ),
+    "no rows": ("rows", [], "config.rows: must not be empty"),
+    "duplicate seeds": ("seeds", [0, 0], "config.seeds: 0 is listed twice"),
+    "exclude typo": (
+        "experiments.resnet18.prune.exclude",
+        ["conv1.wieght"],
+        "prune.exclude[0]: 'conv1.wieght' matches no",
+    ),
+    "unknown row": ("rows", ["resnet19"], "config.rows[0]: 'resnet19' is not an experiment"),
+    "sparsity NaN": (
+        "experiments.resnet18.phases.1.sparsity",
+        float("nan"),
+        "phases[1].sparsity: expected a finite",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_config_is_one_line_from_check_config_and_snakemake(tmp_path, case):
+    from dsd.config import set_dotted
+
+    key, value, message = BAD[case]
+    config = tiny_vision_config(tmp_path)
+    set_dotted(config, key, value)
+    configfile = write_config(tmp_path, config)
+    line = one_error_line(dsd_cli("check-config", str(configfile)))
+    assert message in line, line
+    line = one_error_line(snakemake(tmp_path, configfile, "-n"))
+    assert message in line, line
+    assert not (tmp_path / "results").exists()  # nothing ran
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seeds: [0, 1\nexperiments: {}\n")
+    line = one_error_line(dsd_cli("check-config", str(bad)))
+    assert f"{bad}:2:12: YAML syntax error" in line
+
+
+def test_numbers_as_people_write_them():
+    """`1e-3` is a number (PyYAML alone reads it as a string); numbers in strings are read where one is due."""
+    assert hparams.load_yaml_text("lr: 1e-3\nx: 1.0e+2\nn: 7", "t") == {"lr": 0.001, "x": 100.0, "n": 7}
+    from dsd.spec import PhaseEntry
+
+    entry = hparams.parse(PhaseEntry, {"kind": "dense", "epochs": "2", "lr": "1e-3"}, "p")
+    assert entry.epochs == 2.0 and entry.lr == 0.001
+    with pytest.raises(ConfigError, match=r"p\.lr: must be > 0, got -1.0"):
+        hparams.parse(PhaseEntry, {"kind": "dense", "epochs": 1, "lr": -1}, "p")
+
+
+def test_the_wrong_key_is_named_not_an_anchor(tmp_path):
+    """snakemake --config sparsty_typo=0.3 on the default config: the typo is named (not `_vision_data`)."""
+    result = snakemake(tmp_path, REPO / "configs" / "default.yaml", "-n", "--config", "sparsty_typo=0.3")
+    assert "config.sparsty_typo: unknown key" in one_error_line(result)
+
+
+def test_an_override_of_one_row_leaves_rows_sharing_its_yaml_anchor_alone(tmp_path):
+    default = REPO / "configs" / "default.yaml"
+    config = load_config(default, sets=["experiments.resnet18.train.batch_size=8"], check_models=False)
+    assert config.row("resnet18").train.batch_size == 8
+    assert {config.row(r).train.batch_size for r in ("googlenet", "resnet50")} == {32}
+    nested = {"experiments": {"resnet18": {"train": {"batch_size": "8"}}}}  # as Snakemake's --config gives it
+    config = load_config(default, overrides=nested, check_models=False)
+    assert config.row("resnet18").train.batch_size == 8 and config.row("googlenet").train.batch_size == 32
+    config = load_config(default, sets=["experiments.resnet18.phases.0.lr=0.5"], check_models=False)
+    assert config.row("resnet18").phases[0].lr == 0.5 and config.row("googlenet").phases[0].lr == 0.05
+
+
+def test_sweep_values_travel_as_numbers_not_through_phase_names(tmp_path):
+    raw = tiny_vision_config(tmp_path)
+    raw["experiments"]["resnet18"]["sweep"] = [0.825, 0.501, 0.504]
+    config = parse_config(raw)
+    row = config.row("resnet18")
+    names = row.phase_names
+    assert {"sparse1_s82.5", "sparse1_s50.1", "sparse1_s50.4", "redense1_s50.4"} <= set(names)
+    assert config.phase("resnet18", 0, "sparse1_s82.5").phases[-1].sparsity == 0.825
+    assert config.phase("resnet18", 0, "redense1_s50.1").phases[1].sparsity == 0.501
+    fingerprints = {config.phase("resnet18", 0, n).fingerprint for n in names}
+    assert len(fingerprints) == len(names)  # every phase its own identity
+    raw["experiments"]["resnet18"]["sweep"] = [0.5, 0.5000000001]
+    with pytest.raises(ConfigError, match="sweep: two sparsities share the name 's50'"):
+        parse_config(raw)
+
+
+def test_fingerprints_follow_what_a_result_depends_on(tmp_path):
+    raw = tiny_vision_config(tmp_path)
+    base = parse_config(raw)
+
+    def fp(config, phase):
+        return config.phase("resnet18", 0, phase).fingerprint
+
+    options = parse_config(raw | {"threads": 2, "workers": 3, "wandb": {"mode": "online"}, "output_dir": "x"})
+    assert all(fp(options, p) == fp(base, p) for p in ("dense", "sparse1", "redense1", "control"))
+    changed = json.loads(json.dumps(raw))
+    changed["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.5
+    other = parse_config(changed)
+    assert fp(other, "dense") == fp(base, "dense") and fp(other, "control") == fp(base, "control")
+    assert fp(other, "sparse1") != fp(base, "sparse1") and fp(other, "redense1") != fp(base, "redense1")
+    changed["experiments"]["resnet18"]["eval"] = {"batch_size": 7}
+    assert fp(parse_config(changed), "sparse1") == fp(other, "sparse1")  # evaluation is not training
+    changed["experiments"]["resnet18"]["prune"] = {"exclude": ["conv1.weight", "fc.weight"]}
+    assert fp(parse_config(changed), "dense") == fp(base, "dense")  # the dense phase prunes nothing
+    assert fp(parse_config(changed), "sparse1") != fp(other, "sparse1")
+    assert base.phase("resnet18", 1, "dense").fingerprint != fp(base, "dense")  # the seed
+
+
+def test_config_path_imports_no_torch():
+    code = (
+        "import sys; from dsd import cli, config; "
+        f"config.load_config({str(REPO / 'configs' / 'paper.yaml')!r}); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_snakemake_plans_the_paper_config_without_torch(tmp_path):
+    """A `torch` that fails to import on the path: the plan still comes out (the pattern check is skipped)."""
+    poisoned = tmp_path / "poison" / "torch"
+    poisoned.mkdir(parents=True)
+    (poisoned / "__init__.py").write_text("raise ImportError('torch must not be imported to plan')\n")
+    env = os.environ | {"PYTHONPATH": str(poisoned.parent), "DSD_CACHE_DIR": str(tmp_path / "cache")}
+    data = yaml.safe_dump(
+        {"imagenet": str(tmp_path / "in"), "flickr8k": str(tmp_path / "fl")}, default_flow_style=True
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        "-n",
+        "-q",
+        "rules",
+    ]
+    cmd += [
+        "--configfile",
+        str(REPO / "configs" / "paper.yaml"),
+        "--config",
+        f"data={data.strip()}",
+        "--cores",
+        "1",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train_phase" in result.stdout and "evaluate_phase" in result.stdout
+    assert "prune patterns not checked here" in result.stderr
+
+
+def test_evaluating_a_checkpoint_against_another_spec_says_so(tmp_path):
+    from conftest import parse, prepare_data, train
+
+    raw = tiny_vision_config(tmp_path)
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    ckpt = tmp_path / "results" / "runs" / "resnet18" / "seed0" / "dense" / "model.pt"
+    saved = __import__("torch").load(ckpt, weights_only=True)["identity"]
+    assert saved["fingerprint"] == config.phase("resnet18", 0, "dense").fingerprint
+    raw["experiments"]["resnet18"]["train"]["batch_size"] = 8
+    configfile = write_config(tmp_path, raw)
+    line = one_error_line(
+        dsd_cli("evaluate", "--config", str(configfile), "--row", "resnet18", "--checkpoint", str(ckpt))
+    )
+    assert "trained for another spec" in line and "train.batch_size: 16 -> 8" in line
+    result = dsd_cli(
+        "evaluate", "--config", str(configfile), "--row", "resnet18", "--checkpoint", str(ckpt), "--any-spec"
+    )
+    assert result.returncode == 0 and json.loads(result.stdout)["spec_matches"] is False
