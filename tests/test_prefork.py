@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import parse, prepare_data, tiny_vision_config
+from conftest import REPO, parse, prepare_data, tiny_vision_config
 from test_reliability import slow_sparse_config, strip
 
 from dsd import paths, prefork
@@ -99,6 +100,68 @@ def test_the_server_key_follows_import_time_environment_only():
 
 
 def test_it_stays_out_of_torchrun_slurm_and_when_switched_off():
+    assert not prefork.enabled({})  # opt-in: make run asks for it, nothing else does by default
     assert not prefork.enabled({"DSD_PREFORK": "0"})
     assert not prefork.enabled({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
     assert not prefork.enabled({"SLURM_JOB_ID": "12"})
+
+
+def _server_pid(sockets) -> int:
+    for line in (line for log in sockets.glob("*.log") for line in log.read_text().splitlines()):
+        if "] serving " in line:
+            return int(line.split("[", 1)[1].split("]", 1)[0])
+    raise AssertionError("no server log")
+
+
+def test_a_server_that_dies_cannot_fail_a_job_that_finishes(tmp_path, sockets):
+    """kill -9 of the warm server while a job runs: the job completes and its own exit status comes back."""
+    config = slow_sparse_config(tmp_path)
+    config["experiments"]["resnet18"]["phases"][0]["epochs"] = 4
+    config = parse(config)
+    prepare_data(config, "resnet18")
+    env = os.environ | {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets)}
+    out = tmp_path / "dense"
+    spec = config.phase("resnet18", 0, "dense").to_json()
+    cmd = [sys.executable, "-m", "dsd", "train", "--spec", spec, "--options", config.options.to_json()]
+    client = subprocess.Popen([*cmd, "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not paths.resume(out).exists() and client.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(_server_pid(sockets), signal.SIGKILL)
+    _, stderr = client.communicate(timeout=120)
+    assert client.returncode == 0, stderr
+    assert paths.metrics(out).exists() and "went away" not in stderr
+
+
+SYSTEM_PYTHON = shutil.which(
+    "python3", path="/usr/bin:/bin"
+)  # runnable by another user (the venv may not be)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON, reason="needs root and a system python3")
+def test_the_socket_is_private_and_other_users_are_refused(tmp_path, sockets):
+    env = os.environ | {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets)}
+    assert dsd_command("check-config", str(REPO / "configs" / "default.yaml"), env=env).returncode == 0
+    folder = prefork.private_folder(env)
+    assert (
+        folder == sockets
+        and folder.stat().st_uid == os.getuid()
+        and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    )
+    (sock,) = sockets.glob("*.sock")
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    probe = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(5); print(s.recv(1))"
+    as_nobody = {"user": 65534, "group": 65534, "capture_output": True, "text": True, "timeout": 30}
+    blocked = subprocess.run([SYSTEM_PYTHON, "-c", probe, str(sock)], **as_nobody)
+    assert blocked.returncode != 0 and "PermissionError" in blocked.stderr  # the folder keeps them out
+    os.chmod(sockets, 0o755)  # open the door on purpose: the server itself must still refuse them
+    os.chmod(sock, 0o666)
+    try:
+        refused = subprocess.run([SYSTEM_PYTHON, "-c", probe, str(sock)], **as_nobody)
+        assert refused.stdout.strip() == "b''"  # connected, then closed without a word
+        assert any("refused a connection from uid 65534" in log.read_text() for log in sockets.glob("*.log"))
+        assert prefork.private_folder(env) is None  # and our own jobs no longer use a folder others can enter
+        plain = dsd_command("check-config", str(REPO / "configs" / "default.yaml"), env=env)
+        assert plain.returncode == 0 and "not private" in plain.stderr
+    finally:
+        os.chmod(sockets, 0o700)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -38,13 +37,6 @@ def _phase_spec(args, config: Config | None) -> PhaseSpec:
     if args.row is None or args.seed is None or args.phase is None:
         raise ConfigError("with --config, give --row, --seed and --phase")
     return config.phase(args.row, args.seed, args.phase)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -145,7 +137,9 @@ def cmd_evaluate(args) -> None:
         spec, eval_section, args.checkpoint, _options(args, config), splits, args.any_spec
     )
     if args.out:
-        _write_json(Path(args.out), result)  # written whole, last: its presence means evaluation finished
+        paths.write_json(
+            Path(args.out), result
+        )  # written whole, last: its presence means evaluation finished
         print(
             f"{spec.row} seed {spec.seed} {spec.phase}: test {result['metric']} = {result['test'][result['metric']]:.2f}"
         )
@@ -269,12 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """The message of an expected failure in one line; from a DataLoader worker, the worker's own message
+    (torch re-raises it as "Caught DataError in DataLoader worker process 0" with the traceback as text)."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (DSDError, ValueError, FileNotFoundError, PermissionError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"dsd: error: {message}", file=sys.stderr)
+        print(f"dsd: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0

@@ -60,3 +60,36 @@ def benchmarks_dir(output_dir: str) -> Path:
 
 def wandb_dir(output_dir: str) -> Path:
     return Path(output_dir) / "wandb"
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Whole or not at all (temporary file, then rename); an I/O failure names the path and the cause."""
+    import json
+    import os
+
+    from dsd.errors import DSDError
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise DSDError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before hours of work, not after them, when a run folder cannot be written."""
+    import os
+
+    from dsd.errors import DSDError
+
+    probe = Path(folder) / f".write-test-{os.getpid()}"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise DSDError(f"{folder}: cannot write here ({err.strerror or err})") from None

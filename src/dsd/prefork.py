@@ -1,19 +1,24 @@
 """A warm interpreter for the pipeline's many short jobs: `python -m dsd` runs in a child forked from it.
 
-A job of the embedded pipeline trains for seconds, but a fresh interpreter first spends 4-8 s on this
-2-core CPU importing torch, torch._dynamo (the optimizers pull it in), torchvision, torchaudio and wandb: over
-a hundred jobs that is a third of `make run`. So the first `python -m dsd` starts a server that imports all
+A job of the embedded pipeline trains for seconds, but a fresh interpreter first spends seconds importing
+torch, torch._dynamo (the optimizers pull it in), torchvision, torchaudio and wandb: over two hundred jobs a
+large share of `make run` (`make bench`, section 6, measures it). So the first `python -m dsd` starts a server that imports all
 of it once and then forks one child per job, as a DataLoader forks its workers from a process that has
 torch imported. The child takes the job's arguments, working directory, environment and standard streams
 (passed as file descriptors, so logs and progress go where the job's would), runs the same `dsd.cli.main`,
 and its exit status becomes the job's. The client forwards signals to the child (SIGTERM still checkpoints
 and stops); if the client dies, the child gets SIGTERM too.
 
-Off with `DSD_PREFORK=0`; off by itself under torchrun, inside SLURM jobs, off Linux, and where an NVIDIA
-driver is loaded (GPU jobs run for hours, and CUDA must not be initialised before a fork). A server serves
+On only with `DSD_PREFORK=1` (`make run` sets it for the embedded CPU pipeline), and even then off under
+torchrun, inside SLURM jobs, off Linux, and where an NVIDIA driver is loaded (GPU jobs run for hours, and CUDA
+must not be initialised before a fork). The socket lives in a folder private to the user (mode 0700, checked
+before use); the client checks that the server runs as its own user before sending it anything, and the
+server refuses connections from other users. The job's exit status comes back through a pipe of its own as
+well, so a server that dies after the job ended cannot turn a finished job into a failure. A server serves
 one key (interpreter, installed packages, dsd sources, the environment variables libraries read at import),
 so an edit or an install starts a fresh one; it exits after IDLE_SECONDS without jobs. Its log is the socket
-path + ".log"; the socket lives in the temp folder, or in `$DSD_PREFORK_DIR`. This module imports only the
+path + ".log". Jobs run as children of the server, so they are in its cgroup: schedulers other than
+Snakemake's local one would not account for them (hence opt-in). This module imports only the
 standard library: the client must start in milliseconds.
 """
 
@@ -27,6 +32,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -59,7 +65,8 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, sign
 
 
 def enabled(environ=os.environ) -> bool:
-    if environ.get("DSD_PREFORK", "1").lower() in ("0", "off", "false", "no"):
+    """Only when asked for (`DSD_PREFORK=1`, which `make run` sets for the embedded CPU pipeline)."""
+    if environ.get("DSD_PREFORK", "0").lower() not in ("1", "on", "true", "yes"):
         return False
     if any(k in environ for k in ("LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")):
         return False
@@ -87,9 +94,33 @@ def server_key(environ=os.environ) -> str:
     return h.hexdigest()[:20]
 
 
-def socket_path(key: str, environ=os.environ) -> Path:
-    folder = Path(environ.get("DSD_PREFORK_DIR") or tempfile.gettempdir())
-    return folder / f"dsd-prefork-{os.getuid()}-{key}.sock"
+def private_folder(environ=os.environ) -> Path | None:
+    """The user's own folder for the socket (mode 0700): $DSD_PREFORK_DIR, else $XDG_RUNTIME_DIR/dsd-prefork,
+    else <tmp>/dsd-prefork-<uid>. None when it exists but is not private (another owner, a symlink, group or
+    other access): then nothing is served or sent through it."""
+    if environ.get("DSD_PREFORK_DIR"):
+        folder = Path(environ["DSD_PREFORK_DIR"])
+    elif environ.get("XDG_RUNTIME_DIR"):
+        folder = Path(environ["XDG_RUNTIME_DIR"]) / "dsd-prefork"
+    else:
+        folder = Path(tempfile.gettempdir()) / f"dsd-prefork-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700, parents=True)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None
+    return folder
+
+
+def socket_path(key: str, environ=os.environ) -> Path | None:
+    folder = private_folder(environ)
+    return None if folder is None else folder / f"{key}.sock"
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The user id of the process at the other end of a unix socket (SO_PEERCRED: pid, uid, gid)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 # ----------------------------------------------------------------------------------------------- client
@@ -100,24 +131,38 @@ def run(argv: list[str]) -> int | None:
     if not enabled():
         return None
     path = socket_path(server_key())
+    if path is None:
+        print("dsd: warm interpreter off: its socket folder is not private to this user", file=sys.stderr)
+        return None
     try:
         conn = _connect(path)
     except OSError as err:
         print(f"dsd: warm interpreter unavailable ({err}); starting a fresh one", file=sys.stderr)
         return None
+    if peer_uid(conn) != os.getuid():  # never hand our environment and streams to another user's process
+        conn.close()
+        print("dsd: warm interpreter refused: its server runs as another user", file=sys.stderr)
+        return None
+    status_r, status_w = os.pipe()  # the job's own exit status, even if the server dies before reporting it
     with conn:
         try:
-            _send_request(conn, argv)
+            _send_request(conn, argv, status_w)
+            os.close(status_w)
             reader = conn.makefile("rb")
             pid_line = reader.readline()
         except OSError:
             pid_line = b""
         if not pid_line:  # the server was exiting, nothing started: run here
+            os.close(status_r)
             return None
         pid = int(pid_line)
         for sig in _FORWARDED:
             signal.signal(sig, lambda signum, frame: _forward(pid, signum))
         status = reader.readline()
+    written = os.read(status_r, 64)  # the child has exited (the socket closed): its word is in the pipe
+    os.close(status_r)
+    if written:
+        return int(written)
     if not status:
         print(f"dsd: the warm interpreter went away while running job pid {pid}", file=sys.stderr)
         return 1
@@ -149,7 +194,6 @@ def _connect(path: Path) -> socket.socket:
 
 
 def _start_server(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{path}.log", "ab") as log:
         subprocess.Popen(
             [sys.executable, "-m", "dsd.prefork", str(path)],
@@ -161,9 +205,9 @@ def _start_server(path: Path) -> None:
         )
 
 
-def _send_request(conn: socket.socket, argv: list[str]) -> None:
+def _send_request(conn: socket.socket, argv: list[str], status_fd: int) -> None:
     fds = [fd if _is_open(fd) else os.open(os.devnull, os.O_RDWR) for fd in (0, 1, 2)]
-    socket.send_fds(conn, [b"F"], fds)
+    socket.send_fds(conn, [b"F"], [*fds, status_fd])
     payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
     conn.sendall(struct.pack("!I", len(payload)) + payload)
 
@@ -187,8 +231,11 @@ def serve(path: Path) -> None:
         return  # another server owns this path (two first jobs raced to start one)
     path.unlink(missing_ok=True)  # a socket file left by a server that was killed
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    os.chmod(path, 0o600)
+    old_mask = os.umask(0o177)  # the socket is created 0600: no window in which others may connect
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_mask)
     listener.listen(128)  # clients queue here while the imports below run
     started = time.monotonic()
     for name in WARM_MODULES:
@@ -225,12 +272,17 @@ def serve(path: Path) -> None:
 
 def _accept(listener: socket.socket, children: dict, resources: tuple) -> None:
     conn, _ = listener.accept()
+    uid = peer_uid(conn)
+    if uid != os.getuid():  # the folder is private; this is the second lock on the door
+        _log(f"refused a connection from uid {uid}")
+        conn.close()
+        return
     conn.settimeout(10.0)  # a client that connects and sends nothing must not stall every other job
     fds: list[int] = []
     try:
-        _, fds, _, _ = socket.recv_fds(conn, 1, 3)
-        if len(fds) != 3:
-            raise ValueError(f"expected stdin, stdout and stderr, got {len(fds)} descriptors")
+        _, fds, _, _ = socket.recv_fds(conn, 1, 4)
+        if len(fds) != 4:
+            raise ValueError(f"expected stdin, stdout, stderr and a status pipe, got {len(fds)} descriptors")
         (size,) = struct.unpack("!I", _read_exactly(conn, 4))
         request = json.loads(_read_exactly(conn, size))
     except (OSError, ValueError, struct.error) as err:
@@ -284,9 +336,11 @@ def _child(request: dict, fds: list[int], conn: socket.socket, resources: tuple,
             os.close(fd)
         for other in children.values():
             other.close()
-        for target, fd in zip((0, 1, 2), fds, strict=True):
+        for target, fd in zip((0, 1, 2), fds[:3], strict=True):
             os.dup2(fd, target)
             os.close(fd)
+        status_fd = fds[3]
+        os.set_inheritable(status_fd, False)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -311,6 +365,8 @@ def _child(request: dict, fds: list[int], conn: socket.socket, resources: tuple,
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
+        with contextlib.suppress(Exception):
+            os.write(status_fd, f"{code}\n".encode())  # the client's copy of the status, server or not
         os._exit(code)
 
 

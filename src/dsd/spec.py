@@ -144,6 +144,9 @@ class RunOptions:
     workers: int = option(0, "DataLoader worker processes per job", min=0)
     gpus_per_job: int = option(1, "GPUs per training job; more than one trains under torchrun", min=1)
     wandb: Wandb = option(factory=Wandb, help="Weights & Biases tracking")
+    verify_data: bool = option(
+        False, "preparing a real data set decodes every image (in parallel) and lists every bad file"
+    )
 
     def to_json(self) -> str:
         return json.dumps(hparams.as_dict(self), sort_keys=True)

@@ -1,10 +1,19 @@
-"""Checkpoints: atomic writes, weights-only loads, and errors that name the file and what was expected."""
+"""Checkpoints: atomic writes, weights-only loads, a checksum per tensor, and errors that name the file.
+
+A checkpoint is written to a temporary file, flushed to disk and renamed, so a crash or a full disk never
+leaves a half-written file under its name (the temporary file is removed on failure). Every tensor's CRC-32
+is stored beside it and verified on load: a flipped or zeroed byte inside a readable file is caught, not
+evaluated. A file that is not a checkpoint (empty, text, a git-LFS pointer, a truncated archive) is named as
+such.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -13,22 +22,69 @@ from torch import nn
 from dsd.errors import CheckpointError
 
 FORMAT = "dsd-checkpoint"
+ZIP_MAGIC = b"PK\x03\x04"
+LFS_POINTER = b"version https://git-lfs"
+
+
+def _tensors(value, prefix: str = ""):
+    """(key path, tensor) for every tensor inside nested dicts and lists."""
+    if torch.is_tensor(value):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{prefix}/{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors(item, f"{prefix}/{i}")
+
+
+def _crc(tensor: torch.Tensor) -> int:
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return zlib.crc32(raw.numpy().data)
 
 
 def save(state: dict, path: str | Path) -> None:
-    """Write to a temporary file and rename, so a crash never leaves a half-written file under `path`."""
+    """Write atomically; an I/O failure (no space, no permission) is one error naming the path and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    payload = {"format": FORMAT, **state}
+    payload["checksums"] = {key: _crc(t) for key, t in _tensors(state)}
+    buffer = io.BytesIO()  # serialised first: then a failed write is the OS's error, with its cause
+    torch.save(payload, buffer)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({err.strerror or err})") from None
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What the file is instead, when its first bytes already say it is no checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "is empty"
+    if head.startswith(LFS_POINTER):
+        return "is a git-LFS pointer, not the checkpoint it stands for (run git lfs pull)"
+    if not head.startswith(ZIP_MAGIC):
+        text = all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+        return "is a text file, not a checkpoint" if text else "is not a torch checkpoint (no zip archive)"
+    return None
 
 
 def load(path: str | Path) -> dict:
-    """Tensors and plain containers only (weights_only=True): a checkpoint that needs pickled code is refused."""
+    """Tensors and plain containers only (weights_only=True); checksums verified."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    what = _not_a_checkpoint(path)
+    if what:
+        raise CheckpointError(f"{path}: {what}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -39,7 +95,19 @@ def load(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt? {first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a DSD checkpoint (no '{FORMAT}' marker)")
+    _verify(state, path)
     return state
+
+
+def _verify(state: dict, path: Path) -> None:
+    expected = state.pop("checksums", None)
+    if expected is None:
+        return  # written before checkpoints carried checksums
+    content = {k: v for k, v in state.items() if k != "format"}
+    found = dict(_tensors(content))
+    for key, crc in expected.items():
+        if key not in found or _crc(found[key]) != crc:
+            raise CheckpointError(f"{path}: corrupt, tensor {key.lstrip('/')} fails its checksum")
 
 
 def load_model(model: nn.Module, state: dict, path: str | Path) -> None:

@@ -10,10 +10,9 @@ model is evaluated never retrains it.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +128,7 @@ def run_phase(
     weights, identical on every rank, and re-applied on every rank; rank 0 alone writes files and wandb.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    paths.check_writable(out_dir)
     exp = spec.experiment(options)
     recipe_index, phases = phases_of(spec)
     if init is None and recipe_index != 0:
@@ -180,7 +179,7 @@ def run_phase(
     tracker.finish()
     if rank == 0:
         checkpoint.save(state.checkpoint(exp, spec, identity, state.position), paths.checkpoint(out_dir))
-        _write_json(paths.metrics(out_dir), metrics)  # last: its presence means the phase is complete
+        paths.write_json(paths.metrics(out_dir), metrics)  # last: its presence means the phase is complete
         resume_path.unlink(missing_ok=True)
     distributed.barrier(world)
     return metrics
@@ -228,8 +227,14 @@ class _Loop:
             self._log(record, current)
             state.position = position = {"sub": sub, "epoch": epoch + 1, "step": 0}
             state.partial = {}
-            if sub < len(phases) - 1 or epoch < n_epochs - 1:  # the last one is model.pt, written next
-                self.save_resume(position)
+            if sub == len(phases) - 1 and epoch == n_epochs - 1:
+                if stop.received:  # nothing left to train: model.pt is written next, the epoch kept
+                    print(
+                        f"dsd: {stop.received} in the last epoch: finishing {self.spec.phase}",
+                        file=sys.stderr,
+                    )
+                return
+            self.save_resume(position)
             if stop.received:
                 raise Preempted(f"{stop.received}: checkpointed {self.spec.phase} after epoch {epoch}")
 
@@ -267,9 +272,3 @@ def _metrics(exp, spec, state, phases, identity, world, device, seconds) -> dict
         "machine": platform.node(),
         "torch": torch.__version__,
     }
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    os.replace(tmp, path)

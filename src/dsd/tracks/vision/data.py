@@ -193,4 +193,31 @@ def check_imagefolder(exp: Experiment) -> dict:
     class_counts = {v["classes"] for v in summary.values()}
     if len(class_counts) != 1:
         raise DataError(f"{root}: splits have different numbers of classes: {json.dumps(summary)}")
+    if exp.options.verify_data:
+        verify_images(
+            [f for split_dir in sources(exp) for f in sorted(split_dir.rglob("*")) if f.is_file()], exp
+        )
     return {"classes": class_counts.pop(), "splits": summary}
+
+
+def verify_images(files: list[Path], exp: Experiment) -> None:
+    """Decode every image in parallel; one error listing every file that fails, not just the first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    def bad(path: Path) -> str | None:
+        try:
+            _decode(str(path))
+        except DataError:
+            return str(path)
+        return None
+
+    threads = max(1, exp.options.workers or exp.options.threads)
+    with ThreadPoolExecutor(threads) as pool:
+        failed = [
+            p for p in tqdm(pool.map(bad, files), total=len(files), desc="verify images", unit="img") if p
+        ]
+    if failed:
+        shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        raise DataError(f"{len(failed)} of {len(files)} images cannot be decoded: {shown}")

@@ -1,0 +1,162 @@
+"""Faults: signals at the end of a phase, full and read-only disks, bad images in DataLoader workers,
+corrupted and foreign checkpoints. Each ends as one line naming the file, and leaves nothing half-written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import parse, prepare_data, tiny_vision_config, train
+from test_reliability import strip
+
+from dsd import paths
+from dsd.engine import checkpoint
+from dsd.errors import CheckpointError, DataError
+from dsd.tracks.vision import metric as vision_metric
+
+
+def dsd_train(config, phase, out, *extra, seed=0) -> subprocess.CompletedProcess:
+    spec = config.phase("resnet18", seed, phase).to_json()
+    cmd = [sys.executable, "-m", "dsd", "train", "--spec", spec, "--options", config.options.to_json()]
+    return subprocess.run([*cmd, "--out", str(out), *extra], capture_output=True, text=True, timeout=300)
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dsd: error:")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+@contextmanager
+def tiny_filesystem(path, size="64k", read_only=False):
+    path.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode
+    ):
+        pytest.skip("needs root and mount to make a small or read-only file system")
+    try:
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_signal_in_the_last_epoch_finishes_the_phase_and_keeps_every_epoch(tmp_path, monkeypatch):
+    """SIGTERM while the last epoch is validated: nothing is left to train, so the phase completes as if
+    undisturbed (before, it stopped and lost that epoch). Earlier in the phase, it checkpoints and stops."""
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    reference = train(config, "resnet18", 0, "dense", out=tmp_path / "reference")
+    original = vision_metric.monitor
+
+    def monitor_then_signal(model, exp, device):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during validation
+        return original(model, exp, device)
+
+    monkeypatch.setattr(vision_metric, "monitor", monitor_then_signal)
+    signalled = train(config, "resnet18", 0, "dense", out=tmp_path / "signalled")
+    assert strip(signalled) == strip(reference) and paths.metrics(tmp_path / "signalled").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path):
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    with tiny_filesystem(tmp_path / "small", size="16k") as small:
+        result = dsd_train(config, "dense", small / "run")
+        assert "cannot write the checkpoint (No space left on device)" in error_line(result)
+        assert str(small / "run") in error_line(result)
+        leftovers = [p.name for p in (small / "run").iterdir()]
+        assert leftovers == [], leftovers  # no temporary file, nothing that looks finished
+
+
+def test_a_read_only_run_folder_fails_before_training(tmp_path):
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    with tiny_filesystem(tmp_path / "ro", read_only=True) as ro:
+        result = dsd_train(config, "dense", ro / "run")
+        line = error_line(result)
+        assert str(ro / "run") in line and "Read-only file system" in line
+        assert "epoch" not in result.stdout
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_image_is_named_from_any_worker(tmp_path, workers):
+    raw = tiny_vision_config(tmp_path, workers=workers)
+    raw["experiments"]["resnet18"]["data"]["in_memory"] = False
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    for image in (tmp_path / "data" / "shapes" / "train").rglob("*.jpg"):
+        image.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    line = error_line(dsd_train(config, "dense", tmp_path / "run"))
+    assert ".jpg: cannot decode image" in line and "Caught" not in line
+
+
+def test_preparing_with_verify_lists_every_bad_image(tmp_path):
+    from dsd.engine import prepare
+
+    raw = tiny_vision_config(tmp_path, verify_data=True)
+    raw["data"] = {"imagenet": str(tmp_path / "imagenet")}
+    raw["experiments"]["resnet18"]["dataset"] = "imagenet"
+    config = parse(raw)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = tmp_path / "imagenet" / split / cls
+            folder.mkdir(parents=True)
+            torch.manual_seed(0)
+            from torchvision.io import write_jpeg
+
+            for i in range(3):
+                write_jpeg(torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8), str(folder / f"{i}.JPEG"))
+    (tmp_path / "imagenet" / "train" / "a" / "1.JPEG").write_text("oops")
+    (tmp_path / "imagenet" / "val" / "b" / "2.JPEG").write_bytes(b"")
+    raw["experiments"]["resnet18"]["data"]["test_dir"] = "val"
+    config = parse(raw)
+    with pytest.raises(
+        DataError, match=r"2 of 12 images cannot be decoded: .*train/a/1.JPEG, .*val/b/2.JPEG"
+    ):
+        prepare.prepare(config.experiment("resnet18"))
+
+
+def test_corrupted_and_foreign_checkpoints_are_named(tmp_path):
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    train(config, "resnet18", 0, "sparse1")
+    good = paths.checkpoint(paths.run_dir(config.options.output_dir, "resnet18", 0, "sparse1"))
+    state = torch.load(good, weights_only=True)
+
+    # a mask byte flipped inside a readable file: the checksum, not a wrong evaluation
+    name = next(iter(state["pruner"]["masks"]))
+    state["pruner"]["masks"][name][0] ^= 0xFF
+    flipped = tmp_path / "flipped.pt"
+    torch.save(state, flipped)
+    with pytest.raises(CheckpointError, match=f"flipped.pt: corrupt, tensor pruner/masks/{name} fails"):
+        checkpoint.load(flipped)
+
+    for name, content, message in [
+        ("empty.pt", b"", "is empty"),
+        ("notes.pt", b"weights live elsewhere\n", "is a text file"),
+        (
+            "lfs.pt",
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n",
+            "is a git-LFS pointer",
+        ),
+        ("truncated.pt", good.read_bytes()[: len(good.read_bytes()) // 2], "not a readable checkpoint"),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"{name}: {message}"):
+            checkpoint.load(tmp_path / name)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dsd", "evaluate", "--spec", config.phase("resnet18", 0, "sparse1").to_json(),
+         "--eval", json.dumps({"batch_size": 8}), "--options", config.options.to_json(), "--checkpoint", str(flipped),
+         "--out", str(tmp_path / "eval.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "fails its checksum" in error_line(result) and not (tmp_path / "eval.json").exists()
