@@ -19,7 +19,7 @@ from slurm_cluster import FAST_POLL_SNAKEMAKE, PARTITION, SlurmCluster, install
 
 pytestmark = pytest.mark.slow
 
-DEADLINE = 270  # seconds for the whole Snakemake run (~2.5-3.5 min seen); then it is killed with SIGKILL
+DEADLINE = 480  # seconds for the whole Snakemake run (10 SLURM jobs); then it is killed with SIGKILL
 POLL = 5  # seconds between two squeue status checks (see slurm_cluster.FAST_POLL_SNAKEMAKE)
 
 
