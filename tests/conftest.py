@@ -55,7 +55,9 @@ def write_config(tmp: Path, config: dict) -> Path:
     return path
 
 
-def snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, configfile: Path, *args: str, timeout: int = 600, env=None
+) -> subprocess.CompletedProcess:
     cmd = [
         str(BIN / "snakemake"),
         "-s",
@@ -68,7 +70,7 @@ def snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 600) -
         "2",
         *args,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir, env=env)
 
 
 def dsd_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -147,9 +147,9 @@ def cmd_evaluate(args) -> None:
         print(json.dumps(result, indent=1))
 
 
-def _rows_and_seeds(args) -> tuple[list[RowSpec], list[int], RunOptions]:
+def _rows_and_seeds(args, seeds_needed: bool = True) -> tuple[list[RowSpec], list[int], RunOptions]:
     if args.spec:
-        if not args.seeds:
+        if seeds_needed and not args.seeds:
             raise ConfigError("with --spec, give --seeds")
         return [RowSpec.from_json(text) for text in args.spec], args.seeds, _options(args)
     config = _config(args)
@@ -171,6 +171,19 @@ def cmd_plots(args) -> None:
     rows, seeds, options = _rows_and_seeds(args)
     out = args.out or str(paths.plots_dir(options.output_dir))
     print(f"wrote {len(plots.write_plots(rows, seeds, options.output_dir, out))} figures to {out}")
+
+
+def cmd_fidelity(args) -> None:
+    """Paper vs this config, row by row and aspect by aspect (computed from the config and the code)."""
+    from dsd.report import fidelity
+
+    rows, _, _ = _rows_and_seeds(args, seeds_needed=False)
+    frame = fidelity.table(rows)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        frame.to_csv(Path(args.out) / "fidelity.csv", index=False)
+        (Path(args.out) / "fidelity.md").write_text(fidelity.markdown(frame))
+    print(fidelity.markdown(frame), end="")
 
 
 def cmd_keys(args) -> None:
@@ -252,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, what in (
         ("table", cmd_table, "tables from finished runs"),
         ("plots", cmd_plots, "figures from finished runs and the tables"),
+        ("fidelity", cmd_fidelity, "the paper vs this config, aspect by aspect (also written by table)"),
     ):
         p = sub.add_parser(name, help=what)
         _add_source(p, "a row's spec as JSON (repeatable)", repeat=True)

@@ -70,9 +70,13 @@ class Train:
     momentum: float = option(0.9, "SGD / RMSprop momentum", min=0)
     nesterov: bool = option(False, "Nesterov momentum (SGD)")
     weight_decay: float = option(5e-4, "L2 weight decay", min=0)
-    lr_schedule: Literal["constant", "cosine", "step"] = option(
-        "cosine", "LR within each phase, from the phase's own LR (step: /10 at 50% and 75%)"
+    lr_schedule: Literal["constant", "cosine", "step", "step_epochs", "poly"] = option(
+        "cosine",
+        "LR within each phase, from the phase's own LR: step /10 at 50% and 75%; step_epochs /10 every "
+        "lr_step_epochs epochs; poly (1 - progress) ** lr_power",
     )
+    lr_step_epochs: float = option(30.0, "step_epochs: epochs between two /10 steps", gt=0)
+    lr_power: float = option(0.5, "poly: the power", gt=0)
     amp: bool = option(True, "mixed precision on CUDA (fp16 + GradScaler); nothing on the CPU")
     grad_clip: float | None = option(None, "clip the global gradient norm to this", gt=0)
     max_steps_per_epoch: int | None = option(None, "cap an epoch at this many steps (smoke tests)", min=1)
@@ -92,7 +96,9 @@ class PhaseEntry:
     """One entry of a row's `phases` list."""
 
     kind: Literal["dense", "sparse", "redense"] = option(help="dense first, then sparse / redense pairs")
-    epochs: float = option(help="epochs of this phase (fractions allowed)", gt=0)
+    epochs: float = option(
+        help="epochs of this phase (fractions allowed; 0 for a dense phase that is a pretrained model)", min=0
+    )
     lr: float | None = option(
         None, "LR at the start of the phase; redense without lr: 1/10 of the sparse LR", gt=0
     )
@@ -121,6 +127,9 @@ class RowKeys:
         min=0,
         lt=1,
         unique=True,
+    )
+    fidelity: dict[str, str] = option(
+        factory=dict, help="why this row departs from the paper, by aspect (dsd fidelity); changes no result"
     )
 
 
@@ -324,6 +333,7 @@ class RowSpec:
     prune: Prune
     phases: tuple[PhaseEntry, ...]
     sweep: tuple[float, ...] = ()
+    fidelity: Mapping[str, str] = field(default_factory=dict)
 
     @cached_property
     def recipe(self) -> Recipe:
@@ -397,6 +407,7 @@ def parse_row(name: str, raw: Mapping, data_path: str | None, where: str | None 
         prune=keys.prune,
         phases=keys.phases,
         sweep=keys.sweep,
+        fidelity=keys.fidelity,
     )
     try:
         row.recipe  # noqa: B018 - checks the phase list now, not mid-pipeline
@@ -407,6 +418,8 @@ def parse_row(name: str, raw: Mapping, data_path: str | None, where: str | None 
             row.recipe.variant(sparsity)
         except ValueError as err:
             raise ConfigError(f"{where}.sweep[{i}]: {err}") from None
+    if row.phases[0].epochs == 0 and not getattr(row.model, "weights", None):
+        raise ConfigError(f"{where}.phases[0].epochs: 0 means a pretrained start, which needs model.weights")
     tags = [sweep_tag(s) for s in row.sweep]
     if len(set(tags)) != len(tags):
         raise ConfigError(f"{where}.sweep: two sparsities share the name {tags[0]!r} (closer than 1e-6 %)")

@@ -58,12 +58,18 @@ class Recipe:
             if kind == "redense" and (previous is None or previous.kind != "sparse"):
                 raise ValueError(f"{where}: a redense phase must follow a sparse phase")
             epochs = entry.get("epochs")
-            if not isinstance(epochs, (int, float)) or isinstance(epochs, bool) or epochs <= 0:
-                raise ValueError(f"{where}.epochs must be a positive number, got {epochs!r}")
+            if not isinstance(epochs, (int, float)) or isinstance(epochs, bool) or epochs < 0:
+                raise ValueError(f"{where}.epochs must be a non-negative number, got {epochs!r}")
+            if epochs == 0 and kind != "dense":
+                raise ValueError(f"{where}.epochs: only a dense phase may have 0 epochs (a pretrained start)")
             lr = entry.get("lr")
             if lr is None and kind == "redense":
                 lr = previous.lr * REDENSE_LR_FACTOR
-            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+            if lr is None and epochs == 0:  # a pretrained start trains nothing
+                lr = 0.0
+            elif epochs == 0:
+                raise ValueError(f"{where}.lr: a dense phase of 0 epochs (a pretrained start) takes no lr")
+            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or (lr <= 0 and epochs > 0):
                 raise ValueError(f"{where}.lr must be a positive number, got {lr!r}")
             sparsity = entry.get("sparsity", 0.0)
             if kind == "sparse":
@@ -147,12 +153,30 @@ def sweep_tag(sparsity: float) -> str:
     return "s" + f"{round(sparsity * 100, 6):.6f}".rstrip("0").rstrip(".")
 
 
-def lr_at(base_lr: float, step: int, total_steps: int, schedule: str) -> float:
-    """LR within one phase; every phase restarts from its own base LR (as the paper's phases do)."""
+def lr_at(
+    base_lr: float,
+    step: int,
+    total_steps: int,
+    schedule: str,
+    steps_per_epoch: int = 1,
+    every_epochs: float = 30.0,
+    power: float = 0.5,
+) -> float:
+    """LR within one phase; every phase restarts from its own base LR (as the paper's phases do).
+
+    constant; cosine to zero; step: /10 at 50% and 75% of the phase; step_epochs: /10 every `every_epochs`
+    epochs (fb.resnet.torch's ImageNet schedule); poly: (1 - progress) ** power (Caffe's BVLC GoogLeNet).
+    """
     if schedule == "constant" or total_steps <= 1:
         return base_lr
     if schedule == "cosine":
         return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / total_steps))
-    if schedule == "step":  # /10 at 50% and 75% of the phase, the classic ImageNet shape
+    if schedule == "step":
         return base_lr * (0.1 ** ((step >= total_steps // 2) + (step >= 3 * total_steps // 4)))
-    raise ValueError(f"unknown lr schedule {schedule!r} (expected constant, cosine or step)")
+    if schedule == "step_epochs":
+        return base_lr * 0.1 ** int(step / (every_epochs * steps_per_epoch))
+    if schedule == "poly":
+        return base_lr * (1.0 - step / total_steps) ** power
+    raise ValueError(
+        f"unknown lr schedule {schedule!r} (expected constant, cosine, step, step_epochs or poly)"
+    )

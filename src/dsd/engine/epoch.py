@@ -40,7 +40,10 @@ def train_epoch(
         if step >= budget:
             break
         for group in state.optimizer.param_groups:
-            group["lr"] = lr_at(current.lr, epoch * steps_per_epoch + step, total, hp.lr_schedule)
+            group["lr"] = lr_at(
+                current.lr, epoch * steps_per_epoch + step, total, hp.lr_schedule,
+                steps_per_epoch, hp.lr_step_epochs, hp.lr_power,
+            )  # fmt: skip
         autocast = torch.autocast("cuda", dtype=torch.float16) if state.scaler.is_enabled() else nullcontext()
         with autocast:
             loss = loop.track.metric.loss(loop.trained, batch, loop.device)

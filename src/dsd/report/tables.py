@@ -272,6 +272,11 @@ def write_tables(specs, seeds, output_dir: str, out_dir: str | Path) -> pd.DataF
     if not runtime.empty:
         runtime.to_csv(out_dir / "runtime.csv", index=False)
         (out_dir / "runtime.md").write_text(_markdown(runtime))
+    from dsd.report import fidelity
+
+    fidelity_table = fidelity.table(specs)
+    fidelity_table.to_csv(out_dir / "fidelity.csv", index=False)
+    (out_dir / "fidelity.md").write_text(fidelity.markdown(fidelity_table))
     for row, recipe in recipes.items():
         examples = samples_table(output_dir, row, seeds[0], recipe)
         if examples is not None:

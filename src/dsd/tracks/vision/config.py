@@ -16,7 +16,14 @@ from dsd.hparams import option
 METRIC = "top1_error_pct"
 HIGHER_IS_BETTER = False
 DATASETS = {"shapes": "generated", "imagenet": "folder"}
-SOURCE_KEYS = ("train_dir", "val_dir", "test_dir", "generate")  # what preparing the data set reads
+SOURCE_KEYS = (
+    "train_dir",
+    "val_dir",
+    "test_dir",
+    "val_labels",
+    "val_meta",
+    "generate",
+)  # what preparing the data set reads
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,12 @@ class Data:
     train_dir: str = option("train", "training split folder, inside the data set")
     val_dir: str = option("val", "validation split folder (per-epoch monitor, sweep choice)")
     test_dir: str = option("val", "test split folder (ImageNet reports on its validation set)")
+    val_labels: str | None = option(
+        None,
+        "flat val/: LOC_val_solution.csv (Kaggle) or the devkit's ground truth, inside the data folder "
+        "(default: found by their usual names)",
+    )
+    val_meta: str | None = option(None, "the devkit's meta.mat, for its ground truth (default: beside it)")
     in_memory: bool = option(False, "decode every image once per process (small data sets)")
     generate: Generate = option(factory=Generate, help="embedded data set only: how it is generated")
 

@@ -32,24 +32,15 @@ def _decode(path: str) -> torch.Tensor:
 
 
 class ImageFolderData(Dataset):
-    """torchvision's ImageFolder indexing with one decoder for every image (corrupt files named).
+    """Images with labels, one decoder for every image (corrupt files named).
 
     In memory (small data sets of one image size) a batch is transformed in one go: `__getitems__` crops
     every image of the batch with `batch_random_resized_crop` (about 2 ms per batch of 32 on one CPU thread,
     against 11 ms image by image).
     """
 
-    def __init__(self, root: Path, cfg: Data, train: bool, in_memory: bool):
-        if not root.is_dir():
-            raise DataError(f"{root}: image folder not found (expected <split>/<class>/*.jpg)")
-        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            if not any(f.is_file() for f in class_dir.iterdir()):
-                raise DataError(f"{class_dir}: class folder is empty")
-        try:
-            folder = datasets.ImageFolder(root)
-        except (FileNotFoundError, RuntimeError) as err:
-            raise DataError(f"{root}: {err}") from None
-        self.classes, self.samples = folder.classes, folder.samples
+    def __init__(self, samples: list[tuple[str, int]], cfg: Data, train: bool, in_memory: bool):
+        self.samples = samples
         self.cfg, self.train, self.transform = cfg, train, transforms(cfg, train)
         self.images = None
         if in_memory:
@@ -140,8 +131,128 @@ def dataset(exp: Experiment, split: str) -> ImageFolderData:
     folder = {"train": cfg.train_dir, "val": cfg.val_dir, "test": cfg.test_dir}[split]
     key = (exp.data_dir, folder, split == "train", json.dumps(hparams.as_dict(cfg), sort_keys=True))
     if key not in _CACHE:
-        _CACHE[key] = ImageFolderData(Path(exp.data_dir) / folder, cfg, split == "train", cfg.in_memory)
+        _CACHE[key] = ImageFolderData(samples(exp, folder), cfg, split == "train", cfg.in_memory)
     return _CACHE[key]
+
+
+def classes(exp: Experiment) -> list[str]:
+    """The class names (ImageNet: synsets), sorted, from the training split's class folders."""
+    root = Path(exp.data_dir) / exp.data.train_dir
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not names:
+        raise DataError(f"{root}: no class folders (expected {exp.data.train_dir}/<class>/*.JPEG)")
+    return names
+
+
+def samples(exp: Experiment, folder: str) -> list[tuple[str, int]]:
+    """(image path, class index) of a split: class folders (ImageFolder), or a flat folder with a labels file
+    (ImageNet's validation set as distributed: the devkit's ground truth, or Kaggle's LOC_val_solution.csv)."""
+    root = Path(exp.data_dir) / folder
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: image folder not found (expected <class>/*.JPEG, or images and a labels file)"
+        )
+    if not any(p.is_dir() for p in root.iterdir()):
+        return flat_samples(exp, root)
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if not any(f.is_file() for f in class_dir.iterdir()):
+            raise DataError(f"{class_dir}: class folder is empty")
+    try:
+        found = datasets.ImageFolder(root)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise DataError(f"{root}: {err}") from None
+    if folder != exp.data.train_dir and found.classes != classes(exp):
+        extra = sorted(set(found.classes) - set(classes(exp)))
+        raise DataError(
+            f"{root}: class folders differ from {exp.data.train_dir}'s ({len(found.classes)} here, e.g. {extra[:1]})"
+        )
+    return found.samples
+
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+KAGGLE_LABELS = "LOC_val_solution.csv"
+DEVKIT_LABELS = "ILSVRC2012_validation_ground_truth.txt"
+
+
+def labels_file(exp: Experiment) -> Path | None:
+    """data.val_labels (relative: inside the data folder), else the usual names of the two distributions."""
+    root = Path(exp.data_dir)
+    if exp.data.val_labels:
+        return root / exp.data.val_labels
+    for candidate in (
+        root / KAGGLE_LABELS,
+        root / DEVKIT_LABELS,
+        root / "ILSVRC2012_devkit_t12" / "data" / DEVKIT_LABELS,
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def flat_samples(exp: Experiment, root: Path) -> list[tuple[str, int]]:
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    path = labels_file(exp)
+    if path is None or not path.is_file():
+        raise DataError(
+            f"{path or root}: {root} holds images but no class folders, and no labels file was found "
+            f"(set data.val_labels to {KAGGLE_LABELS} or the devkit's {DEVKIT_LABELS})"
+        )
+    wnids = kaggle_labels(path) if path.suffix == ".csv" else devkit_labels(exp, path, len(images))
+    index = {name: i for i, name in enumerate(classes(exp))}
+    stems = [p.stem for p in images]
+    missing = [s for s in stems if s not in wnids]
+    if missing or len(wnids) != len(images):
+        raise DataError(
+            f"{path}: labels for {len(wnids)} images, {root} has {len(images)} (e.g. no label for {missing[:1]})"
+        )
+    out = []
+    for image, stem in zip(images, stems, strict=True):
+        label, line = wnids[stem]
+        if label not in index:
+            raise DataError(f"{path}:{line}: synset {label!r} is not a class of {exp.data.train_dir}/")
+        out.append((str(image), index[label]))
+    return out
+
+
+def kaggle_labels(path: Path) -> dict[str, tuple[str, int]]:
+    """LOC_val_solution.csv: `ImageId,PredictionString`, the class being the first word of the string."""
+    import csv
+
+    out = {}
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                out[row["ImageId"]] = (row["PredictionString"].split()[0], line)
+            except (KeyError, IndexError, AttributeError):
+                raise DataError(
+                    f"{path}:{line}: expected ImageId,PredictionString (Kaggle's {KAGGLE_LABELS})"
+                ) from None
+    return out
+
+
+def devkit_labels(exp: Experiment, path: Path, count: int) -> dict[str, tuple[str, int]]:
+    """The devkit's ground truth: line i is the ILSVRC2012 id of ILSVRC2012_val_<i>.JPEG; meta.mat maps ids
+    to synsets."""
+    meta = Path(exp.data_dir) / exp.data.val_meta if exp.data.val_meta else path.parent / "meta.mat"
+    if not meta.is_file():
+        raise DataError(
+            f"{meta}: the devkit's meta.mat is needed to map {path.name}'s ids to synsets (data.val_meta)"
+        )
+    from scipy.io import loadmat
+
+    try:
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+        wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    except Exception as err:  # scipy raises several types for a file that is not the devkit's
+        raise DataError(
+            f"{meta}: not the ILSVRC2012 devkit's meta.mat ({type(err).__name__}: {err})"
+        ) from None
+    out = {}
+    for line, text in enumerate(path.read_text().split(), start=1):
+        if not text.isdigit() or int(text) not in wnid:
+            raise DataError(f"{path}:{line}: {text!r} is not an ILSVRC2012 id of {meta.name}")
+        out[f"ILSVRC2012_val_{line:08d}"] = (wnid[int(text)], line)
+    return out
 
 
 def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0):
@@ -175,29 +286,19 @@ def prepare(exp: Experiment, data_fingerprint: str) -> dict:
 
 
 def check_imagefolder(exp: Experiment) -> dict:
-    """A real ImageFolder data set (ImageNet): folders present, no empty class, the same classes in every split."""
+    """A real ImageNet-style data set: every split readable (class folders, or flat with a labels file), the
+    same classes everywhere, no empty class."""
     root = Path(exp.data_dir)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found (set data.{exp.dataset} to the data set's folder)")
+    names = classes(exp)
     summary = {}
-    for split_dir in sources(exp):
-        if not split_dir.is_dir():
-            raise DataError(f"{split_dir}: split folder not found (expected <class>/*.JPEG inside)")
-        classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-        if not classes:
-            raise DataError(f"{split_dir}: no class folders")
-        for name in classes:
-            if not any((split_dir / name).iterdir()):
-                raise DataError(f"{split_dir / name}: class folder is empty")
-        summary[split_dir.name] = {"classes": len(classes)}
-    class_counts = {v["classes"] for v in summary.values()}
-    if len(class_counts) != 1:
-        raise DataError(f"{root}: splits have different numbers of classes: {json.dumps(summary)}")
+    for folder in dict.fromkeys((exp.data.train_dir, exp.data.val_dir, exp.data.test_dir)):
+        found = samples(exp, folder)
+        summary[folder] = {"images": len(found), "classes": len({label for _, label in found})}
     if exp.options.verify_data:
-        verify_images(
-            [f for split_dir in sources(exp) for f in sorted(split_dir.rglob("*")) if f.is_file()], exp
-        )
-    return {"classes": class_counts.pop(), "splits": summary}
+        verify_images([Path(p) for folder in summary for p, _ in samples(exp, folder)], exp)
+    return {"classes": len(names), "splits": summary}
 
 
 def verify_images(files: list[Path], exp: Experiment) -> None:

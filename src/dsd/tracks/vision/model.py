@@ -9,6 +9,7 @@ name at both scales, so one `exclude` pattern keeps it dense.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -118,21 +119,37 @@ class MiniGoogLeNet(nn.Module):
 
 
 def build(exp: Experiment) -> nn.Module:
-    """The row's network; `model.weights` loads a pretrained start (a local file unless it names a download)."""
+    """The row's network; with `model.weights`, the pretrained model it starts from."""
+    model = _network(exp.model)
+    if exp.model.weights:
+        model.load_state_dict(pretrained_state(exp))
+    return model
+
+
+def pretrained_state(exp: Experiment) -> dict:
+    """A local state-dict file, or torchvision's weights by name from the local torch cache. Nothing is
+    downloaded unless the config says `model.download: true`."""
     cfg = exp.model
-    model = _network(cfg)
-    if cfg.weights == "IMAGENET1K_V1":  # only when the config asks: this downloads
-        extra = {"aux_logits": True} if cfg.arch == "googlenet" else {}
-        pretrained = models.get_model(cfg.arch, weights="IMAGENET1K_V1", **extra)
-        model.load_state_dict(pretrained.state_dict())
-    elif cfg.weights:
+    where = f"config.experiments.{exp.row}.model.weights"
+    if Path(cfg.weights).suffix in (".pth", ".pt", ".bin") or "/" in cfg.weights:
         path = Path(cfg.weights)
         if not path.is_file():
-            raise DataError(
-                f"{path}: pretrained weights file not found (config.experiments.{exp.row}.model.weights)"
-            )
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model
+            raise DataError(f"{path}: pretrained weights file not found ({where})")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+        return {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP, too
+    try:
+        weights = models.get_model_weights(cfg.arch)[cfg.weights]
+    except KeyError:
+        raise DataError(
+            f"{where}: {cfg.weights!r} is neither a file nor torchvision {cfg.arch} weights"
+        ) from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    if not cached.is_file() and not cfg.download:
+        raise DataError(
+            f"{cached}: {cfg.arch} {cfg.weights} is not in the local torch cache (copy it there, or set model.download: true)"
+        )
+    return weights.get_state_dict(progress=False, check_hash=True)
 
 
 def _network(cfg: Model) -> nn.Module:
@@ -144,7 +161,12 @@ def _network(cfg: Model) -> nn.Module:
         if cfg.arch == "vgg16":
             return MiniVGG(cfg.width, cfg.num_classes, cfg.dropout)
         return MiniGoogLeNet(cfg.width, cfg.num_classes, cfg.dropout)
-    extra = {"aux_logits": True, "init_weights": True} if cfg.arch == "googlenet" else {}
+    # torchvision's pretrained GoogLeNet expects its inputs re-normalised the Caffe way (transform_input)
+    extra = (
+        {"aux_logits": True, "init_weights": True, "transform_input": bool(cfg.weights)}
+        if cfg.arch == "googlenet"
+        else {}
+    )
     if cfg.arch == "vgg16":
         extra = {"dropout": cfg.dropout}
     model = models.get_model(cfg.arch, num_classes=cfg.num_classes, **extra)

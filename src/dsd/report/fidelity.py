@@ -1,0 +1,198 @@
+"""The fidelity table: per row and aspect, what the paper did, what this config does, and whether that is the
+same, a deviation (with the config's reason), or a reading of something the paper leaves unstated.
+
+Aspects: architecture, parameters, pruned (which weight tensors), sparsity, start (pretrained or scratch),
+data, features (captioning), augmentation, batch_size, optimizer, phases (epochs, LR, sparsity), schedule (the
+LR within a phase), metric (and test set); a row's `fidelity:` section gives its reasons under these names.
+
+Our side is computed from the config and the code: models are built on the meta device to count parameters
+and to list which weight tensors the prune patterns leave dense. The paper's side is
+`reference/paper_rows.yaml` and `reference/dsd_paper_phases.csv`. A deviation without a reason in the row's
+`fidelity:` section says so, so nothing departs from the paper unexplained.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+
+import pandas as pd
+import torch
+import yaml
+
+from dsd import tracks
+from dsd.core.masks import prunable_parameters
+from dsd.report.tables import paper_phases
+
+NO_REASON = "no reason given (add one to the row's fidelity section)"
+
+
+@cache
+def paper_rows() -> dict:
+    return yaml.safe_load(resources.files("dsd").joinpath("reference/paper_rows.yaml").read_text())
+
+
+def _line(row, aspect: str, paper: str, ours: str, same: bool | None) -> dict:
+    """same=None: the paper leaves it unstated, and ours is a reading."""
+    if same is None:
+        verdict = f"reading: {row.fidelity.get(aspect, ours)}"
+    elif same:
+        verdict = "same"
+    else:
+        verdict = f"deviation: {row.fidelity.get(aspect, NO_REASON)}"
+    return {"row": row.name, "aspect": aspect, "paper": paper, "ours": ours, "verdict": verdict}
+
+
+def _built(row):
+    """The row's model on the meta device: parameter count, weight tensors pruned and left dense."""
+    track = tracks.get(row.track)
+    with torch.device("meta"):
+        if row.track == "captioning":
+            model = track.model.ShowAndTell(4096, 2538, row.model.embed_dim, row.model.hidden_dim, 0.0)
+        elif row.track == "speech":
+            model = track.model.build(row.experiment())
+        else:
+            model = track.model._network(row.model)
+    named = dict(model.named_parameters())
+    pruned = prunable_parameters(model, row.prune.exclude, row.prune.include)
+    dense = sorted(n for n, p in named.items() if p.dim() >= 2 and n not in pruned)
+    return sum(p.numel() for p in named.values()), pruned, dense
+
+
+def _phases(row) -> tuple[str, str, bool]:
+    """The paper's phases after the starting model against ours (epochs, LR, sparsity)."""
+    paper = paper_phases()
+    paper = paper[(paper["row"] == row.name) & (paper["phase"] != "baseline_equal_epochs")]
+    ours = row.recipe.phases
+    if paper.empty:
+        return "not in the paper", "", False
+    fmt = "{} {:g} epochs at {:g}{}"
+    theirs = [
+        fmt.format(p.phase, p.epochs, float(p.lr), f", {p.sparsity:.0%}" if p.sparsity else "")
+        for p in paper.itertuples()
+    ]
+    mine = [fmt.format(p.kind, p.epochs, p.lr, f", {p.sparsity:.0%}" if p.sparsity else "") for p in ours]
+    pairs = list(zip(paper.itertuples(), ours, strict=False))
+    same = len(paper) == len(ours) and all(
+        (q.kind == "dense" and q.epochs == 0)  # a pretrained start: the paper's dense epochs are that model's
+        or (
+            abs(q.epochs - p.epochs) < 1e-9
+            and abs(q.lr - float(p.lr)) < 1e-12
+            and abs(q.sparsity - p.sparsity) < 1e-9
+        )
+        for p, q in pairs
+    )
+    return "; ".join(theirs), "; ".join(mine), same
+
+
+def vision(row) -> list[dict]:
+    facts = paper_rows()["vision"]["rows"].get(row.name)
+    if facts is None:
+        return []
+    common, expect, cfg, hp = paper_rows()["vision"]["common"], facts["expect"], row.model, row.train
+    count, pruned, dense = _built(row)
+    first = tracks.get("vision").model.FIRST_CONV[cfg.arch]
+    norm = "batch norm" if cfg.arch != "vgg16" else "no batch norm"
+    pretrained = bool(cfg.weights) and row.phases[0].epochs == 0
+    paper_phases_text, our_phases, phases_same = _phases(row)
+    data = row.data
+    return [
+        _line(row, "architecture", facts["architecture"], f"torchvision {cfg.arch} ({cfg.size}, {norm})",
+              cfg.size == "full" and cfg.arch == expect["arch"] and cfg.arch != "googlenet"),
+        _line(row, "parameters", f"{facts['parameters']:,} ({facts['parameters_source']})", f"{count:,}",
+              abs(count - facts["parameters"]) <= 0.01 * facts["parameters"]),
+        _line(row, "pruned", common["pruned"],
+              f"{len(pruned)} weight tensors at {row.recipe.phases[1].sparsity:.0%}; dense: {', '.join(dense) or 'none'}",
+              dense == [first] and row.recipe.phases[1].sparsity == 0.3),
+        _line(row, "start", common["start"],
+              f"pretrained {cfg.weights}, dense phase 0 epochs" if pretrained else f"from scratch, {row.phases[0].epochs:g} dense epochs",
+              pretrained),
+        _line(row, "data", common["data"], f"{row.dataset}: train {data.train_dir}/, test {data.test_dir}/",
+              row.dataset == "imagenet" and data.test_dir == "val"),
+        _line(row, "augmentation", facts["augmentation"],
+              f"RandomResizedCrop {data.image_size} ({data.crop_scale_min:g}-1 of the area), horizontal flip", False),
+        _line(row, "batch_size", str(facts["batch_size"]), str(hp.batch_size), hp.batch_size == facts["batch_size"]),
+        _line(row, "optimizer", facts["optimizer"],
+              f"{hp.optimizer}, momentum {hp.momentum:g}{', Nesterov' if hp.nesterov else ''}, weight decay {hp.weight_decay:g}",
+              hp.optimizer == "sgd" and hp.momentum == 0.9 and not hp.nesterov and hp.weight_decay == expect["weight_decay"]),
+        _line(row, "phases", paper_phases_text, our_phases, phases_same),
+        _line(row, "schedule", f"{common['schedule']}; {facts['schedule_reading']}", _schedule(hp),
+              hp.lr_schedule == expect["lr_schedule"]),
+        _line(row, "metric", common["metric"],
+              f"top-1 / top-5 error on {data.test_dir}/ (resize {data.resize}, centre crop {data.image_size})",
+              data.test_dir == "val" and data.resize == 256 and data.image_size == 224),
+    ]  # fmt: skip
+
+
+def _schedule(hp) -> str:
+    return {
+        "step_epochs": f"step_epochs: /10 every {hp.lr_step_epochs:g} epochs",
+        "poly": f"poly, power {hp.lr_power:g}",
+        "step": "step: /10 at 50% and 75% of the phase",
+    }.get(hp.lr_schedule, hp.lr_schedule)
+
+
+def captioning(row) -> list[dict]:
+    facts = paper_rows()["captioning"]["rows"].get(row.name)
+    if facts is None:
+        return []
+    expect, cfg, hp, data = facts["expect"], row.model, row.train, row.data
+    _, pruned, dense = _built(row)
+    paper_phases_text, our_phases, phases_same = _phases(row)
+    encoder = (
+        f"row {data.encoder_row} (seed {data.encoder_seed})" if data.encoder_row else data.encoder_weights
+    )
+    return [
+        _line(row, "architecture", facts["architecture"],
+              f"fc7 -> {cfg.embed_dim}-d image projection, {cfg.embed_dim}-d word embedding, LSTM {cfg.hidden_dim}",
+              cfg.embed_dim == expect["embed_dim"] and cfg.hidden_dim == expect["hidden_dim"]),
+        _line(row, "pruned", facts["pruned"],
+              f"{', '.join(sorted(pruned))}; dense: {', '.join(dense) or 'none'}",
+              dense == ["embed.weight"]),
+        _line(row, "sparsity", facts["sparsity_choice"],
+              f"best on validation among {', '.join(f'{s:.0%}' for s in row.sweep)}" if row.sweep else f"{row.recipe.phases[1].sparsity:.0%} fixed",
+              0.8 in row.sweep),
+        _line(row, "start", facts["start"], f"from scratch, {row.phases[0].epochs:g} dense epochs", False),
+        _line(row, "data", facts["data"], f"{row.dataset} ({data.json or 'dataset_' + row.dataset + '.json'})",
+              row.dataset == "flickr8k"),
+        _line(row, "features", facts["features"], f"fc7 of {encoder}, {data.image_size} centre crop, standardised",
+              False),
+        _line(row, "batch_size", str(facts["batch_size"]), str(hp.batch_size), hp.batch_size == facts["batch_size"]),
+        _line(row, "optimizer", facts["optimizer"], f"{hp.optimizer}, momentum {hp.momentum:g}, clip {hp.grad_clip}", None),
+        _line(row, "phases", paper_phases_text, our_phases, phases_same),
+        _line(row, "schedule", facts["schedule"], _schedule(hp), None),
+        _line(row, "metric", facts["metric"], "BLEU-1..4 (coco-caption) of beam-search captions on test",
+              row.dataset == "flickr8k"),
+    ]  # fmt: skip
+
+
+def speech(row) -> list[dict]:
+    facts = paper_rows()["speech"]["rows"].get(row.name)
+    if facts is None:
+        return []
+    count, pruned, dense = _built(row)
+    paper_phases_text, our_phases, phases_same = _phases(row)
+    return [
+        _line(row, "architecture", facts["architecture"], f"{row.model.arch}, {row.model.rnn_type} {row.model.rnn_hidden}", False),
+        _line(row, "parameters", f"{facts['parameters']:,} ({facts['parameters_source']})", f"{count:,}",
+              abs(count - facts["parameters"]) <= 0.01 * facts["parameters"]),
+        _line(row, "pruned", facts["pruned"], f"{len(pruned)} weight tensors; dense: {', '.join(dense) or 'none'}", False),
+        _line(row, "start", facts["start"], f"from scratch, {row.phases[0].epochs:g} dense epochs", False),
+        _line(row, "data", facts["data"], f"{row.dataset}: {row.data.train} / {row.data.test}", False),
+        _line(row, "phases", paper_phases_text, our_phases, phases_same),
+        _line(row, "metric", facts["metric"], f"WER, {row.eval.decoder} decoding, on {row.data.test}",
+              row.eval.decoder == "greedy"),
+    ]  # fmt: skip
+
+
+def table(rows) -> pd.DataFrame:
+    lines = []
+    for row in rows:
+        lines += {"vision": vision, "captioning": captioning, "speech": speech}[row.track](row)
+    return pd.DataFrame(lines, columns=["row", "aspect", "paper", "ours", "verdict"])
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "No row of this config is one of the paper's (fidelity compares paper rows only).\n"
+    return frame.to_markdown(index=False) + "\n"

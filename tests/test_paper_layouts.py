@@ -1,0 +1,180 @@
+"""configs/paper.yaml runs: every paper vision row and NeuralTalk through Snakemake, on tiny fake data in the real
+layouts (ImageNet with a flat val/ and Kaggle's labels file; Flickr8k with its Karpathy JSON), full-size models
+started from locally saved state dicts, two steps per phase. And ImageNet's devkit layout, and bad layouts."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, snakemake
+from PIL import Image
+from torchvision import models
+
+from dsd import hparams
+from dsd.config import parse_config
+from dsd.errors import DataError
+from dsd.tracks.vision import data as vision_data
+
+WNIDS = ("n01440764", "n01443537")
+VISION = ("googlenet", "vgg16", "resnet18", "resnet50")
+
+
+def _jpeg(path, rng, hint: int):
+    pixels = rng.integers(
+        0, 255, size=(int(rng.integers(70, 90)), int(rng.integers(70, 90)), 3), dtype=np.uint8
+    )
+    pixels[..., hint] = 255
+    Image.fromarray(pixels).save(path, quality=85)
+
+
+def fake_imagenet(root, labels="kaggle"):
+    """train/<wnid>/*.JPEG; val/ flat as distributed, labelled by Kaggle's CSV or the devkit's files."""
+    rng = np.random.default_rng(0)
+    for c, wnid in enumerate(WNIDS):
+        (root / "train" / wnid).mkdir(parents=True)
+        for i in range(4):
+            _jpeg(root / "train" / wnid / f"{wnid}_{i}.JPEG", rng, c)
+    (root / "val").mkdir()
+    truth = [0, 1, 1, 0]
+    for i, c in enumerate(truth, start=1):
+        _jpeg(root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", rng, c)
+    if labels == "kaggle":
+        lines = [
+            f"ILSVRC2012_val_{i:08d},{WNIDS[c]} 1 2 30 40 {WNIDS[c]} 3 4 50 60"
+            for i, c in enumerate(truth, 1)
+        ]
+        (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(lines) + "\n")
+    else:
+        from scipy.io import savemat
+
+        devkit = root / "ILSVRC2012_devkit_t12" / "data"
+        devkit.mkdir(parents=True)
+        synsets = np.array([(ilsvrc_id, wnid) for ilsvrc_id, wnid in ((449, WNIDS[0]), (450, WNIDS[1]))],
+                           dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])  # fmt: skip
+        savemat(devkit / "meta.mat", {"synsets": synsets})
+        (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{449 + c}\n" for c in truth))
+    return root
+
+
+def fake_flickr8k(root, vgg_state):
+    """dataset_flickr8k.json (Karpathy) + Flicker8k_Dataset/ as distributed, VGG-16 weights inside the folder."""
+    rng = np.random.default_rng(1)
+    (root / "Flicker8k_Dataset").mkdir(parents=True)
+    words = ["a dog runs on grass", "a man rides a bike", "two cats sit on a mat", "a bird flies over water"]
+    images = []
+    for i, split in enumerate(["train"] * 8 + ["val"] * 2 + ["test"] * 2):
+        _jpeg(root / "Flicker8k_Dataset" / f"{1000 + i}_abc.jpg", rng, i % 3)
+        raws = [words[(i + k) % 4] for k in range(5)]
+        sentences = [
+            {"tokens": r.split(), "raw": r, "imgid": i, "sentid": 5 * i + k} for k, r in enumerate(raws)
+        ]
+        images.append({"filename": f"{1000 + i}_abc.jpg", "imgid": i, "split": split, "sentences": sentences,
+                       "sentids": [5 * i + k for k in range(5)]})  # fmt: skip
+    (root / "dataset_flickr8k.json").write_text(json.dumps({"dataset": "flickr8k", "images": images}))
+    (root / "weights").mkdir()
+    shutil.copy(vgg_state, root / "weights" / "vgg16-397923af.pth")
+    return root
+
+
+def small_paper_config(tmp_path, imagenet, flickr8k, weights) -> dict:
+    """configs/paper.yaml itself, scaled to seconds: one seed, 2 steps per phase of 1 epoch, 64-pixel crops."""
+    raw = hparams.load_yaml(REPO / "configs" / "paper.yaml")
+    raw |= {"output_dir": str(tmp_path / "results"), "data_root": str(tmp_path / "results" / "data")}
+    raw |= {"data": {"imagenet": str(imagenet), "flickr8k": str(flickr8k)}, "seeds": [0], "device": "cpu"}
+    raw |= {"threads": 1, "workers": 0, "wandb": {"mode": "disabled"}, "rows": [*VISION, "neuraltalk"]}
+    for name in (*VISION, "neuraltalk"):
+        row = raw["experiments"][name]
+        row["train"] = row["train"] | {"batch_size": 2, "max_steps_per_epoch": 2}
+        row["phases"] = [p | ({"epochs": 1} if p["epochs"] else {}) for p in row["phases"]]
+        row["eval"] = row["eval"] | {"batch_size": 4}
+        if name in VISION:
+            row["model"] = row["model"] | {"weights": str(weights[name])}
+            row["data"] = row["data"] | {"image_size": 64, "resize": 72}
+        else:
+            row["data"] = row["data"] | {"image_size": 64, "min_count": 1}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Locally saved state dicts of the full-size torchvision models (random weights: what matters is the path)."""
+    folder = tmp_path_factory.mktemp("weights")
+    out = {}
+    for arch in VISION:
+        torch.manual_seed(0)
+        extra = {"aux_logits": True, "init_weights": True} if arch == "googlenet" else {}
+        out[arch] = folder / f"{arch}.pth"
+        torch.save(models.get_model(arch, num_classes=1000, **extra).state_dict(), out[arch])
+    return out
+
+
+def test_the_paper_config_runs_on_the_real_layouts(tmp_path, weights):
+    imagenet = fake_imagenet(tmp_path / "imagenet")
+    flickr8k = fake_flickr8k(tmp_path / "flickr8k", weights["vgg16"])
+    raw = small_paper_config(tmp_path, imagenet, flickr8k, weights)
+    configfile = tmp_path / "paper_small.yaml"
+    configfile.write_text(json.dumps(raw))
+    result = snakemake(tmp_path, configfile, timeout=900, env=os.environ | {"DSD_PREFORK": "1"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    tables = tmp_path / "results" / "tables"
+    comparison = pd.read_csv(tables / "paper_comparison.csv")
+    assert list(comparison["row"]) == [*VISION, "neuraltalk"]
+    assert comparison["baseline_mean"].notna().all() and comparison["dsd_mean"].notna().all()
+    for row in VISION:  # the dense phase is the pretrained model itself: no training step
+        metrics = json.loads(
+            (tmp_path / "results" / "runs" / row / "seed0" / "dense" / "metrics.json").read_text()
+        )
+        assert metrics["epochs"] == 0 and metrics["history"] == []
+    assert comparison.set_index("row").loc["neuraltalk", "chosen_sparsity"] in (0.5, 0.8, 0.9)
+    fidelity = pd.read_csv(tables / "fidelity.csv").set_index(["row", "aspect"])
+    assert fidelity.loc[("resnet18", "start"), "verdict"] == "same"
+    assert str(weights["resnet18"]) in fidelity.loc[("resnet18", "start"), "ours"]
+    assert fidelity.loc[("vgg16", "batch_size"), "ours"] == "2"  # says what this config does: a deviation
+    assert fidelity.loc[("vgg16", "batch_size"), "verdict"].startswith("deviation")
+    assert fidelity.loc[("neuraltalk", "sparsity"), "verdict"] == "same"
+
+
+def test_the_devkit_layout_reads_the_same_labels_as_kaggle(tmp_path):
+    config = {"experiments": {"r": {"track": "vision", "dataset": "imagenet", "model": {"num_classes": 1000},
+                                    "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}}}  # fmt: skip
+    read = {}
+    for layout in ("kaggle", "devkit"):
+        root = fake_imagenet(tmp_path / layout, labels=layout)
+        exp = parse_config(config | {"data": {"imagenet": str(root)}}, check_models=False).experiment("r")
+        read[layout] = [(os.path.basename(p), label) for p, label in vision_data.samples(exp, "val")]
+    assert read["kaggle"] == read["devkit"] == [
+        ("ILSVRC2012_val_00000001.JPEG", 0), ("ILSVRC2012_val_00000002.JPEG", 1),
+        ("ILSVRC2012_val_00000003.JPEG", 1), ("ILSVRC2012_val_00000004.JPEG", 0),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("problem", ["no labels", "unknown synset", "count mismatch", "devkit without meta"])
+def test_a_bad_imagenet_layout_is_one_line_naming_the_file(tmp_path, problem):
+    layout = "devkit" if problem == "devkit without meta" else "kaggle"
+    root = fake_imagenet(tmp_path / "imagenet", labels=layout)
+    csv = root / "LOC_val_solution.csv"
+    if problem == "no labels":
+        csv.unlink()
+        expected = "no labels file was found"
+    elif problem == "unknown synset":
+        csv.write_text(csv.read_text().replace(WNIDS[1], "n99999999", 1))
+        expected = f"{csv}:3: synset 'n99999999' is not a class of train/"
+    elif problem == "count mismatch":
+        (root / "val" / "ILSVRC2012_val_00000005.JPEG").write_bytes(
+            (root / "val" / "ILSVRC2012_val_00000001.JPEG").read_bytes()
+        )
+        expected = f"{csv}: labels for 4 images, {root / 'val'} has 5"
+    else:
+        (root / "ILSVRC2012_devkit_t12" / "data" / "meta.mat").unlink()
+        expected = "meta.mat: the devkit's meta.mat is needed"
+    config = {"data": {"imagenet": str(root)}, "experiments": {"r": {
+        "track": "vision", "dataset": "imagenet", "model": {"num_classes": 1000},
+        "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}}}  # fmt: skip
+    exp = parse_config(config, check_models=False).experiment("r")
+    with pytest.raises(DataError) as caught:
+        vision_data.check_imagefolder(exp)
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
