@@ -17,6 +17,7 @@ import argparse
 import copy
 import dataclasses
 import io
+import json
 import os
 import platform
 import statistics
@@ -665,6 +666,90 @@ def bench_config_path(quick: bool) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------- 8. speech data path
+SPEECH_1X = 1200  # training utterances of the embedded corpus (12 voices x 100)
+
+_MEMORY_JOB = """
+import json, resource, sys, time
+from dsd.config import parse_config
+from dsd.engine import prepare
+from dsd.engine.trainer import run_phase
+config = parse_config(json.loads(sys.argv[1]), check_models=False)
+start = time.perf_counter()
+prepare.prepare(config.experiment("ds"))
+prepared = time.perf_counter() - start
+run_phase(config.phase("ds", 0, "dense"), sys.argv[2], options=config.options)
+print(json.dumps({"prepare_s": prepared, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def write_speech_corpus(root: Path, train: int, seed: int = 0) -> float:
+    """LibriSpeech layout, train/dev/test, 1-3 s of tones and noise per utterance; returns training hours."""
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    words = ["cat", "dog", "bird", "fish", "tree", "house", "river", "stone", "cloud", "light"]
+    seconds = 0.0
+    for split, count in (("train", train), ("dev", 100), ("test", 100)):
+        for chapter in range(0, count, 100):
+            folder = root / split / "19" / str(chapter)
+            folder.mkdir(parents=True)
+            lines = []
+            for i in range(chapter, min(count, chapter + 100)):
+                n = int(rng.integers(16000, 48000))
+                wav = 0.1 * rng.standard_normal(n) + 0.3 * np.sin(np.arange(n) * rng.uniform(0.05, 0.2))
+                uid = f"19-{chapter}-{i:05d}"
+                sf.write(folder / f"{uid}.flac", wav.astype("float32"), 16000)
+                lines.append(f"{uid} {' '.join(rng.choice(words, size=int(rng.integers(2, 5))))}")
+                seconds += n / 16000 if split == "train" else 0
+            (folder / f"19-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+    return seconds / 3600
+
+
+def bench_speech_memory(quick: bool) -> list[dict]:
+    """Peak RSS of one process that prepares a LibriSpeech-layout corpus (features streamed to disk) and trains
+    a dense epoch on it (features read utterance by utterance), at 1x and 10x the embedded corpus' size; and
+    the feature extraction's throughput. Target: the 10x peak within 1.2x of the 1x peak."""
+    rows = []
+    scales = (1, 3) if quick else (1, 10)
+    with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
+        for scale in scales:
+            root = Path(tmp) / f"corpus{scale}"
+            hours = write_speech_corpus(root, SPEECH_1X * scale)
+            raw = {
+                "data": {"librispeech": str(root)}, "data_root": str(Path(tmp) / f"data{scale}"),
+                "output_dir": str(Path(tmp) / f"out{scale}"), "device": "cpu", "threads": THREADS, "workers": 2,
+                "wandb": {"mode": "disabled"},
+                "experiments": {"ds": {
+                    "track": "speech", "dataset": "librispeech",
+                    "model": {"arch": "deepspeech2", "conv_channels": 8, "conv_kernels": [[5, 5], [5, 5]],
+                              "rnn_hidden": 64, "rnn_layers": 2, "rnn_type": "gru", "stride": 3},
+                    "data": {"feature": "logspec", "train": "train", "val": "dev", "test": "test"},
+                    "train": {"batch_size": 16, "max_steps_per_epoch": 40, "amp": False},
+                    "phases": [{"kind": "dense", "epochs": 1, "lr": 0.01}]}},
+            }  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-c", _MEMORY_JOB, json.dumps(raw), str(Path(tmp) / f"run{scale}")],
+                capture_output=True, text=True, check=True, env=os.environ | {"DSD_PREFORK": "0"},
+            )  # fmt: skip
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            utterances = SPEECH_1X * scale + 200
+            rows.append(
+                {"scale": f"{scale}x", "train_utterances": SPEECH_1X * scale, "train_hours": round(hours, 2),
+                 "peak_rss_mb": measured["peak_rss_mb"], "prepare_s": measured["prepare_s"],
+                 "utterances_per_s": utterances / measured["prepare_s"]}
+            )  # fmt: skip
+            print(
+                f"  speech {scale}x: peak RSS {rows[-1]['peak_rss_mb']:.0f} MB, {rows[-1]['utterances_per_s']:.0f} utt/s"
+            )
+    ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+    for row in rows:
+        row["rss_ratio_to_1x"] = row["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+        row["status"] = verdict(ratio, 1.2, higher_is_better=False) if row is rows[-1] else ""
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- 5. pipeline
 def pipeline_benchmarks(rules_dir: Path) -> pd.DataFrame | None:
     """Sum Snakemake `benchmark:` files: wall seconds summed, peak max_rss, per rule (phase) and per row."""
@@ -865,6 +950,27 @@ def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, floa
         "Wall-clock of whole commands in fresh interpreters (no warm interpreter); `imports torch` is no when the "
         "command succeeds with a `torch` on the path that raises on import. The prune-pattern check reads "
         "parameter names from a per-user cache, filled once (a subprocess builds the models on the meta device).",
+        "",
+        "## 8. Speech data path: peak memory at 1x and 10x the embedded corpus (target: 10x within 1.2x of 1x)",
+        "",
+        table(
+            results["speech_memory"],
+            {
+                "scale": "corpus",
+                "train_utterances": "train utterances",
+                "train_hours": "train hours",
+                "peak_rss_mb": "peak RSS MB",
+                "rss_ratio_to_1x": "ratio to 1x",
+                "prepare_s": "prepare s",
+                "utterances_per_s": "features utt/s",
+                "status": "status",
+            },
+        ),
+        "",
+        "One process prepares a LibriSpeech-layout corpus of 1-3 s utterances (161-bin log spectra computed by 2 "
+        "worker processes and streamed to one file) and trains a small Deep Speech 2 for 40 steps with 2 loader "
+        "workers reading utterances from that file; peak RSS is the process's own (ru_maxrss), so it also counts the "
+        "index of every utterance.",
     ]
     return "\n".join(head) + "\n"
 
@@ -890,6 +996,7 @@ def run_sections(quick: bool) -> tuple[dict[str, pd.DataFrame | None], dict[str,
         "pipeline": lambda: pipeline_benchmarks(OUT / "rules"),
         "startup": lambda: pd.DataFrame(bench_startup(quick)),
         "config": lambda: pd.DataFrame(bench_config_path(quick)),
+        "speech_memory": lambda: pd.DataFrame(bench_speech_memory(quick)),
     }
     results, seconds = {}, {}
     for i, (name, fn) in enumerate(sections.items(), 1):
@@ -916,6 +1023,7 @@ def write_csvs(results: dict[str, pd.DataFrame | None]) -> None:
     results["trainer"].to_csv(OUT / "trainer.csv", index=False)
     results["startup"].to_csv(OUT / "startup.csv", index=False)
     results["config"].to_csv(OUT / "config_path.csv", index=False)
+    results["speech_memory"].to_csv(OUT / "speech_memory.csv", index=False)
     if results["pipeline"] is not None:
         results["pipeline"].to_csv(OUT / "pipeline.csv", index=False)
 

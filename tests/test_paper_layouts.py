@@ -18,6 +18,7 @@ from dsd import hparams
 from dsd.config import parse_config
 from dsd.errors import DataError
 from dsd.tracks.vision import data as vision_data
+from dsd.tracks.vision.model import FIRST_CONV
 
 WNIDS = ("n01440764", "n01443537")
 VISION = ("googlenet", "vgg16", "resnet18", "resnet50")
@@ -80,17 +81,32 @@ def fake_flickr8k(root, vgg_state):
     return root
 
 
-def small_paper_config(tmp_path, imagenet, flickr8k, weights) -> dict:
-    """configs/paper.yaml itself, scaled to seconds: one seed, 2 steps per phase of 1 epoch, 64-pixel crops."""
+ROWS = (*VISION, "neuraltalk", "deepspeech", "deepspeech2")
+
+
+def small_paper_config(tmp_path, folders: dict, weights) -> dict:
+    """configs/paper.yaml itself, scaled to seconds: one seed, 2 steps per phase of 1 epoch, 64-pixel crops;
+    Deep Speech 1 on WSJ as configured, Deep Speech 2 on LibriSpeech (both layouts run)."""
     raw = hparams.load_yaml(REPO / "configs" / "paper.yaml")
     raw |= {"output_dir": str(tmp_path / "results"), "data_root": str(tmp_path / "results" / "data")}
-    raw |= {"data": {"imagenet": str(imagenet), "flickr8k": str(flickr8k)}, "seeds": [0], "device": "cpu"}
-    raw |= {"threads": 1, "workers": 0, "wandb": {"mode": "disabled"}, "rows": [*VISION, "neuraltalk"]}
-    for name in (*VISION, "neuraltalk"):
+    raw |= {"data": {k: str(v) for k, v in folders.items()}, "seeds": [0], "device": "cpu"}
+    raw |= {"threads": 1, "workers": 0, "wandb": {"mode": "disabled"}, "rows": list(ROWS)}
+    ds2 = raw["experiments"]["deepspeech2"]
+    ds2["dataset"] = "librispeech"
+    ds2["data"] = {"feature": "logspec", "train": "train-clean-100", "val": "dev-clean", "test": "test-clean"}
+    for name in ROWS:
         row = raw["experiments"][name]
         row["train"] = row["train"] | {"batch_size": 2, "max_steps_per_epoch": 2}
         row["phases"] = [p | ({"epochs": 1} if p["epochs"] else {}) for p in row["phases"]]
         row["eval"] = row["eval"] | {"batch_size": 4}
+        if name in (
+            "vgg16",
+            "deepspeech2",
+        ):  # the two largest: no momentum buffer to checkpoint (a smoke test)
+            row["train"]["momentum"] = 0.0
+            row["train"]["nesterov"] = False
+        if name.startswith("deepspeech"):
+            continue
         if name in VISION:
             row["model"] = row["model"] | {"weights": str(weights[name])}
             row["data"] = row["data"] | {"image_size": 64, "resize": 72}
@@ -113,22 +129,31 @@ def weights(tmp_path_factory):
 
 
 def test_the_paper_config_runs_on_the_real_layouts(tmp_path, weights):
-    imagenet = fake_imagenet(tmp_path / "imagenet")
-    flickr8k = fake_flickr8k(tmp_path / "flickr8k", weights["vgg16"])
-    raw = small_paper_config(tmp_path, imagenet, flickr8k, weights)
+    """All seven rows at once: ImageNet with a flat val/ and Kaggle's labels, Flickr8k as distributed, WSJ from
+    the LDC layout (SPHERE audio), LibriSpeech folders; full-size models (Tables 6 and 8 for speech)."""
+    folders = {
+        "imagenet": fake_imagenet(tmp_path / "imagenet"),
+        "flickr8k": fake_flickr8k(tmp_path / "flickr8k", weights["vgg16"]),
+        "wsj": fake_wsj(tmp_path / "wsj"),
+        "librispeech": fake_librispeech(tmp_path / "LibriSpeech"),
+    }
+    raw = small_paper_config(tmp_path, folders, weights)
     configfile = tmp_path / "paper_small.yaml"
     configfile.write_text(json.dumps(raw))
     result = snakemake(tmp_path, configfile, timeout=900, env=os.environ | {"DSD_PREFORK": "1"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     tables = tmp_path / "results" / "tables"
     comparison = pd.read_csv(tables / "paper_comparison.csv")
-    assert list(comparison["row"]) == [*VISION, "neuraltalk"]
+    assert list(comparison["row"]) == list(ROWS)
     assert comparison["baseline_mean"].notna().all() and comparison["dsd_mean"].notna().all()
+    runs = tmp_path / "results" / "runs"
     for row in VISION:  # the dense phase is the pretrained model itself: no training step
-        metrics = json.loads(
-            (tmp_path / "results" / "runs" / row / "seed0" / "dense" / "metrics.json").read_text()
-        )
+        metrics = json.loads((runs / row / "seed0" / "dense" / "metrics.json").read_text())
         assert metrics["epochs"] == 0 and metrics["history"] == []
+        sparse = json.loads((runs / row / "seed0" / "sparse1" / "metrics.json").read_text())
+        first = FIRST_CONV[row]  # dense; every other conv and FC weight at exactly 30%
+        layers = sparse["sparsity_per_layer"]
+        assert first not in layers and all(abs(s - 0.3) < 1e-3 for s in layers.values())
     assert comparison.set_index("row").loc["neuraltalk", "chosen_sparsity"] in (0.5, 0.8, 0.9)
     fidelity = pd.read_csv(tables / "fidelity.csv").set_index(["row", "aspect"])
     assert fidelity.loc[("resnet18", "start"), "verdict"] == "same"
@@ -136,6 +161,13 @@ def test_the_paper_config_runs_on_the_real_layouts(tmp_path, weights):
     assert fidelity.loc[("vgg16", "batch_size"), "ours"] == "2"  # says what this config does: a deviation
     assert fidelity.loc[("vgg16", "batch_size"), "verdict"].startswith("deviation")
     assert fidelity.loc[("neuraltalk", "sparsity"), "verdict"] == "same"
+    for row, total in (("deepspeech", 8_139_805), ("deepspeech2", 67_696_733)):  # the tables' models, trained
+        state = torch.load(runs / row / "seed0" / "redense2" / "model.pt", weights_only=True)["model"]
+        assert (
+            sum(t.numel() for k, t in state.items() if "running" not in k and "num_batches" not in k) == total
+        )
+    assert fidelity.loc[("deepspeech", "parameters"), "verdict"] == "same"
+    assert fidelity.loc[("deepspeech", "pruned"), "verdict"] == "same"
 
 
 def test_the_devkit_layout_reads_the_same_labels_as_kaggle(tmp_path):
@@ -178,3 +210,54 @@ def test_a_bad_imagenet_layout_is_one_line_naming_the_file(tmp_path, problem):
     with pytest.raises(DataError) as caught:
         vision_data.check_imagefolder(exp)
     assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+SPEECH_LINES = [("A CAT", 0), ("THE DOG [breath]", 1), ("\\PERIOD", 2), ("A DOG", 3)]
+
+
+def fake_wsj(root, seconds=0.3):
+    """The LDC discs' layout for si284 (both discs' index files), dev93 and eval92: SPHERE audio (soundfile),
+    .dot transcripts, .ndx indices."""
+    import soundfile as sf
+
+    sr = 16000
+    t = np.arange(int(sr * seconds)) / sr
+    indices = {
+        "wsj0/doc/indices/train/tr_s_wv1.ndx": ("wsj0", "si_tr_s", "011"),
+        "wsj1/doc/indices/si_tr_s.ndx": ("wsj1", "si_tr_s", "46a"),
+        "wsj1/doc/indices/h1_p0.ndx": ("wsj1", "si_dt_20", "4k0"),
+        "wsj0/doc/indices/test/nvp/si_et_05.ndx": ("wsj0", "si_et_05", "440"),
+    }
+    for index, (disc, part, speaker) in indices.items():
+        lines = []
+        for i, (text, tone) in enumerate(SPEECH_LINES):
+            uid = f"{speaker}c02{i:02d}"
+            folder = root / disc / part / speaker
+            folder.mkdir(parents=True, exist_ok=True)
+            audio = 0.3 * np.sin(2 * np.pi * (200 + 60 * tone) * t)
+            sf.write(folder / f"{uid}.wv1", audio, sr, format="NIST", subtype="PCM_16")
+            dots = root / disc / "transcrp" / "dots" / part / speaker
+            dots.mkdir(parents=True, exist_ok=True)
+            with open(dots / f"{speaker}c0200.dot", "a") as f:
+                f.write(f"{text} ({uid})\n")
+            lines.append(f"11_1_1:{disc}/{part}/{speaker}/{uid}.wv1")
+        (root / index).parent.mkdir(parents=True, exist_ok=True)
+        (root / index).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def fake_librispeech(root, seconds=0.3):
+    import soundfile as sf
+
+    sr = 16000
+    t = np.arange(int(sr * seconds)) / sr
+    for split, speaker in (("train-clean-100", "19"), ("dev-clean", "84"), ("test-clean", "61")):
+        folder = root / split / speaker / "198"
+        folder.mkdir(parents=True)
+        lines = []
+        for i, (text, tone) in enumerate([("A CAT", 0), ("THE DOG", 1), ("A DOG", 3), ("THE CAT", 0)]):
+            uid = f"{speaker}-198-{i:04d}"
+            sf.write(folder / f"{uid}.flac", 0.3 * np.sin(2 * np.pi * (200 + 60 * tone) * t), sr)
+            lines.append(f"{uid} {text}")
+        (folder / f"{speaker}-198.trans.txt").write_text("\n".join(lines) + "\n")
+    return root

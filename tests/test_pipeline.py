@@ -1,6 +1,7 @@
 """The Snakemake chain end to end on tiny generated data, and bad input failing cleanly."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from dsd import paths
 def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
     config = tiny_vision_config(tmp_path)
     configfile = write_config(tmp_path, config)
-    first = snakemake(tmp_path, configfile)
+    first = snakemake(tmp_path, configfile, env=os.environ | {"DSD_PREFORK": "1"})  # as make run does
     assert first.returncode == 0, first.stderr[-3000:]
     table = pd.read_csv(tmp_path / "results" / "tables" / "paper_comparison.csv")
     assert list(table["row"]) == ["resnet18"]
@@ -40,9 +41,9 @@ def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
     assert second.returncode == 0
     assert "Nothing to be done" in second.stdout + second.stderr
     # run options change no result, so they rerun nothing
-    for option in ("wandb={mode: online}", "threads=2", "wandb={mode: disabled}", "workers=2"):
-        plan = snakemake(tmp_path, configfile, "-n", "--config", option)
-        assert "Nothing to be done" in plan.stdout + plan.stderr, (option, plan.stdout[-2000:])
+    for options in (["wandb={mode: online}", "threads=2", "workers=2"], ["wandb={mode: disabled}"]):
+        plan = snakemake(tmp_path, configfile, "-n", "--config", *options)
+        assert "Nothing to be done" in plan.stdout + plan.stderr, (options, plan.stdout[-2000:])
     # the sparse phase's sparsity: its phase and the one after it, per seed, then the tables
     config["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.5
     assert planned(tmp_path, write_config(tmp_path, config)) == {

@@ -21,8 +21,6 @@ from dsd.tracks.speech import metric as speech_metric
 from dsd.tracks.speech import model as speech_model
 from dsd.tracks.speech import synthetic as spoken
 
-PRUNE_INCLUDE = ("fc*.weight", "rnn*.weight_ih_l*", "rnn*.weight_hh_l*", "out.weight")
-
 torch.set_num_threads(1)
 
 
@@ -154,23 +152,63 @@ def test_wer_cer_by_hand():
     assert rates["cer_pct"] == pytest.approx(100 * 5 / 21)
 
 
-@pytest.mark.parametrize("arch", ["deepspeech", "deepspeech2"])
-def test_pruning_patterns_leave_convolutions_dense(tmp_path, arch):
-    model = speech_model.build(_exp(tmp_path, arch))
-    include = PRUNE_INCLUDE if arch == "deepspeech" else PRUNE_INCLUDE[1:]  # Deep Speech 2 has no fc layer
-    pruner = Pruner(model, 0.5, exclude=("conv.*",) if arch == "deepspeech2" else (), include=include)
-    names = set(pruner.masks)
-    params = dict(model.named_parameters())
-    convs = [n for n, p in params.items() if n.startswith("conv.") and p.dim() == 4]
-    assert (arch == "deepspeech2") == bool(convs)
-    for n in convs:
-        assert n not in names and (params[n] != 0).all()
-    recurrent = [
-        n for n in params if ".weight_ih_l" in n or ".weight_hh_l" in n or n.startswith("rnn.weight")
-    ]
-    linear = [n for n, p in params.items() if (n.startswith("fc") or n.startswith("out")) and p.dim() == 2]
-    assert recurrent and linear and names == set(recurrent) | set(linear)
+# The DSD paper's Table 6 (Deep Speech 1) and Table 8 (Deep Speech 2): parameters per layer.
+TABLE_6 = [1_814_528, 1_049_600, 1_049_600, 3_146_752, 1_049_600, 29_725]  # total 8,139,805
+TABLE_8 = [19_616, 239_168, 8_507_840, *[9_296_320] * 6, 3_101_120, 95_054]  # total 67,740,718
+PAPER_DS1 = {"arch": "deepspeech", "hidden": 1024, "rnn_hidden": 1024, "rnn_type": "rnn", "context": 5}
+PAPER_DS2 = {"arch": "deepspeech2", "conv_channels": 32, "conv_kernels": [[41, 11], [21, 11]], "rnn_hidden": 1760,
+             "rnn_layers": 7, "rnn_type": "rnn"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("paper", "table"), [(PAPER_DS1, TABLE_6), (PAPER_DS2, TABLE_8)])
+def test_the_paper_models_match_the_tables_layer_by_layer(tmp_path, paper, table):
+    exp = _exp(tmp_path, paper["arch"], model=paper, feature="logspec")
+    with torch.device("meta"):
+        layers = speech_model.layer_counts(speech_model.build(exp))
+    assert len(layers) == len(table)
+    for (name, ours), theirs in zip(layers[:-1], table[:-1], strict=True):
+        assert abs(ours - theirs) <= 0.01 * theirs, (
+            name,
+            ours,
+            theirs,
+        )  # every layer within 1% (here: exact)
+    if paper["arch"] == "deepspeech":
+        assert layers[-1][1] == table[-1] and sum(n for _, n in layers) == 8_139_805
+    else:  # the output layer predicts 29 characters; the table's 95,054 fit no 29-symbol layer (a stated deviation)
+        assert layers[-1][1] == 1760 * 29 + 29
+        assert abs(sum(n for _, n in layers) - 67_740_718) <= 0.001 * 67_740_718
+
+
+@pytest.mark.parametrize(
+    ("arch", "include", "dense"),
+    [
+        ("deepspeech", ("fc*.weight", "rnn.*weight*"), {"layer0.weight", "out.weight"}),
+        ("deepspeech2", ("rnn.*weight*", "fc.weight"), {"conv.0.weight", "conv.1.weight", "out.weight"}),
+    ],
+)
+def test_the_paper_pruning_patterns(tmp_path, arch, include, dense):
+    """Deep Speech 1: layers 1-4 pruned, layer 0 and the output dense; Deep Speech 2: recurrent and FC layers
+    pruned, convolutions and output dense. The shared input matrix of a plain RNN layer is pruned with it."""
+    model = speech_model.build(_exp(tmp_path, arch, model={"rnn_type": "rnn"}))
+    pruner = Pruner(model, 0.5, include=include)
+    weights = {n for n, p in model.named_parameters() if p.dim() >= 2}
+    assert weights - set(pruner.masks) == dense
     assert all(abs(s - 0.5) < 0.01 for s in pruner.sparsity().values())
+    assert "rnn.rnn.weight_ih_l0" not in dict(model.named_parameters())  # the identity input is a buffer
+
+
+def test_ctc_is_summed_per_utterance_and_averaged_over_the_batch(tiny):
+    base, _ = tiny
+    exp = _exp(base, utterances_per_speaker=COUNTS)
+    torch.manual_seed(0)
+    model = speech_model.build(exp).eval()
+    ds = speech_data.dataset(exp, "train")
+    batch = speech_data.collate([ds[i] for i in range(4)])
+    with torch.no_grad():
+        per_utterance = [float(speech_metric.loss(model, speech_data.collate([ds[i]]), "cpu")) for i in range(4)]
+        together = float(speech_metric.loss(model, batch, "cpu"))
+    assert together == pytest.approx(sum(per_utterance) / 4, rel=1e-4)  # not divided by transcript lengths
+    assert len({round(v, 3) for v in per_utterance}) > 1
 
 
 def test_unknown_model_key_and_beam_without_lexicon_are_config_errors(tmp_path):
@@ -216,9 +254,19 @@ def test_end_to_end_tiny_corpus(tiny):
         assert [s["id"] for s in out] == ["201-1-0000", "201-1-0001", "202-1-0000"]
         assert set(speech_metric.monitor(model, exp, "cpu")) == {"wer_pct", "cer_pct"}
     ds2 = _exp(base, "deepspeech2", utterances_per_speaker=COUNTS)
-    first = next(iter(speech_data.train_loader(ds2, seed=0, epoch=0)))["lengths"]
-    assert first.tolist() == sorted(first.tolist())  # SortaGrad: epoch 0 shortest first
+    first = next(iter(speech_data.train_loader(ds2, seed=0, epoch=0, first=True)))["lengths"]
+    assert first.tolist() == sorted(first.tolist())  # SortaGrad: training's first epoch, shortest first
     assert first.max() <= speech_data.dataset(ds2, "train").lengths.sort().values[7]
+    later = [b["lengths"] for b in speech_data.train_loader(ds2, seed=0, epoch=0)]  # any other epoch: buckets
+    assert later[0].tolist() != first.tolist()
+    spread = [float(b.max() - b.min()) for b in later]
+    shuffled = [
+        b["lengths"]
+        for b in speech_data.train_loader(
+            _exp(base, "deepspeech2", utterances_per_speaker=COUNTS, length_buckets=0), seed=0, epoch=0
+        )
+    ]
+    assert sum(spread) < sum(float(b.max() - b.min()) for b in shuffled)  # less padding than a plain shuffle
 
 
 def test_prepare_writes_a_lexicon_of_the_training_words(tiny, tmp_path):
@@ -309,3 +357,75 @@ def test_features_of_another_corpus_are_never_read(tmp_path):
     assert first["fingerprint"] != second["fingerprint"]
     frames = speech_data.dataset(row("b"), "train").lengths.tolist()
     assert frames == [61, 61]  # 0.6 s at a 10 ms hop: corpus b's, not a's 31 frames
+
+
+def test_wsj_transcripts_normalised_by_the_written_rules():
+    cases = {
+        "THE U.S. ECONOMY [loud_breath] GREW \\PERIOD": "the us economy grew period",
+        "A PARTIAL WO- WORD -TEND HERE": "a partial word here",
+        "*MISPRONOUNCED* <INSERTED> TWENTY-FIVE": "mispronounced inserted twenty five",
+        "IT'S \\COMMA OK~ [door_slam]": "it's comma ok",
+    }
+    for line, expected in cases.items():
+        assert speech_data.normalise_wsj(line, "x.dot:1") == expected
+    with pytest.raises(DataError, match=r"x.dot:3: .*'3'"):
+        speech_data.normalise_wsj("ROOM 3", "x.dot:3")
+
+
+def write_wsj(root, utterances, seconds=0.4, shorten=False):
+    """A tiny WSJ disc layout: SPHERE .wv1 audio (written by soundfile), .dot transcripts, an .ndx index."""
+    sr = 16000
+    t = np.arange(int(sr * seconds)) / sr
+    lines = []
+    for i, (uid, text) in enumerate(utterances):
+        speaker = uid[:3]
+        folder = root / "wsj0" / "si_tr_s" / speaker
+        folder.mkdir(parents=True, exist_ok=True)
+        sf.write(
+            folder / f"{uid}.wv1",
+            0.3 * np.sin(2 * np.pi * (220 + 40 * i) * t),
+            sr,
+            format="NIST",
+            subtype="PCM_16",
+        )
+        dots = root / "wsj0" / "transcrp" / "dots" / "si_tr_s" / speaker
+        dots.mkdir(parents=True, exist_ok=True)
+        with open(dots / f"{uid[:6]}00.dot", "a") as f:
+            f.write(f"{text} ({uid})\n")
+        lines.append(f"11_1_1:wsj0/si_tr_s/{speaker}/{uid}.wv1")
+    index = root / "wsj0" / "doc" / "indices" / "train" / "tr_s_wv1.ndx"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(";; a comment, as in the LDC index files\n" + "\n".join(lines) + "\n")
+    if shorten:  # what the discs hold: a SPHERE header announcing shorten, then compressed data
+        wav = root / "wsj0" / "si_tr_s" / utterances[0][0][:3] / f"{utterances[0][0]}.wv1"
+        head = b"NIST_1A\n   1024\nsample_coding -s26 pcm,embedded-shorten-v2.00\nend_head\n"
+        wav.write_bytes(head.ljust(1024) + b"ajkg" * 16)
+    return index
+
+
+def test_wsj_layout_reads_sphere_audio_and_dot_transcripts(tmp_path):
+    index = write_wsj(tmp_path, [("011c0201", "THE U.S. [breath] ECONOMY"), ("011c0202", "GREW \\PERIOD")])
+    items = speech_data.read_wsj_index(index, tmp_path)
+    assert [(i["id"], i["transcript"]) for i in items] == [
+        ("011c0201", "the us economy"),
+        ("011c0202", "grew period"),
+    ]
+    assert speech_data.load_audio(items[0]["audio"]).shape == (6400,)
+    index.write_text(index.read_text() + "11_1_1:wsj0/si_tr_s/011/011c0299.wv1\n")
+    with pytest.raises(DataError, match=r"tr_s_wv1.ndx:4: no transcript for 011c0299"):
+        speech_data.read_wsj_index(index, tmp_path)
+
+
+def test_a_shorten_compressed_sphere_file_says_how_to_convert_it(tmp_path):
+    write_wsj(tmp_path, [("011c0201", "HELLO")], shorten=True)
+    with pytest.raises(DataError, match=r"011c0201.wv1: shorten-compressed SPHERE .*sph2pipe"):
+        speech_data.load_audio(tmp_path / "wsj0" / "si_tr_s" / "011" / "011c0201.wv1")
+
+
+def test_cached_features_are_read_from_disk_as_computed(tiny):
+    base, _ = tiny
+    exp = _exp(base, utterances_per_speaker=COUNTS)
+    ds = speech_data.dataset(exp, "test")
+    item = next(i for i in speech_data.read_librispeech(base / "spoken" / "test") if i["id"] == ds.ids[3])
+    direct = speech_data.features(speech_data.load_audio(item["audio"]), exp.data)
+    assert torch.equal(ds[3][0], direct)

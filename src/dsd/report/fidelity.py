@@ -171,18 +171,31 @@ def speech(row) -> list[dict]:
     if facts is None:
         return []
     count, pruned, dense = _built(row)
+    with torch.device("meta"):
+        layers = tracks.get("speech").model.layer_counts(tracks.get("speech").model.build(row.experiment()))
+    table_layers = facts["layers"]
+    per_layer = [
+        abs(ours - paper) <= 0.01 * paper for (_, ours), paper in zip(layers, table_layers, strict=False)
+    ]
+    layer_text = ", ".join(f"{name} {ours:,}" for name, ours in layers)
     paper_phases_text, our_phases, phases_same = _phases(row)
     return [
-        _line(row, "architecture", facts["architecture"], f"{row.model.arch}, {row.model.rnn_type} {row.model.rnn_hidden}", False),
-        _line(row, "parameters", f"{facts['parameters']:,} ({facts['parameters_source']})", f"{count:,}",
-              abs(count - facts["parameters"]) <= 0.01 * facts["parameters"]),
-        _line(row, "pruned", facts["pruned"], f"{len(pruned)} weight tensors; dense: {', '.join(dense) or 'none'}", False),
+        _line(row, "architecture", facts["architecture"], f"{row.model.arch}: {layer_text}",
+              len(layers) == len(table_layers) and all(per_layer)),
+        _line(row, "parameters", f"{facts['parameters']:,} ({facts['parameters_source']}: {', '.join(f'{n:,}' for n in table_layers)})",
+              f"{count:,}", abs(count - facts["parameters"]) <= 0.01 * facts["parameters"] and all(per_layer)),
+        _line(row, "pruned", facts["pruned"], f"{len(pruned)} weight tensors; dense: {', '.join(dense) or 'none'}",
+              dense == sorted(facts["dense"])),
         _line(row, "start", facts["start"], f"from scratch, {row.phases[0].epochs:g} dense epochs", False),
-        _line(row, "data", facts["data"], f"{row.dataset}: {row.data.train} / {row.data.test}", False),
+        _line(row, "data", facts["data"], f"{row.dataset}: train {_names(row.data.train)}, test {_names(row.data.test)}",
+              row.dataset == "wsj" and row.name == "deepspeech"),
         _line(row, "phases", paper_phases_text, our_phases, phases_same),
-        _line(row, "metric", facts["metric"], f"WER, {row.eval.decoder} decoding, on {row.data.test}",
-              row.eval.decoder == "greedy"),
+        _line(row, "metric", facts["metric"], f"WER, {row.eval.decoder} decoding, on {_names(row.data.test)}", False),
     ]  # fmt: skip
+
+
+def _names(split) -> str:
+    return split if isinstance(split, str) else " + ".join(split)
 
 
 def table(rows) -> pd.DataFrame:

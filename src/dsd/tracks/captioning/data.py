@@ -216,7 +216,7 @@ class SplitImages(Dataset):
         return self.features[index], index
 
 
-def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0):
+def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0, first: bool = False):
     return loaders.loader(
         CaptionPairs(exp),
         exp.train.batch_size,

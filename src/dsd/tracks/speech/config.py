@@ -13,7 +13,7 @@ from dsd.hparams import option
 
 METRIC = "wer_pct"
 HIGHER_IS_BETTER = False
-DATASETS = {"spoken": "generated", "librispeech": "folder"}
+DATASETS = {"spoken": "generated", "librispeech": "folder", "wsj": "folder"}
 # What preparing the corpus reads and writes: its splits (or how it is synthesised) and the features it caches.
 # Rows sharing a corpus therefore share feature settings.
 SOURCE_KEYS = (
@@ -45,11 +45,19 @@ class Model:
 class Data:
     feature: Literal["logmel", "logspec"] = option("logmel", "logspec: 161 linear bins of a 20 ms window")
     n_mels: int = option(40, "logmel bins", min=1)
-    train: str | tuple[str, ...] = option("train", "LibriSpeech subset folder(s) or JSON-lines manifest(s)")
+    train: str | tuple[str, ...] = option(
+        "train",
+        "LibriSpeech subset folder(s), JSON-lines manifest(s), or WSJ index files (.ndx), in the data folder",
+    )
     val: str | tuple[str, ...] = option("dev", "validation split (per-epoch monitor, sweep choice)")
     test: str | tuple[str, ...] = option("test", "test split")
     sortagrad: bool | None = option(
-        None, "first epoch of a phase shortest first; default: on for deepspeech2"
+        None, "the first epoch of training (the dense phase's) shortest first; default: on for deepspeech2"
+    )
+    length_buckets: int = option(
+        50,
+        "other epochs: batches of similar lengths from windows of this many batches (0: plain shuffle)",
+        min=0,
     )
     max_seconds: float | None = option(None, "drop longer training utterances (memory on real data)", gt=0)
     corpus_seed: int = option(1234, "embedded corpus: generator seed", min=0)

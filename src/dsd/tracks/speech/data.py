@@ -8,11 +8,15 @@ so features computed from another corpus or with other settings are never read a
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
+import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -54,6 +58,11 @@ def load_audio(path: str | Path) -> torch.Tensor:
     try:
         wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:  # libsndfile raises its own error types for corrupt or unknown formats
+        with open(path, "rb") as f:
+            header = f.read(1024)
+        if header.startswith(b"NIST_1A") and b"shorten" in header:
+            raise DataError(f"{path}: shorten-compressed SPHERE (as on the WSJ discs): convert it first, "
+                            f"e.g. sph2pipe -f rif {path.name} {path.stem}.wav") from None  # fmt: skip
         raise DataError(f"{path}: unreadable audio file ({err})") from None
     if wav.shape[0] == 0:
         raise DataError(f"{path}: audio file has no samples")
@@ -122,15 +131,87 @@ def features(wav: torch.Tensor, data: Data) -> torch.Tensor:
 
 
 def _sources(exp: Experiment, split: str) -> list[dict]:
+    """A split's utterances: LibriSpeech folders, JSON-lines manifests, or WSJ index files (.ndx) of the LDC
+    discs, each relative to the data folder."""
     names = getattr(exp.data, split)
     items = []
     for name in [names] if isinstance(names, str) else names:
         path = Path(exp.data_dir) / name
-        items += read_manifest(path) if path.suffix in (".jsonl", ".json") else read_librispeech(path)
+        if path.suffix in (".jsonl", ".json"):
+            items += read_manifest(path)
+        elif path.suffix == ".ndx":
+            items += read_wsj_index(path, Path(exp.data_dir))
+        else:
+            items += read_librispeech(path)
     return items
 
 
-def _cache_file(exp: Experiment, split: str, data_fingerprint: str) -> Path:
+# ---------------------------------------------------------------------------------------------------- WSJ
+
+
+def normalise_wsj(text: str, where: str) -> str:
+    """A WSJ transcript (.dot) in the alphabet, by these rules, in order:
+
+    1. lower case;  2. noise markers in square brackets ("[loud_breath]", "[door_slam]") are dropped;
+    3. angle brackets and asterisks around words ("<is>", "*mispronounced*") are removed, the word kept;
+    4. verbalised punctuation keeps its spoken word ("\\period" -> "period", "\\comma" -> "comma");
+    5. word fragments (a hyphen at a word's start or end: "wo-", "-tend") are dropped;
+    6. dots ("u.s.") and "~", ":", "!" marks are removed; a hyphen inside a word is a space.
+    Anything still outside a-z, space and ' is a DataError naming the line.
+    """
+    words = []
+    for token in text.lower().split():
+        if token.startswith("[") and token.endswith("]"):
+            continue
+        token = token.strip("<>*").lstrip("\\").replace('"', "")
+        if token.startswith("-") or token.endswith("-"):
+            continue
+        token = re.sub(r"[.~:!]", "", token).replace("-", " ").replace("_", " ")
+        words += token.split()
+    out = " ".join(words)
+    encode(out, where)  # raises on anything left outside the alphabet
+    return out
+
+
+def read_wsj_dots(root: Path) -> dict[str, str]:
+    """utterance id -> transcript line of every .dot file below `root` ("text (011c0201)" per line)."""
+    out = {}
+    for dot in sorted(root.rglob("*.dot")):
+        for n, line in enumerate(dot.read_text(errors="replace").splitlines(), 1):
+            match = re.fullmatch(r"\s*(.*?)\s*\((\w+)\)\s*", line)
+            if match:
+                out[match.group(2).lower()] = (match.group(1), f"{dot}:{n}")
+    return out
+
+
+@functools.cache
+def _wsj_dots(root: str) -> dict[str, str]:
+    return read_wsj_dots(Path(root))
+
+
+def read_wsj_index(index: Path, root: Path) -> list[dict]:
+    """An LDC index file (si284's tr_s_wv1.ndx and friends, dev93, eval92): one `disc:/path/utt.wv1` per line
+    (";" comments); audio paths relative to the data folder, transcripts from the .dot files below it."""
+    if not index.is_file():
+        raise DataError(f"{index}: WSJ index file is missing")
+    dots, items = _wsj_dots(str(root)), []
+    for n, line in enumerate(index.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(";"):
+            continue
+        relative = line.split(":", 1)[-1].strip().lstrip("/")
+        audio = root / relative
+        if not audio.exists():
+            audio = root / relative.lower()
+        uid = audio.stem.lower()
+        if uid not in dots:
+            raise DataError(f"{index}:{n}: no transcript for {uid} in the .dot files below {root}")
+        text, where = dots[uid]
+        items.append({"id": uid, "audio": str(audio), "transcript": normalise_wsj(text, where)})
+    return items
+
+
+def _cache_dir(exp: Experiment, split: str, data_fingerprint: str) -> Path:
     """Beside generated data, under data_root for real data (a user's corpus is never written)."""
     data = exp.data
     key = {
@@ -140,50 +221,79 @@ def _cache_file(exp: Experiment, split: str, data_fingerprint: str) -> Path:
         "bins": n_features(data),
         "max_seconds": data.max_seconds if split == "train" else None,
     }
-    return exp.cache_dir / "features" / f"{split}-{fingerprint(key)}.pt"
+    return exp.cache_dir / "features" / f"{split}-{fingerprint(key)}"
+
+
+def _featurise(job: tuple[dict, Data, float | None]):
+    item, data, max_seconds = job
+    wav = load_audio(item["audio"])
+    if max_seconds and len(wav) > max_seconds * SAMPLE_RATE:
+        return None
+    return item["id"], " ".join(item["transcript"].split()), features(wav, data).numpy()
 
 
 def build_features(exp: Experiment, split: str, out: Path) -> Path:
-    """Read, check and featurise one split once; phases re-read the cached tensor file many times."""
-    data = exp.data
-    feats, lengths, ids, texts = [], [], [], []
-    for item in _sources(exp, split):
-        wav = load_audio(item["audio"])
-        if split == "train" and data.max_seconds and len(wav) > data.max_seconds * SAMPLE_RATE:
-            continue
-        feats.append(features(wav, data))
-        lengths.append(feats[-1].shape[0])
-        ids.append(item["id"])
-        texts.append(" ".join(item["transcript"].split()))
-    if not feats:
+    """Featurise a split once, in parallel (workers: the run option, else every core), into one raw float32
+    file of frames and an index; utterances stream through in order, so memory does not grow with the corpus."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    items = _sources(exp, split)
+    max_seconds = exp.data.max_seconds if split == "train" else None
+    jobs = [(item, exp.data, max_seconds) for item in items]
+    workers = exp.options.workers or os.cpu_count() or 1
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # parallel jobs may build the same split
+    tmp.mkdir(parents=True, exist_ok=True)
+    index = {"format": FEATURES_FORMAT, "bins": n_features(exp.data), "ids": [], "texts": [], "lengths": []}
+    with (
+        open(tmp / "frames.f32", "wb") as frames,
+        ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool,
+    ):
+        done = pool.map(_featurise, jobs, chunksize=16) if workers > 1 else map(_featurise, jobs)
+        for result in tqdm(done, total=len(jobs), desc=f"features {split}", unit="utt", disable=None):
+            if result is None:
+                continue
+            uid, text, feats = result
+            frames.write(feats.astype("float32").tobytes())
+            index["ids"].append(uid)
+            index["texts"].append(text)
+            index["lengths"].append(int(feats.shape[0]))
+    if not index["ids"]:
         raise DataError(f"{exp.data_dir}: split {split!r} has no utterances")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # parallel phases may build the same split
-    blob = {"format": FEATURES_FORMAT, "feats": torch.cat(feats), "lengths": torch.tensor(lengths)}
-    torch.save(blob | {"ids": ids, "texts": texts}, tmp)
-    tmp.replace(out)
+    (tmp / "index.json").write_text(json.dumps(index))
+    tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)  # another job finished it first
     return out
 
 
 class SpeechSet(Dataset):
-    """Cached features of one split: item i -> (features (T, F), character ids, id, transcript)."""
+    """A split's cached features, read utterance by utterance from disk (nothing held in memory but the index):
+    item i -> (features (T, F), character ids, id, transcript)."""
 
-    def __init__(self, path: Path):
-        blob = torch.load(path, weights_only=True)
-        if blob.get("format") != FEATURES_FORMAT:
-            raise DataError(f"{path}: not a features cache of this version (delete it)")
-        self.lengths = blob["lengths"]
-        self.feats = list(torch.split(blob["feats"], self.lengths.tolist()))
-        self.ids, self.texts = blob["ids"], blob["texts"]
+    def __init__(self, folder: Path):
+        index = json.loads((folder / "index.json").read_text())
+        if index.get("format") != FEATURES_FORMAT:
+            raise DataError(f"{folder}: not a features cache of this version (delete it)")
+        self.frames, self.bins = folder / "frames.f32", index["bins"]
+        self.lengths = torch.tensor(index["lengths"])
+        self.offsets = [0, *itertools.accumulate(index["lengths"])]
+        self.ids, self.texts = index["ids"], index["texts"]
         self.targets = [
-            torch.tensor(encode(t, f"{path} ({u})")) for u, t in zip(self.ids, self.texts, strict=True)
+            torch.tensor(encode(t, f"{folder} ({u})")) for u, t in zip(self.ids, self.texts, strict=True)
         ]
 
     def __len__(self) -> int:
-        return len(self.feats)
+        return len(self.ids)
+
+    def features(self, i: int) -> torch.Tensor:
+        count, offset = int(self.lengths[i]) * self.bins, self.offsets[i] * self.bins * 4
+        return torch.from_numpy(np.fromfile(self.frames, dtype=np.float32, count=count, offset=offset)).view(
+            -1, self.bins
+        )
 
     def __getitem__(self, i: int):
-        return self.feats[i], self.targets[i], self.ids[i], self.texts[i]
+        return self.features(i), self.targets[i], self.ids[i], self.texts[i]
 
 
 def collate(batch):
@@ -207,17 +317,39 @@ def _dataset_at(path: str) -> SpeechSet:
 
 def dataset(exp: Experiment, split: str, data_fingerprint: str | None = None) -> SpeechSet:
     """The split's cached features, built on first use (another row's feature settings, say)."""
-    path = _cache_file(exp, split, data_fingerprint or prepared.data_fingerprint(exp))
-    if not path.is_file():
+    path = _cache_dir(exp, split, data_fingerprint or prepared.data_fingerprint(exp))
+    if not path.is_dir():
         build_features(exp, split, path)
     return _dataset_at(str(path))
 
 
-def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0):
-    """SortaGrad: epoch 0 of a phase goes shortest utterance first; later epochs are shuffled."""
+def bucketed_order(
+    lengths: torch.Tensor, batch_size: int, generator: torch.Generator, window: int
+) -> list[int]:
+    """A shuffled order whose consecutive `batch_size` indices have similar lengths: shuffle, sort each
+    window of `window` batches by length, then shuffle the batches. Less padding, still random."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: int(lengths[i]))
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [i for b in shuffled for i in batches[b]]
+
+
+def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0, first: bool = False):
+    """SortaGrad: the first epoch of training (the dense phase's first) goes shortest utterance first; every
+    other epoch is shuffled in length buckets."""
     ds, cfg = dataset(exp, "train"), exp.data
     sortagrad = cfg.sortagrad if cfg.sortagrad is not None else exp.model.arch == "deepspeech2"
-    order = torch.argsort(ds.lengths, stable=True).tolist() if sortagrad and epoch == 0 else None
+    if sortagrad and first:
+        order = torch.argsort(ds.lengths, stable=True).tolist()
+    elif cfg.length_buckets:
+        generator = torch.Generator().manual_seed(loaders.epoch_seed(seed, epoch, 1))
+        order = bucketed_order(ds.lengths, exp.train.batch_size, generator, cfg.length_buckets)
+    else:
+        order = None
     return loaders.loader(
         ds,
         exp.train.batch_size,

@@ -16,16 +16,20 @@ from dsd.tracks.speech.data import ALPHABET, eval_loader
 
 
 def loss(model: nn.Module, batch: dict, device) -> torch.Tensor:
-    """CTC (blank = 0), averaged over utterances after dividing by target length (torch's 'mean')."""
+    """CTC (blank = 0) summed over each utterance and averaged over the batch: the per-utterance loss of
+    warp-ctc and the DeepSpeech implementations, whose scale the paper's learning rates assume. (torch's
+    reduction="mean" also divides by each transcript's length: steps about 100x smaller at paper scale.)"""
     log_probs, out_lengths = model(batch["features"].to(device), batch["lengths"].to(device))
-    return F.ctc_loss(
+    total = F.ctc_loss(
         log_probs.float().transpose(0, 1),
         batch["targets"].to(device),
         out_lengths,
         batch["target_lengths"].to(device),
         blank=0,
+        reduction="sum",
         zero_infinity=True,
     )
+    return total / len(batch["target_lengths"])
 
 
 def greedy_decode(ids) -> str:

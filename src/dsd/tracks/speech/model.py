@@ -1,13 +1,9 @@
 """Deep Speech 1 and Deep Speech 2 style CTC models.
 
-Parameter names are chosen so that "prune only fully connected and recurrent weights, never convolutions" is
-a Pruner include/exclude pattern pair:
-
-    include: ["fc*.weight", "rnn*.weight_ih_l*", "rnn*.weight_hh_l*", "out.weight"]
-    exclude: ["conv.*"]
-
-Convolutions live under `conv.*`, fully connected layers under `fc*` and `out`, recurrent layers under `rnn*`
-(batch-norm parameters are 1-D and never pruned).
+Parameter names are chosen so that the paper's pruning is a pattern: Deep Speech 1 prunes layers 1-4 and keeps
+layer 0 and the output dense (`include: ["fc*.weight", "rnn.*weight*"]`); Deep Speech 2 prunes its recurrent
+and fully connected layers and keeps the convolutions and the output dense (`include: ["rnn.*weight*",
+"fc.weight"]`). Batch-norm parameters are 1-D and never pruned.
 """
 
 from __future__ import annotations
@@ -15,37 +11,62 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from dsd.spec import Experiment
 from dsd.tracks.speech.config import Model, n_features
 from dsd.tracks.speech.data import ALPHABET
 
 
-def _rnn(kind: str, n_in: int, hidden: int) -> nn.RNNBase:
-    if kind == "rnn":  # DeepSpeech 1's plain recurrence, with a ReLU as in the paper (unclipped here)
-        return nn.RNN(n_in, hidden, nonlinearity="relu", batch_first=True, bidirectional=True)
-    cls = {"gru": nn.GRU, "lstm": nn.LSTM}[kind]
-    return cls(n_in, hidden, batch_first=True, bidirectional=True)
+class BiRecurrent(nn.Module):
+    """One bidirectional recurrent layer whose two directions are summed (both DeepSpeech papers do).
 
+    rnn_type "rnn" is the papers' plain ReLU recurrence with one input matrix shared by both directions
+    (Deep Speech 1's Table 6 counts 3 x 1024^2 + 1024 for it): `input` computes W x once, optionally
+    followed by sequence-wise batch norm in place of its bias (Deep Speech 2: 3 x 1760^2 + 2 x 1760), and the
+    recurrence runs on it with identity input weights (buffers, not parameters). gru and lstm have their own
+    input weights per direction. The recurrence runs in float32 even under autocast: an unclipped ReLU
+    recurrence can overflow fp16.
+    """
 
-def _bidirectional(rnn: nn.RNNBase, packed) -> torch.nn.utils.rnn.PackedSequence:
-    """Run a bidirectional layer on a packed batch and sum the directions (both DeepSpeech papers do)."""
-    out, _ = rnn(packed)
-    half = out.data.shape[-1] // 2
-    return out._replace(data=out.data[:, :half] + out.data[:, half:])
+    def __init__(self, kind: str, n_in: int, hidden: int, input_norm: bool = False):
+        super().__init__()
+        self.shared = kind == "rnn"
+        if self.shared:
+            self.input = nn.Linear(n_in, hidden, bias=not input_norm)
+            self.norm = nn.BatchNorm1d(hidden) if input_norm else None
+            self.rnn = nn.RNN(
+                hidden, hidden, nonlinearity="relu", bias=False, batch_first=True, bidirectional=True
+            )
+            for name in ("weight_ih_l0", "weight_ih_l0_reverse"):
+                delattr(self.rnn, name)
+                self.rnn.register_buffer(name, torch.eye(hidden), persistent=False)
+            self.rnn._init_flat_weights()
+        else:
+            cls = {"gru": nn.GRU, "lstm": nn.LSTM}[kind]
+            self.rnn = cls(n_in, hidden, batch_first=True, bidirectional=True)
+
+    def forward(self, packed: PackedSequence) -> PackedSequence:
+        if self.shared:
+            z = self.input(packed.data)
+            packed = packed._replace(data=self.norm(z) if self.norm is not None else z)
+        with torch.autocast(packed.data.device.type, enabled=False):
+            out, _ = self.rnn(packed._replace(data=packed.data.float()))
+        half = out.data.shape[-1] // 2
+        return out._replace(data=out.data[:, :half] + out.data[:, half:])
 
 
 class DeepSpeech(nn.Module):
-    """DeepSpeech 1: context window -> 3 FC (clipped ReLU) -> 1 bidirectional RNN -> FC -> characters."""
+    """Deep Speech 1 as the DSD paper's Table 6: layer 0 over a context window of frames, two fully connected
+    layers, one bidirectional recurrent layer, a fully connected layer, the CTC output; clipped ReLUs."""
 
     def __init__(self, n_in: int, cfg: Model, n_classes: int = len(ALPHABET)):
         super().__init__()
         self.context, self.stride, self.clip = cfg.context, cfg.stride, cfg.relu_clip
-        width = n_in * (2 * cfg.context + 1)
-        self.fc = nn.ModuleList([nn.Linear(width, cfg.hidden), nn.Linear(cfg.hidden, cfg.hidden)])
-        self.fc.append(nn.Linear(cfg.hidden, cfg.rnn_hidden))
-        self.rnn = _rnn(cfg.rnn_type, cfg.rnn_hidden, cfg.rnn_hidden)
+        self.layer0 = nn.Linear(n_in * (2 * cfg.context + 1), cfg.hidden)
+        self.fc1 = nn.Linear(cfg.hidden, cfg.hidden)
+        self.fc2 = nn.Linear(cfg.hidden, cfg.hidden)
+        self.rnn = BiRecurrent(cfg.rnn_type, cfg.hidden, cfg.rnn_hidden)
         self.fc4 = nn.Linear(cfg.rnn_hidden, cfg.hidden)
         self.out = nn.Linear(cfg.hidden, n_classes)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -55,51 +76,63 @@ class DeepSpeech(nn.Module):
         c = self.context
         x = F.pad(x, (0, 0, c, c)).unfold(1, 2 * c + 1, self.stride).flatten(2)  # (B, T', F*(2c+1))
         lengths = torch.div(lengths - 1, self.stride, rounding_mode="floor") + 1
-        for layer in self.fc:
+        for layer in (self.layer0, self.fc1, self.fc2):
             x = self.dropout(F.hardtanh(layer(x), 0.0, self.clip))
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        x, _ = pad_packed_sequence(
-            _bidirectional(self.rnn, packed), batch_first=True, total_length=x.shape[1]
-        )
-        x = self.dropout(F.hardtanh(self.fc4(x), 0.0, self.clip))
+        x, _ = pad_packed_sequence(self.rnn(packed), batch_first=True, total_length=x.shape[1])
+        x = self.dropout(F.hardtanh(self.fc4(x.to(self.fc4.weight.dtype)), 0.0, self.clip))
         return self.out(x).log_softmax(-1), lengths
 
 
 class DeepSpeech2(nn.Module):
-    """DeepSpeech 2: 2-D convs + BN over the spectrogram -> bidirectional GRUs with sequence-wise BN -> FC."""
+    """Deep Speech 2 as the DSD paper's Table 8: two 2-D convolutions over (frequency, time), each followed by
+    batch norm per channel and frequency; bidirectional recurrent layers with sequence-wise batch norm; a fully
+    connected layer with batch norm; the CTC output."""
 
     def __init__(self, n_in: int, cfg: Model, n_classes: int = len(ALPHABET)):
         super().__init__()
         self.clip = cfg.relu_clip
-        layers, channels, freq = [], 1, n_in
+        convs, norms, channels, freq = [], [], 1, n_in
         self.time_geometry = []  # (kernel, stride) in time, for the output lengths
         for i, (kf, kt) in enumerate(cfg.conv_kernels):
             stride = (2, cfg.stride) if i == 0 else (2, 1)  # time is strided once, in the first conv
             self.time_geometry.append((kt, stride[1]))
-            layers += [
-                nn.Conv2d(channels, cfg.conv_channels, (kf, kt), stride, (kf // 2, kt // 2), bias=False),
-                nn.BatchNorm2d(cfg.conv_channels),
-                nn.Hardtanh(0.0, cfg.relu_clip),
-            ]
+            convs.append(
+                nn.Conv2d(channels, cfg.conv_channels, (kf, kt), stride, (kf // 2, kt // 2), bias=False)
+            )
             channels, freq = cfg.conv_channels, (freq + 2 * (kf // 2) - kf) // 2 + 1
-        self.conv = nn.Sequential(*layers)
+            norms.append(nn.BatchNorm1d(channels * freq))
+        self.conv, self.conv_bn = nn.ModuleList(convs), nn.ModuleList(norms)
         sizes = [channels * freq] + [cfg.rnn_hidden] * cfg.rnn_layers
-        self.rnn = nn.ModuleList(_rnn(cfg.rnn_type, sizes[i], cfg.rnn_hidden) for i in range(cfg.rnn_layers))
-        # sequence-wise BN: statistics over every (utterance, frame) of the batch, padding excluded
-        self.rnn_bn = nn.ModuleList(nn.BatchNorm1d(cfg.rnn_hidden) for _ in range(cfg.rnn_layers - 1))
+        shared = cfg.rnn_type == "rnn"
+        self.rnn = nn.ModuleList(
+            BiRecurrent(cfg.rnn_type, sizes[i], cfg.rnn_hidden, input_norm=shared)
+            for i in range(cfg.rnn_layers)
+        )
+        # gru / lstm layers: sequence-wise BN between layers instead (statistics over the frames, padding excluded)
+        self.rnn_bn = nn.ModuleList(
+            nn.BatchNorm1d(cfg.rnn_hidden) for _ in range(0 if shared else cfg.rnn_layers - 1)
+        )
+        self.fc = nn.Linear(cfg.rnn_hidden, cfg.rnn_hidden, bias=False)
+        self.fc_bn = nn.BatchNorm1d(cfg.rnn_hidden)
         self.out = nn.Linear(cfg.rnn_hidden, n_classes)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.conv(x.transpose(1, 2).unsqueeze(1))  # (B, C, F', T')
+        x = x.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
+        for conv, norm in zip(self.conv, self.conv_bn, strict=True):
+            x = conv(x)
+            b, c, f, t = x.shape
+            x = F.hardtanh(norm(x.reshape(b, c * f, t)), 0.0, self.clip).reshape(b, c, f, t)
         x = x.flatten(1, 2).transpose(1, 2)  # (B, T', C*F')
         for kt, st in self.time_geometry:
             lengths = torch.div(lengths + 2 * (kt // 2) - kt, st, rounding_mode="floor") + 1
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         for i, rnn in enumerate(self.rnn):
-            if i > 0:
+            if i > 0 and self.rnn_bn:
                 packed = packed._replace(data=self.rnn_bn[i - 1](packed.data))
-            packed = _bidirectional(rnn, packed)
-        x, _ = pad_packed_sequence(packed, batch_first=True, total_length=x.shape[1])
+            packed = rnn(packed)
+        data = F.hardtanh(self.fc_bn(self.fc(packed.data.to(self.fc.weight.dtype))), 0.0, self.clip)
+        x, _ = pad_packed_sequence(packed._replace(data=data), batch_first=True, total_length=x.shape[1])
         return self.out(x).log_softmax(-1), lengths
 
 
@@ -110,5 +143,21 @@ def build(exp: Experiment) -> nn.Module:
 
 def parameter_names(cfg: Model) -> list[str]:
     with torch.device("meta"):
-        model = (DeepSpeech if cfg.arch == "deepspeech" else DeepSpeech2)(40, cfg)
+        model = (DeepSpeech if cfg.arch == "deepspeech" else DeepSpeech2)(161, cfg)
     return [name for name, _ in model.named_parameters()]
+
+
+def layer_counts(model: nn.Module) -> list[tuple[str, int]]:
+    """Parameters per layer, in the order of the paper's tables (Deep Speech 1: Table 6, 2: Table 8)."""
+    if isinstance(model, DeepSpeech):
+        layers = [model.layer0, model.fc1, model.fc2, model.rnn, model.fc4, model.out]
+        names = ["layer0", "fc1", "fc2", "rnn", "fc4", "out"]
+    else:
+        convs = [nn.ModuleList([c, n]) for c, n in zip(model.conv, model.conv_bn, strict=True)]
+        layers = [*convs, *model.rnn, nn.ModuleList([model.fc, model.fc_bn]), model.out]
+        names = (
+            [f"conv{i}" for i in range(len(convs))]
+            + [f"rnn{i}" for i in range(len(model.rnn))]
+            + ["fc", "out"]
+        )
+    return [(n, sum(p.numel() for p in m.parameters())) for n, m in zip(names, layers, strict=True)]

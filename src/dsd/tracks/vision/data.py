@@ -255,7 +255,7 @@ def devkit_labels(exp: Experiment, path: Path, count: int) -> dict[str, tuple[st
     return out
 
 
-def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0):
+def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0, first: bool = False):
     return loaders.loader(
         dataset(exp, "train"),
         exp.train.batch_size,
