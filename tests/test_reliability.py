@@ -2,16 +2,14 @@
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
-from conftest import BIN, REPO, parse, prepare_data, snakemake, tiny_vision_config, train, write_config
+from conftest import parse, prepare_data, tiny_vision_config, train
 
 from dsd import paths
 from dsd.engine import checkpoint
@@ -51,51 +49,6 @@ def assert_same_run(dir_a, dir_b, row, seed, phases):
         )
         for name in model_a:
             assert torch.equal(model_a[name], model_b[name]), f"{phase}: {name} differs"
-
-
-def test_kill_9_mid_sparse_phase_then_rerun_is_bitwise_identical(tmp_path):
-    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    for folder in (reference, crashed):
-        folder.mkdir()
-    ref_config = slow_sparse_config(reference)
-    warm = os.environ | {"DSD_PREFORK": "1"}  # the runs around the crash may be quick; the crash is real
-
-    def evaluations(config):
-        runs = [
-            paths.run_dir(config["output_dir"], "resnet18", 0, p) for p in ("sparse1", "redense1", "control")
-        ]
-        return [str(paths.evaluation(run)) for run in runs]
-
-    result = snakemake(reference, write_config(reference, ref_config), *evaluations(ref_config), env=warm)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-    config = slow_sparse_config(crashed)
-    configfile = write_config(crashed, config)
-    sparse_run = paths.run_dir(config["output_dir"], "resnet18", 0, "sparse1")
-    process = subprocess.Popen(
-        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile")]
-        + ["-d", str(crashed), "--configfile", str(configfile), "--cores", "1", *evaluations(config)],
-        cwd=crashed,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 240
-    while not paths.resume(sparse_run).exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    jobs = [p for p in psutil.Process(process.pid).children(recursive=True) if "train" in p.cmdline()]
-    for job in jobs:
-        job.send_signal(
-            signal.SIGKILL
-        )  # the training job, mid-phase, as the OOM killer or a node failure would
-    assert process.wait(timeout=120) != 0  # snakemake saw its job die
-    assert jobs and paths.resume(sparse_run).exists() and not paths.metrics(sparse_run).exists()
-
-    rerun = snakemake(crashed, configfile, *evaluations(config), env=warm)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert_same_run(
-        ref_config["output_dir"], config["output_dir"], "resnet18", 0, ["sparse1", "redense1", "control"]
-    )
 
 
 def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(tmp_path):

@@ -205,7 +205,9 @@ def test_ctc_is_summed_per_utterance_and_averaged_over_the_batch(tiny):
     ds = speech_data.dataset(exp, "train")
     batch = speech_data.collate([ds[i] for i in range(4)])
     with torch.no_grad():
-        per_utterance = [float(speech_metric.loss(model, speech_data.collate([ds[i]]), "cpu")) for i in range(4)]
+        per_utterance = [
+            float(speech_metric.loss(model, speech_data.collate([ds[i]]), "cpu")) for i in range(4)
+        ]
         together = float(speech_metric.loss(model, batch, "cpu"))
     assert together == pytest.approx(sum(per_utterance) / 4, rel=1e-4)  # not divided by transcript lengths
     assert len({round(v, 3) for v in per_utterance}) > 1

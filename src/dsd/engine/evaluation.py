@@ -65,8 +65,11 @@ def evaluate_checkpoint(
         else 0.0,
     }
     for split in splits:
-        metrics, samples = track.metric.evaluate(model, exp, split, device, SAMPLES if split == "test" else 0)
+        if split == "test" and "val" in result and track.data.same_folder(exp, "val", "test"):
+            result["test"] = result["val"]  # ImageNet reports on its validation set: evaluated once
+            continue
+        metrics, samples = track.metric.evaluate(model, exp, split, device, SAMPLES)
         result[split] = metrics
-        if samples:
+        if samples and (split == "test" or "samples" not in result):
             result["samples"] = samples
     return result

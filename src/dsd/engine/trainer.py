@@ -134,6 +134,7 @@ def run_phase(
     if init is None and recipe_index != 0:
         raise ConfigError(f"phase {spec.phase!r} starts from the previous phase's checkpoint: pass --init")
     identity = resume.identity(spec, prepare.data_fingerprint(exp))
+    tracks.get(exp.track).data.check(exp)
     device, rank, world = distributed.setup(options.device)
     if device.type == "cpu":
         torch.set_num_threads(options.threads)

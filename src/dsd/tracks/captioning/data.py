@@ -83,7 +83,12 @@ def read_karpathy(json_path: str | Path, image_dir: str | Path | None = None) ->
         captions = []
         for j, sentence in enumerate(entry["sentences"]):
             if isinstance(sentence, dict) and "tokens" in sentence:
-                words = tokenize(" ".join(sentence["tokens"]))
+                tokens = sentence["tokens"]
+                if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                    raise DataError(
+                        f"{where}: sentences[{j}].tokens is {type(tokens).__name__}, expected a list of words"
+                    )
+                words = tokenize(" ".join(tokens))
             elif isinstance(sentence, dict) and "raw" in sentence:
                 words = tokenize(sentence["raw"])
             else:
@@ -318,3 +323,12 @@ def extract_features(exp: Experiment, encoder: nn.Module, batch_size: int = 64) 
     torch.save(payload, tmp)
     tmp.replace(out_path)
     return out_path
+
+
+def check(exp: Experiment) -> None:
+    """Before training: the caption file and the image features (missing or stale ones fail now)."""
+    load_features(exp)
+
+
+def same_folder(exp: Experiment, a: str, b: str) -> bool:
+    return a == b

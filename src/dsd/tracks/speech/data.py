@@ -428,3 +428,13 @@ def _synthesise(exp: Experiment) -> int:
         stamp.write_text(wanted)  # last: the corpus and its lexicon are complete
         _dataset_at.cache_clear()
     return words
+
+
+def check(exp: Experiment) -> None:
+    """Before training: the training and validation features (built now if another row's settings differ)."""
+    for split in ("train", "val"):
+        dataset(exp, split)
+
+
+def same_folder(exp: Experiment, a: str, b: str) -> bool:
+    return getattr(exp.data, a) == getattr(exp.data, b)

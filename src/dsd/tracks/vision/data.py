@@ -322,3 +322,15 @@ def verify_images(files: list[Path], exp: Experiment) -> None:
     if failed:
         shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
         raise DataError(f"{len(failed)} of {len(files)} images cannot be decoded: {shown}")
+
+
+def check(exp: Experiment) -> None:
+    """Before training: every split this phase reads can be listed (a missing one fails now, not after an epoch)."""
+    for split in ("train", "val"):
+        dataset(exp, split)
+
+
+def same_folder(exp: Experiment, a: str, b: str) -> bool:
+    """Whether two splits are one folder (ImageNet's test split is its validation set)."""
+    folders = {"train": exp.data.train_dir, "val": exp.data.val_dir, "test": exp.data.test_dir}
+    return folders[a] == folders[b]
