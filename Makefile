@@ -18,12 +18,14 @@ run: $(STAMP)
 	DSD_PREFORK=1 $(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --report results/report.html
 
-# After a `make run`: copy its tables and plots to results/published/ (committed; update PROVENANCE.md there).
+# After a `make run`: copy its tables and plots to results/published/ (committed; update PROVENANCE.md there),
+# and write the results table and the sentences about it (generated from the table) into the README.
 publish:
 	test -f results/tables/paper_comparison.csv || { echo "make: run 'make run' first"; exit 1; }
 	rm -rf results/published/tables results/published/plots
 	mkdir -p results/published
 	cp -r results/tables results/plots results/published/
+	$(BIN)/python -m dsd readme --tables results/published/tables --readme README.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py

@@ -12,6 +12,10 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# the report's first page: the results table and what it says, written by the tables rule
+report: os.path.abspath(str(paths.tables_dir(OUT) / "report.rst"))
+
+
 rule all:
     input:
         tables=rules.tables.output,

@@ -157,3 +157,9 @@ def test_slurm_jobs_get_their_own_lock_folder(tmp_path, monkeypatch):
     assert gpus.lock_folder() == tmp_path
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     assert gpus.lock_folder() == tmp_path / "slurm-42"
+
+
+def test_cpu_runs_can_pin_the_kernels_instruction_set():
+    assert gpus.cpu_isa_env("avx2", "cpu") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert gpus.cpu_isa_env("avx2", "cuda") == {}  # never for GPU runs
+    assert gpus.cpu_isa_env("native", "cpu") == {}

@@ -40,6 +40,14 @@ def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
     second = snakemake(tmp_path, configfile)
     assert second.returncode == 0
     assert "Nothing to be done" in second.stdout + second.stderr
+    # the job logs say what each epoch did; the report opens on the rendered results table
+    log = (tmp_path / "results" / "logs" / "resnet18" / "seed0" / "sparse1.log").read_text()
+    assert len([line for line in log.splitlines() if " sparse1 epoch " in line]) == 2
+    report = snakemake(tmp_path, configfile, "--report", str(tmp_path / "report.html"))
+    assert report.returncode == 0, report.stderr[-2000:]
+    page = (tmp_path / "report.html").read_text()
+    landing = page[page.index("var workflow_desc") :][:20000]
+    assert "<table" in landing and "resnet18" in landing and "no significant difference" in landing
     # run options change no result, so they rerun nothing
     for options in (["wandb={mode: online}", "threads=2", "workers=2"], ["wandb={mode: disabled}"]):
         plan = snakemake(tmp_path, configfile, "-n", "--config", *options)

@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 from conftest import parse, prepare_data, tiny_vision_config, train
@@ -84,3 +85,30 @@ def test_runtime_table_sums_snakemake_benchmark_files(tmp_path):
         "cores": 2,
         "share_of_run_minutes": 0.6,
     }
+
+
+def test_the_result_sentences_come_from_the_table(tmp_path):
+    from dsd.report import claims
+
+    table = pd.DataFrame(
+        {
+            "row": ["resnet18", "neuraltalk", "deepspeech"],
+            "metric": ["top1_error_pct", "bleu4", "wer_pct"],
+            "rel_gain_vs_baseline_pct": [4.0, -1.0, 10.0],
+            "verdict": ["no significant difference", "DSD worse than control", "no significant difference"],
+            "n_seeds": [3, 3, 3],
+            "baseline_greedy_wer_pct_mean": [float("nan"), float("nan"), 88.2],
+        }
+    )
+    text = claims.paragraph(table)
+    assert (
+        "on 2 of the 3 rows (not on neuraltalk)" in text and "favours the control on 1 (neuraltalk)" in text
+    )
+    assert "explained by the extra epochs" in text and "WER is 88-88%" in text
+    table.loc[0, "verdict"] = "DSD better than control"  # a value changes: so does the sentence
+    changed = claims.paragraph(table)
+    assert "in DSD's favour on 1 row (resnet18)" in changed and "explained by the extra epochs" not in changed
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:begin -->\nold words\n<!-- results:end -->\nrest\n")
+    claims.fill_readme(readme, "results", changed)
+    assert changed in readme.read_text() and "old words" not in readme.read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,9 +27,13 @@ def _config(args) -> Config:
 
 
 def _options(args, config: Config | None = None) -> RunOptions:
-    if getattr(args, "options", None):
-        return RunOptions.from_json(args.options)
-    return config.options if config is not None else RunOptions()
+    options = RunOptions.from_json(args.options) if getattr(args, "options", None) else None
+    options = options or (config.options if config is not None else RunOptions())
+    if "torch" not in sys.modules:  # the kernels' instruction set is read when torch starts
+        from dsd.gpus import cpu_isa_env
+
+        os.environ.update(cpu_isa_env(options.cpu_isa, options.device))
+    return options
 
 
 def _phase_spec(args, config: Config | None) -> PhaseSpec:
@@ -63,7 +68,7 @@ def cmd_prepare(args) -> None:
         exp = DataSpec.from_json(args.spec).experiment(_options(args))
     else:
         config = _config(args)
-        exp = config.row(args.row).data_spec().experiment(config.options)
+        exp = config.row(args.row).data_spec().experiment(_options(args, config))
     record = prepare.prepare(exp)
     print(f"prepared {exp.dataset} at {exp.data_dir} (content {record['fingerprint']})")
 
@@ -186,6 +191,19 @@ def cmd_fidelity(args) -> None:
     print(fidelity.markdown(frame), end="")
 
 
+def cmd_publish_readme(args) -> None:
+    """Write a finished run's results table and the sentences about it into the README (make publish)."""
+    import pandas as pd
+
+    from dsd.report import claims
+
+    tables = Path(args.tables)
+    comparison = pd.read_csv(tables / "paper_comparison.csv")
+    claims.fill_readme(Path(args.readme), "table", (tables / "paper_comparison.md").read_text().strip())
+    claims.fill_readme(Path(args.readme), "results", claims.paragraph(comparison))
+    print(f"{args.readme}: results table and sentences from {tables}")
+
+
 def cmd_keys(args) -> None:
     """Every config key with its type, default and meaning (generated from the typed sections)."""
     from dsd import config, hparams, spec, tracks
@@ -222,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="+")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("readme", help="write a run's results table and sentences into the README")
+    p.add_argument("--tables", default="results/published/tables")
+    p.add_argument("--readme", default="README.md")
+    p.set_defaults(func=cmd_publish_readme)
 
     p = sub.add_parser("keys", help="print every config key with its type, default and meaning")
     p.set_defaults(func=cmd_keys)

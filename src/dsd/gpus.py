@@ -38,6 +38,7 @@ from pathlib import Path
 __all__ = [
     "GPUTimeoutError",
     "acquire",
+    "cpu_isa_env",
     "held",
     "launcher",
     "lock_folder",
@@ -213,6 +214,16 @@ def release() -> None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = previous
+
+
+def cpu_isa_env(isa: str, device: str) -> dict[str, str]:
+    """Environment that pins torch's CPU kernels to one instruction set, so that CPU runs compute the same bits
+    on every x86 machine with AVX2 (AVX-512 kernels sum in another order). Empty for GPU runs and `native`.
+    Read when torch starts: set it before the job's interpreter imports torch."""
+    gpu = device == "cuda" or (device == "auto" and _count_devices() > 0)
+    if isa == "native" or gpu:
+        return {}
+    return {"ATEN_CPU_CAPABILITY": isa, "ONEDNN_MAX_CPU_ISA": isa.upper()}
 
 
 def launcher(n: int, python: str = sys.executable) -> list[str]:

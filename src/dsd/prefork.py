@@ -60,7 +60,9 @@ WARM_MODULES = (
     "dsd.tracks.captioning.metric",
     "dsd.tracks.speech.metric",
 )
-_IMPORT_TIME_ENV = ("OMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA_", "PYTHON", "LD_", "WANDB_")
+_IMPORT_TIME_ENV = (
+    "OMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA_", "PYTHON", "LD_", "WANDB_", "ATEN_", "ONEDNN_", "DNNL_",
+)  # fmt: skip
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 

@@ -153,6 +153,10 @@ class RunOptions:
     workers: int = option(0, "DataLoader worker processes per job", min=0)
     gpus_per_job: int = option(1, "GPUs per training job; more than one trains under torchrun", min=1)
     wandb: Wandb = option(factory=Wandb, help="Weights & Biases tracking")
+    cpu_isa: Literal["native", "avx2"] = option(
+        "native",
+        "CPU runs: pin torch's kernels to this instruction set (avx2: the same bits on any AVX2 x86)",
+    )
     verify_data: bool = option(
         False, "preparing a real data set decodes every image (in parallel) and lists every bad file"
     )

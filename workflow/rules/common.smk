@@ -21,6 +21,7 @@ OPTIONS = CONFIG.options
 OUT, DATA_ROOT = OPTIONS.output_dir, OPTIONS.data_root
 ROWS, SEEDS = CONFIG.rows, CONFIG.seeds  # the rows of the tables; CONFIG.experiments also has rows they read
 RUN = shlex.quote(OPTIONS.to_json())  # run options: in the commands, never a rerun trigger
+os.environ.update(dsd_gpus.cpu_isa_env(OPTIONS.cpu_isa, OPTIONS.device))  # before any job imports torch
 PYTHON = sys.executable
 # Distinct GPUs per concurrent job (Snakemake only counts them); a stdlib-only script, so no torch import.
 GPUS = f"{PYTHON} {shlex.quote(dsd_gpus.__file__)}"

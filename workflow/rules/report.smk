@@ -9,6 +9,14 @@ rule tables:
         csv=report(str(paths.tables_dir(OUT) / "paper_comparison.csv"), caption="../report/comparison.rst", category="Tables"),
         md=str(paths.tables_dir(OUT) / "paper_comparison.md"),
         phases=report(str(paths.tables_dir(OUT) / "phases.csv"), caption="../report/phases.rst", category="Tables"),
+        runtime=report(str(paths.tables_dir(OUT) / "runtime.csv"), caption="../report/runtime.rst", category="Tables"),
+        fidelity=report(str(paths.tables_dir(OUT) / "fidelity.csv"), caption="../report/fidelity.rst", category="Tables"),
+        samples=[
+            report(str(paths.tables_dir(OUT) / f"samples_{row}.csv"), caption="../report/samples.rst", category="Samples")
+            for row in ROWS
+            if CONFIG.row(row).track != "vision"
+        ],
+        landing=str(paths.tables_dir(OUT) / "report.rst"),
     params:
         specs=ROW_SPECS,
         seeds=" ".join(str(s) for s in SEEDS),
@@ -28,6 +36,16 @@ rule plots:
         weights=[
             report(str(paths.plots_dir(OUT) / f"weights_{row}.png"), caption="../report/weights.rst", category="Weights")
             for row in ROWS
+        ],
+        captions=[
+            report(str(paths.plots_dir(OUT) / f"captions_{row}.png"), caption="../report/captions.rst", category="Samples")
+            for row in ROWS
+            if CONFIG.row(row).track == "captioning"
+        ],
+        sweeps=[
+            report(str(paths.plots_dir(OUT) / f"sweep_{row}.png"), caption="../report/sweep.rst", category="Plots")
+            for row in ROWS
+            if CONFIG.row(row).sweep
         ],
     params:
         specs=ROW_SPECS,

@@ -197,7 +197,16 @@ class _Loop:
         self.recipe_index, self.save_resume, self.progress = recipe_index, save_resume, progress
         self.track = tracks.get(exp.track)
         history, partial = state.history, state.partial
-        self.global_step = sum(h.get("steps", 0) for h in history) + partial.get("count", 0)
+        self.steps_per_epoch = _steps_per_epoch(self.track, exp)
+        # one continuous step per (row, seed) across phases: this job starts after its chain's earlier phases
+        earlier = spec.phases[:1] if spec.phase == CONTROL else spec.phases[:-1]
+        self.step_offset = sum(math.ceil(p.epochs * self.steps_per_epoch) for p in earlier)
+        self.global_step = (
+            self.step_offset + sum(h.get("steps", 0) for h in history) + partial.get("count", 0)
+        )
+        jobs_phases = spec.phases[1:] if spec.phase == CONTROL else spec.phases[-1:]
+        self.epochs_total = sum(math.ceil(p.epochs) for p in jobs_phases)
+        self.started, self.epochs_done = time.time(), 0
 
     def run_phase_part(self, sub: int, phases: tuple[Phase, ...], stop) -> None:
         exp, state, current = self.exp, self.state, phases[sub]
@@ -207,9 +216,7 @@ class _Loop:
             )
             state.pruner.step(state.optimizer)  # no stale momentum at pruned entries from the dense phase
             self.tracker.histograms(state.model, list(state.pruner.masks)[:4], step=self.global_step)
-        steps_per_epoch = len(self.track.data.train_loader(exp, seed=0, epoch=0))
-        if exp.train.max_steps_per_epoch:
-            steps_per_epoch = min(steps_per_epoch, exp.train.max_steps_per_epoch)
+        steps_per_epoch = self.steps_per_epoch
         total = math.ceil(current.epochs * steps_per_epoch)
         n_epochs = math.ceil(current.epochs)
         position = state.position
@@ -224,8 +231,9 @@ class _Loop:
             )
             record["val"] = self.track.metric.monitor(state.model, exp, self.device)
             record["sparsity"] = state.pruner.overall_sparsity() if state.pruner else 0.0
+            record["lr_last"] = state.optimizer.param_groups[0]["lr"]  # the schedule's value at the last step
             state.history.append(record)
-            self._log(record, current)
+            self._log(record, current, sub)
             state.position = position = {"sub": sub, "epoch": epoch + 1, "step": 0}
             state.partial = {}
             if sub == len(phases) - 1 and epoch == n_epochs - 1:
@@ -239,13 +247,38 @@ class _Loop:
             if stop.received:
                 raise Preempted(f"{stop.received}: checkpointed {self.spec.phase} after epoch {epoch}")
 
-    def _log(self, record: dict, current: Phase) -> None:
+    def _log(self, record: dict, current: Phase, sub: int) -> None:
+        """One line per epoch in the job's log, and the same values to wandb at the continuous step."""
+        self.epochs_done += 1
+        metric = self.track.config.METRIC
+        value = record["val"].get(metric, float("nan"))
+        elapsed = time.time() - self.started
+        eta = elapsed / self.epochs_done * max(self.epochs_total - self.epochs_done, 0)
+        label = current.name if self.spec.phase != CONTROL else f"control:{current.name}"
+        print(
+            f"{self.exp.row} seed {self.spec.seed} {label} epoch {record['epoch'] + 1}/{math.ceil(current.epochs)}: "
+            f"train loss {record['train_loss']:.4f}, val {metric} {value:.2f}, lr {record['lr_last']:.3g}, "
+            f"sparsity {record['sparsity']:.1%}, {elapsed:.0f} s elapsed, ETA {eta:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        phase_index = self.recipe_index + sub if self.spec.phase != CONTROL else len(self.spec.phases) + sub
         self.tracker.log(
-            {"train_loss": record["train_loss"], "lr": current.lr, "epoch": len(self.state.history)}
+            {
+                "train_loss": record["train_loss"],
+                "lr": record["lr_last"],
+                "phase": label,
+                "phase_index": phase_index,
+            }
             | {f"val/{k}": v for k, v in record["val"].items()}
-            | ({"sparsity/overall": record["sparsity"]} if self.state.pruner else {}),
+            | {"sparsity/overall": record["sparsity"]},
             step=self.global_step,
         )
+
+
+def _steps_per_epoch(track, exp) -> int:
+    steps = len(track.data.train_loader(exp, seed=0, epoch=0))
+    return min(steps, exp.train.max_steps_per_epoch) if exp.train.max_steps_per_epoch else steps
 
 
 def _metrics(exp, spec, state, phases, identity, world, device, seconds) -> dict:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 
@@ -38,88 +39,126 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 def gains(
     comparison: pd.DataFrame, output_dir: str, seeds, recipes: dict[str, Recipe], out: Path
 ) -> list[Path]:
+    """Our gains (mean and per-seed points) beside, not on the axis of, the paper's: different data and scale."""
     rows = list(comparison["row"])
     dsd_phase = dict(zip(comparison["row"], comparison["dsd_phase"], strict=True))  # sweeps: the chosen one
-    ours_base, ours_ctrl = [], []
+    ours = {"DSD vs its dense baseline": [], "DSD vs the equal-epoch control": []}
     for row in rows:
-        per_seed_base, per_seed_ctrl = [], []
+        base, ctrl = [], []
         for seed in seeds:
-            dense = read_eval(output_dir, row, seed, "dense")
-            final = read_eval(output_dir, row, seed, dsd_phase[row])
+            dense, final = (
+                read_eval(output_dir, row, seed, "dense"),
+                read_eval(output_dir, row, seed, dsd_phase[row]),
+            )
             control = read_eval(output_dir, row, seed, CONTROL)
             metric, higher = dense["metric"], dense["higher_is_better"]
-            value = final["test"][metric]
-            per_seed_base.append(rel_gain_pct(dense["test"][metric], value, higher))
-            per_seed_ctrl.append(rel_gain_pct(control["test"][metric], value, higher))
-        ours_base.append(per_seed_base)
-        ours_ctrl.append(per_seed_ctrl)
-    x = np.arange(len(rows))
-    width = 0.27
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 3.8))
-    ax.bar(
-        x - width, comparison["paper_rel_gain_pct"], width, label="paper: DSD vs baseline", color="#999999"
-    )
-    for offset, values, label, color in (
-        (0, ours_base, "ours: DSD vs baseline", "#1f77b4"),
-        (width, ours_ctrl, "ours: DSD vs equal-epoch control", "#d62728"),
-    ):
+            base.append(rel_gain_pct(dense["test"][metric], final["test"][metric], higher))
+            ctrl.append(rel_gain_pct(control["test"][metric], final["test"][metric], higher))
+        ours["DSD vs its dense baseline"].append(base)
+        ours["DSD vs the equal-epoch control"].append(ctrl)
+    y = np.arange(len(rows))[::-1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.55 * len(rows) + 1.6), sharey=True,
+                                      gridspec_kw={"width_ratios": [2.2, 1]})  # fmt: skip
+    for k, ((label, values), color) in enumerate(zip(ours.items(), ("#1f77b4", "#d62728"), strict=True)):
+        offset = 0.18 * (1 - 2 * k)
         means = [np.mean(v) for v in values]
-        errs = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in values]
-        ax.bar(x + offset, means, width, yerr=errs, capsize=3, label=label, color=color)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, [f"{r}\n({m})" for r, m in zip(rows, comparison["metric"], strict=True)], fontsize=8)
-    ax.set_ylabel("relative gain, % (positive = better)")
-    ax.set_title(f"DSD gains: ours (mean ± std over {len(seeds)} seeds) vs the paper")
-    ax.legend(fontsize=8)
+        left.barh(
+            y + offset, means, 0.34, color=color, alpha=0.75, label=f"{label} (mean of {len(seeds)} seeds)"
+        )
+        for yy, v in zip(y + offset, values, strict=True):
+            left.plot(v, [yy] * len(v), "o", color="black", markersize=2.5)
+    left.axvline(0, color="black", linewidth=0.8)
+    left.set_yticks(y, [f"{r} ({m})" for r, m in zip(rows, comparison["metric"], strict=True)], fontsize=8)
+    left.set_xlabel("relative gain, % (positive = better; dots: seeds)")
+    left.set_title("ours: embedded miniatures", fontsize=10)
+    left.legend(fontsize=7, loc="lower right")
+    right.barh(y, comparison["paper_rel_gain_pct"], 0.5, color="#999999")
+    right.axvline(0, color="black", linewidth=0.8)
+    right.set_xlabel("relative gain, % (DSD vs baseline)")
+    right.set_title("the paper (ImageNet, Flickr8k, WSJ)", fontsize=10)
+    fig.suptitle("DSD's gains: two scales, two axes, not comparable in size", fontsize=10)
+    fig.tight_layout()
     return _save(fig, out, "gains")
 
 
-def curves(output_dir: str, seeds, recipes: dict[str, Recipe], out: Path) -> list[Path]:
+def _segments(recipe: Recipe, phase: str) -> list[float]:
+    """The epochs of each phase a job trained (the control: every phase after the dense one)."""
+    if phase == CONTROL:
+        return [p.epochs for p in recipe.phases[1:]]
+    return [recipe[phase].epochs]
+
+
+def _chain_history(output_dir: str, row: str, seed: int, recipe: Recipe, names: list[str]):
+    """(x in epochs, records) over a chain of phases at their true epochs: record k of a phase of E epochs
+    is at min(k, E) into it (a 0.75-epoch phase's one record at .75)."""
+    xs, records, start = [], [], 0.0
+    for phase in names:
+        history = iter(read_metrics(output_dir, row, seed, phase)["history"])
+        for epochs in _segments(recipe, phase):
+            for k in range(1, math.ceil(epochs) + 1):
+                records.append(next(history))
+                xs.append(start + min(k, epochs))
+            start += epochs
+    return xs, records
+
+
+def curves(
+    output_dir: str, seeds, recipes: dict[str, Recipe], out: Path, chosen: dict[str, Recipe]
+) -> list[Path]:
+    """Per row: validation metric over the whole DSD chain and the control (mean over seeds, band: min-max),
+    the stretch after the dense phase enlarged, and the training loss."""
     rows = list(recipes)
-    fig, axes = plt.subplots(2, len(rows), figsize=(3.6 * len(rows), 5.5), squeeze=False)
-    for col, row in enumerate(rows):
-        top, bottom = axes[0][col], axes[1][col]
-        for seed in seeds:
-            history, boundaries = [], []
-            for phase in recipes[row].names:
-                history += read_metrics(output_dir, row, seed, phase)["history"]
-                boundaries.append(len(history))
-            metric = read_metrics(output_dir, row, seed, "dense")["metric"]
-            dense_epochs = boundaries[0]
-            control = read_metrics(output_dir, row, seed, CONTROL)["history"]
-            epochs = np.arange(1, len(history) + 1)
-            control_epochs = np.arange(dense_epochs + 1, dense_epochs + len(control) + 1)
-            label = seed == seeds[0]
-            top.plot(
-                epochs,
-                [h["val"][metric] for h in history],
-                color="#1f77b4",
-                alpha=0.7,
-                label="DSD" if label else None,
-            )
-            top.plot(
-                control_epochs,
-                [h["val"][metric] for h in control],
-                color="#d62728",
-                alpha=0.7,
-                linestyle="--",
-                label="control" if label else None,
-            )
-            bottom.plot(epochs, [h["train_loss"] for h in history], color="#1f77b4", alpha=0.7)
-            bottom.plot(
-                control_epochs, [h["train_loss"] for h in control], color="#d62728", alpha=0.7, linestyle="--"
-            )
-        for ax in (top, bottom):
-            for b, phase in zip(boundaries[:-1], recipes[row].names[1:], strict=True):
-                ax.axvline(b + 0.5, color="gray", linewidth=0.7, linestyle=":")
-                if ax is top:
-                    ax.text(b + 0.6, 1.0, phase, transform=ax.get_xaxis_transform(), fontsize=7, va="top")
-        top.set_title(row)
-        top.set_ylabel(f"val {metric} (monitor)")
-        bottom.set_ylabel("train loss")
-        bottom.set_xlabel("epoch")
-        top.legend(fontsize=7)
-    fig.tight_layout()
+    fig, axes = plt.subplots(len(rows), 3, figsize=(11, 2.1 * len(rows) + 0.6), squeeze=False)
+    for r, row in enumerate(rows):
+        names = chosen[row].names
+        runs = {seed: _chain_history(output_dir, row, seed, chosen[row], names) for seed in seeds}
+        control = {
+            seed: _chain_history(output_dir, row, seed, recipes[row], ["dense", CONTROL]) for seed in seeds
+        }
+        metric = read_metrics(output_dir, row, seeds[0], "dense")["metric"]
+        dense_end = read_metrics(output_dir, row, seeds[0], "dense")["epochs"]
+        for col, key in enumerate(("val", "val", "train_loss")):
+            ax = axes[r][col]
+            for arm, color, style in ((runs, "#1f77b4", "-"), (control, "#d62728", "--")):
+                xs = arm[seeds[0]][0]
+                values = np.array(
+                    [
+                        [(h["val"][metric] if key == "val" else h["train_loss"]) for h in arm[s][1]]
+                        for s in seeds
+                    ]
+                )
+                keep = [i for i, x in enumerate(xs) if col != 1 or x >= dense_end]
+                x = np.array(xs)[keep]
+                v = values[:, keep]
+                label = "DSD (dense > sparse > re-dense ...)" if arm is runs else "equal-epoch dense control"
+                ax.plot(
+                    x,
+                    v.mean(0),
+                    style,
+                    color=color,
+                    linewidth=1.4,
+                    label=label if (r, col) == (0, 0) else None,
+                )
+                ax.fill_between(x, v.min(0), v.max(0), color=color, alpha=0.15, linewidth=0)
+            start = 0.0
+            for phase in chosen[row].phases:
+                if start > 0 and (col != 1 or start > dense_end):
+                    ax.axvline(start, color="gray", linewidth=0.6, linestyle=":")
+                start += phase.epochs
+            ax.tick_params(labelsize=7)
+        axes[r][0].set_ylabel(f"{row}\nval {metric}", fontsize=8)
+        axes[r][2].set_ylabel("train loss", fontsize=8)
+    for col, title in enumerate(
+        ("validation (monitor), whole run", "after the dense phase", "training loss")
+    ):
+        axes[0][col].set_title(title, fontsize=9)
+        axes[-1][col].set_xlabel("epoch", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    labels = [f"{label}: mean of {len(seeds)} seeds, band min-max" for label in labels]
+    fig.legend(
+        handles, labels, loc="upper center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, 1.0), frameon=False
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.975))
     return _save(fig, out, "curves")
 
 
@@ -201,11 +240,17 @@ def write_plots(specs, seeds, output_dir: str, out: str | Path) -> list[Path]:
     out = Path(out)
     recipes = {row.name: row.recipe for row in specs}
     comparison = pd.read_csv(paths.tables_dir(output_dir) / "paper_comparison.csv")
-    files = gains(comparison, output_dir, seeds, recipes, out) + curves(output_dir, seeds, recipes, out)
+    chosen = {
+        row.name: row.recipe_of(phase) for row, phase in zip(specs, comparison["dsd_phase"], strict=True)
+    }
+    # a sweep's validation-chosen variant stands for DSD in every figure, as in the tables
+    files = gains(comparison, output_dir, seeds, recipes, out) + curves(
+        output_dir, seeds, recipes, out, chosen
+    )
     for row in specs:
-        files += weight_histograms(output_dir, row.name, seeds[0], row.recipe, out)
+        files += weight_histograms(output_dir, row.name, seeds[0], chosen[row.name], out)
         if row.track == "captioning":
-            files += captions(output_dir, row.name, seeds[0], row.recipe, out)
+            files += captions(output_dir, row.name, seeds[0], chosen[row.name], out)
         if row.sweep:
             files += sweep(row, seeds, output_dir, out)
     return files

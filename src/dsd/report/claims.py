@@ -1,0 +1,88 @@
+"""The sentences about results, generated from the comparison table, so prose and numbers cannot drift apart.
+
+`make publish` writes them into the README between the markers `<!-- results:begin -->` and
+`<!-- results:end -->` (and the table itself between `<!-- table:begin -->` and `<!-- table:end -->`); the
+table command writes the same text to `results/tables/claims.md`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+
+def _rows(frame: pd.DataFrame, mask) -> list[str]:
+    return list(frame.loc[mask, "row"])
+
+
+def _names(rows: list[str]) -> str:
+    if not rows:
+        return "none"
+    return rows[0] if len(rows) == 1 else ", ".join(rows[:-1]) + " and " + rows[-1]
+
+
+def paragraph(comparison: pd.DataFrame) -> str:
+    """What the table says: DSD against its dense baseline and against the equal-epoch control, per row."""
+    n = len(comparison)
+    gain = comparison["rel_gain_vs_baseline_pct"]
+    better_than_base = _rows(comparison, gain > 0)
+    not_better = _rows(comparison, gain <= 0)
+    verdicts = comparison["verdict"]
+    beat = _rows(comparison, verdicts == "DSD better than control")
+    worse = _rows(comparison, verdicts == "DSD worse than control")
+    tie = _rows(comparison, verdicts == "no significant difference")
+    seeds = sorted(set(comparison["n_seeds"]))
+    text = [
+        f"DSD improves on its own dense baseline on {len(better_than_base)} of the {n} rows"
+        + (f" (not on {_names(not_better)})" if not_better else "")
+        + ".",
+        f"Against the dense model trained for the same total number of epochs (the equal-epoch control), the paired "
+        f"95% interval of DSD - control over {'/'.join(map(str, seeds))} seeds excludes zero in DSD's favour on "
+        f"{len(beat)} row{'s' if len(beat) != 1 else ''}"
+        + (f" ({_names(beat)})" if beat else "")
+        + f", includes zero on {len(tie)}"
+        + (f" ({_names(tie)})" if tie else "")
+        + f", and favours the control on {len(worse)}"
+        + (f" ({_names(worse)})" if worse else "")
+        + ".",
+    ]
+    if len(beat) == 0 and better_than_base:
+        text.append(
+            "So at this scale the gain over the baseline is explained by the extra epochs, and the table says so "
+            "rather than hiding it."
+        )
+    if "dense_converged" in comparison:
+        converged = _rows(comparison, comparison["dense_converged"].isin(["yes", "pretrained"]))
+        text.append(
+            f"The dense baseline met the convergence criterion (its validation metric moved less than 2% over its "
+            f"last 2 epochs, in every seed) on {len(converged)} of the {n} rows"
+            + (f" ({_names(converged)})" if converged and len(converged) < n else "")
+            + "."
+        )
+    greedy = [c for c in ("baseline_greedy_wer_pct_mean",) if c in comparison]
+    speech = comparison[comparison["metric"] == "wer_pct"]
+    if greedy and not speech.empty and speech[greedy[0]].notna().any():
+        low, high = speech[greedy[0]].min(), speech[greedy[0]].max()
+        text.append(
+            f"Speech WER is from the configured decoder; decoded greedily, the same dense models' WER is "
+            f"{low:.0f}-{high:.0f}% (columns `*_greedy_*` of the CSV)."
+        )
+    return " ".join(text)
+
+
+def write(comparison: pd.DataFrame, out: Path) -> Path:
+    path = Path(out) / "claims.md"
+    path.write_text(paragraph(comparison) + "\n")
+    return path
+
+
+def fill_readme(readme: Path, marker: str, text: str) -> None:
+    """Replace what stands between `<!-- marker:begin -->` and `<!-- marker:end -->` with `text`."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    content = readme.read_text()
+    if begin not in content or end not in content:
+        raise ValueError(f"{readme}: no {begin} ... {end} markers")
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    readme.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", content))
