@@ -6,10 +6,11 @@ handed to the warm interpreter (dsd.prefork) never pays for it.
 
 from importlib import import_module
 
-__all__ = ["Phase", "Pruner", "Recipe", "magnitude_mask", "prunable_parameters"]
+__all__ = ["DSD", "Phase", "Pruner", "Recipe", "magnitude_mask", "prunable_parameters"]
 __version__ = "0.1.0"
 
 _HOME = {
+    "DSD": "dsd.core.driver",
     "Phase": "dsd.core.schedule",
     "Recipe": "dsd.core.schedule",
     "Pruner": "dsd.core.masks",

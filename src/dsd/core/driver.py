@@ -1,0 +1,140 @@
+"""DSD in any training loop: one object that follows a recipe step by step.
+
+    dsd_run = dsd.DSD(model, optimizer, [
+        {"kind": "dense", "epochs": 10, "lr": 0.1},
+        {"kind": "sparse", "epochs": 4, "lr": 0.01, "sparsity": 0.3},
+        {"kind": "redense", "epochs": 4},                      # 1/10 of the sparse LR
+    ], steps_per_epoch=len(loader), exclude=["conv1.weight"])
+    while not dsd_run.done:
+        for x, y in loader:
+            loss = criterion(model(x), y)
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+            dsd_run.step()                                     # after EVERY optimizer step
+            if dsd_run.done:
+                break
+
+It sets each step's learning rate (the phase's own LR and schedule), chooses the masks when a sparse phase
+starts, re-applies them (and zeroes the optimizer state at pruned entries) after every step, drops them when
+a re-dense phase starts, and says which phase it is in. Iterative DSD and Skinny-DNN / IHT are recipes too
+(`dsd.Recipe.iht`). Its state dict resumes exactly: step count and masks (bit-packed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from dsd.core.masks import Pruner
+from dsd.core.schedule import Phase, Recipe, lr_at
+
+
+class DSD:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        recipe: Recipe | Iterable[Mapping],
+        steps_per_epoch: int,
+        lr_schedule: str = "constant",
+        exclude: Iterable[str] = (),
+        include: Iterable[str] | None = None,
+    ):
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        self.model, self.optimizer = model, optimizer
+        self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
+        self.steps_per_epoch, self.lr_schedule = steps_per_epoch, lr_schedule
+        self.exclude, self.include = tuple(exclude), None if include is None else tuple(include)
+        self.lengths = [math.ceil(p.epochs * steps_per_epoch) for p in self.recipe.phases]
+        self.global_step, self.index, self.pruner = 0, 0, None
+        self._skip_empty()
+        self._enter()
+
+    # ------------------------------------------------------------------------------------------ progress
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.recipe.phases)
+
+    @property
+    def phase(self) -> Phase | None:
+        """The phase the next optimizer step belongs to (None once the recipe is done)."""
+        return None if self.done else self.recipe.phases[self.index]
+
+    @property
+    def step_in_phase(self) -> int:
+        return self.global_step - sum(self.lengths[: self.index])
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        phase = self.phase
+        if phase is None:
+            return 0.0
+        steps = self.lengths[self.index]
+        return lr_at(phase.lr, self.step_in_phase, steps, self.lr_schedule, self.steps_per_epoch)
+
+    def sparsity(self) -> float:
+        """Measured fraction of zeros over the masked tensors (0 outside sparse phases)."""
+        return self.pruner.overall_sparsity() if self.pruner is not None else 0.0
+
+    def step(self) -> None:
+        """Call after every optimizer step (also one a GradScaler skipped)."""
+        if self.done:
+            return
+        if self.pruner is not None:
+            self.pruner.step(self.optimizer)
+        self.global_step += 1
+        if self.step_in_phase >= self.lengths[self.index]:
+            self.index += 1
+            self._skip_empty()
+            self._enter()
+        self._set_lr()
+
+    # ----------------------------------------------------------------------------------------- internals
+
+    def _skip_empty(self) -> None:
+        """A phase of 0 steps (a pretrained start's dense phase) is already over."""
+        while not self.done and self.lengths[self.index] == 0:
+            self.index += 1
+
+    def _enter(self) -> None:
+        """At a phase's first step: choose masks for a sparse phase; drop them for anything else."""
+        phase = self.phase
+        if phase is not None and phase.prunes:
+            if self.pruner is not None:
+                self.pruner.remove(self.optimizer)
+            self.pruner = Pruner(self.model, phase.sparsity, exclude=self.exclude, include=self.include)
+            self.pruner.step(self.optimizer)  # no stale momentum at pruned entries
+        elif self.pruner is not None:
+            self.pruner.remove(self.optimizer)  # re-dense: pruned weights restart from zero
+            self.pruner = None
+        self._set_lr()
+
+    def _set_lr(self) -> None:
+        if not self.done:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+
+    # --------------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """Step count and masks (bit-packed); with the model's and optimizer's state dicts, an exact resume."""
+        return {
+            "global_step": self.global_step,
+            "index": self.index,
+            "phases": [vars(p) for p in self.recipe.phases],
+            "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if [vars(p) for p in self.recipe.phases] != list(state["phases"]):
+            raise ValueError("DSD state of another recipe")
+        self.global_step, self.index = int(state["global_step"]), int(state["index"])
+        if self.pruner is not None:
+            self.pruner.remove()
+        self.pruner = Pruner.from_state_dict(self.model, state["pruner"]) if state.get("pruner") else None
+        self._set_lr()

@@ -1,0 +1,75 @@
+"""The core library alone: installed into a fresh environment without the pipeline's packages, it runs the
+README's plain-loop quick start, and it asks only for torch and numpy ranges (the pipeline's pins stay in
+constraints.txt)."""
+
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from conftest import REPO
+
+# the pipeline's packages the core must not import (tqdm is left out: torch itself imports it when present)
+PIPELINE_ONLY = ("snakemake", "wandb", "pandas", "scipy", "matplotlib", "yaml", "torchvision", "torchaudio")
+
+
+def _source_copy(tmp_path: Path) -> Path:
+    """The package's sources without the repository's build state (nothing written into the checkout)."""
+    copy = tmp_path / "source"
+    (copy / "src").mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, copy / name)
+    shutil.copytree(REPO / "src" / "dsd", copy / "src" / "dsd", ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def _base_python() -> str:
+    return getattr(sys, "_base_executable", sys.executable)
+
+
+def _wheel(tmp_path: Path) -> Path:
+    """The library's wheel, built offline with this environment's setuptools (the dev extra)."""
+    out = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out),
+         str(_source_copy(tmp_path))],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return next(out.glob("dsd_training-*.whl"))
+
+
+def test_the_core_installs_alone_and_runs_the_quick_start(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([_base_python(), "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(
+        subprocess.check_output(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
+    # reuse this environment's torch and numpy (no second multi-GB download): their folder, on the new path
+    (site / "reuse_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", "--no-index",
+         str(_wheel(tmp_path))],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-2000:]
+    readme = (REPO / "README.md").read_text()
+    example = re.search(r"<!-- quickstart:plain -->\n```python\n(.*?)```", readme, re.S).group(1)
+    script = tmp_path / "quickstart.py"
+    check = f"\nimport sys\nprint('pipeline modules:', sorted(m for m in {PIPELINE_ONLY!r} if m in sys.modules))\n"
+    script.write_text(example + check + "print('done', schedule.done, dsd.__file__)\n")
+    run = subprocess.run(
+        [str(python), str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "done True" in run.stdout and str(site) in run.stdout  # the installed copy, not the checkout
+    assert "pipeline modules: []" in run.stdout  # the core imports none of the pipeline's packages
+    requires = subprocess.check_output(
+        [str(python), "-c", "from importlib.metadata import requires; print(requires('dsd-training'))"],
+        text=True,
+    )
+    assert requires.startswith("['torch>=2.1', 'numpy>=1.24'")  # the core's only needs; the rest are extras
