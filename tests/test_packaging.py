@@ -1,14 +1,19 @@
 """The core library alone: installed into a fresh environment without the pipeline's packages, it runs the
-README's plain-loop quick start, and it asks only for torch and numpy ranges (the pipeline's pins stay in
-constraints.txt)."""
+README's plain-loop quick start and asks only for torch and numpy ranges; and a resolver dry run shows those
+ranges accept another torch minor than the pipeline's pin (constraints.txt)."""
 
+import json
 import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 # the pipeline's packages the core must not import (tqdm is left out: torch itself imports it when present)
@@ -73,3 +78,46 @@ def test_the_core_installs_alone_and_runs_the_quick_start(tmp_path):
         text=True,
     )
     assert requires.startswith("['torch>=2.1', 'numpy>=1.24'")  # the core's only needs; the rest are extras
+
+
+OTHER_TORCH = "torch==2.10.*"  # the minor before the pipeline's pin
+
+
+def _dry_run(tmp: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    report = tmp / "report.json"
+    resolve = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--only-binary", ":all:",
+         "--report", str(report), str(_wheel(tmp)), OTHER_TORCH],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    return resolve, report
+
+
+def start_dry_run() -> Future:
+    """The dry run waits on the registry (torch's wheel is fetched for its metadata), not on the CPU: conftest
+    starts it in a thread before the first test, and the test below collects it."""
+    future = Future()
+
+    def work():
+        try:
+            future.set_result(_dry_run(Path(tempfile.mkdtemp(prefix="dsd-dry-run-"))))
+        except Exception as error:  # noqa: BLE001 - handed to the test that collects it
+            future.set_exception(error)
+
+    threading.Thread(target=work, daemon=True).start()  # a suite stopped early does not wait for it
+    return future
+
+
+def test_the_declared_ranges_accept_another_torch(request):
+    future = getattr(request.config, "dsd_dry_run", None) or start_dry_run()
+    resolve, report = future.result()
+    if resolve.returncode and (
+        "Could not find a version" in resolve.stderr or "connection" in resolve.stderr.lower()
+    ):
+        pytest.skip(f"the package registry did not answer: {resolve.stderr.strip().splitlines()[-1]}")
+    assert resolve.returncode == 0, resolve.stderr[-3000:]
+    chosen = {
+        i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(report.read_text())["install"]
+    }
+    assert chosen["torch"].startswith("2.10.") and "dsd-training" in chosen
+    shutil.rmtree(report.parent, ignore_errors=True)

@@ -71,7 +71,7 @@ def gains(
     left.set_yticks(y, [f"{r} ({m})" for r, m in zip(rows, comparison["metric"], strict=True)], fontsize=8)
     left.set_xlabel("relative gain, % (positive = better; dots: seeds)")
     left.set_title("ours: embedded miniatures", fontsize=10)
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: never on a bar
     right.barh(y, comparison["paper_rel_gain_pct"], 0.5, color="#999999")
     right.axvline(0, color="black", linewidth=0.8)
     right.set_xlabel("relative gain, % (DSD vs baseline)")
