@@ -99,8 +99,15 @@ def test_resume_mid_sparse_equals_no_interruption(tmp_path):
     del reference
 
 
-def test_iht_is_a_recipe_the_driver_runs():
-    recipe = dsd.Recipe.iht(dsd.Phase("dense", "dense", 1, 0.1), sparsity=0.5, cycles=3, epochs=1, lr=0.05)
+@pytest.mark.parametrize("written", ["api", "yaml"])
+def test_iht_is_a_recipe_the_driver_runs(written):
+    if written == "api":
+        recipe = dsd.Recipe.iht(
+            dsd.Phase("dense", "dense", 1, 0.1), sparsity=0.5, cycles=3, epochs=1, lr=0.05
+        )
+    else:  # the entry a pipeline row's `phases:` takes
+        iht = {"kind": "iht", "cycles": 3, "epochs": 1, "lr": 0.05, "sparsity": 0.5}
+        recipe = [{"kind": "dense", "epochs": 1, "lr": 0.1}, iht]
     model, optimizer = make()
     driver = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
     log = []
@@ -113,7 +120,23 @@ def test_iht_is_a_recipe_the_driver_runs():
         "redense2",
         "sparse3",
     ]
+    assert {lr for name, lr, _ in log if name != "dense"} == {0.05}  # IHT re-dense keeps the sparse LR
     assert driver.done and model[0].weight.eq(0).float().mean() == pytest.approx(0.5, abs=0.01)  # ends sparse
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"cycles": 0}, "phases[1].cycles must be a whole number >= 1"),
+        ({"lr": None}, "phases[1].lr is required for an iht entry"),
+        ({"sparsity": None}, "phases[1].sparsity is required for an iht entry"),
+        ({"kind": "sparse"}, "phases[1].cycles: only an iht entry takes cycles"),
+    ],
+)
+def test_a_wrong_iht_entry_names_its_key(entry, message):
+    iht = {"kind": "iht", "cycles": 2, "epochs": 1, "lr": 0.05, "sparsity": 0.5} | entry
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dsd.Recipe.from_config([{"kind": "dense", "epochs": 1, "lr": 0.1}, iht])
 
 
 def test_the_readme_quick_start_runs_as_written():

@@ -66,6 +66,12 @@ def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
         "plots": 1,
         "all": 1,
     }
+    # Skinny-DNN / IHT from YAML: sparse1, redense1, sparse2 and the control per seed; the dense phase is kept
+    phases = config["experiments"]["resnet18"]["phases"]
+    iht = {"kind": "iht", "cycles": 2, "epochs": 1, "lr": 0.005, "sparsity": 0.3}
+    config["experiments"]["resnet18"]["phases"] = [phases[0], iht]
+    assert planned(tmp_path, write_config(tmp_path, config))["train_phase"] == 8
+    config["experiments"]["resnet18"]["phases"] = phases
     # a new recipe retrains the row but keeps its data (rows sharing a data set are not all retrained)
     config["experiments"]["resnet18"]["phases"][0]["lr"] = 0.04
     jobs = planned(tmp_path, write_config(tmp_path, config))

@@ -95,7 +95,9 @@ class Prune:
 class PhaseEntry:
     """One entry of a row's `phases` list."""
 
-    kind: Literal["dense", "sparse", "redense"] = option(help="dense first, then sparse / redense pairs")
+    kind: Literal["dense", "sparse", "redense", "iht"] = option(
+        help="dense first, then sparse / redense pairs; iht: `cycles` sparse phases, re-dense at the same LR between"
+    )
     epochs: float = option(
         help="epochs of this phase (fractions allowed; 0 for a dense phase that is a pretrained model)", min=0
     )
@@ -105,6 +107,7 @@ class PhaseEntry:
     sparsity: float | None = option(
         None, "sparse phases: fraction of each pruned tensor set to zero", min=0, lt=1
     )
+    cycles: int | None = option(None, "iht only: how many sparse phases (Skinny-DNN / IHT)", min=1)
 
 
 @dataclass(frozen=True)

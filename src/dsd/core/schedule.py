@@ -1,6 +1,7 @@
 """Phase recipes: dense -> sparse(s1) -> redense [-> sparse(s2) -> redense ...], and the equal-epoch control.
 
-Iterative DSD and Skinny-DNN / IHT are the same recipe with more phases. Phase names are stable identifiers
+Iterative DSD and Skinny-DNN / IHT are the same recipe with more phases; an `iht` entry (`cycles` x sparse at
+one sparsity, with a re-dense at the same LR between them) is shorthand for the latter. Phase names are stable identifiers
 used in run folders: `dense`, `sparse1`, `redense1`, `sparse2`, ... and `control` for the dense run that
 continues from `dense` for as many epochs, with the same learning rates, as all later phases together.
 """
@@ -45,11 +46,10 @@ class Recipe:
         """Build and check a recipe; a re-dense phase without `lr` runs at 1/10 of the preceding sparse LR."""
         phases: list[Phase] = []
         counts = dict.fromkeys(KINDS, 0)
-        for i, entry in enumerate(entries):
+        for where, entry in _expand_iht(entries):
             kind = entry.get("kind")
-            where = f"phases[{i}]"
             if kind not in KINDS:
-                raise ValueError(f"{where}.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+                raise ValueError(f"{where}.kind must be one of {', '.join((*KINDS, 'iht'))}, got {kind!r}")
             previous = phases[-1] if phases else None
             if kind == "dense" and previous is not None:
                 raise ValueError(f"{where}: 'dense' may only be the first phase (use 'redense' after sparse)")
@@ -91,12 +91,8 @@ class Recipe:
     @classmethod
     def iht(cls, dense: Phase, sparsity: float, cycles: int, epochs: float, lr: float) -> Recipe:
         """Skinny-DNN / IHT: `cycles` x (sparse, redense), ending sparse (a sparse net is the deliverable)."""
-        entries = [{"kind": "dense", "epochs": dense.epochs, "lr": dense.lr}]
-        for c in range(cycles):
-            entries.append({"kind": "sparse", "epochs": epochs, "lr": lr, "sparsity": sparsity})
-            if c < cycles - 1:
-                entries.append({"kind": "redense", "epochs": epochs, "lr": lr})
-        return cls.from_config(entries)
+        iht = {"kind": "iht", "cycles": cycles, "epochs": epochs, "lr": lr, "sparsity": sparsity}
+        return cls.from_config([{"kind": "dense", "epochs": dense.epochs, "lr": dense.lr}, iht])
 
     def variant(self, sparsity: float) -> Recipe:
         """The same recipe with another sparsity for its first sparse phase; later phases get the suffix
@@ -146,6 +142,31 @@ class Recipe:
     @property
     def total_epochs(self) -> float:
         return sum(p.epochs for p in self.phases)
+
+
+def _expand_iht(entries: Iterable[Mapping]) -> Iterable[tuple[str, Mapping]]:
+    """Each entry with where it was written; an `iht` entry becomes sparse, redense (same LR), ..., sparse."""
+    for i, entry in enumerate(entries):
+        where = f"phases[{i}]"
+        if entry.get("kind") != "iht":
+            if entry.get("cycles") is not None:
+                raise ValueError(f"{where}.cycles: only an iht entry takes cycles")
+            yield where, entry
+            continue
+        cycles = entry.get("cycles")
+        if not isinstance(cycles, int) or isinstance(cycles, bool) or cycles < 1:
+            raise ValueError(f"{where}.cycles must be a whole number >= 1 for an iht entry, got {cycles!r}")
+        for key in ("lr", "sparsity"):
+            if entry.get(key) is None:
+                raise ValueError(f"{where}.{key} is required for an iht entry")
+        sparse = {k: v for k, v in entry.items() if k != "cycles"} | {"kind": "sparse"}
+        for c in range(cycles):
+            yield f"{where} (iht cycle {c + 1})", sparse
+            if c < cycles - 1:
+                yield (
+                    f"{where} (iht cycle {c + 1})",
+                    {k: v for k, v in sparse.items() if k != "sparsity"} | {"kind": "redense"},
+                )
 
 
 def sweep_tag(sparsity: float) -> str:
