@@ -10,7 +10,7 @@ CORES ?= all
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[pipeline,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[pipeline,lightning,huggingface,dev]"
 	touch $(STAMP)
 
 # DSD_PREFORK=1: the embedded pipeline's short CPU jobs run in children of a warm interpreter (dsd.prefork)

@@ -1,0 +1,75 @@
+"""DSD for the Hugging Face `Trainer`: a `TrainerCallback` that follows a recipe.
+
+    trainer = Trainer(model, args, train_dataset=..., callbacks=[DSDTrainerCallback([
+        {"kind": "dense", "epochs": 2, "lr": 5e-5},
+        {"kind": "sparse", "epochs": 1, "lr": 5e-5, "sparsity": 0.5},
+        {"kind": "redense", "epochs": 1},
+    ])])
+
+Set `num_train_epochs` to the recipe's total. The callback sets each step's learning rate after the Trainer's
+scheduler has run (so `lr_scheduler_type` does not matter to training; the Trainer's own `learning_rate` log
+column shows its scheduler, `dsd_lr` the rate applied), stops training when the recipe is done, writes its
+step count and masks as `dsd.pt` into every checkpoint folder and reads them back when training resumes from
+one, and adds `dsd_lr`, `dsd_sparsity` (measured) and `dsd_phase` of the step just taken to the Trainer's log
+history (with `logging_strategy="steps"`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+from transformers import TrainerCallback
+
+from dsd.core.driver import DSD
+from dsd.core.schedule import Recipe
+
+STATE_FILE = "dsd.pt"
+
+
+class DSDTrainerCallback(TrainerCallback):
+    def __init__(
+        self,
+        recipe: Recipe | Iterable[Mapping],
+        lr_schedule: str = "constant",
+        exclude: Iterable[str] = (),
+        include: Iterable[str] | None = None,
+    ):
+        self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
+        self.lr_schedule, self.exclude, self.include = lr_schedule, exclude, include
+        self.driver: DSD | None = None
+        self.logged: dict | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kw):
+        steps = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        self.driver = DSD(model, optimizer, self.recipe, steps, self.lr_schedule, self.exclude, self.include)
+        if state.global_step > 0:  # resumed: the Trainer loaded checkpoint-<global_step>
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: resumed at step {state.global_step} without the DSD state")
+            self.driver.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def on_step_begin(self, args, state, control, **kw):
+        every = state.logging_steps or 1
+        if args.logging_strategy == "steps" and (state.global_step + 1) % every == 0:  # this step will log
+            driver = self.driver
+            self.logged = {"dsd_lr": driver.lr, "dsd_sparsity": driver.sparsity(), "dsd_phase": driver.index}
+
+    def on_step_end(self, args, state, control, **kw):
+        self.driver.step()
+        if self.driver.done:
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            torch.save(self.driver.state_dict(), os.path.join(folder, STATE_FILE))
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.logged and state.log_history:  # the values of the step just taken
+            state.log_history[-1].update(self.logged)
+            if logs is not None:
+                logs.update(self.logged)
+            self.logged = None

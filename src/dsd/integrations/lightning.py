@@ -1,0 +1,75 @@
+"""DSD for Lightning: a `Callback` that follows a recipe.
+
+    trainer = L.Trainer(max_epochs=18, callbacks=[DSDCallback([
+        {"kind": "dense", "epochs": 10, "lr": 0.1},
+        {"kind": "sparse", "epochs": 4, "lr": 0.01, "sparsity": 0.3},
+        {"kind": "redense", "epochs": 4},
+    ], exclude=["conv1.weight"])])
+
+The callback owns the learning rate (configure the optimizer without a scheduler), stops the trainer when the
+recipe is done, saves its step count and masks in Lightning's checkpoints (`ckpt_path=` resumes them) and logs
+`dsd/lr`, `dsd/sparsity` (measured) and `dsd/phase` (the phase's index in the recipe) of the step about to
+be taken, every `log_every_n_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # the older package name
+    from pytorch_lightning.callbacks import Callback
+
+from dsd.core.driver import DSD
+from dsd.core.schedule import Recipe
+
+
+class DSDCallback(Callback):
+    def __init__(
+        self,
+        recipe: Recipe | Iterable[Mapping],
+        lr_schedule: str = "constant",
+        exclude: Iterable[str] = (),
+        include: Iterable[str] | None = None,
+        log: bool = True,
+    ):
+        self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
+        self.lr_schedule, self.exclude, self.include, self.log = lr_schedule, exclude, include, log
+        self.driver: DSD | None = None
+        self._restored: Mapping | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"DSDCallback drives one optimizer; the module configured {len(trainer.optimizers)}"
+            )
+        steps = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        self.driver = DSD(pl_module, trainer.optimizers[0], self.recipe, steps, self.lr_schedule,
+                          self.exclude, self.include)  # fmt: skip
+        if self._restored is not None:
+            self.driver.load_state_dict(self._restored)
+        self._done_steps = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        driver, every = self.driver, trainer.log_every_n_steps
+        if self.log and not driver.done and trainer.global_step % every == 0:  # the step about to be taken
+            pl_module.log_dict(
+                {"dsd/lr": driver.lr, "dsd/sparsity": driver.sparsity(), "dsd/phase": float(driver.index)},
+                on_step=True, on_epoch=False,
+            )  # fmt: skip
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        while self._done_steps < trainer.global_step:  # once per optimizer step, also with accumulation
+            self.driver.step()
+            self._done_steps += 1
+        if self.driver.done:
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return self.driver.state_dict() if self.driver is not None else {}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        # Lightning restores callbacks before the optimizers exist: the driver is built at train start
+        self._restored = state_dict or None

@@ -1,0 +1,141 @@
+"""DSD as a Lightning callback and a Hugging Face TrainerCallback, run with the real frameworks on a small model:
+phases at the right steps, exact sparsity, re-dense at a tenth of the LR, the recipe's end stops training, logs,
+and a resume from a checkpoint taken mid-sparse gives the weights of an uninterrupted run."""
+
+import pytest
+import torch
+from torch import nn
+
+RECIPE = [
+    {"kind": "dense", "epochs": 2, "lr": 0.1},
+    {"kind": "sparse", "epochs": 2, "lr": 0.05, "sparsity": 0.5},
+    {"kind": "redense", "epochs": 1},
+]
+BATCHES, BATCH = 5, 4  # per epoch
+EXPECTED_LR = [0.1] * 10 + [0.05] * 10 + [0.005] * 5
+
+
+def dataset():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCHES * BATCH, 8, generator=g), torch.randint(0, 3, (BATCHES * BATCH,), generator=g)
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def zero_fraction(weight):
+    return (weight == 0).float().mean().item()
+
+
+# ------------------------------------------------------------------------------------------------ Lightning
+
+L = pytest.importorskip("lightning.pytorch")
+from dsd.integrations.lightning import DSDCallback  # noqa: E402
+
+
+class Module(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net, self.seen = net(), []
+
+    def training_step(self, batch, _):
+        x, y = batch
+        self.seen.append((self.optimizers().param_groups[0]["lr"], zero_fraction(self.net[2].weight)))
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0, momentum=0.9)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*dataset()), batch_size=BATCH)
+
+
+def lightning_fit(module, tmp_path, max_epochs, ckpt_path=None, logger=False):
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+                        callbacks=[DSDCallback(RECIPE, exclude=["net.0.weight"])])  # fmt: skip
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_lightning_follows_the_recipe_and_stops_at_its_end(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = Module()
+    trainer = lightning_fit(module, tmp_path, max_epochs=50, logger=CSVLogger(tmp_path, name="log"))
+    assert trainer.global_step == 25  # stopped by the recipe, not max_epochs
+    assert [lr for lr, _ in module.seen] == pytest.approx(EXPECTED_LR)
+    zeros = [z for _, z in module.seen]
+    assert zeros[:10] == [0.0] * 10 and zeros[11:20] == [0.5] * 9  # masks chosen at step 10, kept
+    assert zeros[-1] < 0.5 and (module.net[0].weight != 0).all()  # re-dense regrows; excluded layer dense
+    import pandas as pd
+
+    log = pd.read_csv(next(tmp_path.glob("log/*/metrics.csv"))).dropna(subset=["dsd/lr"])
+    assert len(log) == 25 and log["dsd/sparsity"].tolist()[10:20] == [0.5] * 10
+    assert log["dsd/phase"].tolist() == [0.0] * 10 + [1.0] * 10 + [2.0] * 5
+
+
+def test_lightning_resume_mid_sparse_matches_an_uninterrupted_run(tmp_path):
+    whole = Module()
+    lightning_fit(whole, tmp_path, max_epochs=50)
+    first = Module()
+    trainer = lightning_fit(first, tmp_path, max_epochs=3)  # stops one epoch into the sparse phase
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = Module()
+    lightning_fit(resumed, tmp_path, max_epochs=50, ckpt_path=tmp_path / "mid.ckpt")
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert [lr for lr, _ in resumed.seen] == pytest.approx(EXPECTED_LR[15:])
+
+
+# ------------------------------------------------------------------------------------------- Hugging Face
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = net()
+
+    def forward(self, x, labels):
+        return {"loss": nn.functional.cross_entropy(self.net(x), labels)}
+
+
+def hf_train(tmp_path, resume=None, max_steps=-1, save_steps=500):
+    transformers = pytest.importorskip("transformers")
+    from dsd.integrations.huggingface import DSDTrainerCallback
+
+    x, y = dataset()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, num_train_epochs=50,
+        max_steps=max_steps, learning_rate=1.0, lr_scheduler_type="linear", optim="sgd", logging_steps=1,
+        save_strategy="steps", save_steps=save_steps, report_to=[], use_cpu=True, seed=0,
+        disable_tqdm=True,
+    )  # fmt: skip
+    model, rows = Classifier(), [{"x": a, "labels": b} for a, b in zip(x, y, strict=True)]
+    callback = DSDTrainerCallback(RECIPE, exclude=["net.0.weight"])
+    trainer = transformers.Trainer(model, args, train_dataset=rows, callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
+def test_huggingface_follows_the_recipe_and_resumes_mid_sparse(tmp_path):
+    whole, trainer = hf_train(tmp_path / "a")
+    assert trainer.state.global_step == 25  # stopped by the recipe, not num_train_epochs
+    logs = [h for h in trainer.state.log_history if "dsd_lr" in h]
+    assert [h["dsd_lr"] for h in logs] == pytest.approx(EXPECTED_LR)  # the linear scheduler is overridden
+    assert [h["dsd_phase"] for h in logs] == [0] * 10 + [1] * 10 + [2] * 5
+    assert [h["dsd_sparsity"] for h in logs][10:20] == [0.5] * 10
+    assert (whole.net[0].weight != 0).all() and zero_fraction(whole.net[2].weight) < 0.5  # regrown
+
+    hf_train(tmp_path / "b", max_steps=15, save_steps=15)  # stops one epoch into the sparse phase
+    checkpoint = tmp_path / "b" / "hf" / "checkpoint-15"
+    assert (checkpoint / "dsd.pt").exists()
+    (tmp_path / "c").mkdir()
+    import shutil
+
+    shutil.copytree(checkpoint, tmp_path / "c" / "hf" / "checkpoint-15")
+    resumed, _ = hf_train(tmp_path / "c", resume=str(tmp_path / "c" / "hf" / "checkpoint-15"))
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
