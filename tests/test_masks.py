@@ -172,6 +172,19 @@ def test_shared_parameter_pruned_once_and_patterns():
     assert list(pruner.masks) == ["a.weight"]
     only = dsd.prunable_parameters(model, include=("head.weight",))
     assert list(only) == ["head.weight"]
+    with pytest.raises(ValueError, match="'first_conv': the model has no convolution"):
+        dsd.Pruner(model, 0.25, exclude=("first_conv",))
+
+
+def test_first_conv_names_the_first_convolution_of_any_model():
+    from torchvision import models
+
+    for arch, first in (("resnet18", "conv1.weight"), ("vgg16", "features.0.weight"),
+                        ("mobilenet_v3_small", "features.0.0.weight")):  # fmt: skip
+        with torch.device("meta"):
+            model = models.get_model(arch)
+        chosen = dsd.prunable_parameters(model, exclude=("first_conv",))
+        assert first not in chosen and len(chosen) == len(dsd.prunable_parameters(model)) - 1
 
 
 def test_mask_packing_is_one_bit_per_weight():

@@ -23,7 +23,11 @@ def one_error_line(result) -> str:
 # Case 7 of the run-identity issue: each bad config stops `dsd check-config` and `snakemake -n` before any job,
 # with one line naming the key path.
 BAD = {
-    "unknown arch": ("experiments.resnet18.model.arch", "resnet19", "model.arch: expected one of resnet18"),
+    "unknown arch": (
+        "experiments.resnet18.model.arch",
+        "resnet19",
+        "model.arch: size mini is one of resnet18",
+    ),
     "unknown size": ("experiments.resnet18.model.size", "tiny", "model.size: expected one of full, mini"),
     "width as a word": ("experiments.resnet18.model.width", "sixteen", "model.width: expected an integer"),
     "too few classes": (

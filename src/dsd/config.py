@@ -209,19 +209,28 @@ def _check_shared_data(config: Config) -> None:
 
 def check_patterns(config: Config) -> None:
     """Every include / exclude pattern must match a parameter of its model (a typo would prune a layer)."""
-    from dsd.core.patterns import unmatched
+    from dsd.core.patterns import ALIASES, unmatched
 
     names = tracks.parameter_names([(row.track, row.model) for row in config.experiments.values()])
     for name, row in config.experiments.items():
-        known = names.get((row.track, fingerprint(hparams.as_dict(row.model))))
-        if known is None:
+        described = names.get((row.track, fingerprint(hparams.as_dict(row.model))))
+        if described is None:
             continue
+        if "error" in described:
+            raise ConfigError(f"config.experiments.{name}.model: {described['error']}")
+        known, alias = described["names"], described["aliases"]
         for key in ("exclude", "include"):
-            typos = unmatched(known, getattr(row.prune, key) or ())
+            patterns = [alias.get(p, p) for p in getattr(row.prune, key) or ()]
+            typos = unmatched(known, patterns)
             if typos:
-                index = list(getattr(row.prune, key)).index(typos[0])
-                close = difflib.get_close_matches(typos[0], known, n=1) or known[:1]
+                index = patterns.index(typos[0])
+                given = getattr(row.prune, key)[index]
+                close = difflib.get_close_matches(given, known, n=1) or known[:1]
+                why = (
+                    "the model has no convolution"
+                    if given in ALIASES
+                    else "matches no parameter of the model"
+                )
                 raise ConfigError(
-                    f"config.experiments.{name}.prune.{key}[{index}]: {typos[0]!r} matches no parameter of the "
-                    f"model (closest: {close[0]!r})"
+                    f"config.experiments.{name}.prune.{key}[{index}]: {given!r} {why} (closest: {close[0]!r})"
                 )

@@ -20,6 +20,24 @@ from dsd.core.schedule import check_sparsity
 STATE_VERSION = 1
 
 
+def aliases(model: nn.Module) -> dict[str, str]:
+    """Names a pattern may use instead of a parameter name: `first_conv`, the weight of the first convolution
+    (in registration order, the forward order of torchvision's models), which the DSD paper keeps dense."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return {"first_conv": f"{name}.weight" if name else "weight"}
+    return {}
+
+
+def expand_aliases(patterns: Iterable[str] | None, model: nn.Module) -> tuple[str, ...] | None:
+    if patterns is None:
+        return None
+    known = aliases(model)
+    if "first_conv" in patterns and "first_conv" not in known:
+        raise ValueError("pattern 'first_conv': the model has no convolution")
+    return tuple(known.get(p, p) for p in patterns)
+
+
 def prunable_parameters(
     model: nn.Module, exclude: Iterable[str] = (), include: Iterable[str] | None = None
 ) -> dict[str, nn.Parameter]:
@@ -28,7 +46,7 @@ def prunable_parameters(
     `include`, when given, narrows the candidates to names matching one of its patterns (the speech track
     prunes only fully connected and recurrent weights, say). Names are those of `model.named_parameters()`.
     """
-    exclude, include = tuple(exclude), None if include is None else tuple(include)
+    exclude, include = expand_aliases(tuple(exclude), model), expand_aliases(include, model)
     chosen = {}
     for name, param in model.named_parameters():  # shared parameters are listed once, under their first name
         if param.dim() < 2 or matches(name, exclude):
@@ -101,7 +119,8 @@ class Pruner:
         self.include = None if include is None else tuple(include)
         if _masks is None:
             names = [n for n, _ in model.named_parameters()]
-            typos = unmatched(names, (*self.exclude, *(self.include or ())))
+            patterns = (*expand_aliases(self.exclude, model), *(expand_aliases(self.include, model) or ()))
+            typos = unmatched(names, patterns)
             if typos:
                 raise ValueError(f"pattern {typos[0]!r} (exclude/include) matches no parameter of the model")
             self._params = prunable_parameters(model, self.exclude, self.include)

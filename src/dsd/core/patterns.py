@@ -5,6 +5,8 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 
+ALIASES = ("first_conv",)  # resolved per model by dsd.core.masks.aliases
+
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)

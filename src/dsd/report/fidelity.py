@@ -91,7 +91,7 @@ def vision(row) -> list[dict]:
         return []
     common, expect, cfg, hp = paper_rows()["vision"]["common"], facts["expect"], row.model, row.train
     count, pruned, dense = _built(row)
-    first = tracks.get("vision").model.FIRST_CONV[cfg.arch]
+    first = tracks.get("vision").model.FIRST_CONV.get(cfg.arch, "first_conv")
     norm = "batch norm" if cfg.arch != "vgg16" else "no batch norm"
     pretrained = bool(cfg.weights) and row.phases[0].epochs == 0
     paper_phases_text, our_phases, phases_same = _phases(row)

@@ -1,7 +1,7 @@
 """The paper's three tracks, one subpackage each, with the same files:
 
     config.py     typed model / data / eval sections, METRIC, HIGHER_IS_BETTER, DATASETS (plain Python)
-    model.py      build(exp) -> nn.Module; parameter_names(model section) on the meta device
+    model.py      build(exp) -> nn.Module; meta_model(model section): the model on the meta device
     data.py       prepare(exp), sources(exp), train_loader(exp, seed, epoch, skip_batches), eval_loader(exp, split)
     metric.py     loss(model, batch, device); evaluate(model, exp, split, device, samples) -> (metrics, samples);
                   monitor(model, exp, device) -> the per-epoch validation metrics; check(exp)
@@ -66,8 +66,9 @@ def _code_stamp(track: str) -> str:
     return f"{st.st_mtime_ns:x}{st.st_size:x}"
 
 
-def parameter_names(requests) -> dict[tuple[str, str], list[str]]:
-    """(track, model section) -> the model's parameter names, keyed by (track, section fingerprint).
+def parameter_names(requests) -> dict[tuple[str, str], dict]:
+    """(track, model section) -> {"names": [...], "aliases": {...}} or {"error": why the model cannot be
+    built}, keyed by (track, section fingerprint).
 
     Building a model needs torch, which the config path does not import: names come from a per-user cache,
     and the missing ones from one `python -m dsd.tracks.names` that builds the models on the meta device (no
@@ -80,7 +81,7 @@ def parameter_names(requests) -> dict[tuple[str, str], list[str]]:
     for track, model in requests:
         section = hparams.as_dict(model)
         key = (track, fingerprint(section))
-        path = cache_dir() / "parameter-names" / f"{track}-{_code_stamp(track)}-{key[1]}.json"
+        path = cache_dir() / "model-names" / f"{track}-{_code_stamp(track)}-{key[1]}.json"
         if key in out:
             continue
         if path.is_file():

@@ -54,10 +54,10 @@ def build(exp: Experiment) -> ShowAndTell:
     return ShowAndTell(feature_dim(exp), len(vocabulary(exp)), cfg.embed_dim, cfg.hidden_dim, cfg.dropout)
 
 
-def parameter_names(cfg: Model) -> list[str]:
+def meta_model(cfg: Model) -> nn.Module:
+    """The model built on the meta device (no memory, no weights): its parameter names, for config checks."""
     with torch.device("meta"):
-        model = ShowAndTell(8, 8, cfg.embed_dim, cfg.hidden_dim, cfg.dropout)
-    return [name for name, _ in model.named_parameters()]
+        return ShowAndTell(8, 8, cfg.embed_dim, cfg.hidden_dim, cfg.dropout)
 
 
 # ------------------------------------------------------------------------------------------ encoders

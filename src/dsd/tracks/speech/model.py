@@ -141,10 +141,10 @@ def build(exp: Experiment) -> nn.Module:
     return cls(n_features(exp.data), exp.model)
 
 
-def parameter_names(cfg: Model) -> list[str]:
+def meta_model(cfg: Model) -> nn.Module:
+    """The model built on the meta device (no memory, no weights): its parameter names, for config checks."""
     with torch.device("meta"):
-        model = (DeepSpeech if cfg.arch == "deepspeech" else DeepSpeech2)(161, cfg)
-    return [name for name, _ in model.named_parameters()]
+        return (DeepSpeech if cfg.arch == "deepspeech" else DeepSpeech2)(161, cfg)
 
 
 def layer_counts(model: nn.Module) -> list[tuple[str, int]]:

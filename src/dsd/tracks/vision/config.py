@@ -1,4 +1,5 @@
-"""Vision track settings: GoogLeNet, VGG-16, ResNet-18 / ResNet-50 on ImageFolder data; top-1 / top-5 error.
+"""Vision track settings: GoogLeNet, VGG-16, ResNet-18 / ResNet-50 (or any torchvision classification model) on
+ImageFolder data; top-1 / top-5 error.
 
 Plain Python (no torch): read when a config is checked.
 """
@@ -15,7 +16,10 @@ from dsd.hparams import option
 
 METRIC = "top1_error_pct"
 HIGHER_IS_BETTER = False
-DATASETS = {"shapes": "generated", "imagenet": "folder"}
+# imagenet and imagefolder read the same layouts (class folders; ImageNet's flat val/ with its labels file too);
+# the name tells the tables and the fidelity check which one it is
+DATASETS = {"shapes": "generated", "imagenet": "folder", "imagefolder": "folder"}
+MINI_ARCHS = ("resnet18", "resnet50", "vgg16", "googlenet")
 SOURCE_KEYS = (
     "train_dir",
     "val_dir",
@@ -28,9 +32,16 @@ SOURCE_KEYS = (
 
 @dataclass(frozen=True)
 class Model:
-    arch: Literal["resnet18", "resnet50", "vgg16", "googlenet"] = option("resnet18", "architecture family")
+    arch: str = option(
+        "resnet18",
+        "full: any torchvision classification model by name (resnet18, vgg16, googlenet, mobilenet_v3_small, ...); "
+        "mini: resnet18, resnet50, vgg16 or googlenet",
+    )
     size: Literal["full", "mini"] = option(
         "full", "full: torchvision's model; mini: same family, scaled down"
+    )
+    args: dict = option(
+        factory=dict, help="full: more constructor arguments of the torchvision model (e.g. {dropout: 0.2})"
     )
     width: int = option(16, "mini: channels of the first stage", min=1)
     num_classes: int = option(1000, "output classes (at least the data set's)", min=2)
@@ -79,6 +90,10 @@ class Eval:
 
 def check(row, where: str) -> None:
     """A model with fewer outputs than the generated data set has classes cannot learn it."""
+    if row.model.size == "mini" and row.model.arch not in MINI_ARCHS:
+        raise ConfigError(
+            f"{where}.model.arch: size mini is one of {', '.join(MINI_ARCHS)}, got {row.model.arch!r}"
+        )
     if row.dataset == "shapes" and row.model.num_classes < 10:
         raise ConfigError(
             f"{where}.model.num_classes: the shapes data set has 10 classes, got {row.model.num_classes}"

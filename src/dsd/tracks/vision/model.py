@@ -8,6 +8,7 @@ name at both scales, so one `exclude` pattern keeps it dense.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,7 +19,7 @@ from torchvision import models
 from torchvision.models.googlenet import BasicConv2d, Inception
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from dsd.errors import DataError
+from dsd.errors import ConfigError, DataError
 from dsd.spec import Experiment
 from dsd.tracks.vision.config import Model
 
@@ -169,16 +170,25 @@ def _network(cfg: Model) -> nn.Module:
     )
     if cfg.arch == "vgg16":
         extra = {"dropout": cfg.dropout}
-    model = models.get_model(cfg.arch, num_classes=cfg.num_classes, **extra)
+    known = models.list_models(module=models)  # classification models only
+    if cfg.arch not in known:
+        close = difflib.get_close_matches(cfg.arch, known, n=1) or known[:1]
+        raise ConfigError(
+            f"arch {cfg.arch!r} is not a torchvision classification model (closest: {close[0]!r})"
+        )
+    try:
+        model = models.get_model(cfg.arch, num_classes=cfg.num_classes, **(extra | cfg.args))
+    except TypeError as err:
+        raise ConfigError(f"args: {cfg.arch} does not take {cfg.args} ({err})") from None
     if cfg.arch == "googlenet":
         model.aux_loss_weight = cfg.aux_loss_weight
     return model
 
 
-def parameter_names(cfg: Model) -> list[str]:
-    """Names of the parameters, from a model built on the meta device (no memory, no weights)."""
+def meta_model(cfg: Model) -> nn.Module:
+    """The model built on the meta device (no memory, no weights): its parameter names, for config checks."""
     with torch.device("meta"):
-        return [name for name, _ in _network(cfg).named_parameters()]
+        return _network(cfg)
 
 
 def first_conv(arch: str) -> str:
