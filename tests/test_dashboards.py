@@ -7,15 +7,25 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import parse, prepare_data, tiny_vision_config, train
+from conftest import evaluate, parse, prepare_data, tiny_vision_config, train
 from wandb.proto import wandb_internal_pb2
 
 BLOCK, HEADER = 32768, 7  # the .wandb file: a header, then a LevelDB-style log of protobuf records
 
 
 def wandb_history(path: Path) -> list[dict]:
-    """The history rows of an offline run file, read with the public protobuf definitions."""
-    data, rows, pos, chunk = path.read_bytes(), [], HEADER, b""
+    """The history rows of an offline run file."""
+    rows = []
+    for record in wandb_records(path):
+        if record.HasField("history"):
+            items = record.history.item
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items})
+    return rows
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline run file, read with the public protobuf definitions."""
+    data, records, pos, chunk = path.read_bytes(), [], HEADER, b""
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
         if BLOCK - pos % BLOCK < 7:
@@ -27,10 +37,8 @@ def wandb_history(path: Path) -> list[dict]:
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(chunk)
-            if record.HasField("history"):
-                items = record.history.item
-                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items})
-    return rows
+            records.append(record)
+    return records
 
 
 def test_one_continuous_step_per_run_and_the_scheduled_lr(tmp_path, monkeypatch, capfd):
@@ -80,3 +88,51 @@ def test_report_landing_page_renders_the_table(tmp_path, verdict):
     )  # fmt: skip
     text = landing_page(comparison, pd.DataFrame(), "Some words.")
     assert ".. csv-table::" in text and '"resnet18", "top1_error_pct", "40.00"' in text and verdict in text
+
+
+def test_evaluation_samples_and_checkpoints_reach_wandb(tmp_path, monkeypatch):
+    """Opt-in here (auto: GPU jobs): the evaluation as a run with its samples as a Table, model.pt an artifact."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    model = {"arch": "deepspeech", "hidden": 32, "rnn_hidden": 24, "rnn_layers": 2, "conv_channels": 4}
+    raw = {
+        "output_dir": str(tmp_path / "results"), "data_root": str(tmp_path / "data"), "seeds": [0], "threads": 1,
+        "wandb": {"mode": "offline", "project": "dsd-test", "evaluations": "on", "checkpoints": True},
+        "experiments": {"ds": {
+            "track": "speech", "dataset": "spoken", "model": model, "train": {"batch_size": 8},
+            "data": {"utterances_per_speaker": {"train": 6, "dev": 2, "test": 2}}, "eval": {"batch_size": 16},
+            "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}},
+    }  # fmt: skip
+    config = parse(raw)
+    prepare_data(config, "ds")
+    train(config, "ds", 0, "dense")
+    result = evaluate(config, "ds", 0, "dense")
+    runs = {}
+    for folder in (tmp_path / "results" / "wandb" / "wandb").glob("offline-run-*"):
+        records = wandb_records(next(folder.glob("*.wandb")))
+        name = next(r.run.display_name for r in records if r.HasField("run"))
+        runs[name] = (folder, records)
+    assert set(runs) == {"ds-seed0-dense", "ds-seed0-dense-eval"}
+    folder, records = runs["ds-seed0-dense-eval"]
+    history = wandb_history(next(folder.glob("*.wandb")))
+    logged = [{k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("samples/")} for row in history]
+    logged = [item for item in logged if item]
+    assert logged and logged[0]["_type"] == "table-file" and logged[0]["nrows"] == len(result["samples"])
+    table = json.loads((folder / "files" / logged[0]["path"]).read_text())
+    assert table["columns"] == ["id", "reference", "hypothesis"]
+    assert [row[1] for row in table["data"]] == [s["reference"] for s in result["samples"]]
+    summary = {
+        i.key: json.loads(i.value_json) for r in records if r.HasField("summary") for i in r.summary.update
+    }
+    assert summary["test/wer_pct"] == pytest.approx(result["test"]["wer_pct"])
+    artifacts = [r.artifact for r in runs["ds-seed0-dense"][1] if r.HasField("artifact")]
+    assert [(a.name, a.type) for a in artifacts] == [("ds-seed0-dense", "model")]
+
+
+def test_system_metrics_and_evaluation_runs_default_to_gpu_jobs_only():
+    from dsd.spec import Wandb
+
+    assert Wandb().wants("system", gpu=True) and not Wandb().wants("system", gpu=False)
+    assert Wandb(system="on").wants("system", gpu=False) and not Wandb(evaluations="off").wants(
+        "evaluations", True
+    )
+    assert not Wandb(mode="disabled", system="on").wants("system", gpu=True)

@@ -143,6 +143,17 @@ class Wandb:
     )
     project: str = option("dsd", "wandb project")
     entity: str | None = option(None, "wandb entity (team or user)")
+    system: Literal["auto", "on", "off"] = option(
+        "auto", "system metrics, git state and console capture (auto: on for GPU jobs; seconds per CPU job)"
+    )
+    evaluations: Literal["auto", "on", "off"] = option(
+        "auto", "each evaluation as a run: metrics and caption/transcript samples as a Table (auto: GPU jobs)"
+    )
+    checkpoints: bool = option(False, "upload each phase's final model.pt as a wandb artifact")
+
+    def wants(self, setting: str, gpu: bool) -> bool:
+        value = getattr(self, setting)
+        return self.mode != "disabled" and (value == "on" or (value == "auto" and gpu))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 class Tracker:
     """One wandb run; `settings` None (a non-zero rank) or mode `disabled` track nothing."""
 
-    def __init__(self, settings, directory: Path, **init):
+    def __init__(self, settings, directory: Path, gpu: bool = False, **init):
         self.run = None
         if settings is None or settings.mode == "disabled":
             return
@@ -22,10 +22,13 @@ class Tracker:
             import wandb
 
             directory.mkdir(parents=True, exist_ok=True)
-            # no console capture, system-stats sampler or git probing: seconds per run on a 2-core CPU
-            quiet = wandb.Settings(console="off", x_disable_stats=True, disable_git=True, silent=True)
+            # console capture, the system-stats sampler and git probing cost seconds per short CPU job
+            full = settings.wants("system", gpu)
+            chosen = wandb.Settings(
+                console="auto" if full else "off", x_disable_stats=not full, disable_git=not full, silent=True
+            )
             self.run = wandb.init(
-                settings=quiet,
+                settings=chosen,
                 project=settings.project,
                 entity=settings.entity,
                 dir=str(directory),
@@ -60,6 +63,28 @@ class Tracker:
             )
 
         self._guard(log_histograms)
+
+    def table(self, key: str, rows: list[dict]) -> None:
+        """Rows of dicts with the same keys (caption or transcript samples) as one wandb Table."""
+
+        def log_table():
+            import wandb
+
+            columns = list(rows[0])
+            self.run.log({key: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
+
+        if rows:
+            self._guard(log_table)
+
+    def artifact(self, path: Path, name: str, metadata: dict) -> None:
+        def log_artifact():
+            import wandb
+
+            artifact = wandb.Artifact(name, type="model", metadata=metadata)
+            artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
+
+        self._guard(log_artifact)
 
     def summary(self, values: dict) -> None:
         self._guard(lambda: self.run.summary.update(values))

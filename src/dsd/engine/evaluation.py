@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from dsd import hparams, tracks
+from dsd import hparams, paths, tracks
 from dsd.core.masks import Pruner
 from dsd.engine import checkpoint, distributed, prepare, resume
 from dsd.errors import CheckpointError
 from dsd.spec import PhaseSpec, RunOptions, fingerprint
+from dsd.tracking import Tracker
 
 SAMPLES = 8  # test items kept with their predictions (captions, transcripts) for the qualitative tables
 
@@ -72,4 +73,19 @@ def evaluate_checkpoint(
         result[split] = metrics
         if samples and (split == "test" or "samples" not in result):
             result["samples"] = samples
+    if options.wandb.wants("evaluations", device.type == "cuda"):
+        log_evaluation(result, spec, options, device)
     return result
+
+
+def log_evaluation(result: dict, spec: PhaseSpec, options: RunOptions, device) -> None:
+    """One wandb run per evaluation, in the (row, seed) group: its metrics as the summary, samples as a Table."""
+    tracker = Tracker(
+        options.wandb, paths.wandb_dir(options.output_dir), gpu=device.type == "cuda",
+        group=f"{spec.row}-seed{spec.seed}", job_type="evaluate", name=f"{spec.row}-seed{spec.seed}-{spec.phase}-eval",
+        config={"fingerprint": spec.fingerprint, "phase": spec.phase, "eval": result["eval"]},
+    )  # fmt: skip
+    splits = [s for s in ("val", "test") if isinstance(result.get(s), dict)]
+    tracker.summary({f"{s}/{k}": v for s in splits for k, v in result[s].items()})
+    tracker.table("samples", result.get("samples", []))
+    tracker.finish()

@@ -148,6 +148,7 @@ def run_phase(
     tracker = Tracker(
         options.wandb if rank == 0 else None,
         paths.wandb_dir(options.output_dir),
+        gpu=device.type == "cuda",
         group=f"{exp.row}-seed{spec.seed}",
         job_type=spec.phase,
         name=f"{exp.row}-seed{spec.seed}-{spec.phase}",
@@ -177,9 +178,12 @@ def run_phase(
         per_layer = metrics["sparsity_per_layer"]
         tracker.log({f"sparsity/{n}": s for n, s in per_layer.items()}, step=loop.global_step)
         tracker.histograms(state.model, list(per_layer)[:4], step=loop.global_step)
-    tracker.finish()
     if rank == 0:
         checkpoint.save(state.checkpoint(exp, spec, identity, state.position), paths.checkpoint(out_dir))
+        if options.wandb.checkpoints:
+            name = f"{exp.row}-seed{spec.seed}-{spec.phase}"
+            tracker.artifact(paths.checkpoint(out_dir), name, {"fingerprint": spec.fingerprint})
+        tracker.finish()
         paths.write_json(paths.metrics(out_dir), metrics)  # last: its presence means the phase is complete
         resume_path.unlink(missing_ok=True)
     distributed.barrier(world)
