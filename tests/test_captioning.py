@@ -90,6 +90,17 @@ def test_preparing_flickr8k_names_a_missing_image(tmp_path):
     assert prepare.prepare(_exp(tmp_path))["summary"]["images"] == {"train": 1, "val": 1, "test": 0}
 
 
+def test_coco_layout_prepares_by_its_data_set_name(tmp_path):
+    """dataset: coco reads dataset_coco.json; images under train2014/ and val2014/ via each entry's filepath."""
+    entries = [_entry(0, "train", ["a dog"]), _entry(1, "val", ["a cat"])]
+    for entry, folder in zip(entries, ("train2014", "val2014"), strict=True):
+        entry["filepath"] = folder
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / entry["filename"]).write_bytes(b"")
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": entries}))
+    assert prepare.prepare(_exp(tmp_path, "coco"))["summary"]["images"] == {"train": 1, "val": 1, "test": 0}
+
+
 def test_vocabulary_min_count_specials_and_truncation(tmp_path):
     captions = [("a", "dog")] * 5 + [("a", "cat")] * 4
     vocab = cap_data.build_vocabulary(captions, min_count=5)

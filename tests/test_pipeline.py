@@ -169,3 +169,21 @@ def test_no_output_of_the_default_pipeline_is_committed():
         pytest.skip(f"not a git checkout: {tracked.stderr.strip()}")
     assert tracked.stdout == ""
     assert (REPO / "results" / "published" / "tables" / "paper_comparison.md").is_file()
+
+
+def test_dsd_run_trains_one_row_and_seed_in_order_then_keeps_what_is_done(tmp_path):
+    """`dsd run`: torchvision's train.py experience, the same files the pipeline writes, nothing redone."""
+    configfile = write_config(tmp_path, tiny_vision_config(tmp_path, seeds=[0]))
+    command = ["run", "--config", str(configfile), "--row", "resnet18", "--seed", "0"]
+    first = dsd_cli(*command)
+    assert first.returncode == 0, first.stderr[-2000:]
+    phases = ["dense", "sparse1", "redense1", "control"]
+    assert [line.split(" [")[0] for line in first.stdout.splitlines() if "trained;" in line] == [
+        f"resnet18 seed 0 {p}" for p in phases
+    ]
+    runs = tmp_path / "results" / "runs" / "resnet18" / "seed0"
+    for phase in phases:
+        assert json.loads((runs / phase / "eval.json").read_text())["phase"] == phase
+    again = dsd_cli(*command)
+    assert again.returncode == 0 and "trained;" not in again.stdout
+    assert again.stdout.count("test top1_error_pct =") == 4

@@ -152,6 +152,56 @@ def cmd_evaluate(args) -> None:
         print(json.dumps(result, indent=1))
 
 
+def cmd_run(args) -> None:
+    """One (row, seed) without Snakemake: data, every phase in order (the control and sweep variants included),
+    then each phase's evaluation. What is finished for this spec is kept; an interrupted phase resumes."""
+    import argparse
+
+    from dsd import tracks
+    from dsd.engine import prepare
+    from dsd.engine.evaluation import eval_fingerprint, evaluate_checkpoint
+
+    config = _config(args)
+    options, row = _options(args, config), config.row(args.row)
+    prepare.prepare(row.data_spec().experiment(options))
+    features = getattr(tracks.get(row.track).config, "features_path", None)
+    if features is not None and not Path(features(config.experiment(args.row))).is_file():
+        if row.data.encoder_row:
+            encoder = paths.run_dir(options.output_dir, row.data.encoder_row, row.data.encoder_seed, "dense")
+            if not paths.metrics(encoder).is_file():
+                raise ConfigError(
+                    f"{args.row} encodes its images with {row.data.encoder_row}'s dense run: "
+                    f"dsd run --row {row.data.encoder_row} --seed {row.data.encoder_seed} first"
+                )
+        cmd_features(
+            argparse.Namespace(
+                **vars(args) | {"spec": None, "encoder_spec": None, "encoder_checkpoint": None}
+            )
+        )
+    for phase in row.phase_names:
+        spec = config.phase(args.row, args.seed, phase)
+        out = paths.run_dir(options.output_dir, args.row, args.seed, phase)
+        done = (
+            paths.metrics(out).is_file()
+            and json.loads(paths.metrics(out).read_text()).get("fingerprint") == spec.fingerprint
+        )
+        if not done:
+            cmd_train(
+                argparse.Namespace(**vars(args) | {"spec": None, "phase": phase, "init": None, "out": None})
+            )
+        evaluation = paths.evaluation(out)
+        if evaluation.is_file() and json.loads(evaluation.read_text()).get(
+            "eval_fingerprint"
+        ) == eval_fingerprint(spec, row.eval):
+            result = json.loads(evaluation.read_text())
+        else:
+            result = evaluate_checkpoint(spec, row.eval, paths.checkpoint(out), options)
+            paths.write_json(evaluation, result)
+        print(
+            f"{args.row} seed {args.seed} {phase}: test {result['metric']} = {result['test'][result['metric']]:.2f}"
+        )
+
+
 def _rows_and_seeds(args, seeds_needed: bool = True) -> tuple[list[RowSpec], list[int], RunOptions]:
     if args.spec:
         if seeds_needed and not args.seeds:
@@ -273,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: from output_dir)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "run", help="one (row, seed) in order without Snakemake: data, every phase, evaluations"
+    )
+    p.add_argument("--config", nargs="+", required=True, help="config file(s), later ones win")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--row", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on the validation and test splits")
     _add_source(p)

@@ -13,7 +13,9 @@ from dsd.hparams import option
 
 METRIC = "wer_pct"
 HIGHER_IS_BETTER = False
-DATASETS = {"spoken": "generated", "librispeech": "folder", "wsj": "folder"}
+# every folder data set reads LibriSpeech folders, JSON-lines manifests or WSJ index files per split;
+# `manifests` names a corpus of your own
+DATASETS = {"spoken": "generated", "librispeech": "folder", "wsj": "folder", "manifests": "folder"}
 # What preparing the corpus reads and writes: its splits (or how it is synthesised) and the features it caches.
 # Rows sharing a corpus therefore share feature settings.
 SOURCE_KEYS = (
