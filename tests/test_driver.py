@@ -145,3 +145,17 @@ def test_the_readme_quick_start_runs_as_written():
     namespace = {}
     exec(compile(block, "README quick start", "exec"), namespace)  # noqa: S102 - our own documentation
     assert namespace["schedule"].done and namespace["schedule"].sparsity() == 0.0
+
+
+@pytest.mark.parametrize("framework", ["lightning", "huggingface"])
+def test_the_readme_framework_quick_starts_run_as_written(framework, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the Trainers write their folders here
+    readme = (REPO / "README.md").read_text()
+    block = re.search(rf"<!-- quickstart:{framework} -->\n```python\n(.*?)```", readme, re.S).group(1)
+    assert (
+        sum(line.split("#")[-1].startswith(" +") for line in block.splitlines()) < 10
+    )  # lines added for DSD
+    namespace = {"__name__": "quickstart"}
+    exec(compile(block, f"README {framework} quick start", "exec"), namespace)  # noqa: S102
+    driver = namespace["callbacks"][0].driver
+    assert driver.done and driver.global_step == 70  # 7 epochs of 10 steps, then the recipe stopped training
