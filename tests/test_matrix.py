@@ -66,6 +66,7 @@ CONFIG_CASES = {
     "unknown track": ("experiments.resnet18.track", "audio", "experiments.resnet18.track: expected one of vision, captioning, speech"),
     "unknown mini arch": ("experiments.resnet18.model.arch", "resnet19", "model.arch: size mini is one of resnet18"),
     "unknown torchvision model": ("experiments.resnet18.model", {"arch": "resnet19", "num_classes": 10}, "experiments.resnet18.model: arch 'resnet19' is not a torchvision classification model (closest: 'resnet18')"),
+    "timm model without timm": ("experiments.resnet18.model", {"arch": "timm:resnet18", "num_classes": 10}, "experiments.resnet18.model: arch 'timm:resnet18' needs timm (pip install timm)"),
     "bad constructor argument": ("experiments.resnet18.model", {"arch": "squeezenet1_1", "num_classes": 10, "args": {"dropuot": 0.1}}, "experiments.resnet18.model: args: squeezenet1_1 does not take"),
     "unknown size": ("experiments.resnet18.model.size", "tiny", "model.size: expected one of full, mini"),
     "no seeds": ("seeds", [], "config.seeds: must not be empty"),

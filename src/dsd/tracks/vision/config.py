@@ -34,8 +34,8 @@ SOURCE_KEYS = (
 class Model:
     arch: str = option(
         "resnet18",
-        "full: any torchvision classification model by name (resnet18, vgg16, googlenet, mobilenet_v3_small, ...); "
-        "mini: resnet18, resnet50, vgg16 or googlenet",
+        "full: any torchvision classification model by name (resnet18, vgg16, mobilenet_v3_small, ...) or "
+        "timm:<name> where timm is installed; mini: resnet18, resnet50, vgg16 or googlenet",
     )
     size: Literal["full", "mini"] = option(
         "full", "full: torchvision's model; mini: same family, scaled down"

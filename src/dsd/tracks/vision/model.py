@@ -170,6 +170,8 @@ def _network(cfg: Model) -> nn.Module:
     )
     if cfg.arch == "vgg16":
         extra = {"dropout": cfg.dropout}
+    if cfg.arch.startswith("timm:"):
+        return _timm_network(cfg)
     known = models.list_models(module=models)  # classification models only
     if cfg.arch not in known:
         close = difflib.get_close_matches(cfg.arch, known, n=1) or known[:1]
@@ -183,6 +185,21 @@ def _network(cfg: Model) -> nn.Module:
     if cfg.arch == "googlenet":
         model.aux_loss_weight = cfg.aux_loss_weight
     return model
+
+
+def _timm_network(cfg: Model) -> nn.Module:
+    """`arch: timm:<name>`: a timm model, where timm is installed (random init: weights come from model.weights)."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"arch {cfg.arch!r} needs timm (pip install timm)") from None
+    name = cfg.arch.removeprefix("timm:")
+    if not timm.is_model(name):
+        raise ConfigError(f"arch {cfg.arch!r}: timm has no model {name!r}")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=cfg.num_classes, **cfg.args)
+    except TypeError as err:
+        raise ConfigError(f"args: {name} does not take {cfg.args} ({err})") from None
 
 
 def meta_model(cfg: Model) -> nn.Module:
