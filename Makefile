@@ -30,8 +30,9 @@ publish:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
 
+# one worker per core (pytest-xdist), a test file per worker at a time (module fixtures built once)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -13,12 +13,18 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def pytest_collection_finish(session):
-    """Start the one network-bound test's work before the first test runs (see test_packaging)."""
-    if any(item.name == "test_the_declared_ranges_accept_another_torch" for item in session.items):
+def pytest_sessionstart(session):
+    """Start the one network-bound test's work before the first test runs (see test_packaging): once, in the
+    process that starts the session (pytest-xdist's workers inherit where its result will be)."""
+    if hasattr(session.config, "workerinput") or os.environ.get("DSD_DRY_RUN_DIR"):
+        return
+    selected = [str(arg) for arg in session.config.args]
+    if not selected or any(
+        "packaging" in arg or not arg.endswith(".py") and "::" not in arg for arg in selected
+    ):
         from test_packaging import start_dry_run
 
-        session.config.dsd_dry_run = start_dry_run()
+        os.environ["DSD_DRY_RUN_DIR"] = str(start_dry_run())
 
 
 def tiny_vision_config(tmp: Path, **extra) -> dict:

@@ -3,14 +3,14 @@ README's plain-loop quick start and asks only for torch and numpy ranges; and a 
 ranges accept another torch minor than the pipeline's pin (constraints.txt)."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
-from concurrent.futures import Future
+import time
 from pathlib import Path
 
 import pytest
@@ -83,41 +83,44 @@ def test_the_core_installs_alone_and_runs_the_quick_start(tmp_path):
 OTHER_TORCH = "torch==2.10.*"  # the minor before the pipeline's pin
 
 
-def _dry_run(tmp: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    report = tmp / "report.json"
-    resolve = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--only-binary", ":all:",
-         "--report", str(report), str(_wheel(tmp)), OTHER_TORCH],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    return resolve, report
+def _dry_run(tmp: Path) -> None:
+    """Resolve the wheel with another torch minor; the outcome lands in `tmp` (result.json last)."""
+    try:
+        resolve = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--only-binary", ":all:",
+             "--report", str(tmp / "report.json"), str(_wheel(tmp)), OTHER_TORCH],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        outcome = {"returncode": resolve.returncode, "stderr": resolve.stderr}
+    except Exception as error:  # noqa: BLE001 - reported by the test that collects it
+        outcome = {"returncode": -1, "stderr": f"{type(error).__name__}: {error}"}
+    (tmp / "result.tmp").write_text(json.dumps(outcome))
+    (tmp / "result.tmp").replace(tmp / "result.json")
 
 
-def start_dry_run() -> Future:
+def start_dry_run() -> Path:
     """The dry run waits on the registry (torch's wheel is fetched for its metadata), not on the CPU: conftest
-    starts it in a thread before the first test, and the test below collects it."""
-    future = Future()
-
-    def work():
-        try:
-            future.set_result(_dry_run(Path(tempfile.mkdtemp(prefix="dsd-dry-run-"))))
-        except Exception as error:  # noqa: BLE001 - handed to the test that collects it
-            future.set_exception(error)
-
-    threading.Thread(target=work, daemon=True).start()  # a suite stopped early does not wait for it
-    return future
+    starts it in a background process at session start, and the test below collects it from the folder."""
+    folder = Path(tempfile.mkdtemp(prefix="dsd-dry-run-"))
+    code = f"import sys; sys.path[:0] = [{str(REPO / 'tests')!r}]; from test_packaging import _dry_run; from pathlib import Path; _dry_run(Path({str(folder)!r}))"
+    subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)  # fmt: skip
+    return folder
 
 
-def test_the_declared_ranges_accept_another_torch(request):
-    future = getattr(request.config, "dsd_dry_run", None) or start_dry_run()
-    resolve, report = future.result()
-    if resolve.returncode and (
-        "Could not find a version" in resolve.stderr or "connection" in resolve.stderr.lower()
-    ):
-        pytest.skip(f"the package registry did not answer: {resolve.stderr.strip().splitlines()[-1]}")
-    assert resolve.returncode == 0, resolve.stderr[-3000:]
+def test_the_declared_ranges_accept_another_torch():
+    folder = Path(os.environ.get("DSD_DRY_RUN_DIR") or start_dry_run())
+    deadline = time.monotonic() + 900
+    while not (folder / "result.json").exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    result = json.loads((folder / "result.json").read_text())
+    stderr = result["stderr"]
+    if result["returncode"] and ("Could not find a version" in stderr or "connection" in stderr.lower()):
+        pytest.skip(f"the package registry did not answer: {stderr.strip().splitlines()[-1]}")
+    assert result["returncode"] == 0, stderr[-3000:]
     chosen = {
-        i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(report.read_text())["install"]
+        i["metadata"]["name"]: i["metadata"]["version"]
+        for i in json.loads((folder / "report.json").read_text())["install"]
     }
     assert chosen["torch"].startswith("2.10.") and "dsd-training" in chosen
-    shutil.rmtree(report.parent, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)

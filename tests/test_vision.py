@@ -1,11 +1,13 @@
 """Vision track: the paper's full-size torchvision models through DSD on an ImageNet-layout folder."""
 
+import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import parse
+from conftest import parse, snakemake, write_config
 from PIL import Image
 
 from dsd.errors import DataError
@@ -115,29 +117,31 @@ def test_generated_images_do_not_depend_on_the_order_splits_are_listed(tmp_path)
 
 
 def test_any_torchvision_model_on_any_image_folder_by_config_only(tmp_path):
-    """dataset: imagefolder (class folders, any names), a torchvision model by name with its own constructor
-    arguments, and `first_conv` keeping the first layer dense, through prepare and a DSD chain."""
+    """A row defined only in a user config, through the whole pipeline (Snakemake, tables, plots): dataset
+    imagefolder (class folders of any names), a torchvision model by name with its own constructor arguments,
+    and `first_conv` keeping the first layer dense."""
     folder = make_imagenet(tmp_path / "flowers", per_class=2)
     for split in ("train", "val"):  # class folders need not be WordNet ids
         for c, wnid in enumerate(WNIDS):
             (folder / split / wnid).rename(folder / split / ("daisy", "rose")[c])
     raw = {
-        "data": {"imagefolder": str(folder)}, "output_dir": str(tmp_path / "out"), "seeds": [0],
-        "data_root": str(tmp_path / "out" / "data"), "device": "cpu", "wandb": {"mode": "disabled"},
+        "data": {"imagefolder": str(folder)}, "seeds": [0], "threads": 1, "wandb": {"mode": "disabled"},
         "experiments": {"flowers": {
             "track": "vision", "dataset": "imagefolder",
             "model": {"arch": "squeezenet1_1", "num_classes": 2, "args": {"dropout": 0.2}},
             "data": {"image_size": 64, "resize": 72}, "eval": {"batch_size": 4},
             "train": {"batch_size": 4}, "prune": {"exclude": ["first_conv"]},
             "phases": [{"kind": "dense", "epochs": 1, "lr": 0.01},
-                       {"kind": "sparse", "epochs": 1, "lr": 0.01, "sparsity": 0.5}]}},
+                       {"kind": "sparse", "epochs": 1, "lr": 0.01, "sparsity": 0.5},
+                       {"kind": "redense", "epochs": 1}]}},
     }  # fmt: skip
-    config = parse(raw)
-    from conftest import prepare_data, train
-
-    assert prepare_data(config, "flowers")["summary"]["classes"] == 2
-    train(config, "flowers", 0, "dense")
-    metrics = train(config, "flowers", 0, "sparse1")
-    layers = metrics["sparsity_per_layer"]
+    configfile = write_config(tmp_path, raw)
+    result = snakemake(tmp_path, configfile, env=os.environ | {"DSD_PREFORK": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = tmp_path / "results" / "runs" / "flowers" / "seed0"
+    layers = json.loads((runs / "sparse1" / "metrics.json").read_text())["sparsity_per_layer"]
     assert "features.0.weight" not in layers and len(layers) == 25  # squeezenet's 26 convs, the first dense
     assert all(s == pytest.approx(0.5, abs=1e-3) for s in layers.values())
+    table = (tmp_path / "results" / "tables" / "paper_comparison.csv").read_text()
+    assert table.splitlines()[1].startswith("flowers,")
+    assert (tmp_path / "results" / "plots" / "curves.png").is_file()
