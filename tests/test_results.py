@@ -8,7 +8,14 @@ import pytest
 import torch
 from conftest import parse, prepare_data, tiny_vision_config, train
 
-from dsd.report.tables import paired_ci, paper_headline, rel_gain_pct, runtime_rows, verdict
+from dsd.report.tables import (
+    detectable_difference,
+    paired_ci,
+    paper_headline,
+    rel_gain_pct,
+    runtime_rows,
+    verdict,
+)
 from dsd.spec import Wandb
 from dsd.tracking import Tracker
 
@@ -19,6 +26,20 @@ def test_paired_ci_matches_hand_computation():
     assert mean == pytest.approx(2.0)
     assert (low, high) == pytest.approx((2.0 - half, 2.0 + half))
     assert all(math.isnan(v) for v in paired_ci([0.7])[1:])
+
+
+def test_the_detectable_difference_is_detected_80_percent_of_the_time():
+    """Simulated paired designs with the reported difference as the true one: the t-test rejects in 80%."""
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    for differences in ([0.5, -1.2, 2.0], [1.0, 2.0, 3.0, 4.0, 5.5]):
+        delta, sd, n = detectable_difference(differences), np.std(differences, ddof=1), len(differences)
+        sample = rng.normal(delta, sd, size=(100_000, n))
+        t = sample.mean(1) / (sample.std(1, ddof=1) / math.sqrt(n))
+        assert (abs(t) > stats.t.ppf(0.975, n - 1)).mean() == pytest.approx(0.8, abs=0.01)
+    assert math.isnan(detectable_difference([0.7])) and math.isnan(detectable_difference([1.0, 1.0]))
 
 
 def test_verdict_respects_direction_of_metric():
@@ -98,6 +119,9 @@ def test_the_result_sentences_come_from_the_table(tmp_path):
             "verdict": ["no significant difference", "DSD worse than control", "no significant difference"],
             "n_seeds": [3, 3, 3],
             "baseline_greedy_wer_pct_mean": [float("nan"), float("nan"), 88.2],
+            "control_mean": [30.0, 20.0, 40.0],
+            "detectable_difference": [3.0, 1.0, 8.0],
+            "paper_rel_gain_pct": [4.0, 10.0, 6.0],
         }
     )
     text = claims.paragraph(table)
@@ -105,6 +129,8 @@ def test_the_result_sentences_come_from_the_table(tmp_path):
         "on 2 of the 3 rows (not on neuraltalk)" in text and "favours the control on 1 (neuraltalk)" in text
     )
     assert "explained by the extra epochs" in text and "WER is 88-88%" in text
+    assert "only from 5% to 20% of the control's value" in text
+    assert "on 2 of the 3 rows that is more than the paper's own relative gain" in text  # 10 > 4, 20 > 6
     table.loc[0, "verdict"] = "DSD better than control"  # a value changes: so does the sentence
     changed = claims.paragraph(table)
     assert "in DSD's favour on 1 row (resnet18)" in changed and "explained by the extra epochs" not in changed

@@ -53,6 +53,22 @@ def paragraph(comparison: pd.DataFrame) -> str:
             "So at this scale the gain over the baseline is explained by the extra epochs, and the table says so "
             "rather than hiding it."
         )
+    detectable = comparison.get("detectable_difference")
+    if detectable is not None and detectable.notna().any():
+        relative = 100.0 * detectable / comparison["control_mean"].abs()
+        sentence = (
+            f"With these seeds, a true DSD - control difference is detected 80% of the time (95% test) only from "
+            f"{relative.min():.0f}% to {relative.max():.0f}% of the control's value, depending on the row (column "
+            f"`detectable_difference`)"
+        )
+        paper = comparison.get("paper_rel_gain_pct")
+        if paper is not None and paper.notna().any():
+            larger = _rows(comparison, relative > paper.abs())
+            sentence += (
+                f"; on {len(larger)} of the {paper.notna().sum()} rows that is more than the paper's own relative "
+                "gain for the row, so an effect of the paper's size could pass unseen there"
+            )
+        text.append(sentence + ".")
     if "dense_converged" in comparison:
         converged = _rows(comparison, comparison["dense_converged"].isin(["yes", "pretrained"]))
         text.append(

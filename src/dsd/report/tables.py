@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import optimize, stats
 
 from dsd import paths
 from dsd.core.schedule import CONTROL, Recipe
@@ -59,6 +59,26 @@ def paired_ci(differences, confidence: float = 0.95) -> tuple[float, float, floa
         return mean, float("nan"), float("nan")
     half = float(stats.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
     return mean, mean - half, mean + half
+
+
+def detectable_difference(differences, confidence: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true mean difference the paired t-test of these seeds detects with `power` at
+    `confidence` (two-sided), taking the observed spread of the differences as the true one (noncentral t)."""
+    d = np.asarray(differences, dtype=float)
+    if d.size < 2 or not d.std(ddof=1) > 0:
+        return float("nan")
+    df, scale = d.size - 1, d.std(ddof=1) / math.sqrt(d.size)
+    critical = stats.t.ppf(0.5 + confidence / 2, df)
+
+    def shortfall(delta: float) -> float:
+        nc = delta / scale
+        lower = np.nan_to_num(stats.nct.cdf(-critical, df, nc))  # negligible, and NaN far out in scipy
+        return stats.nct.sf(critical, df, nc) + lower - power
+
+    high = critical * scale
+    while shortfall(high) < 0:  # widen until the power is reached
+        high *= 2
+    return float(optimize.brentq(shortfall, 0.0, high))
 
 
 def verdict(low: float, high: float, higher_is_better: bool) -> str:
@@ -166,6 +186,7 @@ def comparison_row(output_dir: str, row: str, seeds, final_phase: str) -> dict:
         "dsd_minus_control_ci95_high": high,
         "ci_excludes_zero": bool(math.isfinite(low) and (low > 0 or high < 0)),
         "verdict": verdict(low, high, higher),
+        "detectable_difference": detectable_difference(np.subtract(dsd, control)),
         "n_seeds": len(seeds),
     }
     out["dense_change_pct"], out["dense_converged"] = dense_convergence(output_dir, row, seeds)
@@ -285,6 +306,7 @@ def write_tables(specs, seeds, output_dir: str, out_dir: str | Path) -> pd.DataF
         "dsd_minus_control_ci95_low",
         "dsd_minus_control_ci95_high",
         "verdict",
+        "detectable_difference",
         "n_seeds",
         "dense_converged",
     ]
