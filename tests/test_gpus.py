@@ -163,3 +163,26 @@ def test_cpu_runs_can_pin_the_kernels_instruction_set():
     assert gpus.cpu_isa_env("avx2", "cpu") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert gpus.cpu_isa_env("avx2", "cuda") == {}  # never for GPU runs
     assert gpus.cpu_isa_env("native", "cpu") == {}
+
+
+def test_precision_and_memory_format_are_decided_per_device_and_model():
+    """What a GPU job would use, decided on the CPU: the autocast type, and channels-last for the CNNs only."""
+    import torch
+    from torchvision import models
+
+    from dsd.engine.distributed import autocast_dtype, prefers_channels_last
+    from dsd.spec import RunOptions, parse_row
+    from dsd.tracks.captioning.model import ShowAndTell
+    from dsd.tracks.speech import model as speech_model
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert autocast_dtype("bf16", cuda) == torch.bfloat16 and autocast_dtype("fp16", cuda) == torch.float16
+    assert autocast_dtype("fp32", cuda) is None and all(
+        autocast_dtype(p, cpu) is None for p in ("auto", "bf16")
+    )
+    with torch.device("meta"):
+        cnns = [models.get_model(name) for name in ("resnet18", "vgg16", "googlenet")]
+        ds2 = parse_row("ds2", {"track": "speech", "dataset": "spoken", "model": {"arch": "deepspeech2"},
+                                "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}, None)  # fmt: skip
+        others = [speech_model.build(ds2.experiment(RunOptions())), ShowAndTell(8, 8, 16, 16, 0.0)]
+    assert all(prefers_channels_last(m) for m in cnns) and not any(prefers_channels_last(m) for m in others)

@@ -64,6 +64,7 @@ class Train:
     MOVED: ClassVar[dict] = {
         "workers": "the top-level key 'workers' (a run option: it changes no result)",
         "eval_batch_size": "the row's eval section, as 'batch_size'",
+        "amp": "'precision' (auto, bf16, fp16 or fp32)",
     }
     batch_size: int = option(64, "examples per optimizer step, all ranks together", min=1)
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = option("sgd", "optimizer of every phase")
@@ -77,7 +78,11 @@ class Train:
     )
     lr_step_epochs: float = option(30.0, "step_epochs: epochs between two /10 steps", gt=0)
     lr_power: float = option(0.5, "poly: the power", gt=0)
-    amp: bool = option(True, "mixed precision on CUDA (fp16 + GradScaler); nothing on the CPU")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = option(
+        "auto",
+        "CUDA autocast (training and evaluation): auto is bf16 where the GPU has it (Ampere and later), else fp16 "
+        "with loss scaling; the CPU always trains in fp32",
+    )
     grad_clip: float | None = option(None, "clip the global gradient norm to this", gt=0)
     max_steps_per_epoch: int | None = option(None, "cap an epoch at this many steps (smoke tests)", min=1)
     max_bad_batches: int = option(0, "non-finite losses skipped before the phase stops", min=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -13,6 +14,38 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("config.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast type of a job (None: fp32). fp16 needs a GradScaler, bf16 does not."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(dtype: torch.dtype | None):
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def fast_kernels(device: torch.device, fixed_shapes: bool) -> None:
+    """On CUDA: TF32 for fp32 matmuls and convolutions; cuDNN's autotuner where input shapes repeat (it tunes
+    again for every new shape, which variable-length speech batches would pay every step)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = fixed_shapes
+
+
+def prefers_channels_last(model: torch.nn.Module) -> bool:
+    """Channels-last pays off where 2-D convolutions are most of the layers (the CNNs, VGG-16's large FC
+    layers notwithstanding), not where recurrent or linear layers are (Deep Speech 2's two convolutions)."""
+    kinds = [
+        m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.RNNBase))
+    ]
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in kinds)
+    return convs > len(kinds) / 2
 
 
 def setup(device_name: str) -> tuple[torch.device, int, int]:

@@ -4,7 +4,6 @@ optimizer state back to zero). A signal stops it at the next step boundary with 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
@@ -44,8 +43,7 @@ def train_epoch(
                 current.lr, epoch * steps_per_epoch + step, total, hp.lr_schedule,
                 steps_per_epoch, hp.lr_step_epochs, hp.lr_power,
             )  # fmt: skip
-        autocast = torch.autocast("cuda", dtype=torch.float16) if state.scaler.is_enabled() else nullcontext()
-        with autocast:
+        with distributed.autocast(state.dtype):
             loss = loop.track.metric.loss(loop.trained, batch, loop.device)
         if not torch.isfinite(loss.detach()):
             bad += 1

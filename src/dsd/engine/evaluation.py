@@ -69,7 +69,8 @@ def evaluate_checkpoint(
         if split == "test" and "val" in result and track.data.same_folder(exp, "val", "test"):
             result["test"] = result["val"]  # ImageNet reports on its validation set: evaluated once
             continue
-        metrics, samples = track.metric.evaluate(model, exp, split, device, SAMPLES)
+        with distributed.autocast(distributed.autocast_dtype(exp.train.precision, device)):
+            metrics, samples = track.metric.evaluate(model, exp, split, device, SAMPLES)
         result[split] = metrics
         if samples and (split == "test" or "samples" not in result):
             result["samples"] = samples

@@ -37,6 +37,7 @@ class State:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None = None  # autocast type (None: fp32)
     pruner: Pruner | None = None
     history: list[dict] = field(default_factory=list)
     position: dict = field(default_factory=lambda: {"sub": 0, "epoch": 0, "step": 0})
@@ -84,11 +85,13 @@ def build(exp: Experiment, spec: PhaseSpec, device: torch.device, first_lr: floa
     torch.manual_seed(epoch_seed(spec.seed))
     track = tracks.get(exp.track)
     model = track.model.build(exp).to(device)
-    if device.type == "cuda" and exp.track == "vision":
+    if device.type == "cuda" and distributed.prefers_channels_last(model):
         model = model.to(memory_format=torch.channels_last)
+    distributed.fast_kernels(device, track.config.FIXED_SHAPES)
     optimizer = make_optimizer(model, exp, first_lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and exp.train.amp)
-    return State(model, optimizer, scaler)
+    dtype = distributed.autocast_dtype(exp.train.precision, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return State(model, optimizer, scaler, dtype)
 
 
 def restore(
@@ -233,7 +236,8 @@ class _Loop:
             record = train_epoch(
                 self, current, order_key, epoch, n_epochs, skip, budget, steps_per_epoch, total, stop
             )
-            record["val"] = self.track.metric.monitor(state.model, exp, self.device)
+            with distributed.autocast(state.dtype):
+                record["val"] = self.track.metric.monitor(state.model, exp, self.device)
             record["sparsity"] = state.pruner.overall_sparsity() if state.pruner else 0.0
             record["lr_last"] = state.optimizer.param_groups[0]["lr"]  # the schedule's value at the last step
             state.history.append(record)

@@ -14,6 +14,7 @@ from dsd.hparams import option
 
 METRIC = "bleu4"
 HIGHER_IS_BETTER = True
+FIXED_SHAPES = False  # caption lengths vary per batch
 # every folder data set is a Karpathy split file (dataset_<name>.json by default) beside its images
 DATASETS = {"scenes": "generated", "flickr8k": "folder", "flickr30k": "folder", "coco": "folder"}
 SOURCE_KEYS = ("json", "images", "scenes_seed", "scenes_splits", "scenes_image_size")

@@ -13,6 +13,7 @@ from dsd.hparams import option
 
 METRIC = "wer_pct"
 HIGHER_IS_BETTER = False
+FIXED_SHAPES = False  # utterance lengths vary per batch
 # every folder data set reads LibriSpeech folders, JSON-lines manifests or WSJ index files per split;
 # `manifests` names a corpus of your own
 DATASETS = {"spoken": "generated", "librispeech": "folder", "wsj": "folder", "manifests": "folder"}
