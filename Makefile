@@ -19,10 +19,12 @@ run: $(STAMP)
 	$(BIN)/snakemake --report results/report.html
 
 # After a `make run`: copy its tables and plots to results/published/ (committed; update PROVENANCE.md there),
-# and write the results table and the sentences about it (generated from the table) into the README.
+# and write the results table and the sentences about it (generated from the table) into the README. A second
+# run's comparison (results/published/second_run/, see PROVENANCE.md) belongs to the run it was compared with,
+# so it is dropped here.
 publish:
 	test -f results/tables/paper_comparison.csv || { echo "make: run 'make run' first"; exit 1; }
-	rm -rf results/published/tables results/published/plots
+	rm -rf results/published/tables results/published/plots results/published/second_run
 	mkdir -p results/published
 	cp -r results/tables results/plots results/published/
 	$(BIN)/python -m dsd readme --tables results/published/tables --readme README.md

@@ -138,3 +138,19 @@ def test_the_result_sentences_come_from_the_table(tmp_path):
     readme.write_text("intro\n<!-- results:begin -->\nold words\n<!-- results:end -->\nrest\n")
     claims.fill_readme(readme, "results", changed)
     assert changed in readme.read_text() and "old words" not in readme.read_text()
+
+
+def test_verdict_stability_between_two_runs_is_generated():
+    from dsd.report import claims
+
+    first = pd.DataFrame(
+        {"row": ["a", "b"], "verdict": ["no significant difference", "DSD worse than control"]}
+    )
+    second = first.assign(verdict=["no significant difference", "no significant difference"])
+    frame = claims.stability(first, second)
+    assert frame["same"].tolist() == [True, False]
+    text = claims.stability_sentence(frame, "threads: 2")
+    assert "same verdict on 1 of the 2 rows (b: DSD worse than control -> no significant difference)" in text
+    assert "read them as undecided" in text and "undecided" not in claims.stability_sentence(
+        claims.stability(first, first), "threads: 2"
+    )

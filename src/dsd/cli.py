@@ -250,7 +250,16 @@ def cmd_publish_readme(args) -> None:
     tables = Path(args.tables)
     comparison = pd.read_csv(tables / "paper_comparison.csv")
     claims.fill_readme(Path(args.readme), "table", (tables / "paper_comparison.md").read_text().strip())
-    claims.fill_readme(Path(args.readme), "results", claims.paragraph(comparison))
+    text = claims.paragraph(comparison)
+    second = tables.parent / "second_run" / "paper_comparison.csv"
+    if (
+        second.is_file()
+    ):  # a run that differs only in a setting that must not matter (PROVENANCE.md says which)
+        frame = claims.stability(comparison, pd.read_csv(second))
+        frame.to_csv(tables.parent / "second_run" / "verdict_stability.csv", index=False)
+        setting = (second.parent / "SETTING").read_text().strip()
+        text += " " + claims.stability_sentence(frame, setting)
+    claims.fill_readme(Path(args.readme), "results", text)
     print(f"{args.readme}: results table and sentences from {tables}")
 
 

@@ -88,6 +88,31 @@ def paragraph(comparison: pd.DataFrame) -> str:
     return " ".join(text)
 
 
+def stability(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+    """Per row, the verdicts of two runs that differ only in a setting that must not change results."""
+    both = first[["row", "verdict"]].merge(
+        second[["row", "verdict"]], on="row", suffixes=("_first", "_second")
+    )
+    return both.assign(same=both["verdict_first"] == both["verdict_second"])
+
+
+def stability_sentence(frame: pd.DataFrame, setting: str) -> str:
+    changed = _rows(frame, ~frame["same"])
+    text = (
+        f"A second fresh run that differs only in {setting}, a setting that must not change a result, gives the "
+        f"same verdict on {int(frame['same'].sum())} of the {len(frame)} rows"
+    )
+    if changed:
+        flips = "; ".join(
+            f"{r.row}: {r.verdict_first} -> {r.verdict_second}" for r in frame[~frame["same"]].itertuples()
+        )
+        text += (
+            f" ({flips}): the per-seed values move with CPU kernel arithmetic, and with 3 seeds the verdicts of "
+            "those rows do not hold across such runs; read them as undecided"
+        )
+    return text + "."
+
+
 def write(comparison: pd.DataFrame, out: Path) -> Path:
     path = Path(out) / "claims.md"
     path.write_text(paragraph(comparison) + "\n")
