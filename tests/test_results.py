@@ -154,3 +154,28 @@ def test_verdict_stability_between_two_runs_is_generated():
     assert "read them as undecided" in text and "undecided" not in claims.stability_sentence(
         claims.stability(first, first), "threads: 2"
     )
+
+
+def test_the_study_block_of_the_readme_is_filled_from_its_own_table(tmp_path):
+    from dsd.cli import main
+
+    tables = tmp_path / "study"
+    tables.mkdir()
+    pd.DataFrame(
+        {
+            "row": ["a"],
+            "metric": ["top1_error_pct"],
+            "rel_gain_vs_baseline_pct": [1.0],
+            "verdict": ["DSD better than control"],
+            "n_seeds": [5],
+        }
+    ).to_csv(tables / "paper_comparison.csv", index=False)
+    (tables / "paper_comparison.md").write_text("| row |\n|---|\n| a |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "<!-- table:begin -->\nkept\n<!-- table:end -->\n<!-- study:begin -->\n<!-- study:end -->\n"
+    )
+    assert main(["readme", "--section", "study", "--tables", str(tables), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "over 5 seeds excludes zero in DSD's favour on 1 row (a)" in text and "| a |" in text
+    assert "kept" in text  # the main table's block is left alone

@@ -249,7 +249,12 @@ def cmd_publish_readme(args) -> None:
 
     tables = Path(args.tables)
     comparison = pd.read_csv(tables / "paper_comparison.csv")
-    claims.fill_readme(Path(args.readme), "table", (tables / "paper_comparison.md").read_text().strip())
+    table = (tables / "paper_comparison.md").read_text().strip()
+    if args.section == "study":  # `make study`'s seeds: its own block, sentences then table
+        claims.fill_readme(Path(args.readme), "study", claims.paragraph(comparison) + "\n\n" + table)
+        print(f"{args.readme}: study table and sentences from {tables}")
+        return
+    claims.fill_readme(Path(args.readme), "table", table)
     text = claims.paragraph(comparison)
     second = tables.parent / "second_run" / "paper_comparison.csv"
     if (
@@ -303,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("readme", help="write a run's results table and sentences into the README")
     p.add_argument("--tables", default="results/published/tables")
     p.add_argument("--readme", default="README.md")
+    p.add_argument("--section", choices=["results", "study"], default="results", help="which README block")
     p.set_defaults(func=cmd_publish_readme)
 
     p = sub.add_parser("keys", help="print every config key with its type, default and meaning")
