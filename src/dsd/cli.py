@@ -152,6 +152,11 @@ def cmd_evaluate(args) -> None:
         print(json.dumps(result, indent=1))
 
 
+def _recorded(path: Path, key: str):
+    """A key of a finished step's JSON record (None where there is none yet)."""
+    return json.loads(path.read_text()).get(key) if path.is_file() else None
+
+
 def cmd_run(args) -> None:
     """One (row, seed) without Snakemake: data, every phase in order (the control and sweep variants included),
     then each phase's evaluation. What is finished for this spec is kept; an interrupted phase resumes."""
@@ -181,22 +186,14 @@ def cmd_run(args) -> None:
     for phase in row.phase_names:
         spec = config.phase(args.row, args.seed, phase)
         out = paths.run_dir(options.output_dir, args.row, args.seed, phase)
-        done = (
-            paths.metrics(out).is_file()
-            and json.loads(paths.metrics(out).read_text()).get("fingerprint") == spec.fingerprint
-        )
-        if not done:
+        if _recorded(paths.metrics(out), "fingerprint") != spec.fingerprint:
             cmd_train(
                 argparse.Namespace(**vars(args) | {"spec": None, "phase": phase, "init": None, "out": None})
             )
-        evaluation = paths.evaluation(out)
-        if evaluation.is_file() and json.loads(evaluation.read_text()).get(
-            "eval_fingerprint"
-        ) == eval_fingerprint(spec, row.eval):
-            result = json.loads(evaluation.read_text())
-        else:
+        result = json.loads(paths.evaluation(out).read_text()) if paths.evaluation(out).is_file() else {}
+        if result.get("eval_fingerprint") != eval_fingerprint(spec, row.eval):
             result = evaluate_checkpoint(spec, row.eval, paths.checkpoint(out), options)
-            paths.write_json(evaluation, result)
+            paths.write_json(paths.evaluation(out), result)
         print(
             f"{args.row} seed {args.seed} {phase}: test {result['metric']} = {result['test'][result['metric']]:.2f}"
         )

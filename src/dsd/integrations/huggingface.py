@@ -18,33 +18,21 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
 
 import torch
 from transformers import TrainerCallback
 
-from dsd.core.driver import DSD
-from dsd.core.schedule import Recipe
+from dsd.integrations._recipe import RecipeCallback
 
 STATE_FILE = "dsd.pt"
 
 
-class DSDTrainerCallback(TrainerCallback):
-    def __init__(
-        self,
-        recipe: Recipe | Iterable[Mapping],
-        lr_schedule: str = "constant",
-        exclude: Iterable[str] = (),
-        include: Iterable[str] | None = None,
-    ):
-        self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
-        self.lr_schedule, self.exclude, self.include = lr_schedule, exclude, include
-        self.driver: DSD | None = None
-        self.logged: dict | None = None
+class DSDTrainerCallback(RecipeCallback, TrainerCallback):
+    logged: dict | None = None  # the values of the step being taken, for the next log
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kw):
         steps = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-        self.driver = DSD(model, optimizer, self.recipe, steps, self.lr_schedule, self.exclude, self.include)
+        self.start(model, optimizer, steps)
         if state.global_step > 0:  # resumed: the Trainer loaded checkpoint-<global_step>
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
             if not os.path.exists(path):

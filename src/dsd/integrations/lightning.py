@@ -22,11 +22,11 @@ try:
 except ImportError:  # the older package name
     from pytorch_lightning.callbacks import Callback
 
-from dsd.core.driver import DSD
 from dsd.core.schedule import Recipe
+from dsd.integrations._recipe import RecipeCallback
 
 
-class DSDCallback(Callback):
+class DSDCallback(RecipeCallback, Callback):
     def __init__(
         self,
         recipe: Recipe | Iterable[Mapping],
@@ -35,9 +35,8 @@ class DSDCallback(Callback):
         include: Iterable[str] | None = None,
         log: bool = True,
     ):
-        self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
-        self.lr_schedule, self.exclude, self.include, self.log = lr_schedule, exclude, include, log
-        self.driver: DSD | None = None
+        super().__init__(recipe, lr_schedule, exclude, include)
+        self.log = log
         self._restored: Mapping | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -46,8 +45,7 @@ class DSDCallback(Callback):
                 f"DSDCallback drives one optimizer; the module configured {len(trainer.optimizers)}"
             )
         steps = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        self.driver = DSD(pl_module, trainer.optimizers[0], self.recipe, steps, self.lr_schedule,
-                          self.exclude, self.include)  # fmt: skip
+        self.start(pl_module, trainer.optimizers[0], steps)
         if self._restored is not None:
             self.driver.load_state_dict(self._restored)
         self._done_steps = trainer.global_step
