@@ -382,7 +382,8 @@ class RowSpec:
     @property
     def phase_names(self) -> list[str]:
         """Every phase the row trains: its recipe, the control, and each sweep variant's own phases."""
-        names = [*self.recipe.names, CONTROL]
+        control = [CONTROL] if len(self.recipe.phases) > 1 else []  # a dense-only row has nothing to control
+        names = [*self.recipe.names, *control]
         for recipe in self.variants.values():
             names += [name for name in recipe.names if name not in names]
         return names

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from dsd.report.tables import CONVERGED_POINTS_PER_EPOCH, CONVERGED_WINDOW
+
 
 def _rows(frame: pd.DataFrame, mask) -> list[str]:
     return list(frame.loc[mask, "row"])
@@ -72,8 +74,9 @@ def paragraph(comparison: pd.DataFrame) -> str:
     if "dense_converged" in comparison:
         converged = _rows(comparison, comparison["dense_converged"].isin(["yes", "pretrained"]))
         text.append(
-            f"The dense baseline met the convergence criterion (its validation metric moved less than 2% over its "
-            f"last 2 epochs, in every seed) on {len(converged)} of the {n} rows"
+            f"The dense baseline met the convergence criterion (the least-squares trend of its validation metric "
+            f"over its last {CONVERGED_WINDOW} epochs is flatter than {CONVERGED_POINTS_PER_EPOCH:g} points per "
+            f"epoch, in every seed) on {len(converged)} of the {n} rows"
             + (f" ({_names(converged)})" if converged and len(converged) < n else "")
             + "."
         )
