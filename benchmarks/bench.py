@@ -37,7 +37,7 @@ from torch.nn.utils import prune
 from torchvision import models
 
 from dsd import hparams
-from dsd.config import Config, parse_config
+from dsd.config import Config, load_config, parse_config
 from dsd.core.masks import Pruner, prunable_parameters
 from dsd.engine import prepare
 from dsd.engine.trainer import run_phase
@@ -67,25 +67,14 @@ TARGET_CKPT_BITS = 1.0  # mask bits per pruned weight in a checkpoint
 TARGET_TRAINER_RATIO = 0.97  # project loop samples/s >= 0.97x a bare loop
 
 # DeepSpeech 2: configs/paper.yaml's deepspeech2 row (161 log-spectrogram bins) for selection and memory.
-DS2_PAPER = speech_config.Model(
-    arch="deepspeech2",
-    conv_channels=32,
-    conv_kernels=((41, 11), (21, 11)),
-    rnn_hidden=1280,
-    rnn_layers=7,
-    rnn_type="gru",
-    stride=2,
-)
+PAPER_DS2 = load_config(ROOT / "configs" / "paper.yaml", check_models=False).row("deepspeech2")
+DS2_PAPER = PAPER_DS2.model
 # A training step of the paper-size model takes minutes on this CPU: the step benchmark keeps the paper's
-# convolutions and GRU type but 3 layers of 512.
+# convolutions and recurrent cell but 3 layers of 512.
 DS2_STEP = dataclasses.replace(DS2_PAPER, rnn_hidden=512, rnn_layers=3)
 DS2_QUICK = dataclasses.replace(DS2_PAPER, rnn_hidden=256, rnn_layers=3)
 DS2_FEATURES = 161
-DS2_PRUNE_INCLUDE = (
-    "rnn*.weight_ih_l*",
-    "rnn*.weight_hh_l*",
-    "out.weight",
-)  # configs/paper.yaml's deepspeech2
+DS2_PRUNE = {"include": PAPER_DS2.prune.include, "exclude": PAPER_DS2.prune.exclude}
 NEURALTALK_VOCAB = 2538  # Flickr8k train captions, words seen >= 5 times (the paper's NeuralTalk setting)
 
 
@@ -176,7 +165,7 @@ def model_zoo(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], dict]]:
     ds2 = DS2_QUICK if quick else DS2_PAPER
     zoo["deepspeech2"] = (
         lambda: deepspeech2(ds2),
-        {"include": DS2_PRUNE_INCLUDE, "exclude": ("conv.*",)},
+        DS2_PRUNE,
     )
     return zoo
 
@@ -375,12 +364,12 @@ def bench_step(quick: bool) -> list[dict]:
     rows += bench_step_model(
         "deepspeech2",
         lambda: deepspeech2(ds2),
-        {"include": DS2_PRUNE_INCLUDE, "exclude": ("conv.*",)},
+        DS2_PRUNE,
         speech_loss,
         speech_batch(sbatch, frames),
         sgd(1e-4, 0.99, True, 0.0),
         sreps,
-        f"{ds2.rnn_layers} bidirectional GRU layers of {ds2.rnn_hidden}, paper convolutions, batch {sbatch} x "
+        f"{ds2.rnn_layers} bidirectional {ds2.rnn_type.upper()} layers of {ds2.rnn_hidden}, paper convolutions, batch {sbatch} x "
         f"{frames} frames x {DS2_FEATURES} bins, SGD Nesterov 0.99",
     )
     for row in rows:
@@ -833,7 +822,11 @@ def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, floa
         ),
         "",
         "DeepSpeech-2: "
-        + ("reduced (3 GRU layers of 256) in --quick" if quick else _ds2_text(DS2_PAPER))
+        + (
+            f"reduced (3 {DS2_QUICK.rnn_type.upper()} layers of 256) in --quick"
+            if quick
+            else _ds2_text(DS2_PAPER)
+        )
         + "; NeuralTalk: ShowAndTell(4096-d VGG features, vocab 2538, embed 512, LSTM 512), embedding dense.",
         "",
         f"## 2. Sparse-phase step overhead (target: <= {TARGET_STEP_OVERHEAD_PCT:g}% on resnet50, "
@@ -978,7 +971,7 @@ def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, floa
 
 def _ds2_text(cfg: speech_config.Model) -> str:
     return (
-        f"configs/paper.yaml size ({cfg.rnn_layers} bidirectional GRU layers of {cfg.rnn_hidden}, "
+        f"configs/paper.yaml size ({cfg.rnn_layers} bidirectional {cfg.rnn_type.upper()} layers of {cfg.rnn_hidden}, "
         f"conv {cfg.conv_channels}ch, {DS2_FEATURES} bins) for selection; smaller in steps/memory (see there)"
     )
 

@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import snakemake, tiny_vision_config, write_config
+from conftest import evaluate, parse, snakemake, tiny_vision_config, write_config
 from torch import nn
 
 import dsd
@@ -84,3 +85,12 @@ def test_a_job_asking_for_two_gpus_trains_under_torchrun(tmp_path):
         )
         assert metrics["world_size"] == 2
     assert abs(metrics["measured_sparsity"] - 0.3) < 0.01
+    # the per-epoch validation ran sharded over the two ranks, counts summed: the same figures as one process
+    # scoring the final checkpoint on the whole split
+    whole = evaluate(parse(config), "resnet18", 0, "sparse1", splits=("val",))["val"]
+    sharded = metrics["history"][-1]["val"]
+    assert (sharded["top1_error_pct"], sharded["top5_error_pct"]) == (
+        whole["top1_error_pct"],
+        whole["top5_error_pct"],
+    )
+    assert sharded["loss"] == pytest.approx(whole["loss"], rel=1e-4)  # float32 logits of other batch shapes

@@ -186,3 +186,23 @@ def test_precision_and_memory_format_are_decided_per_device_and_model():
                                 "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}, None)  # fmt: skip
         others = [speech_model.build(ds2.experiment(RunOptions())), ShowAndTell(8, 8, 16, 16, 0.0)]
     assert all(prefers_channels_last(m) for m in cnns) and not any(prefers_channels_last(m) for m in others)
+
+
+def test_auto_threads_and_workers_share_the_node_among_its_gpu_jobs(monkeypatch):
+    """16 cores and 4 GPUs at one GPU per job: four jobs of 4 threads, 3 loader workers each; the config's
+    `auto` resolves with this machine's cores and the GPUs CUDA_VISIBLE_DEVICES shows."""
+    from conftest import REPO
+
+    from dsd.config import load_config
+    from dsd.gpus import cpus_per_job
+
+    assert cpus_per_job(1, cores=16, gpus=4) == (4, 3)
+    assert cpus_per_job(2, cores=64, gpus=8) == (16, 7)  # 4 two-GPU jobs; 7 workers for each of 2 ranks
+    assert cpus_per_job(1, cores=16, gpus=0) == (1, 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    config = load_config(REPO / "configs" / "paper.yaml", check_models=False)
+    cores = len(os.sched_getaffinity(0))
+    assert (config.options.threads, config.options.workers) == (cores, max(0, cores - 1))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    config = load_config(REPO / "configs" / "paper.yaml", sets=["workers=2"], check_models=False)
+    assert (config.options.threads, config.options.workers) == (1, 2)

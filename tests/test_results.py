@@ -179,3 +179,23 @@ def test_the_study_block_of_the_readme_is_filled_from_its_own_table(tmp_path):
     text = readme.read_text()
     assert "over 5 seeds excludes zero in DSD's favour on 1 row (a)" in text and "| a |" in text
     assert "kept" in text  # the main table's block is left alone
+
+
+def test_convergence_is_the_validation_trend_of_every_seed(tmp_path):
+    """A plateau that jitters by a point epoch to epoch is converged; a curve still falling 1 point per epoch, in
+    one seed of two, is not; a dense phase with no epochs (a pretrained start) is converged by its own training."""
+    from dsd import paths
+    from dsd.report.tables import dense_convergence
+
+    def write(seed, values, row="r"):
+        record = {"metric": "top1_error_pct", "history": [{"val": {"top1_error_pct": v}} for v in values]}
+        paths.write_json(paths.metrics(paths.run_dir(str(tmp_path), row, seed, "dense")), record)
+
+    write(0, [60.0, 30.0, 12.0, 11.0, 12.0, 11.0])  # last epochs jitter by 1 point (9% relative), no trend
+    slope, met = dense_convergence(str(tmp_path), "r", [0])
+    assert met == "yes" and slope == pytest.approx(0.2)
+    write(1, [60.0, 30.0, 15.0, 14.0, 13.0, 12.0])
+    slope, met = dense_convergence(str(tmp_path), "r", [0, 1])
+    assert met == "no" and slope == pytest.approx(1.0)
+    write(0, [], row="pretrained")
+    assert dense_convergence(str(tmp_path), "pretrained", [0])[1] == "pretrained"

@@ -144,6 +144,21 @@ def parse_sets(pairs: Iterable[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _resolve_auto_cpus(raw: Mapping) -> Mapping:
+    """`threads: auto` / `workers: auto` become numbers for the node Snakemake plans on (dsd.gpus.cpus_per_job)."""
+    if "auto" not in (raw.get("threads"), raw.get("workers")):
+        return raw
+    from dsd.gpus import cpus_per_job
+
+    per_job = raw.get("gpus_per_job", 1)
+    threads, workers = cpus_per_job(per_job if isinstance(per_job, int) and per_job > 0 else 1)
+    resolved = dict(raw)
+    for key, value in (("threads", threads), ("workers", workers)):
+        if resolved.get(key) == "auto":
+            resolved[key] = value
+    return resolved
+
+
 def load_config(
     files: str | Path | Iterable[str | Path],
     overrides: Mapping | None = None,
@@ -165,6 +180,7 @@ def load_config(
 
 
 def parse_config(raw: Mapping, check_models: bool = True) -> Config:
+    raw = _resolve_auto_cpus(raw)
     top = hparams.parse(ConfigKeys, {k: v for k, v in raw.items() if not str(k).startswith("_")}, "config")
     options = RunOptions(**{f.name: getattr(top, f.name) for f in fields(RunOptions)})
     experiments = {}

@@ -39,6 +39,7 @@ __all__ = [
     "GPUTimeoutError",
     "acquire",
     "cpu_isa_env",
+    "cpus_per_job",
     "held",
     "launcher",
     "lock_folder",
@@ -224,6 +225,18 @@ def cpu_isa_env(isa: str, device: str) -> dict[str, str]:
     if isa == "native" or gpu:
         return {}
     return {"ATEN_CPU_CAPABILITY": isa, "ONEDNN_MAX_CPU_ISA": isa.upper()}
+
+
+def cpus_per_job(gpus_per_job: int, cores: int | None = None, gpus: int | None = None) -> tuple[int, int]:
+    """(threads, DataLoader workers per process) for `threads: auto` / `workers: auto`: this node's cores shared
+    by the GPU jobs that run on it at once (one per `gpus_per_job` GPUs), a core per process kept for its main
+    thread. Without a GPU: one thread, no workers (the embedded jobs are many and short; cores run jobs)."""
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    gpus = gpus if gpus is not None else len(visible_devices())
+    if gpus == 0:
+        return 1, 0
+    threads = max(1, cores // max(1, gpus // gpus_per_job))
+    return threads, max(0, threads // gpus_per_job - 1)
 
 
 def launcher(n: int, python: str = sys.executable) -> list[str]:

@@ -168,9 +168,14 @@ class RunOptions:
     output_dir: str = option("results", "runs, tables, plots, logs and the report go below this")
     data_root: str = option("results/data", "generated data sets, prepared markers and caches")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
-    threads: int = option(1, "CPU threads per job", min=1)
-    workers: int = option(0, "DataLoader worker processes per job", min=0)
+    threads: int = option(
+        1, "CPU threads per job (auto: this node's cores / the GPU jobs it runs at once)", min=1
+    )
+    workers: int = option(0, "DataLoader worker processes per GPU process (auto: its cores less one)", min=0)
     gpus_per_job: int = option(1, "GPUs per training job; more than one trains under torchrun", min=1)
+    compile: bool = option(
+        False, "torch.compile the training forward/backward (masks are still applied after every step)"
+    )
     wandb: Wandb = option(factory=Wandb, help="Weights & Biases tracking")
     cpu_isa: Literal["native", "avx2"] = option(
         "native",

@@ -50,6 +50,7 @@ def loader(
     workers: int = 0,
     order: Sequence[int] | None = None,
     skip_batches: int = 0,
+    shard: bool = False,
 ) -> DataLoader:
     """Training loaders shuffle with a generator seeded from (seed, epoch); evaluation loaders keep order.
 
@@ -57,6 +58,8 @@ def loader(
     order (mid-epoch resume). Under torch.distributed, `batch_size` is the global batch: each rank takes its
     contiguous slice of every global batch of the same order a single process would see (incomplete last
     batch dropped so ranks stay in step), so N ranks reproduce one process's batches. Pinned memory on CUDA.
+    `shard` (evaluation): under torch.distributed each rank reads every N-th sample, each sample exactly once
+    (no padding), for metrics that the caller sums over ranks.
     """
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     sampler: Sampler | None = None
@@ -77,6 +80,9 @@ def loader(
             ]
             batch_size = per_rank
         sampler = FixedOrderSampler(sequence)
+    elif shard and distributed() is not None:
+        rank, world = distributed()
+        sampler = FixedOrderSampler(range(rank, len(dataset), world))
     return DataLoader(
         dataset,
         batch_size=batch_size,

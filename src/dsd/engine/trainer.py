@@ -148,6 +148,8 @@ def run_phase(
     if world > 1:
         ids = [device] if device.type == "cuda" else None
         trained = torch.nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
+    if options.compile:  # shares state.model's parameters, which the pruner masks in place after each step
+        trained = torch.compile(trained)
     tracker = Tracker(
         options.wandb if rank == 0 else None,
         paths.wandb_dir(options.output_dir),

@@ -267,8 +267,10 @@ def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0, 
     )
 
 
-def eval_loader(exp: Experiment, split: str, batch_size: int):
-    return loaders.loader(dataset(exp, split), batch_size, train=False, workers=exp.options.workers)
+def eval_loader(exp: Experiment, split: str, batch_size: int, shard: bool = False):
+    return loaders.loader(
+        dataset(exp, split), batch_size, train=False, workers=exp.options.workers, shard=shard
+    )
 
 
 def sources(exp: Experiment) -> list[Path]:

@@ -26,18 +26,20 @@ def loss(model: nn.Module, batch, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def _top_k(model: nn.Module, exp: Experiment, split: str, device: torch.device, batch_size: int) -> dict:
+    """Under torch.distributed each rank scores its shard of the split and the counts are summed."""
     model.eval()
-    top1 = top5 = total = 0
-    loss_sum = 0.0
-    for images, labels in eval_loader(exp, split, batch_size):
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples, loss sum
+    for images, labels in eval_loader(exp, split, batch_size, shard=True):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images)
-        loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices == labels[:, None]
-        top1 += int(hits[:, 0].sum())
-        top5 += int(hits.any(dim=1).sum())
-        total += labels.numel()
+        batch = (hits[:, 0].sum(), hits.any(dim=1).sum(), labels.new_tensor(labels.numel()),
+                 F.cross_entropy(logits.float(), labels, reduction="sum"))  # fmt: skip
+        counts += torch.stack([value.double() for value in batch])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    top1, top5, total, loss_sum = counts.tolist()
     return {
         "top1_error_pct": 100.0 * (1 - top1 / total),
         "top5_error_pct": 100.0 * (1 - top5 / total),
