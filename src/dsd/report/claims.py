@@ -110,7 +110,7 @@ def stability_sentence(frame: pd.DataFrame, setting: str) -> str:
             f"{r.row}: {r.verdict_first} -> {r.verdict_second}" for r in frame[~frame["same"]].itertuples()
         )
         text += (
-            f" ({flips}): the per-seed values move with CPU kernel arithmetic, and with 3 seeds the verdicts of "
+            f" ({flips}): the per-seed values move with CPU kernel arithmetic, and with these seeds the verdicts of "
             "those rows do not hold across such runs; read them as undecided"
         )
     return text + "."
