@@ -80,8 +80,8 @@ def loader(
             ]
             batch_size = per_rank
         sampler = FixedOrderSampler(sequence)
-    elif shard and distributed() is not None:
-        rank, world = distributed()
+    elif shard and (dist := distributed()) is not None:
+        rank, world = dist
         sampler = FixedOrderSampler(range(rank, len(dataset), world))
     return DataLoader(
         dataset,
