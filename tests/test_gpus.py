@@ -186,6 +186,22 @@ def test_precision_and_memory_format_are_decided_per_device_and_model():
                                 "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}, None)  # fmt: skip
         others = [speech_model.build(ds2.experiment(RunOptions())), ShowAndTell(8, 8, 16, 16, 0.0)]
     assert all(prefers_channels_last(m) for m in cnns) and not any(prefers_channels_last(m) for m in others)
+    assert all(prefers_channels_last(m, cpu) for m in cnns)  # the CPU too (oneDNN)
+
+
+def test_no_channels_last_on_the_cpu_where_torch_corrupts_the_heap():
+    """torch 2.11's CPU backward of a strided 1x1 convolution with fewer than 8 input channels corrupts the heap
+    in channels-last: a width-4 mini ResNet (its downsample) trains in the default layout, width 8 does not."""
+    import torch
+    from torchvision.models.resnet import BasicBlock
+
+    from dsd.engine.distributed import prefers_channels_last
+    from dsd.tracks.vision.model import MiniResNet
+
+    cpu = torch.device("cpu")
+    assert not prefers_channels_last(MiniResNet(BasicBlock, 4, 10), cpu)
+    assert prefers_channels_last(MiniResNet(BasicBlock, 4, 10), torch.device("cuda"))
+    assert prefers_channels_last(MiniResNet(BasicBlock, 8, 10), cpu)
 
 
 def test_auto_threads_and_workers_share_the_node_among_its_gpu_jobs(monkeypatch):

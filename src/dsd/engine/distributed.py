@@ -38,14 +38,22 @@ def fast_kernels(device: torch.device, fixed_shapes: bool) -> None:
         torch.backends.cudnn.benchmark = fixed_shapes
 
 
-def prefers_channels_last(model: torch.nn.Module) -> bool:
+def prefers_channels_last(model: torch.nn.Module, device: torch.device | None = None) -> bool:
     """Channels-last pays off where 2-D convolutions are most of the layers (the CNNs, VGG-16's large FC
-    layers notwithstanding), not where recurrent or linear layers are (Deep Speech 2's two convolutions)."""
+    layers notwithstanding), not where recurrent or linear layers are (Deep Speech 2's two convolutions).
+    On the CPU not for nets with a strided 1x1 convolution of fewer than 8 input channels: torch 2.11's CPU
+    backward of those corrupts the heap in channels-last (a width-4 mini ResNet's downsample)."""
     kinds = [
         m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.RNNBase))
     ]
-    convs = sum(isinstance(m, torch.nn.Conv2d) for m in kinds)
-    return convs > len(kinds) / 2
+    convs = [m for m in kinds if isinstance(m, torch.nn.Conv2d)]
+    if device is not None and device.type == "cpu" and any(_narrow_strided_pointwise(m) for m in convs):
+        return False
+    return len(convs) > len(kinds) / 2
+
+
+def _narrow_strided_pointwise(conv: torch.nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.stride != (1, 1) and conv.in_channels < 8
 
 
 def setup(device_name: str) -> tuple[torch.device, int, int]:

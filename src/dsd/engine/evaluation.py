@@ -50,6 +50,8 @@ def evaluate_checkpoint(
     model = track.model.build(exp)
     checkpoint.load_model(model, state, path)
     model.to(device)
+    if distributed.prefers_channels_last(model, device):  # the layout it trained in
+        model.to(memory_format=torch.channels_last)
     result = {
         "row": spec.row,
         "seed": spec.seed,

@@ -85,7 +85,7 @@ def build(exp: Experiment, spec: PhaseSpec, device: torch.device, first_lr: floa
     torch.manual_seed(epoch_seed(spec.seed))
     track = tracks.get(exp.track)
     model = track.model.build(exp).to(device)
-    if device.type == "cuda" and distributed.prefers_channels_last(model):
+    if distributed.prefers_channels_last(model, device):  # faster for CNNs on CPUs (oneDNN) as on GPUs
         model = model.to(memory_format=torch.channels_last)
     distributed.fast_kernels(device, track.config.FIXED_SHAPES)
     optimizer = make_optimizer(model, exp, first_lr)
