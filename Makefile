@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: run test lint format bench publish study publish-study
+.PHONY: run test lint format bench gpu-bench publish study publish-study
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -42,6 +42,10 @@ publish-study:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+# On a CUDA machine: the paper's vision rows, a few hundred steps each (benchmarks/gpu_bench.py)
+gpu-bench: $(STAMP)
+	$(BIN)/python benchmarks/gpu_bench.py
 
 # one worker per core (pytest-xdist), a test file per worker at a time (module fixtures built once)
 test: $(STAMP)

@@ -1,0 +1,191 @@
+"""GPU throughput of the paper's vision rows: our data path and training step, a few hundred steps per row.
+
+    .venv/bin/python benchmarks/gpu_bench.py                      # make gpu-bench: every configs/paper.yaml row
+    .venv/bin/python benchmarks/gpu_bench.py --rows resnet50 --steps 300
+
+Each row of configs/paper.yaml's ImageNet track trains its sparse phase (the row's model, batch size, optimizer,
+precision, channels-last decision, pruner and DataLoader workers, as `dsd train` would) on synthetic
+ImageNet-size JPEGs (500x375, quality 90) written to a temporary ImageNet layout; the model starts from random
+weights (nothing is downloaded). Reported per row: images/s after a warm-up, the fraction of the time the step
+loop waited for data, the GPU's utilisation (NVML, where installed), peak GPU memory, and the projected
+GPU-hours per seed of the row's DSD phases and equal-epoch control on ImageNet's 1,281,167 training images.
+The JPEGs are few and re-read from the page cache, so storage speed is not part of the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from dsd import hparams  # noqa: E402
+from dsd.config import parse_config  # noqa: E402
+from dsd.core.masks import Pruner  # noqa: E402
+from dsd.core.schedule import CONTROL  # noqa: E402
+from dsd.engine import distributed, loaders, trainer  # noqa: E402
+from dsd.engine.epoch import _step  # noqa: E402
+from dsd.tracks.vision import data as vision_data  # noqa: E402
+from dsd.tracks.vision import metric as vision_metric  # noqa: E402
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+VISION_ROWS = ("googlenet", "vgg16", "resnet18", "resnet50")
+
+
+def write_jpegs(root: Path, count: int, classes: int = 4, size=(500, 375), seed: int = 0) -> None:
+    """ImageNet-like photos stand-in: smooth random fields with noise (JPEG decode cost depends on content)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    for i in range(count):
+        coarse = rng.uniform(0, 255, size=(height // 25 + 1, width // 25 + 1, 3)).astype(np.uint8)
+        image = Image.fromarray(coarse).resize(size, Image.BICUBIC)
+        pixels = np.asarray(image, dtype=np.int16) + rng.integers(-24, 25, size=(height, width, 3))
+        folder = root / "train" / f"n{i % classes:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"img_{i:05d}.JPEG", quality=90)
+
+
+def paper_config(data_dir: Path, rows: list[str], device: str, batch_size: int | None, workers: int | None):
+    raw = hparams.load_yaml(ROOT / "configs" / "paper.yaml")
+    raw |= {"device": device, "data": {"imagenet": str(data_dir)}, "wandb": {"mode": "disabled"}}
+    raw |= {"output_dir": str(data_dir / "out"), "rows": rows}
+    if workers is not None:
+        raw["workers"] = workers
+    for row in rows:
+        entry = raw["experiments"][row]
+        entry["model"].pop("weights", None)  # random weights: no download, the same cost per step
+        entry["phases"][0] = {"kind": "dense", "epochs": 1, "lr": 0.1}  # a from-scratch start (not timed)
+        if batch_size:
+            entry["train"]["batch_size"] = batch_size
+    return parse_config(raw, check_models=False)
+
+
+def gpu_utilisation(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # NVML (nvidia-ml-py) not installed
+        return None
+
+
+def bench_row(config, row: str, steps: int, warmup: int) -> dict:
+    exp = config.experiment(row)
+    spec = config.phase(row, 0, "sparse1")
+    sparse = spec.recipe["sparse1"]
+    device, _, _ = distributed.setup(config.options.device)
+    if device.type == "cpu":
+        torch.set_num_threads(config.options.threads)
+    state = trainer.build(exp, spec, device, sparse.lr)
+    state.pruner = Pruner(state.model, sparse.sparsity, exclude=exp.prune.exclude, include=exp.prune.include)
+    state.model.train()
+    files = vision_data.samples(exp, exp.data.train_dir)
+    reps = math.ceil((steps + warmup) * exp.train.batch_size / len(files))
+    dataset = vision_data.ImageFolderData(files * reps, exp.data, train=True, in_memory=False)
+    batches = iter(loaders.loader(dataset, exp.train.batch_size, train=True, workers=config.options.workers))
+    wait = busy = 0.0
+    utilisation = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(warmup + steps):
+        if step == warmup:  # the clock starts once workers, cuDNN's autotuner and the allocator are warm
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start, wait = time.perf_counter(), 0.0
+        before = time.perf_counter()
+        batch = next(batches)
+        fetched = time.perf_counter()
+        with distributed.autocast(state.dtype):
+            loss = vision_metric.loss(state.model, batch, device)
+        _step(state, loss, exp.train.grad_clip)
+        wait += fetched - before
+        if step >= warmup and step % 10 == 0 and (value := gpu_utilisation(device)) is not None:
+            utilisation.append(value)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    busy = time.perf_counter() - start
+    images_per_s = steps * exp.train.batch_size / busy
+    after_dense = config.phase(row, 0, CONTROL).phases[1:]
+    epochs = 2 * sum(p.epochs for p in after_dense)  # DSD's phases and the control's, the same epochs
+    return {
+        "row": row,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "batch_size": exp.train.batch_size,
+        "precision": str(state.dtype).replace("torch.", "") if state.dtype else "fp32",
+        "channels_last": distributed.prefers_channels_last(state.model, device),
+        "workers": config.options.workers,
+        "steps": steps,
+        "images_per_s": images_per_s,
+        "data_wait_fraction": wait / busy,
+        "gpu_utilisation_pct": float(np.mean(utilisation)) if utilisation else None,
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9
+        if device.type == "cuda"
+        else None,
+        "epochs_per_seed": epochs,
+        "projected_gpu_hours_per_seed": epochs * IMAGENET_TRAIN_IMAGES / images_per_s / 3600,
+    }
+
+
+def markdown(results: list[dict]) -> str:
+    head = ("row", "device", "batch", "precision", "images/s", "data wait", "GPU util", "GPU-hours/seed")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        util = f"{r['gpu_utilisation_pct']:.0f}%" if r["gpu_utilisation_pct"] is not None else "n/a"
+        lines.append(
+            f"| {r['row']} | {r['device']} | {r['batch_size']} | {r['precision']} | {r['images_per_s']:.0f} | "
+            f"{r['data_wait_fraction']:.0%} | {util} | {r['projected_gpu_hours_per_seed']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=list(VISION_ROWS), choices=VISION_ROWS)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first")
+    parser.add_argument("--files", type=int, default=512, help="distinct JPEGs (re-read in turn)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="override the rows' batch sizes (CPU smoke test)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers (default: paper.yaml's auto)"
+    )
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the script)")
+    parser.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "gpu"), help="summary folder")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_bench: no CUDA device here (--device cpu runs a smoke test of the script)")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="dsd-gpu-bench-") as tmp:
+        write_jpegs(Path(tmp), args.files)
+        config = paper_config(Path(tmp), args.rows, args.device, args.batch, args.workers)
+        for row in args.rows:
+            results.append(bench_row(config, row, args.steps, args.warmup))
+            r = results[-1]
+            print(
+                f"{row}: {r['images_per_s']:.0f} images/s, data wait {r['data_wait_fraction']:.0%}, "
+                f"{r['projected_gpu_hours_per_seed']:.1f} GPU-hours per seed",
+                flush=True,
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(results))
+    print(markdown(results), end="")
+
+
+if __name__ == "__main__":
+    main()
