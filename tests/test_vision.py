@@ -145,3 +145,37 @@ def test_any_torchvision_model_on_any_image_folder_by_config_only(tmp_path):
     table = (tmp_path / "results" / "tables" / "paper_comparison.csv").read_text()
     assert table.splitlines()[1].startswith("flowers,")
     assert (tmp_path / "results" / "plots" / "curves.png").is_file()
+
+
+def _epoch(exp, epoch: int, skip: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        (images.clone(), labels.clone()) for images, labels in vision_data.train_loader(exp, 7, epoch, skip)
+    ]
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_persistent_loader_gives_the_same_batches_for_any_worker_count_and_on_resume(tmp_path, in_memory):
+    """With worker processes the training loader lives for the phase (workers start once) and each sample's
+    augmentation is seeded by (seed, epoch, position): 1 or 2 workers, and a resumed epoch, give the same
+    batches bitwise; a new epoch a new order and new crops."""
+    from conftest import prepare_data, tiny_vision_config
+
+    batches = {}
+    for workers in (1, 2):
+        raw = tiny_vision_config(tmp_path, workers=workers)
+        raw["experiments"]["resnet18"]["data"]["in_memory"] = in_memory
+        raw["experiments"]["resnet18"]["train"]["batch_size"] = 4
+        config = parse(raw)
+        prepare_data(config, "resnet18")
+        exp = config.experiment("resnet18")
+        loader = vision_data.train_loader(exp, 7, 0)
+        batches[workers] = _epoch(exp, 0), _epoch(exp, 1)
+        assert vision_data.train_loader(exp, 7, 1) is loader  # one loader, set to each epoch's order
+        resumed = _epoch(exp, 0, skip=2)
+    (first, second), (first_2, second_2) = batches[1], batches[2]
+    assert len(first) == math.ceil(60 / 4)  # tiny config: 6 train images x 10 classes
+    for a, b in zip(first + second, first_2 + second_2, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for a, b in zip(first[2:], resumed, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(torch.cat([b[1] for b in first]), torch.cat([b[1] for b in second]))

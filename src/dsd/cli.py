@@ -253,10 +253,9 @@ def cmd_publish_readme(args) -> None:
         return
     claims.fill_readme(Path(args.readme), "table", table)
     text = claims.paragraph(comparison)
+    # a run that differs only in a setting that must not matter (its SETTING file and PROVENANCE.md say which)
     second = tables.parent / "second_run" / "paper_comparison.csv"
-    if (
-        second.is_file()
-    ):  # a run that differs only in a setting that must not matter (PROVENANCE.md says which)
+    if second.is_file():
         frame = claims.stability(comparison, pd.read_csv(second))
         frame.to_csv(tables.parent / "second_run" / "verdict_stability.csv", index=False)
         setting = (second.parent / "SETTING").read_text().strip()

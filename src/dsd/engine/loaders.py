@@ -39,6 +39,74 @@ def distributed() -> tuple[int, int] | None:
     return None
 
 
+def train_order(
+    n: int, batch_size: int, seed: int, epoch: int, order: Sequence[int] | None = None, skip_batches: int = 0
+) -> tuple[list[tuple[int, int]], int]:
+    """(dataset index, position in the epoch) of the samples this process trains on, in order, and its batch size.
+
+    The epoch's order is shuffled with a generator seeded from (seed, epoch), or `order` (SortaGrad), less the
+    first `skip_batches` global batches (mid-epoch resume). Under torch.distributed `batch_size` is the global
+    batch: each rank takes its contiguous slice of every global batch (incomplete last batch dropped so ranks
+    stay in step), so N ranks reproduce one process's batches.
+    """
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    sequence = list(order) if order is not None else list(RandomSampler(range(n), generator=generator))
+    keyed = list(zip(sequence, range(len(sequence)), strict=True))[skip_batches * batch_size :]
+    dist = distributed()
+    if dist is None:
+        return keyed, batch_size
+    rank, world = dist
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {world} ranks")
+    per_rank = batch_size // world
+    full = len(keyed) - len(keyed) % batch_size
+    keyed = [
+        key
+        for start in range(0, full, batch_size)
+        for key in keyed[start + rank * per_rank : start + (rank + 1) * per_rank]
+    ]
+    return keyed, per_rank
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """The sampler of a persistent loader: `set_epoch` before each epoch; yields (index, sample seed) pairs.
+
+    The seed is a function of (run seed, epoch, the sample's position in the epoch), so a sample's augmentation
+    does not depend on which worker process draws it, how many there are, or whether the epoch was resumed.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.global_batch, self.seed = n, batch_size, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0, order: Sequence[int] | None = None) -> None:
+        keyed, self.batch_size = train_order(self.n, self.global_batch, self.seed, epoch, order, skip_batches)
+        self.keys = [(index, epoch_seed(self.seed, epoch, position)) for index, position in keyed]
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def persistent_loader(
+    dataset: Dataset, batch_size: int, *, seed: int, workers: int, collate_fn: Callable | None = None
+) -> DataLoader:
+    """One training loader for many epochs: worker processes start once (their start-up and the dataset's
+    copy are paid once per phase, not per epoch). The dataset takes (index, seed) keys (EpochSampler)."""
+    sampler = EpochSampler(len(dataset), batch_size, seed)
+    return DataLoader(
+        dataset,
+        batch_size=sampler.batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
+
+
 def loader(
     dataset: Dataset,
     batch_size: int,
@@ -55,31 +123,15 @@ def loader(
     """Training loaders shuffle with a generator seeded from (seed, epoch); evaluation loaders keep order.
 
     `order` fixes the sequence instead (SortaGrad). `skip_batches` drops the first batches of exactly that
-    order (mid-epoch resume). Under torch.distributed, `batch_size` is the global batch: each rank takes its
-    contiguous slice of every global batch of the same order a single process would see (incomplete last
-    batch dropped so ranks stay in step), so N ranks reproduce one process's batches. Pinned memory on CUDA.
+    order (mid-epoch resume). Under torch.distributed, see `train_order`. Pinned memory on CUDA.
     `shard` (evaluation): under torch.distributed each rank reads every N-th sample, each sample exactly once
     (no padding), for metrics that the caller sums over ranks.
     """
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     sampler: Sampler | None = None
     if train:
-        sequence = list(order) if order is not None else list(RandomSampler(dataset, generator=generator))
-        sequence = sequence[skip_batches * batch_size :]
-        dist = distributed()
-        if dist is not None:
-            rank, world = dist
-            if batch_size % world:
-                raise ValueError(f"batch size {batch_size} is not divisible by the {world} ranks")
-            per_rank = batch_size // world
-            full = len(sequence) - len(sequence) % batch_size
-            sequence = [
-                i
-                for start in range(0, full, batch_size)
-                for i in sequence[start + rank * per_rank : start + (rank + 1) * per_rank]
-            ]
-            batch_size = per_rank
-        sampler = FixedOrderSampler(sequence)
+        keyed, batch_size = train_order(len(dataset), batch_size, seed, epoch, order, skip_batches)
+        sampler = FixedOrderSampler([index for index, _ in keyed])
     elif shard and (dist := distributed()) is not None:
         rank, world = dist
         sampler = FixedOrderSampler(range(rank, len(dataset), world))

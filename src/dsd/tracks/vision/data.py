@@ -3,6 +3,7 @@ training augmentation (RandomResizedCrop + flip) and the evaluation transform (r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -51,14 +52,24 @@ class ImageFolderData(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """`key`: an index, or (index, seed) from a persistent loader (augmentation seeded per sample)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         image = self.images[index] if self.images is not None else _decode(path)
-        return self.transform(image), label
+        with _seeded(seed):
+            return self.transform(image), label
 
-    def __getitems__(self, indices: list[int]):
+    def __getitems__(self, keys: list):
+        """In memory, a batch is one draw: keyed, its first key's seed seeds it (so under DDP, where each rank
+        transforms its slice, the crops differ from one process's, the order and samples do not)."""
         if not isinstance(self.images, torch.Tensor):
-            return [self[i] for i in indices]
+            return [self[key] for key in keys]
+        keyed = isinstance(keys[0], tuple)
+        with _seeded(keys[0][1] if keyed else None):
+            return self._batch([key[0] for key in keys] if keyed else keys)
+
+    def _batch(self, indices: list[int]):
         batch = self.images[indices]
         if self.train:
             batch = batch_random_resized_crop(batch, self.cfg.image_size, (self.cfg.crop_scale_min, 1.0))
@@ -68,6 +79,19 @@ class ImageFolderData(Dataset):
         else:  # deterministic: the same resize and crop for every image
             batch = self.transform(batch)
         return list(zip(batch, [self.samples[i][1] for i in indices], strict=True))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Draw from torch's global generator seeded with `seed` (None: as it is); in the main process its state is
+    restored afterwards, so dropout and the next epoch's draws do not depend on the data path."""
+    if seed is None:
+        yield
+        return
+    in_worker = torch.utils.data.get_worker_info() is not None
+    with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def batch_random_resized_crop(
@@ -255,16 +279,23 @@ def devkit_labels(exp: Experiment, path: Path, count: int) -> dict[str, tuple[st
     return out
 
 
+_PERSISTENT: dict = {}
+
+
 def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0, first: bool = False):
-    return loaders.loader(
-        dataset(exp, "train"),
-        exp.train.batch_size,
-        train=True,
-        seed=seed,
-        epoch=epoch,
-        workers=exp.options.workers,
-        skip_batches=skip_batches,
-    )
+    """With worker processes, one loader per phase (workers start once), set to each epoch's order."""
+    data, workers = dataset(exp, "train"), exp.options.workers
+    if workers == 0:
+        return loaders.loader(
+            data, exp.train.batch_size, train=True, seed=seed, epoch=epoch, skip_batches=skip_batches
+        )
+    key = (id(data), seed, exp.train.batch_size, workers)
+    if _PERSISTENT.get("key") != key:
+        _PERSISTENT.clear()  # the previous phase's workers stop with their loader
+        batches = loaders.persistent_loader(data, exp.train.batch_size, seed=seed, workers=workers)
+        _PERSISTENT.update(key=key, loader=batches)
+    _PERSISTENT["loader"].sampler.set_epoch(epoch, skip_batches)
+    return _PERSISTENT["loader"]
 
 
 def eval_loader(exp: Experiment, split: str, batch_size: int, shard: bool = False):
