@@ -284,6 +284,6 @@ def test_masks_hold_under_torch_compile_and_training_matches_eager(tmp_path):
         pruned = compiled[name] == 0
         assert pruned.float().mean() >= 0.29, name  # the zeros stayed zero through every compiled step
         assert torch.equal(pruned, eager[name] == 0), name  # the same weights as eager training's zeros
-    for name, value in eager.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(compiled[name], value, rtol=1e-3, atol=1e-4, msg=name)
+    for name, value in eager.items():  # reassociated sums, amplified by 6 steps (channels-last convolutions)
+        if value.is_floating_point():  # a missed mask or step would move weights by lr x grad, ~1e-2
+            torch.testing.assert_close(compiled[name], value, rtol=1e-3, atol=5e-4, msg=name)
