@@ -51,7 +51,7 @@ def train_order(
     """
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     sequence = list(order) if order is not None else list(RandomSampler(range(n), generator=generator))
-    keyed = list(zip(sequence, range(len(sequence)), strict=True))[skip_batches * batch_size :]
+    keyed = [(index, position) for position, index in enumerate(sequence)][skip_batches * batch_size :]
     dist = distributed()
     if dist is None:
         return keyed, batch_size
@@ -76,8 +76,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.global_batch, self.seed = n, batch_size, seed
-        self.set_epoch(0)
+        self.n, self.global_batch, self.seed, self.keys = n, batch_size, seed, []
+        # the order (a list of the data set's size) is drawn by set_epoch, once per epoch
+        dist = distributed()
+        self.batch_size = batch_size // dist[1] if dist else batch_size
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, order: Sequence[int] | None = None) -> None:
         keyed, self.batch_size = train_order(self.n, self.global_batch, self.seed, epoch, order, skip_batches)
