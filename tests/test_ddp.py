@@ -94,3 +94,20 @@ def test_a_job_asking_for_two_gpus_trains_under_torchrun(tmp_path):
         whole["top5_error_pct"],
     )
     assert sharded["loss"] == pytest.approx(whole["loss"], rel=1e-4)  # float32 logits of other batch shapes
+
+
+def gather_main(rank, world, init_file, out_dir):
+    from dsd.engine.distributed import gather_strided
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    merged = gather_strided([f"item{i}" for i in range(rank, 7, world)])  # the eval loader's shard of 7 items
+    torch.save(merged, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_per_item_outcomes_of_a_sharded_evaluation_come_back_in_the_splits_order(tmp_path):
+    """Three ranks, seven items (uneven shards): every rank gets all items once, in order, so that DSD's and
+    the control's outcomes pair item by item whatever the world size was."""
+    mp.spawn(gather_main, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
+    for rank in range(3):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == [f"item{i}" for i in range(7)]

@@ -5,11 +5,13 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO, dsd_cli, snakemake, tiny_vision_config, write_config
 
 from dsd import paths
+from dsd.report.tables import item_differences, item_shares, paired_ci_items
 
 
 def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
@@ -24,6 +26,21 @@ def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
     assert row["n_seeds"] == 2 and row["paper_baseline"] == pytest.approx(30.43)
     for column in ("baseline_mean", "dsd_mean", "control_mean", "baseline_std", "rel_gain_vs_control_pct"):
         assert pd.notna(row[column]), column
+    # the interval resamples the seeds and the test images: each evaluation kept its per-image outcomes
+    evals = {
+        phase: [json.loads(paths.evaluation(paths.run_dir(config["output_dir"], "resnet18", s, phase)).read_text())
+                for s in (0, 1)]
+        for phase in ("redense1", "control")
+    }  # fmt: skip
+    for evaluation in evals["redense1"]:
+        assert np.mean(item_shares(evaluation["test_items"])) == pytest.approx(
+            evaluation["test"]["top1_error_pct"]
+        )
+    _, low, high, _, _ = paired_ci_items(item_differences(evals["redense1"], evals["control"]))
+    assert row["interval_over"] == "seeds and test items"
+    assert (row["dsd_minus_control_ci95_low"], row["dsd_minus_control_ci95_high"]) == pytest.approx(
+        (low, high)
+    )
     # every phase of every seed ran, the sparse phase really was 30% sparse, the control had equal epochs
     for seed in (0, 1):
 

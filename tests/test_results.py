@@ -10,7 +10,10 @@ from conftest import parse, prepare_data, tiny_vision_config, train
 
 from dsd.report.tables import (
     detectable_difference,
+    item_differences,
+    item_shares,
     paired_ci,
+    paired_ci_items,
     paper_headline,
     rel_gain_pct,
     runtime_rows,
@@ -40,6 +43,63 @@ def test_the_detectable_difference_is_detected_80_percent_of_the_time():
         t = sample.mean(1) / (sample.std(1, ddof=1) / math.sqrt(n))
         assert (abs(t) > stats.t.ppf(0.975, n - 1)).mean() == pytest.approx(0.8, abs=0.01)
     assert math.isnan(detectable_difference([0.7])) and math.isnan(detectable_difference([1.0, 1.0]))
+
+
+def test_the_interval_counts_the_test_set_that_all_seeds_share():
+    """Seeds x test items, each seed scored on the same items: d = effect + seed + item + noise. Resampling the
+    whole design, the seeds-and-items interval covers the true effect about 95% of the time; the seeds' paired
+    interval, blind to which items were drawn, far less often (it covered the test set's draw, not DSD's effect)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    seeds, items, trials, effect = 3, 400, 2000, 0.1
+    covered_items = covered_seeds = 0
+    for _ in range(trials):
+        # as measured on the embedded vision rows: the test set's draw moves the mean more than the seeds do
+        d = (
+            effect
+            + rng.normal(0, 0.02, (seeds, 1))
+            + rng.normal(0, 3.0, (1, items))
+            + rng.normal(0, 0.5, (seeds, items))
+        )
+        _, low, high, _, _ = paired_ci_items(d)
+        covered_items += low <= effect <= high
+        _, low, high = paired_ci(d.mean(axis=1))
+        covered_seeds += low <= effect <= high
+    assert covered_items / trials == pytest.approx(0.95, abs=0.02)
+    assert covered_seeds / trials < 0.6
+
+
+def test_interval_over_items_matches_hand_computation():
+    import numpy as np
+    from scipy import stats
+
+    d = np.array([[1.0, 0.0, 2.0, 1.0], [0.0, 0.0, 1.0, 3.0]])
+    a, b = np.var([1.0, 1.0], ddof=1) / 2, np.var([0.5, 0.0, 1.5, 2.0], ddof=1) / 4  # seed means, item means
+    mean, low, high, scale, df = paired_ci_items(d)
+    assert (mean, scale, df) == pytest.approx((1.0, math.sqrt(a + b), 3.0))  # no seed spread: the items' df
+    assert high - mean == pytest.approx(stats.t.ppf(0.975, 3) * math.sqrt(a + b))
+    assert math.isnan(paired_ci_items(d[:1])[1])  # one seed: no interval
+    # the detectable difference of the seeds' t-test, given as its scale and df, is the same number
+    seeds_only = [0.5, -1.2, 2.0]
+    sd = np.std(seeds_only, ddof=1)
+    assert detectable_difference(scale=sd / math.sqrt(3), df=2) == detectable_difference(seeds_only)
+
+
+def test_item_shares_average_to_the_metric_and_pair_only_on_one_test_set():
+    import numpy as np
+
+    vision = {"errors": [0, 1, 1, 0]}
+    speech = {"errors": [2, 0, 1], "units": [4, 3, 3]}
+    assert np.mean(item_shares(vision)) == pytest.approx(50.0)  # top-1 error, percent
+    assert np.mean(item_shares(speech)) == pytest.approx(30.0)  # 3 word errors in 10 words
+    one = {"test_items": speech}
+    other = {"test_items": {"errors": [0, 0, 1], "units": [4, 3, 3]}}
+    assert item_differences([one], [other])[0].tolist() == pytest.approx(
+        [60.0, 0.0, 0.0]
+    )  # 2 errors: 60 x 3 / 10
+    assert item_differences([one], [{"test_items": vision}]) is None  # other items: no pairing
+    assert item_differences([one], [{"test": {}}]) is None  # an evaluation written before items were kept
 
 
 def test_verdict_respects_direction_of_metric():
@@ -122,14 +182,16 @@ def test_the_result_sentences_come_from_the_table(tmp_path):
             "control_mean": [30.0, 20.0, 40.0],
             "detectable_difference": [3.0, 1.0, 8.0],
             "paper_rel_gain_pct": [4.0, 10.0, 6.0],
+            "interval_over": ["seeds and test items", "seeds", "seeds and test items"],
         }
     )
     text = claims.paragraph(table)
+    assert "over 3 seeds (and over the test items on resnet18 and deepspeech, whose draw" in text
     assert (
         "on 2 of the 3 rows (not on neuraltalk)" in text and "favours the control on 1 (neuraltalk)" in text
     )
     assert "explained by the extra epochs" in text and "WER is 88-88%" in text
-    assert "only from 5% to 20% of the control's value" in text
+    assert "from 5% to 20% of the control's value" in text
     assert "on 2 of the 3 rows that is more than the paper's own relative gain" in text  # 10 > 4, 20 > 6
     table.loc[0, "verdict"] = "DSD better than control"  # a value changes: so does the sentence
     changed = claims.paragraph(table)

@@ -14,6 +14,7 @@ import torch
 from dsd.core.masks import Pruner
 from dsd.engine import prepare
 from dsd.errors import ConfigError, DataError
+from dsd.report.tables import item_shares
 from dsd.spec import RunOptions, parse_row
 from dsd.tracks.speech import config as speech_config
 from dsd.tracks.speech import data as speech_data
@@ -251,8 +252,10 @@ def test_end_to_end_tiny_corpus(tiny):
             opt.step()
             losses.append(value.item())
         assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-        rates, out = speech_metric.evaluate(model, exp, "test", "cpu", n_samples=3)
+        rates, out, items = speech_metric.evaluate(model, exp, "test", "cpu", n_samples=3)
         assert 0 <= rates["wer_pct"] <= 500 and 0 <= rates["cer_pct"] <= 500
+        # per-utterance word errors: the report's interval resamples them; their shares average to the WER
+        assert np.mean(item_shares(items)) == pytest.approx(rates["wer_pct"], rel=1e-9)
         assert [s["id"] for s in out] == ["201-1-0000", "201-1-0001", "202-1-0000"]
         assert set(speech_metric.monitor(model, exp, "cpu")) == {"wer_pct", "cer_pct"}
     ds2 = _exp(base, "deepspeech2", utterances_per_speaker=COUNTS)
@@ -327,15 +330,16 @@ def test_beam_evaluate_also_reports_greedy_from_the_same_pass(tiny):
     torch.manual_seed(0)
     model, calls = speech_model.build(beam), []
     model.register_forward_hook(lambda *_: calls.append(1))
-    plain, _ = speech_metric.evaluate(model, greedy, "test", "cpu")
+    plain, *_ = speech_metric.evaluate(model, greedy, "test", "cpu")
     assert set(plain) == {"wer_pct", "cer_pct"}
     calls.clear()
-    both, shown = speech_metric.evaluate(model, beam, "test", "cpu", n_samples=10_000)
+    both, shown, items = speech_metric.evaluate(model, beam, "test", "cpu", n_samples=10_000)
     assert set(both) == {"wer_pct", "cer_pct", "greedy_wer_pct", "greedy_cer_pct"}
     assert len(calls) == len(list(speech_data.eval_loader(beam, "test", 16)))  # one forward pass per batch
     assert both["greedy_wer_pct"] == plain["wer_pct"] and both["greedy_cer_pct"] == plain["cer_pct"]
     refs, hyps = [s["reference"] for s in shown], [s["hypothesis"] for s in shown]  # the beam's output
     assert speech_metric.error_rates(refs, hyps) == {k: both[k] for k in ("wer_pct", "cer_pct")}
+    assert np.mean(item_shares(items)) == pytest.approx(both["wer_pct"], rel=1e-9)  # the beam's, not greedy
 
 
 def test_features_of_another_corpus_are_never_read(tmp_path):

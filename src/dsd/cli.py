@@ -148,8 +148,8 @@ def cmd_evaluate(args) -> None:
         print(
             f"{spec.row} seed {spec.seed} {spec.phase}: test {result['metric']} = {result['test'][result['metric']]:.2f}"
         )
-    else:
-        print(json.dumps(result, indent=1))
+    else:  # the per-item outcomes (thousands of numbers) belong in the file, not on the terminal
+        print(json.dumps({k: v for k, v in result.items() if k != "test_items"}, indent=1))
 
 
 def _recorded(path: Path, key: str):

@@ -78,6 +78,19 @@ def mean_over_ranks(value: float, device: torch.device, world: int) -> float:
     return float(t) / world
 
 
+def gather_strided(local: list) -> list:
+    """Per-item results of a sharded evaluation (rank r read items r, r + N, ...) in the split's order."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    world = torch.distributed.get_world_size()
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, local)
+    merged: list = [None] * sum(len(part) for part in parts)
+    for rank, part in enumerate(parts):
+        merged[rank::world] = part
+    return merged
+
+
 def barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()

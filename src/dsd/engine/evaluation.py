@@ -67,15 +67,19 @@ def evaluate_checkpoint(
         if state.get("pruner")
         else 0.0,
     }
+    items_of: dict = {}
     for split in splits:
         if split == "test" and "val" in result and track.data.same_folder(exp, "val", "test"):
             result["test"] = result["val"]  # ImageNet reports on its validation set: evaluated once
+            items_of["test"] = items_of["val"]
             continue
         with distributed.autocast(distributed.autocast_dtype(exp.train.precision, device)):
-            metrics, samples = track.metric.evaluate(model, exp, split, device, SAMPLES)
+            metrics, samples, items_of[split] = track.metric.evaluate(model, exp, split, device, SAMPLES)
         result[split] = metrics
         if samples and (split == "test" or "samples" not in result):
             result["samples"] = samples
+    if items_of.get("test"):  # per-item outcomes: the report's interval resamples the test items
+        result["test_items"] = items_of["test"]
     if options.wandb.wants("evaluations", device.type == "cuda"):
         log_evaluation(result, spec, options, device)
     return result

@@ -25,6 +25,17 @@ def _names(rows: list[str]) -> str:
     return rows[0] if len(rows) == 1 else ", ".join(rows[:-1]) + " and " + rows[-1]
 
 
+def _over_items(comparison: pd.DataFrame) -> str:
+    """Which rows' intervals also count the test set's draw (per-item outcomes kept; BLEU has none)."""
+    if "interval_over" not in comparison:
+        return ""
+    with_items = _rows(comparison, comparison["interval_over"] == "seeds and test items")
+    if not with_items:
+        return ""
+    which = "" if len(with_items) == len(comparison) else f" on {_names(with_items)}"
+    return f" (and over the test items{which}, whose draw all seeds share)"
+
+
 def paragraph(comparison: pd.DataFrame) -> str:
     """What the table says: DSD against its dense baseline and against the equal-epoch control, per row."""
     n = len(comparison)
@@ -41,7 +52,8 @@ def paragraph(comparison: pd.DataFrame) -> str:
         + (f" (not on {_names(not_better)})" if not_better else "")
         + ".",
         f"Against the dense model trained for the same total number of epochs (the equal-epoch control), the paired "
-        f"95% interval of DSD - control over {'/'.join(map(str, seeds))} seeds excludes zero in DSD's favour on "
+        f"95% interval of DSD - control over {'/'.join(map(str, seeds))} seeds{_over_items(comparison)} excludes "
+        f"zero in DSD's favour on "
         f"{len(beat)} row{'s' if len(beat) != 1 else ''}"
         + (f" ({_names(beat)})" if beat else "")
         + f", includes zero on {len(tie)}"
@@ -59,7 +71,7 @@ def paragraph(comparison: pd.DataFrame) -> str:
     if detectable is not None and detectable.notna().any():
         relative = 100.0 * detectable / comparison["control_mean"].abs()
         sentence = (
-            f"With these seeds, a true DSD - control difference is detected 80% of the time (95% test) only from "
+            f"With these seeds and test sets, a true DSD - control difference is detected 80% of the time (95% test) from "
             f"{relative.min():.0f}% to {relative.max():.0f}% of the control's value, depending on the row (column "
             f"`detectable_difference`)"
         )

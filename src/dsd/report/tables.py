@@ -61,13 +61,61 @@ def paired_ci(differences, confidence: float = 0.95) -> tuple[float, float, floa
     return mean, mean - half, mean + half
 
 
-def detectable_difference(differences, confidence: float = 0.95, power: float = 0.8) -> float:
-    """The smallest true mean difference the paired t-test of these seeds detects with `power` at
-    `confidence` (two-sided), taking the observed spread of the differences as the true one (noncentral t)."""
+def paired_ci_items(differences, confidence: float = 0.95) -> tuple[float, float, float, float, float]:
+    """Mean of per-item differences (seeds x test items; the metric's difference is each row's mean) and its
+    interval with both sources of chance: the seeds and the test set. Every seed is scored on the same test
+    items, so the test set's draw is shared by all seeds and the seeds' spread alone does not show it.
+    Var(mean) = var(seed means) / S + var(item means) / n (a slight overestimate: their common residual
+    is counted twice), degrees of freedom by Welch-Satterthwaite. Returns (mean, low, high, scale, df)."""
     d = np.asarray(differences, dtype=float)
-    if d.size < 2 or not d.std(ddof=1) > 0:
+    seeds, items = d.shape
+    mean = float(d.mean())
+    if seeds < 2 or items < 2:
+        return mean, float("nan"), float("nan"), float("nan"), float("nan")
+    by_seed = d.mean(axis=1).var(ddof=1) / seeds
+    by_item = d.mean(axis=0).var(ddof=1) / items
+    if by_seed + by_item == 0:
+        return mean, mean, mean, 0.0, float("nan")
+    df = (by_seed + by_item) ** 2 / (by_seed**2 / (seeds - 1) + by_item**2 / (items - 1))
+    scale = math.sqrt(by_seed + by_item)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df) * scale)
+    return mean, mean - half, mean + half, scale, df
+
+
+def item_shares(items: dict) -> np.ndarray:
+    """Each test item's share of the headline metric, so that the metric is their mean: 100 x errors x n /
+    total units (vision: top-1 error per image, unit 1; speech: word errors per utterance, units = words)."""
+    errors = np.asarray(items["errors"], dtype=float)
+    units = np.asarray(items["units"], dtype=float) if items.get("units") else np.ones_like(errors)
+    return 100.0 * errors * len(errors) / units.sum()
+
+
+def item_differences(dsd_evals: list[dict], control_evals: list[dict]) -> np.ndarray | None:
+    """Seeds x test items: DSD's share minus the control's; None unless every evaluation kept its per-item
+    outcomes on one and the same test set (evaluations written before they were kept have none)."""
+    pairs = list(zip(dsd_evals, control_evals, strict=True))
+    if not all("test_items" in a and "test_items" in b for a, b in pairs):
+        return None
+    units = {json.dumps(e["test_items"].get("units")) for e in (*dsd_evals, *control_evals)}
+    lengths = {len(e["test_items"]["errors"]) for e in (*dsd_evals, *control_evals)}
+    if len(units) != 1 or len(lengths) != 1:
+        return None
+    return np.stack([item_shares(a["test_items"]) - item_shares(b["test_items"]) for a, b in pairs])
+
+
+def detectable_difference(
+    differences=None, confidence: float = 0.95, power: float = 0.8, scale: float | None = None, df=None
+) -> float:
+    """The smallest true mean difference that the test detects with `power` at `confidence` (two-sided),
+    taking the observed spread as the true one (noncentral t): of the seeds' paired `differences`, or given
+    as the mean's standard error `scale` with `df` degrees of freedom (from `paired_ci_items`)."""
+    if scale is None:
+        d = np.asarray(differences, dtype=float)
+        if d.size < 2 or not d.std(ddof=1) > 0:
+            return float("nan")
+        df, scale = d.size - 1, d.std(ddof=1) / math.sqrt(d.size)
+    if not (scale > 0 and df is not None and df > 0):
         return float("nan")
-    df, scale = d.size - 1, d.std(ddof=1) / math.sqrt(d.size)
     critical = stats.t.ppf(0.5 + confidence / 2, df)
 
     def shortfall(delta: float) -> float:
@@ -163,7 +211,13 @@ def comparison_row(output_dir: str, row: str, seeds, final_phase: str) -> dict:
     base = [runs[s]["dense"]["test"][metric] for s in seeds]
     dsd = [runs[s][final_phase]["test"][metric] for s in seeds]
     control = [runs[s][CONTROL]["test"][metric] for s in seeds]
-    diff_mean, low, high = paired_ci(np.subtract(dsd, control))
+    per_item = item_differences([runs[s][final_phase] for s in seeds], [runs[s][CONTROL] for s in seeds])
+    if per_item is not None:
+        diff_mean, low, high, scale, df = paired_ci_items(per_item)
+        detectable = detectable_difference(scale=scale, df=df)
+    else:
+        diff_mean, low, high = paired_ci(np.subtract(dsd, control))
+        detectable = detectable_difference(np.subtract(dsd, control))
     headline = paper_headline()
     paper = headline.loc[row] if row in headline.index else None
     out = {
@@ -189,7 +243,8 @@ def comparison_row(output_dir: str, row: str, seeds, final_phase: str) -> dict:
         "dsd_minus_control_ci95_high": high,
         "ci_excludes_zero": bool(math.isfinite(low) and (low > 0 or high < 0)),
         "verdict": verdict(low, high, higher),
-        "detectable_difference": detectable_difference(np.subtract(dsd, control)),
+        "detectable_difference": detectable,
+        "interval_over": "seeds" if per_item is None else "seeds and test items",
         "n_seeds": len(seeds),
     }
     out["dense_trend_per_epoch"], out["dense_converged"] = dense_convergence(output_dir, row, seeds)
@@ -311,6 +366,7 @@ def write_tables(specs, seeds, output_dir: str, out_dir: str | Path) -> pd.DataF
         "verdict",
         "detectable_difference",
         "n_seeds",
+        "interval_over",
         "dense_converged",
     ]
     (out_dir / "paper_comparison.md").write_text(_markdown(comparison[shown]))

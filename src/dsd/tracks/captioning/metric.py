@@ -41,9 +41,9 @@ def _captions(model, exp: Experiment, split: str, device, decode, batch_size: in
     return loader.dataset.items, hypotheses
 
 
-def evaluate(model, exp: Experiment, split: str, device, n_samples: int = 0) -> tuple[dict, list]:
+def evaluate(model, exp: Experiment, split: str, device, n_samples: int = 0) -> tuple[dict, list, None]:
     """BLEU-1..4 (percent) of beam-search captions against every reference of each image; the first
-    `n_samples` images with their reference and caption."""
+    `n_samples` images with their reference and caption. No per-item outcomes: BLEU is a corpus statistic."""
     cfg = exp.eval
     items, hypotheses = _captions(
         model, exp, split, device, lambda f: beam_search(model, f, cfg.beam_size, cfg.max_len), cfg.batch_size
@@ -52,7 +52,7 @@ def evaluate(model, exp: Experiment, split: str, device, n_samples: int = 0) -> 
         {"image": str(im.path), "reference": " ".join(im.captions[0]), "hypothesis": " ".join(h)}
         for im, h in zip(items[:n_samples], hypotheses[:n_samples], strict=True)
     ]
-    return corpus_bleu([list(im.captions) for im in items], hypotheses), samples
+    return corpus_bleu([list(im.captions) for im in items], hypotheses), samples, None
 
 
 def monitor(model, exp: Experiment, device) -> dict:

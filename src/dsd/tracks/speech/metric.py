@@ -135,9 +135,23 @@ def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float
     }
 
 
-def evaluate(model: nn.Module, exp: Experiment, split: str, device, n_samples: int = 0) -> tuple[dict, list]:
+def word_errors(references: list[str], hypotheses: list[str]) -> dict[str, list[int]]:
+    """Per utterance: word edits and reference words (WER = 100 * sum of errors / sum of units)."""
+    import jiwer
+
+    errors, units = [], []
+    for reference, hypothesis in zip(references, hypotheses, strict=True):
+        out = jiwer.process_words(reference, hypothesis)
+        errors.append(out.substitutions + out.deletions + out.insertions)
+        units.append(len(reference.split()))
+    return {"errors": errors, "units": units}
+
+
+def evaluate(
+    model: nn.Module, exp: Experiment, split: str, device, n_samples: int = 0
+) -> tuple[dict, list, dict]:
     """WER / CER of the configured decoder (with beam also greedy_wer_pct, greedy_cer_pct from the same pass);
-    the first `n_samples` utterances with reference and hypothesis."""
+    the first `n_samples` utterances with reference and hypothesis; each utterance's word errors."""
     out = _decode(model, exp, split, device, exp.eval)
     rates = error_rates(out["refs"], out["hyps"])
     if exp.eval.decoder == "beam":
@@ -146,7 +160,7 @@ def evaluate(model: nn.Module, exp: Experiment, split: str, device, n_samples: i
         {"id": i, "reference": r, "hypothesis": h}
         for i, r, h in list(zip(out["ids"], out["refs"], out["hyps"], strict=True))[:n_samples]
     ]
-    return rates, samples
+    return rates, samples, word_errors(out["refs"], out["hyps"])
 
 
 def monitor(model: nn.Module, exp: Experiment, device) -> dict:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
+from dsd.engine import distributed
 from dsd.spec import Experiment
 from dsd.tracks.vision.data import eval_loader
 
@@ -25,9 +26,13 @@ def loss(model: nn.Module, batch, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _top_k(model: nn.Module, exp: Experiment, split: str, device: torch.device, batch_size: int) -> dict:
-    """Under torch.distributed each rank scores its shard of the split and the counts are summed."""
+def _top_k(
+    model: nn.Module, exp: Experiment, split: str, device: torch.device, batch_size: int
+) -> tuple[dict, list[int]]:
+    """Metrics, and each image's top-1 error (0/1, in the split's order). Under torch.distributed each rank
+    scores its shard of the split; the counts are summed and the per-image errors gathered."""
     model.eval()
+    errors: list[int] = []
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples, loss sum
     for images, labels in eval_loader(exp, split, batch_size, shard=True):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -37,24 +42,28 @@ def _top_k(model: nn.Module, exp: Experiment, split: str, device: torch.device, 
         batch = (hits[:, 0].sum(), hits.any(dim=1).sum(), labels.new_tensor(labels.numel()),
                  F.cross_entropy(logits.float(), labels, reduction="sum"))  # fmt: skip
         counts += torch.stack([value.double() for value in batch])
+        errors += (~hits[:, 0]).int().tolist()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     top1, top5, total, loss_sum = counts.tolist()
-    return {
+    metrics = {
         "top1_error_pct": 100.0 * (1 - top1 / total),
         "top5_error_pct": 100.0 * (1 - top5 / total),
         "loss": loss_sum / total,
     }
+    return metrics, distributed.gather_strided(errors)
 
 
-def evaluate(model, exp: Experiment, split: str, device, n_samples: int = 0) -> tuple[dict, list]:
-    """Top-1 / top-5 error (percent) and mean loss on a split; no qualitative samples for images."""
-    return _top_k(model, exp, split, device, exp.eval.batch_size), []
+def evaluate(model, exp: Experiment, split: str, device, n_samples: int = 0) -> tuple[dict, list, dict]:
+    """Top-1 / top-5 error (percent) and mean loss on a split; each image's top-1 error (the items the
+    report's interval resamples); no qualitative samples for images."""
+    metrics, errors = _top_k(model, exp, split, device, exp.eval.batch_size)
+    return metrics, [], {"errors": errors}
 
 
 def monitor(model, exp: Experiment, device) -> dict:
     """The per-epoch validation during training: the same metrics, in training-size batches."""
-    return _top_k(model, exp, "val", device, exp.train.batch_size)
+    return _top_k(model, exp, "val", device, exp.train.batch_size)[0]
 
 
 def check(exp: Experiment) -> None:
