@@ -20,3 +20,4 @@ rule all:
     input:
         tables=rules.tables.output,
         plots=rules.plots.output,
+        row_plots=rules.row_plots.output,

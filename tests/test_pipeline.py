@@ -72,7 +72,7 @@ def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
     # the sparse phase's sparsity: its phase and the one after it, per seed, then the tables
     config["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.5
     assert planned(tmp_path, write_config(tmp_path, config)) == {
-        "train_phase": 4, "evaluate_phase": 4, "tables": 1, "plots": 1, "all": 1
+        "train_phase": 4, "evaluate_phase": 4, "tables": 1, "plots": 1, "row_plots": 1, "all": 1
     }  # fmt: skip
     # how models are evaluated: evaluation and tables only, no training
     config["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.3
@@ -81,6 +81,7 @@ def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
         "evaluate_phase": 8,
         "tables": 1,
         "plots": 1,
+        "row_plots": 1,
         "all": 1,
     }
     # Skinny-DNN / IHT from YAML: sparse1, redense1, sparse2 and the control per seed; the dense phase is kept

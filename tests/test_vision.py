@@ -78,6 +78,51 @@ def test_batched_crop_boxes_follow_torchvision_random_resized_crop(height, width
         assert abs(float(ours[:, column].mean() - ref.mean())) < 4 * float(ref.std()) / math.sqrt(n) + 0.05
 
 
+def test_uint8_crops_normalised_on_the_device_give_the_float_path_numbers(tmp_path):
+    """Workers hand over uint8 crops (a quarter of the bytes) and `to_model_input` scales and normalises them
+    where the model runs: bitwise the float32 crops the workers made before, in training (files) and in
+    evaluation (files, and a same-size set in memory)."""
+    from torchvision.transforms import v2
+
+    def float_path(head):  # the transforms as they were: scaled and normalised in the worker
+        steps = [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(vision_data.IMAGENET_MEAN, vision_data.IMAGENET_STD),
+        ]
+        return v2.Compose([*head.transforms, *steps])
+
+    root = make_imagenet(tmp_path / "imagenet", per_class=3)
+    samples = [(str(p), 0) for p in sorted((root / "train").rglob("*.JPEG"))]
+    cfg = Data(image_size=96, resize=112, crop_scale_min=0.08)
+    train = vision_data.ImageFolderData(samples, cfg, train=True, in_memory=False)
+    for i, (path, _) in enumerate(samples):
+        torch.manual_seed(i)
+        expected = float_path(train.transform)(vision_data._decode(path))
+        torch.manual_seed(i)
+        crop, _ = train[i]
+        assert crop.dtype == torch.uint8 and crop.shape == (3, 96, 96)
+        assert torch.equal(vision_data.to_model_input(crop[None], "cpu")[0], expected)
+    evaluation = vision_data.ImageFolderData(samples, cfg, train=False, in_memory=False)
+    reference = float_path(evaluation.transform)
+    crops = torch.stack([crop for crop, _ in evaluation.__getitems__(list(range(len(samples))))])
+    expected = torch.stack([reference(vision_data._decode(path)) for path, _ in samples])
+    assert torch.equal(vision_data.to_model_input(crops, "cpu"), expected)
+    same_size = []
+    for i, (path, _) in enumerate(samples[:4]):  # in memory: one batch tensor, transformed in one go
+        Image.open(path).resize((40, 40)).save(tmp_path / f"{i}.png")
+        same_size.append((str(tmp_path / f"{i}.png"), 0))
+    in_memory = vision_data.ImageFolderData(
+        same_size, Data(image_size=24, resize=28), train=False, in_memory=True
+    )
+    crops = torch.stack([crop for crop, _ in in_memory.__getitems__([0, 1, 2, 3])])
+    expected = torch.stack([float_path(in_memory.transform)(in_memory.images[i]) for i in range(4)])
+    assert torch.equal(vision_data.to_model_input(crops, "cpu"), expected)
+    floats = torch.rand(2, 3, 8, 8)
+    assert (
+        vision_data.to_model_input(floats, "cpu") is floats
+    )  # in-memory training batches: already normalised
+
+
 def test_batched_crop_of_the_whole_image_is_the_image():
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
     out = vision_data.batch_random_resized_crop(images, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0))

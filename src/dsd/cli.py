@@ -222,7 +222,8 @@ def cmd_plots(args) -> None:
 
     rows, seeds, options = _rows_and_seeds(args)
     out = args.out or str(paths.plots_dir(options.output_dir))
-    print(f"wrote {len(plots.write_plots(rows, seeds, options.output_dir, out))} figures to {out}")
+    files = plots.write_plots(rows, seeds, options.output_dir, out, args.part)
+    print(f"wrote {len(files)} figures to {out}")
 
 
 def cmd_fidelity(args) -> None:
@@ -367,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--out", help=f"output folder (default: <output_dir>/{'tables' if name == 'table' else name})"
         )
+        if name == "plots":
+            p.add_argument(
+                "--part",
+                choices=["all", "summary", "rows"],
+                default="all",
+                help="summary: gains and curves; rows: each row's weights, captions and sweep (two jobs)",
+            )
         p.set_defaults(func=func)
     return parser
 

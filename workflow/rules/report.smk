@@ -33,6 +33,22 @@ rule plots:
     output:
         gains=report(str(paths.plots_dir(OUT) / "gains.png"), caption="../report/gains.rst", category="Plots"),
         curves=report(str(paths.plots_dir(OUT) / "curves.png"), caption="../report/curves.rst", category="Plots"),
+    params:
+        specs=ROW_SPECS,
+        seeds=" ".join(str(s) for s in SEEDS),
+        out=str(paths.plots_dir(OUT)),
+    log:
+        str(paths.logs_dir(OUT) / "plots.log"),
+    shell:
+        "{PYTHON} -m dsd plots {params.specs} --seeds {params.seeds} --options {RUN} --out {params.out:q} "
+        "--part summary 2> {log:q}"
+
+
+# The per-row figures are a job of their own: it runs beside the summary figures instead of after them.
+rule row_plots:
+    input:
+        rules.tables.output,
+    output:
         weights=[
             report(str(paths.plots_dir(OUT) / f"weights_{row}.png"), caption="../report/weights.rst", category="Weights")
             for row in ROWS
@@ -52,6 +68,7 @@ rule plots:
         seeds=" ".join(str(s) for s in SEEDS),
         out=str(paths.plots_dir(OUT)),
     log:
-        str(paths.logs_dir(OUT) / "plots.log"),
+        str(paths.logs_dir(OUT) / "row_plots.log"),
     shell:
-        "{PYTHON} -m dsd plots {params.specs} --seeds {params.seeds} --options {RUN} --out {params.out:q} 2> {log:q}"
+        "{PYTHON} -m dsd plots {params.specs} --seeds {params.seeds} --options {RUN} --out {params.out:q} "
+        "--part rows 2> {log:q}"

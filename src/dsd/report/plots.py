@@ -236,7 +236,8 @@ def sweep(spec, seeds, output_dir: str, out: Path) -> list[Path]:
     return _save(fig, out, f"sweep_{spec.name}")
 
 
-def write_plots(specs, seeds, output_dir: str, out: str | Path) -> list[Path]:
+def write_plots(specs, seeds, output_dir: str, out: str | Path, part: str = "all") -> list[Path]:
+    """`part`: "summary" (gains, curves), "rows" (each row's weights, captions, sweep) or "all"."""
     out = Path(out)
     recipes = {row.name: row.recipe for row in specs}
     comparison = pd.read_csv(paths.tables_dir(output_dir) / "paper_comparison.csv")
@@ -244,10 +245,11 @@ def write_plots(specs, seeds, output_dir: str, out: str | Path) -> list[Path]:
         row.name: row.recipe_of(phase) for row, phase in zip(specs, comparison["dsd_phase"], strict=True)
     }
     # a sweep's validation-chosen variant stands for DSD in every figure, as in the tables
-    files = gains(comparison, output_dir, seeds, recipes, out) + curves(
-        output_dir, seeds, recipes, out, chosen
-    )
-    for row in specs:
+    files = []
+    if part in ("summary", "all"):
+        files += gains(comparison, output_dir, seeds, recipes, out)
+        files += curves(output_dir, seeds, recipes, out, chosen)
+    for row in specs if part in ("rows", "all") else []:
         files += weight_histograms(output_dir, row.name, seeds[0], chosen[row.name], out)
         if row.track == "captioning":
             files += captions(output_dir, row.name, seeds[0], chosen[row.name], out)

@@ -62,7 +62,7 @@ class Generate:
     seed: int = option(0, "generator seed", min=0)
     size: int = option(32, "image side in pixels", min=8)
     per_class: dict[str, int] = option(
-        factory=lambda: {"train": 200, "val": 50, "test": 500},
+        factory=lambda: {"train": 200, "val": 50, "test": 150},
         help="images per class and split (the test set is shared by every seed: its draw is in the interval)",
     )
 

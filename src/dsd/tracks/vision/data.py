@@ -134,16 +134,24 @@ def random_resized_boxes(n: int, height: int, width: int, scale, ratio, tries: i
 
 
 def transforms(cfg: Data, train: bool):
+    """Crop (and flip) in uint8: a quarter of float32's bytes through the workers' queues and the copy to the
+    device; `to_model_input` scales and normalises there."""
     if train:
-        head = [
-            v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0)),
-            v2.RandomHorizontalFlip(),
-        ]
-    else:
-        head = [v2.Resize(cfg.resize), v2.CenterCrop(cfg.image_size)]
-    return v2.Compose(
-        [*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
+        return v2.Compose(
+            [v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0)), v2.RandomHorizontalFlip()]
+        )
+    return v2.Compose([v2.Resize(cfg.resize), v2.CenterCrop(cfg.image_size)])
+
+
+def to_model_input(images: torch.Tensor, device) -> torch.Tensor:
+    """A batch on the device, as the model takes it: uint8 crops scaled to [0, 1] and normalised there (the
+    same operations the workers did before, so the same numbers); float batches (in memory, training) as
+    they come."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = v2.functional.to_dtype(images, torch.float32, scale=True)
+        images = v2.functional.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+    return images
 
 
 _CACHE: dict = {}

@@ -9,11 +9,11 @@ from torchvision import models
 
 from dsd.engine import distributed
 from dsd.spec import Experiment
-from dsd.tracks.vision.data import eval_loader
+from dsd.tracks.vision.data import eval_loader, to_model_input
 
 
 def loss(model: nn.Module, batch, device: torch.device) -> torch.Tensor:
-    images, labels = (t.to(device, non_blocking=True) for t in batch)
+    images, labels = to_model_input(batch[0], device), batch[1].to(device, non_blocking=True)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     out = model(images)
@@ -35,7 +35,7 @@ def _top_k(
     errors: list[int] = []
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples, loss sum
     for images, labels in eval_loader(exp, split, batch_size, shard=True):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = to_model_input(images, device), labels.to(device, non_blocking=True)
         logits = model(images)
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices == labels[:, None]
