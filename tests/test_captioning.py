@@ -264,8 +264,9 @@ def test_end_to_end_on_tiny_scenes(tmp_path):
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
 
-    metrics, shown = cap_metric.evaluate(model, exp, "val", "cpu", n_samples=3)
+    metrics, shown, items = cap_metric.evaluate(model, exp, "val", "cpu", n_samples=3)
     assert set(metrics) == {"bleu1", "bleu2", "bleu3", "bleu4"}
+    assert items is None  # BLEU is a corpus statistic: no per-item outcomes, the interval is over seeds only
     assert all(0.0 <= v <= 100.0 for v in metrics.values()) and metrics["bleu1"] > 0
     assert len(shown) == 3 and all(s["hypothesis"] and s["image"].endswith(".png") for s in shown)
     assert set(cap_metric.monitor(model, exp, "cpu")) == set(metrics)
