@@ -27,12 +27,18 @@ def loss(model: nn.Module, batch, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def _top_k(
-    model: nn.Module, exp: Experiment, split: str, device: torch.device, batch_size: int
-) -> tuple[dict, list[int]]:
-    """Metrics, and each image's top-1 error (0/1, in the split's order). Under torch.distributed each rank
-    scores its shard of the split; the counts are summed and the per-image errors gathered."""
+    model: nn.Module,
+    exp: Experiment,
+    split: str,
+    device: torch.device,
+    batch_size: int,
+    per_item: bool = False,
+) -> tuple[dict, list[int] | None]:
+    """Metrics, and with `per_item` each image's top-1 error (0/1, in the split's order; kept on the device
+    until the end, so no sync per batch). Under torch.distributed each rank scores its shard of the split;
+    the counts are summed and the per-image errors gathered."""
     model.eval()
-    errors: list[int] = []
+    errors: list[torch.Tensor] = []
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples, loss sum
     for images, labels in eval_loader(exp, split, batch_size, shard=True):
         images, labels = to_model_input(images, device), labels.to(device, non_blocking=True)
@@ -42,7 +48,8 @@ def _top_k(
         batch = (hits[:, 0].sum(), hits.any(dim=1).sum(), labels.new_tensor(labels.numel()),
                  F.cross_entropy(logits.float(), labels, reduction="sum"))  # fmt: skip
         counts += torch.stack([value.double() for value in batch])
-        errors += (~hits[:, 0]).int().tolist()
+        if per_item:
+            errors.append(~hits[:, 0])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     top1, top5, total, loss_sum = counts.tolist()
@@ -51,13 +58,16 @@ def _top_k(
         "top5_error_pct": 100.0 * (1 - top5 / total),
         "loss": loss_sum / total,
     }
-    return metrics, distributed.gather_strided(errors)
+    if not per_item:
+        return metrics, None
+    mine = torch.cat(errors).int().tolist() if errors else []
+    return metrics, distributed.gather_strided(mine)
 
 
 def evaluate(model, exp: Experiment, split: str, device, n_samples: int = 0) -> tuple[dict, list, dict]:
     """Top-1 / top-5 error (percent) and mean loss on a split; each image's top-1 error (the items the
     report's interval resamples); no qualitative samples for images."""
-    metrics, errors = _top_k(model, exp, split, device, exp.eval.batch_size)
+    metrics, errors = _top_k(model, exp, split, device, exp.eval.batch_size, per_item=True)
     return metrics, [], {"errors": errors}
 
 
