@@ -30,14 +30,15 @@ publish:
 	$(BIN)/python -m dsd readme --tables results/published/tables --readme README.md
 
 # The verdicts with 5 seeds: the same pipeline and folders with seeds 0-4 (a finished `make run`'s three seeds
-# are reused, so this trains only seeds 3 and 4); its tables are kept in results/study/.
+# are reused, so this trains only seeds 3 and 4); its tables are kept in results/study/. A second study's
+# comparison (results/published/second_study/) belongs to the study it was compared with: publish-study drops it.
 study: $(STAMP)
 	DSD_PREFORK=1 $(BIN)/snakemake --cores $(CORES) --config 'seeds=[0, 1, 2, 3, 4]'
 	rm -rf results/study && cp -r results/tables results/study
 
 publish-study:
 	test -f results/study/paper_comparison.csv || { echo "make: run 'make study' first"; exit 1; }
-	rm -rf results/published/study && cp -r results/study results/published/study
+	rm -rf results/published/study results/published/second_study && cp -r results/study results/published/study
 	$(BIN)/python -m dsd readme --section study --tables results/published/study --readme README.md
 
 bench: $(STAMP)

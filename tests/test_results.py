@@ -240,7 +240,17 @@ def test_the_study_block_of_the_readme_is_filled_from_its_own_table(tmp_path):
     assert main(["readme", "--section", "study", "--tables", str(tables), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "over 5 seeds excludes zero in DSD's favour on 1 row (a)" in text and "| a |" in text
-    assert "kept" in text  # the main table's block is left alone
+    assert "kept" in text and "A second fresh run" not in text  # the main table's block is left alone
+    second = tmp_path / "second_study"  # a second study with a setting that must not matter
+    second.mkdir()
+    pd.DataFrame({"row": ["a"], "verdict": ["no significant difference"]}).to_csv(
+        second / "paper_comparison.csv", index=False
+    )
+    (second / "SETTING").write_text("its CPU thread count\n")
+    assert main(["readme", "--section", "study", "--tables", str(tables), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "differs only in its CPU thread count" in text and "same verdict on 0 of the 1 rows" in text
+    assert (second / "verdict_stability.csv").is_file()
 
 
 def test_convergence_is_the_validation_trend_of_every_seed(tmp_path):

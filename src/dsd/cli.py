@@ -248,19 +248,20 @@ def cmd_publish_readme(args) -> None:
     tables = Path(args.tables)
     comparison = pd.read_csv(tables / "paper_comparison.csv")
     table = (tables / "paper_comparison.md").read_text().strip()
-    if args.section == "study":  # `make study`'s seeds: its own block, sentences then table
-        claims.fill_readme(Path(args.readme), "study", claims.paragraph(comparison) + "\n\n" + table)
+    study = args.section == "study"  # `make study`'s seeds: its own block, sentences then table
+    text = claims.paragraph(comparison)
+    # a run that differs only in a setting that must not matter (its SETTING file and PROVENANCE.md say which)
+    second = tables.parent / ("second_study" if study else "second_run") / "paper_comparison.csv"
+    if second.is_file():
+        frame = claims.stability(comparison, pd.read_csv(second))
+        frame.to_csv(second.parent / "verdict_stability.csv", index=False)
+        setting = (second.parent / "SETTING").read_text().strip()
+        text += " " + claims.stability_sentence(frame, setting)
+    if study:
+        claims.fill_readme(Path(args.readme), "study", text + "\n\n" + table)
         print(f"{args.readme}: study table and sentences from {tables}")
         return
     claims.fill_readme(Path(args.readme), "table", table)
-    text = claims.paragraph(comparison)
-    # a run that differs only in a setting that must not matter (its SETTING file and PROVENANCE.md say which)
-    second = tables.parent / "second_run" / "paper_comparison.csv"
-    if second.is_file():
-        frame = claims.stability(comparison, pd.read_csv(second))
-        frame.to_csv(tables.parent / "second_run" / "verdict_stability.csv", index=False)
-        setting = (second.parent / "SETTING").read_text().strip()
-        text += " " + claims.stability_sentence(frame, setting)
     claims.fill_readme(Path(args.readme), "results", text)
     print(f"{args.readme}: results table and sentences from {tables}")
 
