@@ -6,15 +6,19 @@
 Each row of configs/paper.yaml's ImageNet track trains its sparse phase (the row's model, batch size, optimizer,
 precision, channels-last decision, pruner and DataLoader workers, as `dsd train` would) on synthetic
 ImageNet-size JPEGs (500x375, quality 90) written to a temporary ImageNet layout; the model starts from random
-weights (nothing is downloaded). Reported per row: images/s after a warm-up, the fraction of the time the step
-loop waited for data, the GPU's utilisation (NVML, where installed), peak GPU memory, and the projected
-GPU-hours per seed of the row's DSD phases and equal-epoch control on ImageNet's 1,281,167 training images.
+weights (nothing is downloaded). Reported per row and `data.decode` (cpu: the workers decode and crop; device:
+they read the files and draw the crops, nvJPEG decodes on the GPU): images/s after a warm-up, the fraction of
+the time the step loop waited for data, the GPU's utilisation (NVML, where installed), peak GPU memory, and the
+projected GPU-hours per seed of the row's DSD phases and equal-epoch control on ImageNet's 1,281,167 training
+images. First, the two decoding paths' crops of the same draws are compared (mean and largest difference in
+uint8 levels: nvJPEG's inverse DCT and the GPU's resize round differently from libjpeg-turbo's and the CPU's).
 The JPEGs are few and re-read from the page cache, so storage speed is not part of the figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -80,8 +84,52 @@ def gpu_utilisation(device: torch.device) -> float | None:
         return None
 
 
-def bench_row(config, row: str, steps: int, warmup: int) -> dict:
+def compare_decoders(config, row: str, device: torch.device, count: int = 64) -> dict:
+    """The same draws through both paths: the workers' crops (libjpeg-turbo, CPU resize) against the device's."""
+    from torch.utils.data import default_collate
+
     exp = config.experiment(row)
+    files = vision_data.samples(exp, exp.data.train_dir)[:count]
+    cpu = vision_data.ImageFolderData(files, exp.data, train=True, in_memory=False)
+    on_device = dataclasses.replace(exp.data, decode="device")
+    readers = vision_data.ImageFolderData(files, on_device, train=True, in_memory=False)
+    keys = [(i, 1000 + i) for i in range(len(files))]
+    workers_crops = default_collate([cpu[key] for key in keys])[0].to(device)
+    device_crops = vision_data.decode_crops(
+        vision_data.collate_encoded([readers[k] for k in keys])[0], device
+    )
+    diff = (workers_crops.int() - device_crops.int()).abs()
+    return {
+        "images": len(files),
+        "mean_abs_levels": diff.float().mean().item(),
+        "max_abs_levels": diff.max().item(),
+    }
+
+
+def decode_rate(config, row: str, device: torch.device, repeats: int = 5) -> float:
+    """Images/s of the device's part alone (decode, crop, flip) on one training batch of encoded files."""
+    exp = config.experiment(row)
+    files = vision_data.samples(exp, exp.data.train_dir)[: exp.train.batch_size]
+    on_device = dataclasses.replace(exp.data, decode="device")
+    readers = vision_data.ImageFolderData(files, on_device, train=True, in_memory=False)
+    batch = vision_data.collate_encoded([readers[(i, i)] for i in range(len(files))])[0]
+    vision_data.decode_crops(batch, device)  # warm-up: nvJPEG's handles, kernels
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        vision_data.decode_crops(batch, device)
+    synchronize(device)
+    return repeats * len(files) / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_row(config, row: str, steps: int, warmup: int, decode: str) -> dict:
+    exp = config.experiment(row)
+    exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, decode=decode))
     spec = config.phase(row, 0, "sparse1")
     sparse = spec.recipe["sparse1"]
     device, _, _ = distributed.setup(config.options.device)
@@ -93,15 +141,19 @@ def bench_row(config, row: str, steps: int, warmup: int) -> dict:
     files = vision_data.samples(exp, exp.data.train_dir)
     reps = math.ceil((steps + warmup) * exp.train.batch_size / len(files))
     dataset = vision_data.ImageFolderData(files * reps, exp.data, train=True, in_memory=False)
-    batches = iter(loaders.loader(dataset, exp.train.batch_size, train=True, workers=config.options.workers))
+    collate = vision_data.collate_encoded if decode == "device" else None
+    batches = iter(
+        loaders.loader(
+            dataset, exp.train.batch_size, train=True, workers=config.options.workers, collate_fn=collate
+        )
+    )
     wait = busy = 0.0
     utilisation = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(warmup + steps):
         if step == warmup:  # the clock starts once workers, cuDNN's autotuner and the allocator are warm
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             start, wait = time.perf_counter(), 0.0
         before = time.perf_counter()
         batch = next(batches)
@@ -112,14 +164,14 @@ def bench_row(config, row: str, steps: int, warmup: int) -> dict:
         wait += fetched - before
         if step >= warmup and step % 10 == 0 and (value := gpu_utilisation(device)) is not None:
             utilisation.append(value)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     busy = time.perf_counter() - start
     images_per_s = steps * exp.train.batch_size / busy
     after_dense = config.phase(row, 0, CONTROL).phases[1:]
     epochs = 2 * sum(p.epochs for p in after_dense)  # DSD's phases and the control's, the same epochs
     return {
         "row": row,
+        "decode": decode,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or "cpu",
@@ -140,13 +192,15 @@ def bench_row(config, row: str, steps: int, warmup: int) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    head = ("row", "device", "batch", "precision", "images/s", "data wait", "GPU util", "GPU-hours/seed")
+    head = ("row", "decode", "workers", "device", "batch", "precision", "images/s", "data wait", "GPU util")
+    head += ("GPU-hours/seed",)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         util = f"{r['gpu_utilisation_pct']:.0f}%" if r["gpu_utilisation_pct"] is not None else "n/a"
         lines.append(
-            f"| {r['row']} | {r['device']} | {r['batch_size']} | {r['precision']} | {r['images_per_s']:.0f} | "
-            f"{r['data_wait_fraction']:.0%} | {util} | {r['projected_gpu_hours_per_seed']:.1f} |"
+            f"| {r['row']} | {r['decode']} | {r['workers']} | {r['device']} | {r['batch_size']} | "
+            f"{r['precision']} | {r['images_per_s']:.0f} | {r['data_wait_fraction']:.0%} | {util} | "
+            f"{r['projected_gpu_hours_per_seed']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -163,6 +217,13 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="DataLoader workers (default: paper.yaml's auto)"
     )
+    parser.add_argument(
+        "--decode",
+        nargs="+",
+        default=["cpu", "device"],
+        choices=("cpu", "device"),
+        help="data.decode values",
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the script)")
     parser.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "gpu"), help="summary folder")
     args = parser.parse_args()
@@ -172,18 +233,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dsd-gpu-bench-") as tmp:
         write_jpegs(Path(tmp), args.files)
         config = paper_config(Path(tmp), args.rows, args.device, args.batch, args.workers)
+        device = torch.device(args.device)
+        try:
+            checks = compare_decoders(config, args.rows[0], device)
+            checks["device_images_per_s"] = decode_rate(config, args.rows[0], device)
+        except Exception as err:  # the throughput rows still run; the summary says what failed
+            checks = {"error": f"{type(err).__name__}: {err}"}
+        print(f"decoders: {checks}", flush=True)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
         for row in args.rows:
-            results.append(bench_row(config, row, args.steps, args.warmup))
-            r = results[-1]
-            print(
-                f"{row}: {r['images_per_s']:.0f} images/s, data wait {r['data_wait_fraction']:.0%}, "
-                f"{r['projected_gpu_hours_per_seed']:.1f} GPU-hours per seed",
-                flush=True,
-            )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "summary.md").write_text(markdown(results))
+            for decode in args.decode:
+                results.append(bench_row(config, row, args.steps, args.warmup, decode))
+                r = results[-1]
+                print(
+                    f"{row} decode={decode} workers={r['workers']}: {r['images_per_s']:.0f} images/s, data wait "
+                    f"{r['data_wait_fraction']:.0%}, {r['projected_gpu_hours_per_seed']:.1f} GPU-hours per seed",
+                    flush=True,
+                )
+                summary = {"decoders": checks, "rows": results}
+                (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                (out / "summary.md").write_text(markdown(results))
     print(markdown(results), end="")
 
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,6 +124,59 @@ def test_uint8_crops_normalised_on_the_device_give_the_float_path_numbers(tmp_pa
     )  # in-memory training batches: already normalised
 
 
+def test_crops_decoded_on_the_device_are_the_workers_crops(tmp_path):
+    """decode: device: the workers read the bytes and draw RandomResizedCrop's box and the flip with the same
+    draws as the decoding path, so the crops are the same (bitwise here, where the device is the CPU and the
+    decoder libjpeg). Images other than RGB JPEGs (a grayscale or CMYK JPEG; a PNG: ImageNet holds one named
+    .JPEG) are decoded by the worker and cropped with the rest."""
+    from torch.utils.data import default_collate
+
+    root = make_imagenet(tmp_path / "imagenet", per_class=3)
+    samples = [(str(p), 0) for p in sorted((root / "train").rglob("*.JPEG"))]
+    odd = [(tmp_path / "gray.JPEG", "L", "JPEG"), (tmp_path / "png.JPEG", "RGB", "PNG")]
+    odd.append((tmp_path / "cmyk.JPEG", "CMYK", "JPEG"))
+    for path, mode, kind in odd:
+        Image.open(samples[0][0]).convert(mode).save(path, format=kind)
+        samples.append((str(path), 1))
+    cfg = Data(image_size=64)
+    workers = vision_data.ImageFolderData(samples, cfg, train=True, in_memory=False)
+    readers = vision_data.ImageFolderData(samples, Data(image_size=64, decode="device"), True, False)
+    keys = [(i, 1000 + i) for i in range(len(samples))]
+    images, labels = default_collate([workers[key] for key in keys])
+    encoded, encoded_labels = vision_data.collate_encoded([readers[key] for key in keys])
+    assert (encoded.lengths > 0).tolist() == [True] * (len(samples) - 3) + [False] * 3  # gray, PNG, CMYK
+    assert len(encoded.decoded) == 3 and int(encoded.lengths.sum()) == len(encoded.files)
+    assert 0 < int(encoded.flips.sum()) < len(samples)
+    assert torch.equal(encoded_labels, labels)
+    assert torch.equal(vision_data.to_model_input(encoded, "cpu"), vision_data.to_model_input(images, "cpu"))
+
+
+def test_a_file_that_cannot_be_decoded_on_the_device_is_named(tmp_path):
+    """decode: device decodes a batch in one call; a file whose header reads (in the worker) but whose data
+    does not decode is named, as the workers' decoding path names it."""
+    from torch.utils.data import DataLoader
+
+    root = make_imagenet(tmp_path / "imagenet", per_class=2)
+    samples = [(str(p), 0) for p in sorted((root / "train").rglob("*.JPEG"))]
+    bad = Path(samples[2][0])
+    bad.write_bytes(Path(samples[0][0]).read_bytes()[:700] + bytes(range(256)) * 40)
+    data = vision_data.ImageFolderData(samples, Data(image_size=48, decode="device"), True, False)
+    batches = DataLoader(data, batch_size=4, collate_fn=vision_data.collate_encoded)
+    with pytest.raises(DataError, match=f"{bad.name}: cannot decode image"):
+        [vision_data.to_model_input(images, "cpu") for images, _ in batches]
+
+
+def test_device_decoding_of_images_held_in_memory_is_refused_naming_the_key(tmp_path):
+    from conftest import tiny_vision_config
+
+    from dsd.errors import ConfigError
+
+    raw = tiny_vision_config(tmp_path)
+    raw["experiments"]["resnet18"]["data"]["decode"] = "device"  # the tiny config holds its images in memory
+    with pytest.raises(ConfigError, match=r"experiments.resnet18.data.decode: device decodes files"):
+        parse(raw)
+
+
 def test_batched_crop_of_the_whole_image_is_the_image():
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
     out = vision_data.batch_random_resized_crop(images, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0))
@@ -193,22 +247,26 @@ def test_any_torchvision_model_on_any_image_folder_by_config_only(tmp_path):
 
 
 def _epoch(exp, epoch: int, skip: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches as the model gets them (encoded ones decoded)."""
     return [
-        (images.clone(), labels.clone()) for images, labels in vision_data.train_loader(exp, 7, epoch, skip)
+        (vision_data.to_model_input(images, "cpu").clone(), labels.clone())
+        for images, labels in vision_data.train_loader(exp, 7, epoch, skip)
     ]
 
 
-@pytest.mark.parametrize("in_memory", [False, True])
-def test_a_persistent_loader_gives_the_same_batches_for_any_worker_count_and_on_resume(tmp_path, in_memory):
+@pytest.mark.parametrize("source", ["files", "memory", "device"])
+def test_a_persistent_loader_gives_the_same_batches_for_any_worker_count_and_on_resume(tmp_path, source):
     """With worker processes the training loader lives for the phase (workers start once) and each sample's
     augmentation is seeded by (seed, epoch, position): 1 or 2 workers, and a resumed epoch, give the same
-    batches bitwise; a new epoch a new order and new crops."""
+    batches bitwise; a new epoch a new order and new crops. Also where the workers only read the files and
+    draw the crops (decode: device)."""
     from conftest import prepare_data, tiny_vision_config
 
     batches = {}
     for workers in (1, 2):
         raw = tiny_vision_config(tmp_path, workers=workers)
-        raw["experiments"]["resnet18"]["data"]["in_memory"] = in_memory
+        raw["experiments"]["resnet18"]["data"]["in_memory"] = source == "memory"
+        raw["experiments"]["resnet18"]["data"]["decode"] = "device" if source == "device" else "cpu"
         raw["experiments"]["resnet18"]["train"]["batch_size"] = 4
         config = parse(raw)
         prepare_data(config, "resnet18")

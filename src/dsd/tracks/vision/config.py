@@ -82,6 +82,11 @@ class Data:
     )
     val_meta: str | None = option(None, "the devkit's meta.mat, for its ground truth (default: beside it)")
     in_memory: bool = option(False, "decode every image once per process (small data sets)")
+    decode: Literal["cpu", "device"] = option(
+        "cpu",
+        "training JPEGs: decoded and cropped by the DataLoader workers (cpu), or read and their crops drawn there "
+        "and decoded and cropped on the training device (device: nvJPEG on a GPU; the same crops)",
+    )
     generate: Generate = option(factory=Generate, help="embedded data set only: how it is generated")
 
 
@@ -91,10 +96,16 @@ class Eval:
 
 
 def check(row, where: str) -> None:
-    """A model with fewer outputs than the generated data set has classes cannot learn it."""
+    """Settings that cannot work together; a model with fewer outputs than the generated data set has classes
+    cannot learn it."""
     if row.model.size == "mini" and row.model.arch not in MINI_ARCHS:
         raise ConfigError(
             f"{where}.model.arch: size mini is one of {', '.join(MINI_ARCHS)}, got {row.model.arch!r}"
+        )
+    if row.data.decode == "device" and row.data.in_memory:
+        raise ConfigError(
+            f"{where}.data.decode: device decodes files as they are read; in_memory images are decoded once "
+            "already (set one of them)"
         )
     if row.dataset == "shapes" and row.model.num_classes < 10:
         raise ConfigError(

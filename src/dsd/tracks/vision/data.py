@@ -4,14 +4,17 @@ training augmentation (RandomResizedCrop + flip) and the evaluation transform (r
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
@@ -56,6 +59,9 @@ class ImageFolderData(Dataset):
         """`key`: an index, or (index, seed) from a persistent loader (augmentation seeded per sample)."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
+        if self.train and self.cfg.decode == "device":
+            with _seeded(seed):
+                return encoded_crop(path, self.transform), label
         image = self.images[index] if self.images is not None else _decode(path)
         with _seeded(seed):
             return self.transform(image), label
@@ -81,16 +87,104 @@ class ImageFolderData(Dataset):
         return list(zip(batch, [self.samples[i][1] for i in indices], strict=True))
 
 
+class EncodedCrops(NamedTuple):
+    """A training batch to decode on the device: the JPEG files back to back in one tensor (one shared-memory
+    block from a worker, not one per image) and each one's length; other images (not a JPEG; a grayscale or
+    CMYK one) decoded by the worker instead (length 0, in `decoded`); each crop box (top, left, height, width),
+    flip, and the crop side."""
+
+    files: torch.Tensor
+    lengths: torch.Tensor
+    decoded: list[torch.Tensor]
+    boxes: torch.Tensor
+    flips: torch.Tensor
+    size: int
+    paths: list[str]
+
+
+def encoded_crop(path: str, transform: v2.Compose) -> tuple[bytes | torch.Tensor, list[int], bool, int, str]:
+    """A file's bytes and the crop and flip `transform` (RandomResizedCrop, RandomHorizontalFlip) would draw
+    for it: the same draws in the same order, so the same crops as the workers' decoding path. Only the header
+    is parsed here."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        with Image.open(io.BytesIO(raw)) as header:
+            width, height, jpeg = *header.size, header.format == "JPEG" and header.mode == "RGB"
+    except Exception as err:
+        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
+    crop, flip = transform.transforms
+    box = crop.make_params([torch.empty(()).expand(3, height, width)])
+    flipped = bool(torch.rand(1) < flip.p)  # v2.RandomHorizontalFlip's draw
+    data = raw if jpeg else _decode(path)
+    return data, [box["top"], box["left"], box["height"], box["width"]], flipped, crop.size[0], path
+
+
+def collate_encoded(samples: list) -> tuple[EncodedCrops, torch.Tensor]:
+    (data, boxes, flips, sizes, paths) = zip(*(sample for sample, _ in samples), strict=True)
+    files = [d for d in data if isinstance(d, bytes)]
+    batch = EncodedCrops(
+        files=torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8) if files else torch.empty(0),
+        lengths=torch.tensor([len(d) if isinstance(d, bytes) else 0 for d in data]),
+        decoded=[d for d in data if not isinstance(d, bytes)],
+        boxes=torch.tensor(boxes),
+        flips=torch.tensor(flips),
+        size=sizes[0],
+        paths=list(paths),
+    )
+    return batch, torch.tensor([label for _, label in samples])
+
+
+def _decode_files(batch: EncodedCrops, device) -> list[torch.Tensor]:
+    """The batch's JPEGs in one decoding call; if that fails, one by one, on the CPU (libjpeg-turbo, as the
+    workers) where the device's decoder cannot take a file, naming a file that neither decodes."""
+    lengths = batch.lengths.tolist()
+    files = list(torch.split(batch.files, [n for n in lengths if n > 0]))
+    try:
+        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        paths = [path for path, n in zip(batch.paths, lengths, strict=True) if n > 0]
+        return [
+            _decode_one(data, path, torch.device(device)) for data, path in zip(files, paths, strict=True)
+        ]
+
+
+def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as err:
+        if device.type == "cpu":
+            raise DataError(f"{path}: cannot decode image (RuntimeError: {err})") from None
+    return _decode_one(data, path, torch.device("cpu")).to(device)
+
+
+def decode_crops(batch: EncodedCrops, device) -> torch.Tensor:
+    """The uint8 crops of an encoded batch, decoded (nvJPEG on a GPU, one batched call), cropped, resized with
+    antialiasing as RandomResizedCrop does and flipped, on `device`."""
+    decoded = iter(_decode_files(batch, device) if len(batch.files) else [])
+    by_worker = iter(batch.decoded)
+    images = [next(decoded) if n > 0 else next(by_worker).to(device) for n in batch.lengths.tolist()]
+    crops = [
+        v2.functional.resized_crop(image, *box.tolist(), [batch.size, batch.size], antialias=True)
+        for image, box in zip(images, batch.boxes, strict=True)
+    ]
+    out = torch.stack(crops)
+    flips = batch.flips.to(device)
+    return torch.where(flips[:, None, None, None], out.flip(-1), out)
+
+
 @contextlib.contextmanager
 def _seeded(seed: int | None):
-    """Draw from torch's global generator seeded with `seed` (None: as it is); in the main process its state is
-    restored afterwards, so dropout and the next epoch's draws do not depend on the data path."""
+    """Draw from torch's global CPU generator seeded with `seed` (None: as it is); in the main process its state
+    is restored afterwards, so dropout and the next epoch's draws do not depend on the data path. The CPU
+    generator alone: `torch.manual_seed` also queues a seeding of every CUDA generator, with a stack trace per
+    call while CUDA is not initialised (as in a worker), a cost per image."""
     if seed is None:
         yield
         return
     in_worker = torch.utils.data.get_worker_info() is not None
     with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         yield
 
 
@@ -147,6 +241,8 @@ def to_model_input(images: torch.Tensor, device) -> torch.Tensor:
     """A batch on the device, as the model takes it: uint8 crops scaled to [0, 1] and normalised there (the
     same operations the workers did before, so the same numbers); float batches (in memory, training) as
     they come."""
+    if isinstance(images, EncodedCrops):
+        images = decode_crops(images, device)
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         images = v2.functional.to_dtype(images, torch.float32, scale=True)
@@ -293,14 +389,23 @@ _PERSISTENT: dict = {}
 def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0, first: bool = False):
     """With worker processes, one loader per phase (workers start once), set to each epoch's order."""
     data, workers = dataset(exp, "train"), exp.options.workers
+    collate = collate_encoded if exp.data.decode == "device" else None
     if workers == 0:
         return loaders.loader(
-            data, exp.train.batch_size, train=True, seed=seed, epoch=epoch, skip_batches=skip_batches
+            data,
+            exp.train.batch_size,
+            train=True,
+            seed=seed,
+            epoch=epoch,
+            skip_batches=skip_batches,
+            collate_fn=collate,
         )
     key = (id(data), seed, exp.train.batch_size, workers)
     if _PERSISTENT.get("key") != key:
         _PERSISTENT.clear()  # the previous phase's workers stop with their loader
-        batches = loaders.persistent_loader(data, exp.train.batch_size, seed=seed, workers=workers)
+        batches = loaders.persistent_loader(
+            data, exp.train.batch_size, seed=seed, workers=workers, collate_fn=collate
+        )
         _PERSISTENT.update(key=key, loader=batches)
     _PERSISTENT["loader"].sampler.set_epoch(epoch, skip_batches)
     return _PERSISTENT["loader"]
