@@ -3,6 +3,7 @@ optimizer state back to zero). A signal stops it at the next step boundary with 
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -45,17 +46,20 @@ def train_epoch(
             )  # fmt: skip
         with distributed.autocast(state.dtype):
             loss = loop.track.metric.loss(loop.trained, batch, loop.device)
-        if not torch.isfinite(loss.detach()):
+        # the step's one wait for the device, before backward: read after the step, the value would wait for
+        # the whole step, and the next batch could not be queued meanwhile
+        value = float(loss.detach())
+        if not math.isfinite(value):
             bad += 1
             if bad > hp.max_bad_batches:
                 raise NonFiniteLoss(
-                    f"{exp.row} seed {spec.seed} {spec.phase}: non-finite loss ({float(loss.detach())}) at epoch "
+                    f"{exp.row} seed {spec.seed} {spec.phase}: non-finite loss ({value}) at epoch "
                     f"{epoch}, step {step} (global step {loop.global_step}); no weights were written for this step"
                 )
             state.optimizer.zero_grad(set_to_none=True)
             continue
         _step(state, loss, hp.grad_clip)
-        loss_sum += float(loss.detach())
+        loss_sum += value
         count += 1
         loop.global_step += 1
         bar.update()
