@@ -534,7 +534,7 @@ def bare_run(config: Config) -> dict[str, float]:
 
 
 def bench_trainer(quick: bool) -> list[dict]:
-    epochs, reps, per_class = (1, 2, 16) if quick else (2, 5, 64)
+    epochs, reps, per_class = (1, 2, 16) if quick else (2, 15, 64)  # short runs: many repetitions
     with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
         tmp = Path(tmp)
         config = trainer_config(tmp, epochs, per_class, val=10)
