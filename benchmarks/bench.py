@@ -67,7 +67,7 @@ TARGET_STEP_OVERHEAD_PCT = 3.0  # pruner.step adds <= 3% to a resnet50 training 
 TARGET_TRAIN_BYTES = 1.0  # mask bytes per pruned weight while training
 TARGET_CKPT_BITS = 1.0  # mask bits per pruned weight in a checkpoint
 TARGET_TRAINER_RATIO = 0.99  # project loop samples/s >= 0.99x a bare loop
-TARGET_LOADER_RATIO = 2.0  # vision training images/s per loader worker, after / before (float32 crops handed over)
+TARGET_LOADER_RATIO = 2.0  # vision training images/s per loader worker, after / before (float32 crops)
 
 # DeepSpeech 2: configs/paper.yaml's deepspeech2 row (161 log-spectrogram bins) for selection and memory.
 PAPER_DS2 = load_config(ROOT / "configs" / "paper.yaml", check_models=False).row("deepspeech2")
