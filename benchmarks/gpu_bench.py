@@ -91,13 +91,9 @@ def compare_decoders(config, row: str, device: torch.device, count: int = 64) ->
     exp = config.experiment(row)
     files = vision_data.samples(exp, exp.data.train_dir)[:count]
     cpu = vision_data.ImageFolderData(files, exp.data, train=True, in_memory=False)
-    on_device = dataclasses.replace(exp.data, decode="device")
-    readers = vision_data.ImageFolderData(files, on_device, train=True, in_memory=False)
     keys = [(i, 1000 + i) for i in range(len(files))]
     workers_crops = default_collate([cpu[key] for key in keys])[0].to(device)
-    device_crops = vision_data.decode_crops(
-        vision_data.collate_encoded([readers[k] for k in keys])[0], device
-    )
+    device_crops = vision_data.decode_crops(encoded_batch(exp, files, keys), device)
     diff = (workers_crops.int() - device_crops.int()).abs()
     return {
         "images": len(files),
@@ -110,9 +106,7 @@ def decode_rate(config, row: str, device: torch.device, repeats: int = 5) -> flo
     """Images/s of the device's part alone (decode, crop, flip) on one training batch of encoded files."""
     exp = config.experiment(row)
     files = vision_data.samples(exp, exp.data.train_dir)[: exp.train.batch_size]
-    on_device = dataclasses.replace(exp.data, decode="device")
-    readers = vision_data.ImageFolderData(files, on_device, train=True, in_memory=False)
-    batch = vision_data.collate_encoded([readers[(i, i)] for i in range(len(files))])[0]
+    batch = encoded_batch(exp, files, [(i, i) for i in range(len(files))])
     vision_data.decode_crops(batch, device)  # warm-up: nvJPEG's handles, kernels
     synchronize(device)
     start = time.perf_counter()
@@ -120,6 +114,13 @@ def decode_rate(config, row: str, device: torch.device, repeats: int = 5) -> flo
         vision_data.decode_crops(batch, device)
     synchronize(device)
     return repeats * len(files) / (time.perf_counter() - start)
+
+
+def encoded_batch(exp, files: list, keys: list) -> vision_data.EncodedCrops:
+    """The `decode: device` workers' batch of these (index, seed) keys."""
+    on_device = dataclasses.replace(exp.data, decode="device")
+    readers = vision_data.ImageFolderData(files, on_device, train=True, in_memory=False)
+    return vision_data.collate_encoded([readers[key] for key in keys])[0]
 
 
 def synchronize(device: torch.device) -> None:
