@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import sacrebleu
 import torch
@@ -184,6 +185,47 @@ def test_corpus_bleu_matches_sacrebleu():
     assert ours["bleu4"] == pytest.approx(theirs.score, abs=1e-3)
 
 
+def _noisy_corpus(n_items: int, seed: int):
+    """References of random words and hypotheses copied from one of them with words dropped or replaced."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(30)]
+    references, hypotheses = [], []
+    for _ in range(n_items):
+        refs = [list(rng.choice(words, size=rng.integers(6, 12))) for _ in range(3)]
+        hyp = [w if rng.random() > 0.3 else str(rng.choice(words)) for w in refs[0] if rng.random() > 0.25]
+        references.append(refs)
+        hypotheses.append(hyp or ["w0"])
+    return references, hypotheses
+
+
+@pytest.mark.parametrize("short", [True, False])
+def test_bleu4_item_shares_average_to_coco_bleu4(short):
+    references, hypotheses = _noisy_corpus(40, seed=1)
+    if not short:  # long hypotheses: no brevity penalty
+        hypotheses = [h + refs[1] for h, refs in zip(hypotheses, references, strict=True)]
+    statistics = cap_metric.bleu_statistics(references, hypotheses)
+    ratio = sum(statistics["testlen"]) / sum(statistics["reflen"])
+    assert (ratio < 1) == short
+    coco = cap_metric.corpus_bleu(references, hypotheses)["bleu4"]
+    assert np.mean(cap_metric.bleu4_item_shares(statistics)) == pytest.approx(coco, rel=1e-9)
+
+
+def test_bleu4_item_shares_spread_matches_a_bootstrap_over_items():
+    # the delta method's standard error (the shares' spread / sqrt(n)) against resampling the items
+    statistics = cap_metric.bleu_statistics(*_noisy_corpus(300, seed=2))
+    shares = np.asarray(cap_metric.bleu4_item_shares(statistics))
+    delta_se = shares.std(ddof=1) / math.sqrt(len(shares))
+    correct, guess = np.asarray(statistics["correct"]), np.asarray(statistics["guess"])
+    test, ref = np.asarray(statistics["testlen"]), np.asarray(statistics["reflen"])
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, len(shares), len(shares)) for _ in range(2000)]
+    boot = [
+        cap_metric.bleu4_from_sums(correct[i].sum(0), guess[i].sum(0), test[i].sum(), ref[i].sum())
+        for i in draws
+    ]
+    assert delta_se == pytest.approx(np.std(boot, ddof=1), rel=0.1)
+
+
 def test_scenes_are_deterministic_and_karpathy(tmp_path):
     a = scenes.generate(tmp_path / "a", seed=3, splits=(6, 2, 2), image_size=32)
     b = scenes.generate(tmp_path / "b", seed=3, splits=(6, 2, 2), image_size=32)
@@ -266,7 +308,9 @@ def test_end_to_end_on_tiny_scenes(tmp_path):
 
     metrics, shown, items = cap_metric.evaluate(model, exp, "val", "cpu", n_samples=3)
     assert set(metrics) == {"bleu1", "bleu2", "bleu3", "bleu4"}
-    assert items is None  # BLEU is a corpus statistic: no per-item outcomes, the interval is over seeds only
+    # per image, its share of BLEU-4: their mean is the corpus BLEU-4 (the report's interval resamples them)
+    assert len(items["shares"]) == len(items["bleu_statistics"]["testlen"]) == 8
+    assert np.mean(items["shares"]) == pytest.approx(metrics["bleu4"], rel=1e-9, abs=1e-9)
     assert all(0.0 <= v <= 100.0 for v in metrics.values()) and metrics["bleu1"] > 0
     assert len(shown) == 3 and all(s["hypothesis"] and s["image"].endswith(".png") for s in shown)
     assert set(cap_metric.monitor(model, exp, "cpu")) == set(metrics)

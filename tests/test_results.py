@@ -100,6 +100,11 @@ def test_item_shares_average_to_the_metric_and_pair_only_on_one_test_set():
     )  # 2 errors: 60 x 3 / 10
     assert item_differences([one], [{"test_items": vision}]) is None  # other items: no pairing
     assert item_differences([one], [{"test": {}}]) is None  # an evaluation written before items were kept
+    # shares the track computed itself (captioning's linearised BLEU-4) pair with shares only
+    bleu = {"test_items": {"shares": [30.0, 10.0, 20.0], "bleu_statistics": {}}}
+    other_bleu = {"test_items": {"shares": [25.0, 15.0, 20.0], "bleu_statistics": {}}}
+    assert item_differences([bleu], [other_bleu])[0].tolist() == pytest.approx([5.0, -5.0, 0.0])
+    assert item_differences([bleu], [one]) is None
 
 
 def test_verdict_respects_direction_of_metric():

@@ -26,7 +26,7 @@ def _names(rows: list[str]) -> str:
 
 
 def _over_items(comparison: pd.DataFrame) -> str:
-    """Which rows' intervals also count the test set's draw (per-item outcomes kept; BLEU has none)."""
+    """Which rows' intervals also count the test set's draw (evaluations that kept per-item outcomes)."""
     if "interval_over" not in comparison:
         return ""
     with_items = _rows(comparison, comparison["interval_over"] == "seeds and test items")

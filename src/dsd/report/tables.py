@@ -84,7 +84,10 @@ def paired_ci_items(differences, confidence: float = 0.95) -> tuple[float, float
 
 def item_shares(items: dict) -> np.ndarray:
     """Each test item's share of the headline metric, so that the metric is their mean: 100 x errors x n /
-    total units (vision: top-1 error per image, unit 1; speech: word errors per utterance, units = words)."""
+    total units (vision: top-1 error per image, unit 1; speech: word errors per utterance, units = words), or
+    the shares the track computed itself (captioning: BLEU-4 linearised)."""
+    if "shares" in items:
+        return np.asarray(items["shares"], dtype=float)
     errors = np.asarray(items["errors"], dtype=float)
     units = np.asarray(items["units"], dtype=float) if items.get("units") else np.ones_like(errors)
     return 100.0 * errors * len(errors) / units.sum()
@@ -97,10 +100,11 @@ def item_differences(dsd_evals: list[dict], control_evals: list[dict]) -> np.nda
     if not all("test_items" in a and "test_items" in b for a, b in pairs):
         return None
     units = {json.dumps(e["test_items"].get("units")) for e in (*dsd_evals, *control_evals)}
-    lengths = {len(e["test_items"]["errors"]) for e in (*dsd_evals, *control_evals)}
-    if len(units) != 1 or len(lengths) != 1:
+    kinds = {"shares" in e["test_items"] for e in (*dsd_evals, *control_evals)}
+    shares = [(item_shares(a["test_items"]), item_shares(b["test_items"])) for a, b in pairs]
+    if len(units) != 1 or len(kinds) != 1 or len({len(x) for pair in shares for x in pair}) != 1:
         return None
-    return np.stack([item_shares(a["test_items"]) - item_shares(b["test_items"]) for a, b in pairs])
+    return np.stack([a - b for a, b in shares])
 
 
 def detectable_difference(
