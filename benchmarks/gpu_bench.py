@@ -149,7 +149,7 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str) -> dict:
         )
     )
     wait = busy = 0.0
-    utilisation = []
+    utilisation, losses = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(warmup + steps):
@@ -161,6 +161,9 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str) -> dict:
         fetched = time.perf_counter()
         with distributed.autocast(state.dtype):
             loss = vision_metric.loss(state.model, batch, device)
+        losses.append(
+            float(loss.detach())
+        )  # the trainer's one wait per step (its finiteness guard), timed too
         _step(state, loss, exp.train.grad_clip)
         wait += fetched - before
         if step >= warmup and step % 10 == 0 and (value := gpu_utilisation(device)) is not None:
@@ -181,6 +184,7 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str) -> dict:
         "channels_last": distributed.prefers_channels_last(state.model, device),
         "workers": config.options.workers,
         "steps": steps,
+        "last_loss": losses[-1],
         "images_per_s": images_per_s,
         "data_wait_fraction": wait / busy,
         "gpu_utilisation_pct": float(np.mean(utilisation)) if utilisation else None,

@@ -1,6 +1,7 @@
 """`make bench` itself: a quick run of every section into a temporary folder (the committed figures untouched)."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -38,6 +39,9 @@ def test_gpu_bench_runs_the_paper_rows_data_path_and_step(tmp_path):
     for result in summary["rows"]:
         assert result["row"] == "resnet18" and result["batch_size"] == 2 and result["images_per_s"] > 0
         assert 0 <= result["data_wait_fraction"] < 1 and result["workers"] >= 1
+        assert (
+            math.isfinite(result["last_loss"]) and result["last_loss"] > 0
+        )  # read every step, as the trainer
         # paper.yaml: sparse 45 + re-dense 45 epochs, and the control's as many
         assert result["epochs_per_seed"] == 2 * (45 + 45)
     assert "| resnet18 | device | 1 |" in (tmp_path / "summary.md").read_text()
