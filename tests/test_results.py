@@ -221,6 +221,10 @@ def test_verdict_stability_between_two_runs_is_generated():
     second = first.assign(verdict=["no significant difference", "no significant difference"])
     frame = claims.stability(first, second)
     assert frame["same"].tolist() == [True, False]
+    with_numbers = claims.stability(
+        first.assign(dsd_minus_control_mean=[0.1, 0.5]), second.assign(dsd_minus_control_mean=[0.2, 0.3])
+    )
+    assert with_numbers["dsd_minus_control_mean_second"].tolist() == [0.2, 0.3]
     text = claims.stability_sentence(frame, "threads: 2")
     assert "same verdict on 1 of the 2 rows (b: DSD worse than control -> no significant difference)" in text
     assert "read them as undecided" in text and "undecided" not in claims.stability_sentence(

@@ -113,11 +113,19 @@ def paragraph(comparison: pd.DataFrame) -> str:
     return " ".join(text)
 
 
+STABILITY_COLUMNS = [
+    "verdict",
+    "dsd_minus_control_mean",
+    "dsd_minus_control_ci95_low",
+    "dsd_minus_control_ci95_high",
+]
+
+
 def stability(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
-    """Per row, the verdicts of two runs that differ only in a setting that must not change results."""
-    both = first[["row", "verdict"]].merge(
-        second[["row", "verdict"]], on="row", suffixes=("_first", "_second")
-    )
+    """Per row, the verdicts of two runs that differ only in a setting that must not change results, with each
+    run's DSD - control difference and interval where the tables have them."""
+    columns = ["row"] + [c for c in STABILITY_COLUMNS if c in first and c in second]
+    both = first[columns].merge(second[columns], on="row", suffixes=("_first", "_second"))
     return both.assign(same=both["verdict_first"] == both["verdict_second"])
 
 
