@@ -225,6 +225,12 @@ def test_verdict_stability_between_two_runs_is_generated():
         first.assign(dsd_minus_control_mean=[0.1, 0.5]), second.assign(dsd_minus_control_mean=[0.2, 0.3])
     )
     assert with_numbers["dsd_minus_control_mean_second"].tolist() == [0.2, 0.3]
+    numbers = {"dsd_minus_control_mean": [0.1, 0.5], "dsd_minus_control_ci95_low": [-0.2, 0.1],
+               "dsd_minus_control_ci95_high": [0.4, 0.9]}  # fmt: skip
+    flip = claims.stability_sentence(claims.stability(first.assign(**numbers), second.assign(**numbers)), "x")
+    assert (
+        "b: DSD worse than control (DSD - control +0.50, 0.10 to 0.90) -> no significant difference (" in flip
+    )
     text = claims.stability_sentence(frame, "threads: 2")
     assert "same verdict on 1 of the 2 rows (b: DSD worse than control -> no significant difference)" in text
     assert "read them as undecided" in text and "undecided" not in claims.stability_sentence(

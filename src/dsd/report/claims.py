@@ -129,6 +129,15 @@ def stability(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
     return both.assign(same=both["verdict_first"] == both["verdict_second"])
 
 
+def _difference(row, run: str) -> str:
+    """' (DSD - control +0.29, 0.04 to 0.53)' where the stability table has the run's numbers."""
+    mean = getattr(row, f"dsd_minus_control_mean_{run}", None)
+    low, high = (getattr(row, f"dsd_minus_control_ci95_{end}_{run}", None) for end in ("low", "high"))
+    if mean is None or low is None or high is None:
+        return ""
+    return f" (DSD - control {mean:+.2f}, {low:.2f} to {high:.2f})"
+
+
 def stability_sentence(frame: pd.DataFrame, setting: str) -> str:
     changed = _rows(frame, ~frame["same"])
     text = (
@@ -137,7 +146,8 @@ def stability_sentence(frame: pd.DataFrame, setting: str) -> str:
     )
     if changed:
         flips = "; ".join(
-            f"{r.row}: {r.verdict_first} -> {r.verdict_second}" for r in frame[~frame["same"]].itertuples()
+            f"{r.row}: {r.verdict_first}{_difference(r, 'first')} -> {r.verdict_second}{_difference(r, 'second')}"
+            for r in frame[~frame["same"]].itertuples()
         )
         text += (
             f" ({flips}): the per-seed values move with CPU kernel arithmetic, and with these seeds the verdicts of "
