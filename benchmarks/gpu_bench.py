@@ -161,9 +161,8 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str) -> dict:
         fetched = time.perf_counter()
         with distributed.autocast(state.dtype):
             loss = vision_metric.loss(state.model, batch, device)
-        losses.append(
-            float(loss.detach())
-        )  # the trainer's one wait per step (its finiteness guard), timed too
+        # the trainer's one wait per step (its finiteness guard), timed too
+        losses.append(float(loss.detach()))
         _step(state, loss, exp.train.grad_clip)
         wait += fetched - before
         if step >= warmup and step % 10 == 0 and (value := gpu_utilisation(device)) is not None:
