@@ -20,14 +20,34 @@ def loss(model: ShowAndTell, batch, device) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=0)
 
 
+def _scorer(references: list[list[list[str]]], hypotheses: list[list[str]]):
+    """coco-caption's BLEU counting of every (hypothesis, references) pair, in item order."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    scorer = BleuScorer(n=4)
+    for refs, hyp in zip(references, hypotheses, strict=True):
+        scorer += (" ".join(hyp), [" ".join(r) for r in refs])
+    return scorer
+
+
+def _corpus_scores(scorer) -> dict[str, float]:
+    scores, _ = scorer.compute_score(option="closest", verbose=0)  # what coco-caption's Bleu(4) computes
+    return {f"bleu{n + 1}": 100.0 * float(s) for n, s in enumerate(scores)}
+
+
+def _statistics(scorer) -> dict[str, list]:
+    closest = [min((abs(r - c["testlen"]), r) for r in c["reflen"])[1] for c in scorer.ctest]
+    return {
+        "testlen": [c["testlen"] for c in scorer.ctest],
+        "reflen": closest,
+        "guess": [c["guess"] for c in scorer.ctest],
+        "correct": [c["correct"] for c in scorer.ctest],
+    }
+
+
 def corpus_bleu(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:
     """coco-caption corpus BLEU-1..4 in percent; inputs already tokenized (lower-case, no punctuation)."""
-    from pycocoevalcap.bleu.bleu import Bleu
-
-    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
-    res = {i: [" ".join(h)] for i, h in enumerate(hypotheses)}
-    scores, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {f"bleu{n + 1}": 100.0 * float(s) for n, s in enumerate(scores)}
+    return _corpus_scores(_scorer(references, hypotheses))
 
 
 # coco-caption's guards against empty counts, kept so that BLEU from the sums is coco-caption's to the last digit
@@ -37,18 +57,7 @@ _TINY, _SMALL = 1e-15, 1e-9
 def bleu_statistics(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, list]:
     """Per item, what corpus BLEU sums (coco-caption's counting): hypothesis length, the closest reference
     length, and per n-gram order (1-4) the hypothesis n-grams and those clipped-matched by a reference."""
-    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
-
-    scorer = BleuScorer(n=4)
-    for refs, hyp in zip(references, hypotheses, strict=True):
-        scorer += (" ".join(hyp), [" ".join(r) for r in refs])
-    closest = [min((abs(r - c["testlen"]), r) for r in c["reflen"])[1] for c in scorer.ctest]
-    return {
-        "testlen": [c["testlen"] for c in scorer.ctest],
-        "reflen": closest,
-        "guess": [c["guess"] for c in scorer.ctest],
-        "correct": [c["correct"] for c in scorer.ctest],
-    }
+    return _statistics(_scorer(references, hypotheses))
 
 
 def bleu4_from_sums(correct, guess, testlen: float, reflen: float) -> float:
@@ -105,10 +114,10 @@ def evaluate(model, exp: Experiment, split: str, device, n_samples: int = 0) -> 
         {"image": str(im.path), "reference": " ".join(im.captions[0]), "hypothesis": " ".join(h)}
         for im, h in zip(items[:n_samples], hypotheses[:n_samples], strict=True)
     ]
-    references = [list(im.captions) for im in items]
-    statistics = bleu_statistics(references, hypotheses)
+    scorer = _scorer([list(im.captions) for im in items], hypotheses)  # counted once for both
+    statistics = _statistics(scorer)
     per_item = {"shares": bleu4_item_shares(statistics), "bleu_statistics": statistics}
-    return corpus_bleu(references, hypotheses), samples, per_item
+    return _corpus_scores(scorer), samples, per_item
 
 
 def monitor(model, exp: Experiment, device) -> dict:
