@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -12,6 +13,7 @@ from dsd.report.tables import (
     detectable_difference,
     item_differences,
     item_shares,
+    joint_confidence,
     paired_ci,
     paired_ci_items,
     paper_headline,
@@ -105,6 +107,25 @@ def test_item_shares_average_to_the_metric_and_pair_only_on_one_test_set():
     other_bleu = {"test_items": {"shares": [25.0, 15.0, 20.0], "bleu_statistics": {}}}
     assert item_differences([bleu], [other_bleu])[0].tolist() == pytest.approx([5.0, -5.0, 0.0])
     assert item_differences([bleu], [one]) is None
+
+
+def test_joint_intervals_keep_a_whole_table_of_null_rows_free_of_verdicts_95_percent_of_the_time():
+    """Seven rows, no true effect in any: read alone, each row's 95% interval gives some row a verdict in about
+    30% of tables (1 - 0.95^7); the joint intervals (Bonferroni) in at most 5%."""
+    rng = np.random.default_rng(0)
+    tables = rng.normal(size=(1000, 7, 10))  # tables x rows x seeds' paired differences
+    joint = joint_confidence(7)
+    assert joint == pytest.approx(1 - 0.05 / 7) and joint_confidence(1) == 0.95
+
+    def any_verdict(confidence: float) -> float:
+        hits = [
+            any(paired_ci(row, confidence)[1] > 0 or paired_ci(row, confidence)[2] < 0 for row in t)
+            for t in tables
+        ]
+        return float(np.mean(hits))
+
+    assert 0.24 < any_verdict(0.95) < 0.36
+    assert any_verdict(joint) < 0.065
 
 
 def test_verdict_respects_direction_of_metric():
@@ -210,6 +231,17 @@ def test_the_result_sentences_come_from_the_table(tmp_path):
     readme.write_text("intro\n<!-- results:begin -->\nold words\n<!-- results:end -->\nrest\n")
     claims.fill_readme(readme, "results", changed)
     assert changed in readme.read_text() and "old words" not in readme.read_text()
+    table = table.assign(
+        joint_confidence=1 - 0.05 / 3,
+        verdict_row_alone=["DSD better than control", "DSD worse than control", "DSD worse than control"],
+        dsd_minus_control_ci95_low=[-0.5, 0.2, 0.1],
+        dsd_minus_control_ci95_high=[-0.1, 0.9, 3.0],
+    )
+    joint = claims.paragraph(table)
+    assert "at 95% for the 3 rows together (98.3% each, Bonferroni)" in joint
+    assert "read alone, would say otherwise on 1 (deepspeech: DSD worse than control, 0.10 to 3.00)" in joint
+    same = claims.paragraph(table.assign(verdict=table["verdict_row_alone"]))
+    assert "Each row's own 95% interval gives the same verdicts." in same
 
 
 def test_verdict_stability_between_two_runs_is_generated():
@@ -236,6 +268,16 @@ def test_verdict_stability_between_two_runs_is_generated():
     assert "read them as undecided" in text and "undecided" not in claims.stability_sentence(
         claims.stability(first, first), "threads: 2"
     )
+    # joint verdicts agree, each row's own 95% verdicts do not: the sentence says both, with the numbers of each
+    joint = {"dsd_minus_control_joint_low": [-0.4, -0.1], "dsd_minus_control_joint_high": [0.6, 1.1]}
+    one = first.assign(**numbers, **joint, verdict_row_alone=first["verdict"], verdict=second["verdict"])
+    two = second.assign(**numbers, **joint, verdict_row_alone=second["verdict"])
+    both = claims.stability(one, two)
+    text = claims.stability_sentence(both, "x")
+    assert "same verdict on 2 of the 2 rows. Judged by each row's own 95% interval" in text
+    assert (
+        "would differ on 1 (b: DSD worse than control (DSD - control +0.50, 0.10 to 0.90) -> no sig" in text
+    )
 
 
 def test_the_study_block_of_the_readme_is_filled_from_its_own_table(tmp_path):
@@ -259,7 +301,7 @@ def test_the_study_block_of_the_readme_is_filled_from_its_own_table(tmp_path):
     )
     assert main(["readme", "--section", "study", "--tables", str(tables), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "over 5 seeds excludes zero in DSD's favour on 1 row (a)" in text and "| a |" in text
+    assert "over 5 seeds, at 95%, excludes zero in DSD's favour on 1 row (a)" in text and "| a |" in text
     assert "kept" in text and "A second fresh run" not in text  # the main table's block is left alone
     second = tmp_path / "second_study"  # a second study with a setting that must not matter
     second.mkdir()

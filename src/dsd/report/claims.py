@@ -45,6 +45,28 @@ def _flat_seeds(comparison: pd.DataFrame) -> str:
     return f"; single seeds' trends, with more chance in them, met it in {flat} of {total} dense runs"
 
 
+def _joint(comparison: pd.DataFrame) -> str:
+    """How the verdicts' intervals hold: 'at 95% for the 7 rows together (99.3% each, Bonferroni)'."""
+    levels = comparison.get("joint_confidence")
+    if levels is None or levels.isna().all() or len(comparison) == 1:
+        return "at 95%"
+    return f"at 95% for the {len(comparison)} rows together ({100 * levels.iloc[0]:.1f}% each, Bonferroni)"
+
+
+def _rows_alone(comparison: pd.DataFrame) -> str:
+    """Where a row's own 95% interval, uncorrected for the table's other rows, would give another verdict."""
+    if "verdict_row_alone" not in comparison or len(comparison) == 1:
+        return ""
+    differ = comparison[comparison["verdict_row_alone"] != comparison["verdict"]]
+    if differ.empty:
+        return " Each row's own 95% interval gives the same verdicts."
+    cases = "; ".join(
+        f"{r.row}: {r.verdict_row_alone}, {r.dsd_minus_control_ci95_low:.2f} to {r.dsd_minus_control_ci95_high:.2f}"
+        for r in differ.itertuples()
+    )
+    return f" Each row's own 95% interval, read alone, would say otherwise on {len(differ)} ({cases})."
+
+
 def paragraph(comparison: pd.DataFrame) -> str:
     """What the table says: DSD against its dense baseline and against the equal-epoch control, per row."""
     n = len(comparison)
@@ -61,15 +83,16 @@ def paragraph(comparison: pd.DataFrame) -> str:
         + (f" (not on {_names(not_better)})" if not_better else "")
         + ".",
         f"Against the dense model trained for the same total number of epochs (the equal-epoch control), the paired "
-        f"95% interval of DSD - control over {'/'.join(map(str, seeds))} seeds{_over_items(comparison)} excludes "
-        f"zero in DSD's favour on "
+        f"interval of DSD - control over {'/'.join(map(str, seeds))} seeds{_over_items(comparison)}, "
+        f"{_joint(comparison)}, excludes zero in DSD's favour on "
         f"{len(beat)} row{'s' if len(beat) != 1 else ''}"
         + (f" ({_names(beat)})" if beat else "")
         + f", includes zero on {len(tie)}"
         + (f" ({_names(tie)})" if tie else "")
         + f", and favours the control on {len(worse)}"
         + (f" ({_names(worse)})" if worse else "")
-        + ".",
+        + "."
+        + _rows_alone(comparison),
     ]
     if len(beat) == 0 and better_than_base:
         text.append(
@@ -80,7 +103,8 @@ def paragraph(comparison: pd.DataFrame) -> str:
     if detectable is not None and detectable.notna().any():
         relative = 100.0 * detectable / comparison["control_mean"].abs()
         sentence = (
-            f"With these seeds and test sets, a true DSD - control difference is detected 80% of the time (95% test) from "
+            f"With these seeds and test sets, a true DSD - control difference is detected 80% of the time (by that "
+            f"joint test) from "
             f"{relative.min():.0f}% to {relative.max():.0f}% of the control's value, depending on the row (column "
             f"`detectable_difference`)"
         )
@@ -116,6 +140,9 @@ def paragraph(comparison: pd.DataFrame) -> str:
 STABILITY_COLUMNS = [
     "verdict",
     "dsd_minus_control_mean",
+    "dsd_minus_control_joint_low",
+    "dsd_minus_control_joint_high",
+    "verdict_row_alone",
     "dsd_minus_control_ci95_low",
     "dsd_minus_control_ci95_high",
 ]
@@ -123,35 +150,51 @@ STABILITY_COLUMNS = [
 
 def stability(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
     """Per row, the verdicts of two runs that differ only in a setting that must not change results, with each
-    run's DSD - control difference and interval where the tables have them."""
+    run's DSD - control difference and intervals where the tables have them."""
     columns = ["row"] + [c for c in STABILITY_COLUMNS if c in first and c in second]
     both = first[columns].merge(second[columns], on="row", suffixes=("_first", "_second"))
-    return both.assign(same=both["verdict_first"] == both["verdict_second"])
+    both = both.assign(same=both["verdict_first"] == both["verdict_second"])
+    if "verdict_row_alone_first" in both:
+        both = both.assign(same_row_alone=both["verdict_row_alone_first"] == both["verdict_row_alone_second"])
+    return both
 
 
-def _difference(row, run: str) -> str:
-    """' (DSD - control +0.29, 0.04 to 0.53)' where the stability table has the run's numbers."""
+def _difference(row, run: str, interval: str = "joint") -> str:
+    """' (DSD - control +0.29, 0.04 to 0.53)' where the stability table has the run's numbers; tables written
+    before joint intervals have only each row's own (ci95)."""
     mean = getattr(row, f"dsd_minus_control_mean_{run}", None)
-    low, high = (getattr(row, f"dsd_minus_control_ci95_{end}_{run}", None) for end in ("low", "high"))
+    if getattr(row, f"dsd_minus_control_{interval}_low_{run}", None) is None:
+        interval = "ci95"
+    low, high = (getattr(row, f"dsd_minus_control_{interval}_{end}_{run}", None) for end in ("low", "high"))
     if mean is None or low is None or high is None:
         return ""
     return f" (DSD - control {mean:+.2f}, {low:.2f} to {high:.2f})"
 
 
+def _flips(frame: pd.DataFrame, verdict: str, interval: str) -> str:
+    return "; ".join(
+        f"{r.row}: {getattr(r, verdict + '_first')}{_difference(r, 'first', interval)} -> "
+        f"{getattr(r, verdict + '_second')}{_difference(r, 'second', interval)}"
+        for r in frame.itertuples()
+    )
+
+
 def stability_sentence(frame: pd.DataFrame, setting: str) -> str:
-    changed = _rows(frame, ~frame["same"])
+    changed = frame[~frame["same"]]
     text = (
         f"A second fresh run that differs only in {setting}, a setting that must not change a result, gives the "
         f"same verdict on {int(frame['same'].sum())} of the {len(frame)} rows"
     )
-    if changed:
-        flips = "; ".join(
-            f"{r.row}: {r.verdict_first}{_difference(r, 'first')} -> {r.verdict_second}{_difference(r, 'second')}"
-            for r in frame[~frame["same"]].itertuples()
-        )
+    if not changed.empty:
         text += (
-            f" ({flips}): the per-seed values move with CPU kernel arithmetic, and with these seeds the verdicts of "
-            "those rows do not hold across such runs; read them as undecided"
+            f" ({_flips(changed, 'verdict', 'joint')}): the per-seed values move with CPU kernel arithmetic, and "
+            "with these seeds the verdicts of those rows do not hold across such runs; read them as undecided"
+        )
+    if "same_row_alone" in frame and not frame["same_row_alone"].all():
+        alone = frame[~frame["same_row_alone"]]
+        text += (
+            f". Judged by each row's own 95% interval, without the correction for the table's {len(frame)} rows, "
+            f"the two runs would differ on {len(alone)} ({_flips(alone, 'verdict_row_alone', 'ci95')})"
         )
     return text + "."
 
