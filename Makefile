@@ -50,6 +50,7 @@ gpu-bench: $(STAMP)
 
 # one worker per core (pytest-xdist), a test file per worker at a time (module fixtures built once)
 test: $(STAMP)
+	@$(BIN)/python -c "import shutil, tempfile as t; d = t.gettempdir(); f = shutil.disk_usage(d).free / 2**30; print(f'make test: {f:.0f} GiB free under {d}; the suite writes up to ~7 GiB there at once' + (' (too little: expect write errors)' if f < 8 else ''))"
 	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 lint: $(STAMP)

@@ -16,6 +16,7 @@ from test_reliability import strip
 from dsd import paths
 from dsd.engine import checkpoint
 from dsd.errors import CheckpointError, DataError
+from dsd.tracks.speech import synthetic
 from dsd.tracks.vision import metric as vision_metric
 
 
@@ -73,6 +74,14 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path):
         assert str(small / "run") in error_line(result)
         leftovers = [p.name for p in (small / "run").iterdir()]
         assert leftovers == [], leftovers  # no temporary file, nothing that looks finished
+
+
+def test_a_full_disk_while_writing_audio_names_the_file(tmp_path):
+    """libsndfile says "problem with initialization of the flac decoder" when the disk is full."""
+    spec = synthetic.CorpusSpec(utterances_per_speaker={"train": 2, "dev": 1, "test": 1})
+    full = r"^\S+\.flac: cannot write the audio \(No space left on device\)$"
+    with tiny_filesystem(tmp_path / "small", size="16k") as small, pytest.raises(DataError, match=full):
+        synthetic.write_corpus(small / "corpus", spec)
 
 
 def test_a_read_only_run_folder_fails_before_training(tmp_path):

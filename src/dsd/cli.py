@@ -9,6 +9,7 @@ output. Reading a config imports no torch.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -396,5 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (DSDError, ValueError, FileNotFoundError, PermissionError) as err:
         print(f"dsd: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"dsd: error: {one_line(err)}", file=sys.stderr)  # names the file
         return 2
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from dsd.errors import DataError
 
 SAMPLE_RATE = 16_000
 ESPEAK_RATE = 22_050  # eSpeak NG's native output rate
@@ -215,8 +218,6 @@ def write_corpus(root: str | Path, spec: CorpusSpec, workers: int = 2) -> dict:
     Speaker ids are 1-based positions in SPEAKERS offset by 100 per split (1.., 101.., 201..); one chapter
     each. Speakers are synthesised `workers` at a time. Returns {split: number of utterances}.
     """
-    import soundfile as sf
-
     root = Path(root)
     jobs = [(split, k) for split, speakers in SPEAKERS.items() for k in range(len(speakers))]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -229,11 +230,26 @@ def write_corpus(root: str | Path, spec: CorpusSpec, workers: int = 2) -> dict:
         lines = []
         for u, (text, wav) in enumerate(utterances):
             uid = f"{speaker}-{chapter}-{u:04d}"
-            sf.write(folder / f"{uid}.flac", wav, SAMPLE_RATE, subtype="PCM_16")
+            write_flac(folder / f"{uid}.flac", wav)
             lines.append(f"{uid} {text.upper()}")
         (folder / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
         counts[split] += len(lines)
     return counts
+
+
+def write_flac(path: Path, wav: np.ndarray) -> None:
+    """libsndfile reports a full disk as a failure to start its FLAC encoder: name the file and the space left."""
+    import soundfile as sf
+
+    try:
+        sf.write(path, wav, SAMPLE_RATE, subtype="PCM_16")
+    except sf.LibsndfileError as err:
+        free = shutil.disk_usage(path.parent).free
+        said = err.error_string.removeprefix("Error : ").strip() or f"libsndfile error {err.code}"
+        reason = (
+            "No space left on device" if free < 2**20 else f"{said}; {free // 2**20} MiB free on its disk"
+        )
+        raise DataError(f"{path}: cannot write the audio ({reason})") from None
 
 
 def _worker(job: str, out: str) -> None:
