@@ -128,7 +128,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_row(config, row: str, steps: int, warmup: int, decode: str) -> dict:
+def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: int) -> dict:
     exp = config.experiment(row)
     exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, decode=decode))
     spec = config.phase(row, 0, "sparse1")
@@ -144,9 +144,7 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str) -> dict:
     dataset = vision_data.ImageFolderData(files * reps, exp.data, train=True, in_memory=False)
     collate = vision_data.collate_encoded if decode == "device" else None
     batches = iter(
-        loaders.loader(
-            dataset, exp.train.batch_size, train=True, workers=config.options.workers, collate_fn=collate
-        )
+        loaders.loader(dataset, exp.train.batch_size, train=True, workers=workers, collate_fn=collate)
     )
     wait = busy = 0.0
     utilisation, losses = [], []
@@ -181,7 +179,7 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str) -> dict:
         "batch_size": exp.train.batch_size,
         "precision": str(state.dtype).replace("torch.", "") if state.dtype else "fp32",
         "channels_last": distributed.prefers_channels_last(state.model, device),
-        "workers": config.options.workers,
+        "workers": workers,
         "steps": steps,
         "last_loss": losses[-1],
         "images_per_s": images_per_s,
@@ -193,6 +191,18 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str) -> dict:
         "epochs_per_seed": epochs,
         "projected_gpu_hours_per_seed": epochs * IMAGENET_TRAIN_IMAGES / images_per_s / 3600,
     }
+
+
+def report(results: list[dict], checks: dict, out: Path) -> None:
+    """The newest row on the console; the summary so far to disk (a long sweep keeps what it measured)."""
+    r = results[-1]
+    print(
+        f"{r['row']} decode={r['decode']} workers={r['workers']}: {r['images_per_s']:.0f} images/s, data wait "
+        f"{r['data_wait_fraction']:.0%}, {r['projected_gpu_hours_per_seed']:.1f} GPU-hours per seed",
+        flush=True,
+    )
+    (out / "summary.json").write_text(json.dumps({"decoders": checks, "rows": results}, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(results))
 
 
 def markdown(results: list[dict]) -> str:
@@ -219,7 +229,12 @@ def main() -> None:
         "--batch", type=int, default=None, help="override the rows' batch sizes (CPU smoke test)"
     )
     parser.add_argument(
-        "--workers", type=int, default=None, help="DataLoader workers (default: paper.yaml's auto)"
+        "--workers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="DataLoader workers, one or more values (a sweep: where `decode: device` stops paying); "
+        "default: paper.yaml's auto",
     )
     parser.add_argument(
         "--decode",
@@ -236,7 +251,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="dsd-gpu-bench-") as tmp:
         write_jpegs(Path(tmp), args.files)
-        config = paper_config(Path(tmp), args.rows, args.device, args.batch, args.workers)
+        config = paper_config(Path(tmp), args.rows, args.device, args.batch, (args.workers or [None])[0])
         device = torch.device(args.device)
         try:
             checks = compare_decoders(config, args.rows[0], device)
@@ -247,17 +262,10 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for row in args.rows:
-            for decode in args.decode:
-                results.append(bench_row(config, row, args.steps, args.warmup, decode))
-                r = results[-1]
-                print(
-                    f"{row} decode={decode} workers={r['workers']}: {r['images_per_s']:.0f} images/s, data wait "
-                    f"{r['data_wait_fraction']:.0%}, {r['projected_gpu_hours_per_seed']:.1f} GPU-hours per seed",
-                    flush=True,
-                )
-                summary = {"decoders": checks, "rows": results}
-                (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-                (out / "summary.md").write_text(markdown(results))
+            for workers in args.workers or [config.options.workers]:
+                for decode in args.decode:
+                    results.append(bench_row(config, row, args.steps, args.warmup, decode, workers))
+                    report(results, checks, out)
     print(markdown(results), end="")
 
 

@@ -24,18 +24,23 @@ def test_every_bench_section_runs_and_reports(tmp_path):
 
 def test_gpu_bench_runs_the_paper_rows_data_path_and_step(tmp_path):
     """`make gpu-bench`'s script, smoke-tested on the CPU: the paper's ResNet-18 row (full size, random weights)
-    on generated 500x375 JPEGs through our loader with a worker process, the pruner active, both decoding
-    paths (the same crops: bitwise on the CPU), a summary written."""
+    on generated 500x375 JPEGs through our loader with one and then two worker processes (a sweep), the pruner
+    active, both decoding paths (the same crops: bitwise on the CPU), a summary written."""
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_bench.py"), "--device", "cpu", "--rows", "resnet18",
-         "--steps", "2", "--warmup", "1", "--batch", "2", "--files", "4", "--workers", "1", "--out", str(tmp_path),
+         "--steps", "2", "--warmup", "1", "--batch", "2", "--files", "4", "--workers", "1", "2", "--out", str(tmp_path),
          "--decode", "cpu", "device"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["decoders"]["max_abs_levels"] == 0 and summary["decoders"]["device_images_per_s"] > 0
-    assert [r["decode"] for r in summary["rows"]] == ["cpu", "device"]
+    assert [(r["decode"], r["workers"]) for r in summary["rows"]] == [
+        ("cpu", 1),
+        ("device", 1),
+        ("cpu", 2),
+        ("device", 2),
+    ]
     for result in summary["rows"]:
         assert result["row"] == "resnet18" and result["batch_size"] == 2 and result["images_per_s"] > 0
         assert 0 <= result["data_wait_fraction"] < 1 and result["workers"] >= 1
