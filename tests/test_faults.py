@@ -3,6 +3,7 @@ corrupted and foreign checkpoints. Each ends as one line naming the file, and le
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_a_signal_in_the_last_epoch_finishes_the_phase_and_keeps_every_epoch(tmp
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path):
     config = parse(tiny_vision_config(tmp_path))
     prepare_data(config, "resnet18")
-    with tiny_filesystem(tmp_path / "small", size="16k") as small:
+    with tiny_filesystem(tmp_path / "small", size="128k") as small:  # the weights fit, the checkpoints not
         result = dsd_train(config, "dense", small / "run")
         assert "cannot write the checkpoint (No space left on device)" in error_line(result)
         assert str(small / "run") in error_line(result)
@@ -82,6 +83,17 @@ def test_a_full_disk_while_writing_audio_names_the_file(tmp_path):
     full = r"^\S+\.flac: cannot write the audio \(No space left on device\)$"
     with tiny_filesystem(tmp_path / "small", size="16k") as small, pytest.raises(DataError, match=full):
         synthetic.write_corpus(small / "corpus", spec)
+
+
+def test_a_disk_too_small_for_the_weights_fails_before_training(tmp_path):
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    with tiny_filesystem(tmp_path / "small", size="16k") as small:
+        result = dsd_train(config, "dense", small / "run")
+        assert re.search(
+            r"run: \d+ KiB free, less than the model's weights alone \(79 KiB\)", error_line(result)
+        )
+        assert "epoch" not in result.stdout
 
 
 def test_a_read_only_run_folder_fails_before_training(tmp_path):

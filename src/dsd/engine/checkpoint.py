@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import zipfile
 import zlib
 from pathlib import Path
@@ -61,6 +62,22 @@ def save(state: dict, path: str | Path) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: cannot write the checkpoint ({err.strerror or err})") from None
+
+
+def check_space(folder: str | Path, model: nn.Module) -> None:
+    """Fail before a phase trains, not at its end, where the run folder's disk cannot hold even the model's
+    weights (a checkpoint needs them and more: the optimizer's state, and room for the temporary copy)."""
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise CheckpointError(
+            f"{folder}: {_size(free)} free, less than the model's weights alone ({_size(need)}): "
+            "its checkpoint cannot be written"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def _not_a_checkpoint(path: Path) -> str | None:

@@ -142,6 +142,7 @@ def run_phase(
     if device.type == "cpu":
         torch.set_num_threads(options.threads)
     state = build(exp, spec, device, phases[0].lr)
+    checkpoint.check_space(out_dir, state.model)
     resume_path = paths.resume(out_dir)
     restore(state, resume_path, init, spec, identity)
     trained = state.model
