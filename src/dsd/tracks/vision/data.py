@@ -140,6 +140,7 @@ def _decode_files(batch: EncodedCrops, device) -> list[torch.Tensor]:
     workers) where the device's decoder cannot take a file, naming a file that neither decodes."""
     lengths = batch.lengths.tolist()
     files = list(torch.split(batch.files, [n for n in lengths if n > 0]))
+    wait_for_queued_work(device)
     try:
         return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
@@ -149,7 +150,18 @@ def _decode_files(batch: EncodedCrops, device) -> list[torch.Tensor]:
         ]
 
 
+def wait_for_queued_work(device) -> None:
+    """Drain the current CUDA stream before nvJPEG decodes. torchvision's GPU decoder takes its output blocks
+    from the caching allocator on this stream but writes them from its own stream without waiting for this
+    one, so a block freed here while queued kernels still read it (the last step's activations, say) is
+    overwritten under them: NaN losses on an H100 (make gpu-bench, decode: device) until this wait.
+    pytorch/vision#9606 describes the race; torchvision returns only after the decode, so it costs little."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor:
+    wait_for_queued_work(device)
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as err:
