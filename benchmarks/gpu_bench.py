@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import decode_jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -60,6 +61,28 @@ def write_jpegs(root: Path, count: int, classes: int = 4, size=(500, 375), seed:
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"img_{i:05d}.JPEG", quality=90)
 
 
+def write_odd_images(folder: Path, size=(500, 375)) -> list[tuple[str, int]]:
+    """The files ImageNet's training set holds besides baseline RGB JPEGs, each routed its own way under
+    `decode: device`: grayscale and CMYK JPEGs and a PNG named .JPEG (decoded by the workers), a progressive
+    and a 4:4:4 JPEG (nvJPEG's batched call, or the CPU where it refuses one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    coarse = rng.uniform(0, 255, size=(size[1] // 25 + 1, size[0] // 25 + 1, 3)).astype(np.uint8)
+    rgb = Image.fromarray(coarse).resize(size, Image.BICUBIC)
+    kinds = {
+        "grayscale": (rgb.convert("L"), {"format": "JPEG", "quality": 90}),
+        "cmyk": (rgb.convert("CMYK"), {"format": "JPEG", "quality": 90}),
+        "png": (rgb, {"format": "PNG"}),
+        "progressive": (rgb, {"format": "JPEG", "quality": 90, "progressive": True}),
+        "subsampling444": (rgb, {"format": "JPEG", "quality": 90, "subsampling": 0}),
+    }
+    files = []
+    for name, (image, options) in kinds.items():
+        image.save(folder / f"{name}.JPEG", **options)
+        files.append((str(folder / f"{name}.JPEG"), 0))
+    return files
+
+
 def paper_config(data_dir: Path, rows: list[str], device: str, batch_size: int | None, workers: int | None):
     raw = hparams.load_yaml(ROOT / "configs" / "paper.yaml")
     raw |= {"device": device, "data": {"imagenet": str(data_dir)}, "wandb": {"mode": "disabled"}}
@@ -84,22 +107,60 @@ def gpu_utilisation(device: torch.device) -> float | None:
         return None
 
 
-def compare_decoders(config, row: str, device: torch.device, count: int = 64) -> dict:
-    """The same draws through both paths: the workers' crops (libjpeg-turbo, CPU resize) against the device's."""
-    from torch.utils.data import default_collate
-
+def compare_decoders(config, row: str, device: torch.device, odd: list, count: int = 64) -> dict:
+    """The same draws through both paths: the workers' crops (libjpeg-turbo, CPU resize) against the device's,
+    on `count` training JPEGs and, one batch together with them, on each of the `odd` files."""
     exp = config.experiment(row)
     files = vision_data.samples(exp, exp.data.train_dir)[:count]
+    diff = crop_differences(exp, files + odd, device)
+    by_kind = {Path(path).stem: diff[len(files) + i] for i, (path, _) in enumerate(odd)}
+    return {
+        "images": len(files),
+        "mean_abs_levels": diff[: len(files)].float().mean().item(),
+        "max_abs_levels": diff[: len(files)].max().item(),
+        "odd_files_max_abs_levels": {kind: d.max().item() for kind, d in by_kind.items()},
+    }
+
+
+def crop_differences(exp, files: list, device: torch.device) -> torch.Tensor:
+    from torch.utils.data import default_collate
+
     cpu = vision_data.ImageFolderData(files, exp.data, train=True, in_memory=False)
     keys = [(i, 1000 + i) for i in range(len(files))]
     workers_crops = default_collate([cpu[key] for key in keys])[0].to(device)
     device_crops = vision_data.decode_crops(encoded_batch(exp, files, keys), device)
-    diff = (workers_crops.int() - device_crops.int()).abs()
-    return {
-        "images": len(files),
-        "mean_abs_levels": diff.float().mean().item(),
-        "max_abs_levels": diff.max().item(),
+    return (workers_crops.int() - device_crops.int()).abs()
+
+
+def decoder_race(config, row: str, device: torch.device, iterations: int = 40, tensors: int = 16) -> dict:
+    """Does decoding on the GPU write into memory that kernels queued before it still read? Each iteration
+    fills tensors the size of a decoded image, queues a spin kernel and then one sum per tensor, frees the
+    tensors while the sums wait, and decodes a batch (the allocator may hand the decoder the freed blocks):
+    an iteration whose sums come out wrong was corrupted. Run through our `decode_crops` (which drains the
+    stream first: expect 0) and through torchvision's `decode_jpeg` alone (the race: above 0 where nvJPEG's
+    hardware engine decodes, as on an H100)."""
+    exp = config.experiment(row)
+    files = vision_data.samples(exp, exp.data.train_dir)[:8]
+    batch = encoded_batch(exp, files, [(i, i) for i in range(len(files))])
+    raw = list(torch.split(batch.files, batch.lengths.tolist()))
+    size = decode_jpeg(raw[0]).shape  # the block size the decoder asks for
+    decoders = {
+        "decode_crops": lambda: vision_data.decode_crops(batch, device),
+        "decode_jpeg_alone": lambda: decode_jpeg(raw, device=device),
     }
+    corrupted = dict.fromkeys(decoders, 0)
+    for name, decode in decoders.items():
+        for _ in range(iterations):
+            values = [torch.full(size, i + 1, dtype=torch.uint8, device=device) for i in range(tensors)]
+            torch.cuda.synchronize(device)
+            torch.cuda._sleep(50_000_000)  # tens of ms of queued work ahead of the sums
+            sums = [v.sum() for v in values]
+            del values  # freed on this stream while the sums are still queued
+            decode()
+            torch.cuda.synchronize(device)
+            expected = [(i + 1) * math.prod(size) for i in range(tensors)]
+            corrupted[name] += [int(s) for s in sums] != expected
+    return {"iterations": iterations} | {f"corrupted_{name}": n for name, n in corrupted.items()}
 
 
 def decode_rate(config, row: str, device: torch.device, repeats: int = 5) -> float:
@@ -128,7 +189,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: int) -> dict:
+def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: int, compiled: bool) -> dict:
     exp = config.experiment(row)
     exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, decode=decode))
     spec = config.phase(row, 0, "sparse1")
@@ -139,6 +200,7 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: i
     state = trainer.build(exp, spec, device, sparse.lr)
     state.pruner = Pruner(state.model, sparse.sparsity, exclude=exp.prune.exclude, include=exp.prune.include)
     state.model.train()
+    forward = torch.compile(state.model) if compiled else state.model  # as the trainer's `compile: true`
     files = vision_data.samples(exp, exp.data.train_dir)
     reps = math.ceil((steps + warmup) * exp.train.batch_size / len(files))
     dataset = vision_data.ImageFolderData(files * reps, exp.data, train=True, in_memory=False)
@@ -158,7 +220,7 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: i
         batch = next(batches)
         fetched = time.perf_counter()
         with distributed.autocast(state.dtype):
-            loss = vision_metric.loss(state.model, batch, device)
+            loss = vision_metric.loss(forward, batch, device)
         # the trainer's one wait per step (its finiteness guard), timed too
         losses.append(float(loss.detach()))
         _step(state, loss, exp.train.grad_clip)
@@ -168,6 +230,8 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: i
     synchronize(device)
     busy = time.perf_counter() - start
     images_per_s = steps * exp.train.batch_size / busy
+    parameters = dict(state.model.named_parameters())
+    leaked = sum(int(parameters[n][m == 0].ne(0).sum()) for n, m in state.pruner.masks.items())
     after_dense = config.phase(row, 0, CONTROL).phases[1:]
     epochs = 2 * sum(p.epochs for p in after_dense)  # DSD's phases and the control's, the same epochs
     return {
@@ -180,7 +244,9 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: i
         "precision": str(state.dtype).replace("torch.", "") if state.dtype else "fp32",
         "channels_last": distributed.prefers_channels_last(state.model, device),
         "workers": workers,
+        "compile": compiled,
         "steps": steps,
+        "pruned_weights_nonzero": leaked,  # the masks hold after every step (0), compiled or not
         "last_loss": losses[-1],
         "images_per_s": images_per_s,
         "data_wait_fraction": wait / busy,
@@ -197,7 +263,8 @@ def report(results: list[dict], checks: dict, out: Path) -> None:
     """The newest row on the console; the summary so far to disk (a long sweep keeps what it measured)."""
     r = results[-1]
     print(
-        f"{r['row']} decode={r['decode']} workers={r['workers']}: {r['images_per_s']:.0f} images/s, data wait "
+        f"{r['row']} decode={r['decode']} workers={r['workers']} compile={r['compile']}: "
+        f"{r['images_per_s']:.0f} images/s, last loss {r['last_loss']:.3g}, data wait "
         f"{r['data_wait_fraction']:.0%}, {r['projected_gpu_hours_per_seed']:.1f} GPU-hours per seed",
         flush=True,
     )
@@ -206,15 +273,27 @@ def report(results: list[dict], checks: dict, out: Path) -> None:
 
 
 def markdown(results: list[dict]) -> str:
-    head = ("row", "decode", "workers", "device", "batch", "precision", "images/s", "data wait", "GPU util")
-    head += ("GPU-hours/seed",)
+    head = (
+        "row",
+        "decode",
+        "workers",
+        "compile",
+        "device",
+        "batch",
+        "precision",
+        "images/s",
+        "data wait",
+        "GPU util",
+    )
+    head += ("GPU-hours/seed", "last loss")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         util = f"{r['gpu_utilisation_pct']:.0f}%" if r["gpu_utilisation_pct"] is not None else "n/a"
         lines.append(
-            f"| {r['row']} | {r['decode']} | {r['workers']} | {r['device']} | {r['batch_size']} | "
+            f"| {r['row']} | {r['decode']} | {r['workers']} | {'yes' if r['compile'] else 'no'} | {r['device']} | "
+            f"{r['batch_size']} | "
             f"{r['precision']} | {r['images_per_s']:.0f} | {r['data_wait_fraction']:.0%} | {util} | "
-            f"{r['projected_gpu_hours_per_seed']:.1f} |"
+            f"{r['projected_gpu_hours_per_seed']:.1f} | {r['last_loss']:.3g} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -243,6 +322,13 @@ def main() -> None:
         choices=("cpu", "device"),
         help="data.decode values",
     )
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        default=["no"],
+        choices=("no", "yes"),
+        help="torch.compile the forward/backward (as `compile: true`); both values: a comparison",
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the script)")
     parser.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "gpu"), help="summary folder")
     args = parser.parse_args()
@@ -251,22 +337,42 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="dsd-gpu-bench-") as tmp:
         write_jpegs(Path(tmp), args.files)
+        odd = write_odd_images(Path(tmp) / "odd")
         config = paper_config(Path(tmp), args.rows, args.device, args.batch, (args.workers or [None])[0])
         device = torch.device(args.device)
-        try:
-            checks = compare_decoders(config, args.rows[0], device)
-            checks["device_images_per_s"] = decode_rate(config, args.rows[0], device)
-        except Exception as err:  # the throughput rows still run; the summary says what failed
-            checks = {"error": f"{type(err).__name__}: {err}"}
+        checks = {
+            "crops": attempt(compare_decoders, config, args.rows[0], device, odd),
+            "device_images_per_s": attempt(decode_rate, config, args.rows[0], device),
+            "race": attempt(decoder_race, config, args.rows[0], device) if device.type == "cuda" else None,
+        }
         print(f"decoders: {checks}", flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for row in args.rows:
             for workers in args.workers or [config.options.workers]:
                 for decode in args.decode:
-                    results.append(bench_row(config, row, args.steps, args.warmup, decode, workers))
-                    report(results, checks, out)
+                    for compiled in args.compile:
+                        result = bench_row(
+                            config, row, args.steps, args.warmup, decode, workers, compiled == "yes"
+                        )
+                        results.append(result)
+                        report(results, checks, out)
     print(markdown(results), end="")
+    unsound = [f"{r['row']} decode={r['decode']} workers={r['workers']}" for r in results if not sound(r)]
+    if unsound:  # a run that diverged or lost its masks measures nothing worth reporting
+        sys.exit(f"gpu_bench: non-finite loss or unmasked pruned weights in {', '.join(unsound)}")
+
+
+def attempt(check, *args):
+    """A check's result, or what failed (the throughput rows still run; the summary says so)."""
+    try:
+        return check(*args)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def sound(result: dict) -> bool:
+    return math.isfinite(result["last_loss"]) and result["pruned_weights_nonzero"] == 0
 
 
 if __name__ == "__main__":

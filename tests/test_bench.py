@@ -34,7 +34,12 @@ def test_gpu_bench_runs_the_paper_rows_data_path_and_step(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["decoders"]["max_abs_levels"] == 0 and summary["decoders"]["device_images_per_s"] > 0
+    crops = summary["decoders"]["crops"]
+    assert crops["max_abs_levels"] == 0 and summary["decoders"]["device_images_per_s"] > 0
+    # grayscale, CMYK, PNG, progressive, 4:4:4: each routed to a decoder, the same crops as the workers'
+    assert crops["odd_files_max_abs_levels"] == dict.fromkeys(
+        ["grayscale", "cmyk", "png", "progressive", "subsampling444"], 0
+    )
     assert [(r["decode"], r["workers"]) for r in summary["rows"]] == [
         ("cpu", 1),
         ("device", 1),
@@ -44,6 +49,7 @@ def test_gpu_bench_runs_the_paper_rows_data_path_and_step(tmp_path):
     for result in summary["rows"]:
         assert result["row"] == "resnet18" and result["batch_size"] == 2 and result["images_per_s"] > 0
         assert 0 <= result["data_wait_fraction"] < 1 and result["workers"] >= 1
+        assert result["pruned_weights_nonzero"] == 0 and result["compile"] is False
         assert (
             math.isfinite(result["last_loss"]) and result["last_loss"] > 0
         )  # read every step, as the trainer
