@@ -1,0 +1,118 @@
+"""Where a paper vision row's training step spends its time on a GPU, with the batch already on the device.
+
+    python benchmarks/gpu_step_profile.py cuda 0 googlenet > step_profile.txt
+
+Arguments: device (cuda; cpu is a smoke run), batch size (0: the row's), row. Prints the step time with and
+without the pruner, with and without the trainer's per-step loss read, each part synchronised on its own
+(forward, backward, optimizer, pruner), the step with float instead of bool masks (whose multiply the
+foreach kernels take on their fast path), and torch.profiler's tables by host and by device time. Random
+uint8 images and labels: no loader, no decoding; a random-weight model (nothing is downloaded).
+"""
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_bench  # noqa: E402
+
+from dsd.core.masks import Pruner  # noqa: E402
+from dsd.engine import distributed, trainer  # noqa: E402
+from dsd.engine.epoch import _step  # noqa: E402
+from dsd.tracks.vision import metric as vision_metric  # noqa: E402
+
+device_name, batch_size, row = (
+    sys.argv[1],
+    int(sys.argv[2]),
+    sys.argv[3] if len(sys.argv) > 3 else "googlenet",
+)
+tmp = Path(tempfile.mkdtemp())
+gpu_bench.write_jpegs(tmp, 8)
+config = gpu_bench.paper_config(tmp, [row], device_name, batch_size, 1)
+exp, spec = config.experiment(row), config.phase(row, 0, "sparse1")
+sparse = spec.recipe["sparse1"]
+device, _, _ = distributed.setup(config.options.device)
+state = trainer.build(exp, spec, device, sparse.lr)
+pruner = Pruner(state.model, sparse.sparsity, exclude=exp.prune.exclude, include=exp.prune.include)
+state.model.train()
+size = exp.train.batch_size
+images, labels = (
+    torch.randint(0, 255, (size, 3, 224, 224), dtype=torch.uint8),
+    torch.randint(0, 1000, (size,)),
+)
+if device.type == "cuda":
+    images, labels = images.pin_memory(), labels.pin_memory()
+batch = (images, labels)
+on_gpu = device.type == "cuda"
+
+
+def sync() -> None:
+    if on_gpu:
+        torch.cuda.synchronize()
+
+
+def step(read: bool = True) -> None:
+    with distributed.autocast(state.dtype):
+        loss = vision_metric.loss(state.model, batch, device)
+    if read:
+        float(loss.detach())
+    _step(state, loss, exp.train.grad_clip)
+
+
+def timed(n: int, **kwargs) -> float:
+    sync()
+    start = time.perf_counter()
+    for _ in range(n):
+        step(**kwargs)
+    sync()
+    return (time.perf_counter() - start) / n * 1e3
+
+
+steps = 40 if on_gpu else 2
+print(f"{row}: batch {size}, {state.dtype}, cudnn.benchmark {torch.backends.cudnn.benchmark}", flush=True)
+for _ in range(10 if on_gpu else 1):
+    step()
+state.pruner = pruner
+print(f"step, pruner on: {timed(steps):.1f} ms; no loss read: {timed(steps, read=False):.1f} ms", flush=True)
+state.pruner = None
+print(f"step, pruner off: {timed(steps):.1f} ms", flush=True)
+state.pruner = pruner
+parts = dict.fromkeys(("forward", "backward", "optimizer", "pruner"), 0.0)
+for _ in range(steps):
+    sync()
+    t0 = time.perf_counter()
+    with distributed.autocast(state.dtype):
+        loss = vision_metric.loss(state.model, batch, device)
+    float(loss.detach())
+    sync()
+    t1 = time.perf_counter()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    sync()
+    t2 = time.perf_counter()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    sync()
+    t3 = time.perf_counter()
+    pruner.step(state.optimizer)
+    sync()
+    t4 = time.perf_counter()
+    for part, a, b in (("forward", t0, t1), ("backward", t1, t2), ("optimizer", t2, t3), ("pruner", t3, t4)):
+        parts[part] += (b - a) / steps * 1e3
+print("parts ms:", {part: round(ms, 2) for part, ms in parts.items()}, flush=True)
+named = dict(state.model.named_parameters())
+pruner.masks = {n: m.to(named[n].dtype) for n, m in pruner.masks.items()}
+pruner._refresh_lists()  # the fused lists the masking reads
+print(f"step, float masks: {timed(steps):.1f} ms", flush=True)
+activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+with profile(activities=activities) as prof:
+    for _ in range(5 if on_gpu else 1):
+        step()
+    sync()
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
+if on_gpu:
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=40))
