@@ -277,6 +277,10 @@ def test_masks_hold_under_torch_compile_and_training_matches_eager(tmp_path):
         run = paths.run_dir(config.options.output_dir, "resnet18", 0, "sparse1")
         saved = checkpoint.load(paths.checkpoint(run))
         results[compiled] = saved
+        if not compiled:  # where the sparse phase started
+            dense = checkpoint.load(
+                paths.checkpoint(paths.run_dir(config.options.output_dir, "resnet18", 0, "dense"))
+            )
     eager, compiled = (results[k]["model"] for k in (False, True))
     masks = results[True]["pruner"]["masks"]
     assert masks, "the sparse phase saved no masks"
@@ -284,6 +288,11 @@ def test_masks_hold_under_torch_compile_and_training_matches_eager(tmp_path):
         pruned = compiled[name] == 0
         assert pruned.float().mean() >= 0.29, name  # the zeros stayed zero through every compiled step
         assert torch.equal(pruned, eager[name] == 0), name  # the same weights as eager training's zeros
-    for name, value in eager.items():  # reassociated sums, amplified by 6 steps (channels-last convolutions)
-        if value.is_floating_point():  # a missed mask or step would move weights by lr x grad, ~1e-2
-            torch.testing.assert_close(compiled[name], value, rtol=1e-3, atol=5e-4, msg=name)
+    # Compiled kernels round differently, and in a net this small one ReLU input within rounding of zero (seen:
+    # +8e-7 in float32, -7e-7 in float64) lands on the other side and moves a step's gradients by percents. So
+    # the two runs' weights are compared with how far the sparse phase moved them (here the gap is 0.25% of it;
+    # a compiled run training stale weights would be 100% apart, one skipping the last step about 6%, its LR share).
+    floats = [name for name, value in eager.items() if value.is_floating_point() and "running_" not in name]
+    gap = torch.cat([(compiled[n] - eager[n]).flatten() for n in floats]).norm()
+    moved = torch.cat([(eager[n] - dense["model"][n]).flatten() for n in floats]).norm()
+    assert gap < 0.05 * moved, (float(gap), float(moved))
