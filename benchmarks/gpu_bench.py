@@ -10,8 +10,11 @@ weights (nothing is downloaded). Reported per row and `data.decode` (cpu: the wo
 they read the files and draw the crops, nvJPEG decodes on the GPU): images/s after a warm-up, the fraction of
 the time the step loop waited for data, the GPU's utilisation (NVML, where installed), peak GPU memory, and the
 projected GPU-hours per seed of the row's DSD phases and equal-epoch control on ImageNet's 1,281,167 training
-images. First, the two decoding paths' crops of the same draws are compared (mean and largest difference in
-uint8 levels: nvJPEG's inverse DCT and the GPU's resize round differently from libjpeg-turbo's and the CPU's).
+images, and whether the run was sound: its last loss, and the pruned weights left nonzero (a non-finite loss or
+a leaked mask fails the script). `--compile yes` trains through torch.compile, as `compile: true`. First, the
+two decoding paths' crops of the same draws are compared (mean and largest difference in uint8 levels: nvJPEG's
+inverse DCT and the GPU's resize round differently from libjpeg-turbo's and the CPU's; also for grayscale,
+CMYK, PNG, progressive and 4:4:4 files), and on CUDA the decoder's write race is checked (`decoder_race`).
 The JPEGs are few and re-read from the page cache, so storage speed is not part of the figure.
 """
 
