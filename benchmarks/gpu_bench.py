@@ -152,6 +152,7 @@ def decoder_race(config, row: str, device: torch.device, iterations: int = 40, t
         "decode_jpeg_alone": lambda: decode_jpeg(raw, device=device),
     }
     corrupted = dict.fromkeys(decoders, 0)
+    expected = [(i + 1) * math.prod(size) for i in range(tensors)]
     for name, decode in decoders.items():
         for _ in range(iterations):
             values = [torch.full(size, i + 1, dtype=torch.uint8, device=device) for i in range(tensors)]
@@ -161,7 +162,6 @@ def decoder_race(config, row: str, device: torch.device, iterations: int = 40, t
             del values  # freed on this stream while the sums are still queued
             decode()
             torch.cuda.synchronize(device)
-            expected = [(i + 1) * math.prod(size) for i in range(tensors)]
             corrupted[name] += [int(s) for s in sums] != expected
     return {"iterations": iterations} | {f"corrupted_{name}": n for name, n in corrupted.items()}
 

@@ -51,8 +51,7 @@ on_gpu = device.type == "cuda"
 
 
 def sync() -> None:
-    if on_gpu:
-        torch.cuda.synchronize()
+    gpu_bench.synchronize(device)
 
 
 def step(read: bool = True) -> None:

@@ -140,9 +140,8 @@ def _decode_files(batch: EncodedCrops, device) -> list[torch.Tensor]:
     workers) where the device's decoder cannot take a file, naming a file that neither decodes."""
     lengths = batch.lengths.tolist()
     files = list(torch.split(batch.files, [n for n in lengths if n > 0]))
-    wait_for_queued_work(device)
     try:
-        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+        return _decode_jpeg(files, device)
     except RuntimeError:
         paths = [path for path, n in zip(batch.paths, lengths, strict=True) if n > 0]
         return [
@@ -150,21 +149,21 @@ def _decode_files(batch: EncodedCrops, device) -> list[torch.Tensor]:
         ]
 
 
-def wait_for_queued_work(device) -> None:
-    """Drain the current CUDA stream before nvJPEG decodes. torchvision's GPU decoder takes its output blocks
-    from the caching allocator on this stream but writes them from its own stream without waiting for this
-    one, so a block freed here while queued kernels still read it (the last step's activations, say) is
-    overwritten under them: NaN losses on an H100 (make gpu-bench, decode: device) until this wait.
-    pytorch/vision#9606 describes the race. The decode call already blocks until its own work is done, so the
-    extra wait should cost little; that has not been timed on a GPU yet."""
+def _decode_jpeg(data, device) -> torch.Tensor | list[torch.Tensor]:
+    """torchvision's decode_jpeg, after draining the current CUDA stream when it decodes there. Its GPU decoder
+    takes its output blocks from the caching allocator on this stream but writes them from its own stream
+    without waiting for this one, so a block freed here while queued kernels still read it (the last step's
+    activations, say) is overwritten under them: NaN losses on an H100 (make gpu-bench, decode: device) until
+    this wait. pytorch/vision#9606 describes the race. The decode call already blocks until its own work is
+    done, so the extra wait should cost little; that has not been timed on a GPU yet."""
     if torch.device(device).type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor:
-    wait_for_queued_work(device)
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return _decode_jpeg(data, device)
     except RuntimeError as err:
         if device.type == "cpu":
             raise DataError(f"{path}: cannot decode image (RuntimeError: {err})") from None
