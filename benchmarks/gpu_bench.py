@@ -11,7 +11,8 @@ they read the files and draw the crops, nvJPEG decodes on the GPU): images/s aft
 the time the step loop waited for data, the GPU's utilisation (NVML, where installed), peak GPU memory, and the
 projected GPU-hours per seed of the row's DSD phases and equal-epoch control on ImageNet's 1,281,167 training
 images, and whether the run was sound: its last loss, and the pruned weights left nonzero (a non-finite loss or
-a leaked mask fails the script). `--compile yes` trains through torch.compile, as `compile: true`. First, the
+a leaked mask fails the script). `--compile yes` trains through torch.compile, as `compile: true`
+(`reduce-overhead`: also `compile_mode: reduce-overhead`, which replays each step as CUDA graphs). First, the
 two decoding paths' crops of the same draws are compared (mean and largest difference in uint8 levels: nvJPEG's
 inverse DCT and the GPU's resize round differently from libjpeg-turbo's and the CPU's; also for grayscale,
 CMYK, PNG, progressive and 4:4:4 files), and on CUDA the decoder's write race is checked (`decoder_race`).
@@ -192,7 +193,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: int, compiled: bool) -> dict:
+def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: int, compiled: str) -> dict:
     exp = config.experiment(row)
     exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, decode=decode))
     spec = config.phase(row, 0, "sparse1")
@@ -203,7 +204,9 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: i
     state = trainer.build(exp, spec, device, sparse.lr)
     state.pruner = Pruner(state.model, sparse.sparsity, exclude=exp.prune.exclude, include=exp.prune.include)
     state.model.train()
-    forward = torch.compile(state.model) if compiled else state.model  # as the trainer's `compile: true`
+    forward = state.model  # as the trainer's `compile: true` (and `compile_mode`)
+    if compiled != "no":
+        forward = torch.compile(state.model, mode="default" if compiled == "yes" else compiled)
     files = vision_data.samples(exp, exp.data.train_dir)
     reps = math.ceil((steps + warmup) * exp.train.batch_size / len(files))
     dataset = vision_data.ImageFolderData(files * reps, exp.data, train=True, in_memory=False)
@@ -293,7 +296,7 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         util = f"{r['gpu_utilisation_pct']:.0f}%" if r["gpu_utilisation_pct"] is not None else "n/a"
         lines.append(
-            f"| {r['row']} | {r['decode']} | {r['workers']} | {'yes' if r['compile'] else 'no'} | {r['device']} | "
+            f"| {r['row']} | {r['decode']} | {r['workers']} | {r['compile']} | {r['device']} | "
             f"{r['batch_size']} | "
             f"{r['precision']} | {r['images_per_s']:.0f} | {r['data_wait_fraction']:.0%} | {util} | "
             f"{r['projected_gpu_hours_per_seed']:.1f} | {r['last_loss']:.3g} |"
@@ -329,8 +332,9 @@ def main() -> None:
         "--compile",
         nargs="+",
         default=["no"],
-        choices=("no", "yes"),
-        help="torch.compile the forward/backward (as `compile: true`); both values: a comparison",
+        choices=("no", "yes", "reduce-overhead"),
+        help="torch.compile the forward/backward (yes: as `compile: true`; reduce-overhead: also "
+        "`compile_mode: reduce-overhead`, CUDA graphs); several values: a comparison",
     )
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the script)")
     parser.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "gpu"), help="summary folder")
@@ -355,9 +359,7 @@ def main() -> None:
             for workers in args.workers or [config.options.workers]:
                 for decode in args.decode:
                     for compiled in args.compile:
-                        result = bench_row(
-                            config, row, args.steps, args.warmup, decode, workers, compiled == "yes"
-                        )
+                        result = bench_row(config, row, args.steps, args.warmup, decode, workers, compiled)
                         results.append(result)
                         report(results, checks, out)
     print(markdown(results), end="")

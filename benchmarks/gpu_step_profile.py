@@ -5,7 +5,8 @@
 Arguments: device (cuda; cpu is a smoke run), batch size (0: the row's), row. Prints the step time with and
 without the pruner, with and without the trainer's per-step loss read, each part synchronised on its own
 (forward, backward, optimizer, pruner), the step with float instead of bool masks (whose multiply the
-foreach kernels take on their fast path), and torch.profiler's tables by host and by device time. Random
+foreach kernels take on their fast path), torch.profiler's tables by host and by device time, and on CUDA the
+step compiled with CUDA graphs (`mode="reduce-overhead"`: whether kernel launches are the limit). Random
 uint8 images and labels: no loader, no decoding; a random-weight model (nothing is downloaded).
 """
 
@@ -115,3 +116,13 @@ with profile(activities=activities) as prof:
 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
 if on_gpu:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=40))
+if on_gpu:
+    # CUDA graphs replay the step's kernels without the host launching each one: a much shorter step here means
+    # the host's launches, not the kernels, are the limit
+    state.model = torch.compile(state.model, mode="reduce-overhead")
+    try:
+        for _ in range(5):
+            step()
+        print(f"step, compiled with CUDA graphs: {timed(steps):.1f} ms", flush=True)
+    except Exception as err:  # noqa: BLE001 - a finding to print, not a failure of the profile above
+        print(f"step, compiled with CUDA graphs: failed ({type(err).__name__}: {err})", flush=True)

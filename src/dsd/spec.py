@@ -176,6 +176,11 @@ class RunOptions:
     compile: bool = option(
         False, "torch.compile the training forward/backward (masks are still applied after every step)"
     )
+    compile_mode: Literal["default", "reduce-overhead"] = option(
+        "default",
+        "torch.compile's mode when compile is on; reduce-overhead replays each step as CUDA graphs (GPU jobs: "
+        "for models whose many small kernels keep the GPU waiting on the host's launches)",
+    )
     wandb: Wandb = option(factory=Wandb, help="Weights & Biases tracking")
     cpu_isa: Literal["native", "avx2"] = option(
         "native",

@@ -14,6 +14,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,7 +151,11 @@ def run_phase(
         ids = [device] if device.type == "cuda" else None
         trained = torch.nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
     if options.compile:  # shares state.model's parameters, which the pruner masks in place after each step
-        trained = torch.compile(trained)
+        if world > 1 and options.compile_mode == "reduce-overhead":
+            warnings.warn(
+                "compile_mode reduce-overhead (CUDA graphs) has not been checked under DDP", stacklevel=2
+            )
+        trained = torch.compile(trained, mode=options.compile_mode)
     tracker = Tracker(
         options.wandb if rank == 0 else None,
         paths.wandb_dir(options.output_dir),
