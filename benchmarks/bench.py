@@ -1,8 +1,9 @@
 """Benchmarks of the DSD implementation against torch.nn.utils.prune and a bare PyTorch loop.
 
-Every timing figure is a ratio measured inside this one process: the variants run interleaved (A, B, then
-B, A on the next repetition, so slow drift of a shared machine hits both equally), one ratio per repetition,
-and the summary gives the median with the interquartile range and min-max of those per-repetition ratios.
+Every timing figure is a ratio measured inside one process, each section in a fresh interpreter of its own:
+the variants run interleaved (A, B, then B, A on the next repetition, so slow drift of a shared machine hits
+both equally), one ratio per repetition, and the summary gives the median with the interquartile range and
+min-max of those per-repetition ratios.
 Times are process CPU time by default (one thread; `--wall` for wall-clock).
 
     .venv/bin/python benchmarks/bench.py            # full run, < 10 minutes on a 2-core CPU
@@ -849,7 +850,7 @@ def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, floa
         f"{os.getloadavg()[0]:.1f} at the end; {sum(seconds.values()):.0f} s wall in all ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
         + ").",
-        "Timings are per-repetition ratios of interleaved A/B runs in one process: median "
+        "Timings are per-repetition ratios of interleaved A/B runs in one process (a fresh one per section): median "
         "(IQR, min-max over repetitions), measured in "
         + (
             "wall-clock time."
@@ -1147,26 +1148,41 @@ def bench_loader(quick: bool) -> list[dict]:
     return rows
 
 
-def run_sections(quick: bool) -> tuple[dict[str, pd.DataFrame | None], dict[str, float]]:
-    sections = {
-        "selection": lambda: pd.DataFrame(bench_selection(quick)),
-        "step": lambda: pd.DataFrame(bench_step(quick)),
-        "memory": lambda: pd.DataFrame(bench_memory(quick)),
-        "trainer": lambda: pd.DataFrame(bench_trainer(quick)),
-        "pipeline": lambda: pipeline_benchmarks(ROOT / "results" / "benchmarks" / "rules"),
-        "startup": lambda: pd.DataFrame(bench_startup(quick)),
-        "config": lambda: pd.DataFrame(bench_config_path(quick)),
-        "speech_memory": lambda: pd.DataFrame(bench_speech_memory(quick)),
-        "loader": lambda: pd.DataFrame(bench_loader(quick)),
-    }
+SECTIONS: dict[str, Callable[[bool], pd.DataFrame | None]] = {
+    "selection": lambda quick: pd.DataFrame(bench_selection(quick)),
+    "step": lambda quick: pd.DataFrame(bench_step(quick)),
+    "memory": lambda quick: pd.DataFrame(bench_memory(quick)),
+    "trainer": lambda quick: pd.DataFrame(bench_trainer(quick)),
+    "pipeline": lambda quick: pipeline_benchmarks(ROOT / "results" / "benchmarks" / "rules"),
+    "startup": lambda quick: pd.DataFrame(bench_startup(quick)),
+    "config": lambda quick: pd.DataFrame(bench_config_path(quick)),
+    "speech_memory": lambda quick: pd.DataFrame(bench_speech_memory(quick)),
+    "loader": lambda quick: pd.DataFrame(bench_loader(quick)),
+}
+
+
+def run_sections(quick: bool, wall: bool) -> tuple[dict[str, pd.DataFrame | None], dict[str, float]]:
+    """Each section in a fresh interpreter: what one section allocated and freed must not move another's
+    figures (in one process, the trainer ratio read 0.97-0.99x after the model-heavy sections and 0.993-0.996x
+    alone)."""
     results, seconds = {}, {}
-    for i, (name, fn) in enumerate(sections.items(), 1):
+    for i, name in enumerate(SECTIONS, 1):
         print(f"{i}. {name}", flush=True)
-        torch.set_num_threads(THREADS)  # run_phase sets it from the config (also THREADS)
         start = time.perf_counter()
-        results[name] = fn()
+        with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
+            result = Path(tmp) / f"{name}.pkl"
+            flags = ["--quick"] * quick + ["--wall"] * wall
+            subprocess.run(
+                [sys.executable, __file__, "--section", name, "--result", str(result), *flags], check=True
+            )
+            results[name] = pd.read_pickle(result)
         seconds[name] = time.perf_counter() - start
     return results, seconds
+
+
+def run_one_section(name: str, quick: bool, result: Path) -> None:
+    torch.set_num_threads(THREADS)  # run_phase sets it from the config (also THREADS)
+    pd.to_pickle(SECTIONS[name](quick), result)
 
 
 def write_csvs(results: dict[str, pd.DataFrame | None]) -> None:
@@ -1196,14 +1212,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~1-minute smoke run of every section")
     parser.add_argument("--wall", action="store_true", help="time with the wall clock instead of CPU time")
     parser.add_argument("--out", type=Path, default=OUT, help=f"where the CSVs and summary.md go ({OUT})")
+    # one section in this process, its table pickled to --result (how run_sections runs each section)
+    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     OUT = args.out
     clock = CLOCKS["wall" if args.wall else "cpu"]
     torch.set_num_threads(THREADS)
     pinned = pin_allocator()
+    if args.section:
+        run_one_section(args.section, args.quick, args.result)
+        return 0
     print(f"glibc malloc thresholds pinned: {pinned}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    results, seconds = run_sections(args.quick)
+    results, seconds = run_sections(args.quick, args.wall)
     write_csvs(results)
     text = summary(results, args.quick, "wall" if args.wall else "cpu", seconds)
     (OUT / "summary.md").write_text(text)
