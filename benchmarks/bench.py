@@ -546,6 +546,7 @@ def bare_run(config: Config) -> dict[str, float]:
         momentum=hp.momentum,
         nesterov=hp.nesterov,
         weight_decay=hp.weight_decay,
+        fused=True,  # as the trainer's (make_optimizer)
     )
     data = vision_data.dataset(exp, "train")
     epochs, per_epoch = int(phase.epochs), math.ceil(len(data) / hp.batch_size)
@@ -1051,6 +1052,26 @@ def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, floa
         "the worker reads the file, parses its header and draws the crop box and flip (the same draws, so the "
         "same crops); nvJPEG decodes and crops on the GPU. This row is the CPU's share per image; the GPU's side, "
         "and when each setting trains faster, is `make gpu-bench`'s (README, paper section).",
+        "",
+        "## 10. Optimizer step: torch's default SGD vs the fused one the trainer uses (no target)",
+        "",
+        table(
+            results["optimizer"].assign(
+                speedup=[fmt(r) for r in spread_rows(results["optimizer"], "speedup")]
+            ),
+            {
+                "model": "model",
+                "params": "params",
+                "tensors": "tensors",
+                "default_ms": "default ms",
+                "fused_ms": "fused ms",
+                "speedup": "default / fused",
+            },
+        ),
+        "",
+        "One `optimizer.step()` of SGD (momentum 0.9, weight decay 5e-4) over the model's parameters, gradients "
+        "given; default: torch's implementation for CPU tensors (tensor by tensor), fused: `fused=True`, as "
+        "`dsd.engine.trainer.make_optimizer` builds SGD, Adam and AdamW where the device has fused kernels.",
     ]
     return "\n".join(head) + "\n"
 
@@ -1148,6 +1169,39 @@ def bench_loader(quick: bool) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------ 10. optimizer step
+def bench_optimizer(quick: bool) -> list[dict]:
+    """One SGD step (momentum 0.9, weight decay 5e-4) over a model's parameters: torch's default
+    implementation for CPU tensors against the fused one the trainer builds (`make_optimizer`)."""
+    reps = 3 if quick else 15
+    rows = []
+    for name in ("resnet18", "resnet50") if quick else ("resnet18", "resnet50", "googlenet", "vgg16"):
+        model = models.get_model(
+            name, num_classes=1000, **({"init_weights": True} if name == "googlenet" else {})
+        )
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        settings = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
+        steppers = {
+            "default": torch.optim.SGD(model.parameters(), **settings),
+            "fused": torch.optim.SGD(model.parameters(), **settings, fused=True),
+        }
+        times = interleaved({k: lambda o=o: timed(o.step) for k, o in steppers.items()}, reps=reps, warmup=1)
+        stats = spread(ratios(times["default"], times["fused"]))
+        print(f"  optimizer {name}: default / fused {fmt(stats)}")
+        rows.append(
+            {
+                "model": name,
+                "params": sum(p.numel() for p in model.parameters()),
+                "tensors": len(list(model.parameters())),
+                "default_ms": 1e3 * statistics.median(times["default"]),
+                "fused_ms": 1e3 * statistics.median(times["fused"]),
+                **{f"speedup_{k}": v for k, v in stats.items()},
+            }
+        )
+    return rows
+
+
 SECTIONS: dict[str, Callable[[bool], pd.DataFrame | None]] = {
     "selection": lambda quick: pd.DataFrame(bench_selection(quick)),
     "step": lambda quick: pd.DataFrame(bench_step(quick)),
@@ -1158,6 +1212,7 @@ SECTIONS: dict[str, Callable[[bool], pd.DataFrame | None]] = {
     "config": lambda quick: pd.DataFrame(bench_config_path(quick)),
     "speech_memory": lambda quick: pd.DataFrame(bench_speech_memory(quick)),
     "loader": lambda quick: pd.DataFrame(bench_loader(quick)),
+    "optimizer": lambda quick: pd.DataFrame(bench_optimizer(quick)),
 }
 
 
@@ -1202,6 +1257,7 @@ def write_csvs(results: dict[str, pd.DataFrame | None]) -> None:
     results["config"].to_csv(OUT / "config_path.csv", index=False)
     results["speech_memory"].to_csv(OUT / "speech_memory.csv", index=False)
     results["loader"].to_csv(OUT / "loader.csv", index=False)
+    results["optimizer"].to_csv(OUT / "optimizer.csv", index=False)
     if results["pipeline"] is not None:
         results["pipeline"].to_csv(OUT / "pipeline.csv", index=False)
 

@@ -4,7 +4,8 @@
 
 Arguments: device (cuda; cpu is a smoke run), batch size (0: the row's), row. Prints the step time with and
 without the pruner, with and without the trainer's per-step loss read, each part synchronised on its own
-(forward, backward, optimizer, pruner), the step with float instead of bool masks (whose multiply the
+(forward, backward, optimizer, pruner), the step with torch's foreach optimizer instead of the trainer's
+fused one, the step with float instead of bool masks (whose multiply the
 foreach kernels take on their fast path), torch.profiler's tables by host and by device time, and on CUDA the
 step compiled with CUDA graphs (`mode="reduce-overhead"`: whether kernel launches are the limit). Random
 uint8 images and labels: no loader, no decoding; a random-weight model (nothing is downloaded).
@@ -81,6 +82,11 @@ print(f"step, pruner on: {timed(steps):.1f} ms; no loss read: {timed(steps, read
 state.pruner = None
 print(f"step, pruner off: {timed(steps):.1f} ms", flush=True)
 state.pruner = pruner
+fused = state.optimizer  # the trainer's (make_optimizer); torch's own default on CUDA is foreach
+state.optimizer = type(fused)(state.model.parameters(), **{**fused.defaults, "fused": None, "foreach": True})
+state.optimizer.state = fused.state  # the same momentum buffers
+print(f"step, foreach optimizer instead of fused: {timed(steps):.1f} ms", flush=True)
+state.optimizer = fused
 parts = dict.fromkeys(("forward", "backward", "optimizer", "pruner"), 0.0)
 for _ in range(steps):
     sync()

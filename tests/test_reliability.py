@@ -184,3 +184,14 @@ def test_non_finite_loss_stops_with_step_number(tmp_path):
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss .* at epoch 0, step \d+"):
         train(config, "resnet18", 0, "dense", out=out)
     assert not paths.metrics(out).exists() and not paths.checkpoint(out).exists()
+
+
+@pytest.mark.parametrize("optimizer, fused", [("sgd", True), ("adamw", True), ("rmsprop", None)])
+def test_the_trainer_builds_fused_optimizers_where_torch_has_them(tmp_path, optimizer, fused):
+    from dsd.engine.trainer import make_optimizer
+
+    raw = tiny_vision_config(tmp_path)
+    raw["experiments"]["resnet18"]["train"]["optimizer"] = optimizer
+    exp = parse(raw).experiment("resnet18")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    assert make_optimizer(model, exp, 0.1).defaults.get("fused") is fused
