@@ -282,3 +282,16 @@ def test_a_persistent_loader_gives_the_same_batches_for_any_worker_count_and_on_
     for a, b in zip(first[2:], resumed, strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(torch.cat([b[1] for b in first]), torch.cat([b[1] for b in second]))
+
+
+def test_a_batch_reaches_the_model_in_the_model_memory_layout():
+    """Channels-last where the trainer made the model channels-last, as it is otherwise: a batch in the other
+    layout is reordered inside the first convolution, forward and backward, every step."""
+    from dsd.tracks.vision.metric import in_layout_of
+
+    images = torch.rand(2, 3, 16, 16)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    assert in_layout_of(net, images).is_contiguous()
+    net = net.to(memory_format=torch.channels_last)
+    assert in_layout_of(net, images).is_contiguous(memory_format=torch.channels_last)
+    assert in_layout_of(torch.nn.Linear(3, 2), images) is images

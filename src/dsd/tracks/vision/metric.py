@@ -14,15 +14,24 @@ from dsd.tracks.vision.data import eval_loader, to_model_input
 
 def loss(model: nn.Module, batch, device: torch.device) -> torch.Tensor:
     images, labels = to_model_input(batch[0], device), batch[1].to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    out = model(images)
+    out = model(in_layout_of(model, images))
     if isinstance(out, models.GoogLeNetOutputs):
         weight = getattr(model, "aux_loss_weight", 0.3)
         return F.cross_entropy(out.logits, labels) + weight * (
             F.cross_entropy(out.aux_logits1, labels) + F.cross_entropy(out.aux_logits2, labels)
         )
     return F.cross_entropy(out, labels)
+
+
+def in_layout_of(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The batch in the model's memory layout, read off its first convolution's weight (channels-last where
+    the trainer chose it: `distributed.prefers_channels_last`). A batch in the other layout would be reordered
+    inside the first convolution, in the forward pass and again in the backward pass, every step."""
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    if weight is None or weight.is_contiguous():  # contiguous, or a shape where the two layouts coincide
+        return images
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 @torch.no_grad()
@@ -42,7 +51,7 @@ def _top_k(
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples, loss sum
     for images, labels in eval_loader(exp, split, batch_size, shard=True):
         images, labels = to_model_input(images, device), labels.to(device, non_blocking=True)
-        logits = model(images)
+        logits = model(in_layout_of(model, images))
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices == labels[:, None]
         batch = (hits[:, 0].sum(), hits.any(dim=1).sum(), labels.new_tensor(labels.numel()),
