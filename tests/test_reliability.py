@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import parse, prepare_data, tiny_vision_config, train
+from conftest import REPO, parse, prepare_data, tiny_vision_config, train
 
 from dsd import paths
 from dsd.engine import checkpoint
@@ -195,3 +195,23 @@ def test_the_trainer_builds_fused_optimizers_where_torch_has_them(tmp_path, opti
     exp = parse(raw).experiment("resnet18")
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     assert make_optimizer(model, exp, 0.1).defaults.get("fused") is fused
+
+
+def test_reduce_overhead_compiles_rows_with_changing_batch_shapes_in_the_default_mode(capsys):
+    """CUDA graphs are recorded per batch shape: one `compile_mode` for a whole pipeline graphs the vision
+    rows only, and each other row says in its log that it compiled in the default mode."""
+    import dataclasses
+
+    from dsd.config import load_config
+    from dsd.engine.trainer import compile_mode
+
+    config = load_config(REPO / "configs" / "default.yaml", check_models=False)
+    options = dataclasses.replace(config.options, compile=True, compile_mode="reduce-overhead")
+    modes = {
+        row: compile_mode(options, config.experiment(row), 1)
+        for row in ("resnet18", "deepspeech2", "neuraltalk")
+    }
+    assert modes == {"resnet18": "reduce-overhead", "deepspeech2": "default", "neuraltalk": "default"}
+    assert "deepspeech2: compile_mode reduce-overhead needs fixed batch shapes" in capsys.readouterr().err
+    plain = dataclasses.replace(options, compile_mode="default")
+    assert compile_mode(plain, config.experiment("deepspeech2"), 1) == "default"

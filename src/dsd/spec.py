@@ -179,7 +179,8 @@ class RunOptions:
     compile_mode: Literal["default", "reduce-overhead"] = option(
         "default",
         "torch.compile's mode when compile is on; reduce-overhead replays each step as CUDA graphs (GPU jobs: "
-        "for models whose many small kernels keep the GPU waiting on the host's launches)",
+        "for models whose many small kernels keep the GPU waiting on the host's launches; rows whose batch "
+        "shapes change every step, speech and captioning, compile in the default mode instead)",
     )
     wandb: Wandb = option(factory=Wandb, help="Weights & Biases tracking")
     cpu_isa: Literal["native", "avx2"] = option(

@@ -78,6 +78,26 @@ def make_optimizer(model: torch.nn.Module, exp: Experiment, lr: float) -> torch.
         return kind(params, lr=lr, weight_decay=hp.weight_decay, **settings)
 
 
+def compile_mode(options: RunOptions, exp: Experiment, world: int) -> str:
+    """torch.compile's mode for this row. CUDA graphs are recorded per batch shape, so rows whose shapes
+    change every step (speech, captioning) compile in the default mode under `reduce-overhead`: one setting
+    serves a whole pipeline."""
+    if options.compile_mode != "reduce-overhead":
+        return options.compile_mode
+    if not tracks.get(exp.track).config.FIXED_SHAPES:
+        print(
+            f"dsd: {exp.row}: compile_mode reduce-overhead needs fixed batch shapes, this row's change every "
+            "step: compiled in the default mode",
+            file=sys.stderr,
+        )
+        return "default"
+    if world > 1:
+        warnings.warn(
+            "compile_mode reduce-overhead (CUDA graphs) has not been checked under DDP", stacklevel=2
+        )
+    return "reduce-overhead"
+
+
 def phases_of(spec: PhaseSpec) -> tuple[int, tuple[Phase, ...]]:
     """(index of the phase in its recipe, the phases this job trains)."""
     if spec.phase == CONTROL:  # the chain is the dense phase, then the control's own phases
@@ -155,11 +175,7 @@ def run_phase(
         ids = [device] if device.type == "cuda" else None
         trained = torch.nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
     if options.compile:  # shares state.model's parameters, which the pruner masks in place after each step
-        if world > 1 and options.compile_mode == "reduce-overhead":
-            warnings.warn(
-                "compile_mode reduce-overhead (CUDA graphs) has not been checked under DDP", stacklevel=2
-            )
-        trained = torch.compile(trained, mode=options.compile_mode)
+        trained = torch.compile(trained, mode=compile_mode(options, exp, world))
     tracker = Tracker(
         options.wandb if rank == 0 else None,
         paths.wandb_dir(options.output_dir),
