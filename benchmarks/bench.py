@@ -923,7 +923,7 @@ def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, floa
         "model's state dict (torch) minus the dense state dict, per masked weight; the payload column is the "
         "packed masks alone (the rest is pickle/zip framing per tensor).",
         "",
-        f"## 4. Trainer overhead: dsd.train.run_phase vs a bare loop (target: >= {TARGET_TRAINER_RATIO:g}x "
+        f"## 4. Trainer overhead: dsd.engine.trainer.run_phase vs a bare loop (target: >= {TARGET_TRAINER_RATIO:g}x "
         "samples/s, training steps only)",
         "",
         "Both loops do the same arithmetic (initial weights, per-step LR) and are timed by the same loader "
