@@ -215,3 +215,22 @@ def test_reduce_overhead_compiles_rows_with_changing_batch_shapes_in_the_default
     assert "deepspeech2: compile_mode reduce-overhead needs fixed batch shapes" in capsys.readouterr().err
     plain = dataclasses.replace(options, compile_mode="default")
     assert compile_mode(plain, config.experiment("deepspeech2"), 1) == "default"
+
+
+def test_a_checkpoint_optimizer_state_loads_into_this_build_implementation():
+    """Momentum and settings come from the checkpoint; fused or not is this device's, whatever wrote it."""
+    from dsd.engine.trainer import load_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    old = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9, foreach=False
+    )  # as an older version wrote
+    model(torch.ones(1, 3)).sum().backward()
+    old.step()
+    fused = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, fused=True)
+    load_optimizer(fused, old.state_dict())
+    group = fused.param_groups[0]
+    assert group["fused"] is True and group["foreach"] is None and group["lr"] == 0.1
+    assert torch.equal(
+        fused.state[model.weight]["momentum_buffer"], old.state[model.weight]["momentum_buffer"]
+    )

@@ -78,6 +78,17 @@ def make_optimizer(model: torch.nn.Module, exp: Experiment, lr: float) -> torch.
         return kind(params, lr=lr, weight_decay=hp.weight_decay, **settings)
 
 
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """A checkpoint's optimizer state and settings, but this build's implementation (fused or not): the one
+    this device has, not the one of the machine or version that wrote the checkpoint."""
+    implementation = [
+        {k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups
+    ]
+    optimizer.load_state_dict(saved)
+    for group, keep in zip(optimizer.param_groups, implementation, strict=True):
+        group.update(keep)
+
+
 def compile_mode(options: RunOptions, exp: Experiment, world: int) -> str:
     """torch.compile's mode for this row. CUDA graphs are recorded per batch shape, so rows whose shapes
     change every step (speech, captioning) compile in the default mode under `reduce-overhead`: one setting
@@ -126,7 +137,7 @@ def restore(
     saved = resume.load_resume(resume_path, identity)
     if saved is not None:
         checkpoint.load_model(state.model, saved, resume_path)
-        state.optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer(state.optimizer, saved["optimizer"])
         state.scaler.load_state_dict(saved["scaler"])
         if saved.get("pruner") is not None:
             state.pruner = Pruner.from_state_dict(state.model, saved["pruner"])
@@ -138,7 +149,7 @@ def restore(
     previous = spec.previous()
     saved = resume.load_init(init, resume.identity(previous, identity["data_fingerprint"]))
     checkpoint.load_model(state.model, saved, init)
-    state.optimizer.load_state_dict(saved["optimizer"])  # momentum carries over; LR is set per step
+    load_optimizer(state.optimizer, saved["optimizer"])  # momentum carries over; LR is set per step
     if saved.get("pruner") is not None:  # coming out of a sparse phase: drop the mask (re-dense)
         Pruner.from_state_dict(state.model, saved["pruner"]).remove(state.optimizer)
 
