@@ -48,7 +48,8 @@ OPTIMIZERS = {
     "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-1),
-    # fused kernels, as the trainer builds them (make_optimizer): the state they keep must be masked too
+    # foreach (torch's default on CUDA) and fused kernels (the trainer's, make_optimizer): their state too
+    "sgd_foreach": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3, foreach=True),
     "sgd_nesterov_fused": lambda p: torch.optim.SGD(
         p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, fused=True
     ),
