@@ -5,7 +5,8 @@
 Arguments: device (cuda; cpu is a smoke run), batch size (0: the row's), row. Prints the step time with and
 without the pruner, with and without the trainer's per-step loss read, each part synchronised on its own
 (forward, backward, optimizer, pruner), the step with torch's foreach optimizer instead of the trainer's
-fused one, the step with float instead of bool masks (whose multiply the
+fused one, the step with model and batch in the other memory layout (NCHW where the trainer chose
+channels-last), the step with float instead of bool masks (whose multiply the
 foreach kernels take on their fast path), torch.profiler's tables by host and by device time, and on CUDA the
 step compiled with CUDA graphs (`mode="reduce-overhead"`: whether kernel launches are the limit). Random
 uint8 images and labels: no loader, no decoding; a random-weight model (nothing is downloaded).
@@ -110,9 +111,32 @@ for _ in range(steps):
     for part, a, b in (("forward", t0, t1), ("backward", t1, t2), ("optimizer", t2, t3), ("pruner", t3, t4)):
         parts[part] += (b - a) / steps * 1e3
 print("parts ms:", {part: round(ms, 2) for part, ms in parts.items()}, flush=True)
-named = dict(state.model.named_parameters())
-pruner.masks = {n: m.to(named[n].dtype) for n, m in pruner.masks.items()}
-pruner._refresh_lists()  # the fused lists the masking reads
+
+
+def relayout(layout: torch.memory_format, mask_dtype=None) -> None:
+    """Model, masks and (emptied) optimizer state in `layout`; the batch follows the model (`in_layout_of`)."""
+    state.model.to(memory_format=layout)
+    state.optimizer.state.clear()  # momentum buffers are made again, in the new layout, at the next step
+    named = dict(state.model.named_parameters())
+    pruner.masks = {
+        n: m.to(dtype=mask_dtype or m.dtype, memory_format=layout if m.dim() == 4 else torch.preserve_format)
+        for n, m in pruner.masks.items()
+    }
+    pruner._refresh_lists()  # the fused lists the masking reads
+    for name, mask in pruner.masks.items():
+        assert mask.stride() == named[name].stride(), name
+
+
+layout = (
+    torch.channels_last if distributed.prefers_channels_last(state.model, device) else torch.contiguous_format
+)
+other = torch.contiguous_format if layout == torch.channels_last else torch.channels_last
+relayout(other)
+for _ in range(3):
+    step()
+print(f"step, model and batch {'NCHW' if other == torch.contiguous_format else 'channels-last'} instead: "
+      f"{timed(steps):.1f} ms", flush=True)  # fmt: skip
+relayout(layout, mask_dtype=next(state.model.parameters()).dtype)
 print(f"step, float masks: {timed(steps):.1f} ms", flush=True)
 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
 with profile(activities=activities) as prof:

@@ -60,6 +60,19 @@ def test_gpu_bench_runs_the_paper_rows_data_path_and_step(tmp_path):
     assert "| resnet18 | device | 1 |" in (tmp_path / "summary.md").read_text()
 
 
+def test_gpu_step_profile_prints_every_variant_of_the_step():
+    """The GPU step profile, smoke-tested on the CPU so that a GPU session's device time is not spent on a
+    broken script: each variant of the step is timed (the CUDA-graph one is GPU-only)."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_step_profile.py"), "cpu", "2", "resnet18"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for line in ("step, pruner on:", "step, pruner off:", "step, foreach optimizer instead of fused:",
+                 "parts ms:", "step, model and batch NCHW instead:", "step, float masks:"):  # fmt: skip
+        assert line in done.stdout, line
+
+
 def test_gpu_compile_check_trains_each_variant_through_the_trainer():
     """The GPU script that compares eager, compiled and CUDA-graph training, smoke-tested on the CPU (where
     reduce-overhead forms no graphs): every variant keeps its masks, and the compiled runs stay near eager."""
