@@ -93,6 +93,10 @@ def unpack_mask(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool)).view(shape)
 
 
+def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
 class Pruner:
     """Prunes a model's weights per tensor by magnitude and keeps them pruned until `remove()`.
 
@@ -134,8 +138,10 @@ class Pruner:
         self.apply()
 
     def _refresh_lists(self) -> None:
+        """The lists the masking multiplies. Bool masks enter as uint8 views of the same bytes (no copy): the
+        same products, and the CPU's multiply by uint8 is faster than by bool (`make bench` section 2)."""
         self._param_list = list(self._params.values())
-        self._mask_list = [self.masks[n] for n in self._params]
+        self._mask_list = [_as_uint8(self.masks[n]) for n in self._params]
 
     @torch.no_grad()
     def apply(self) -> None:
