@@ -1235,11 +1235,6 @@ def run_sections(quick: bool, wall: bool) -> tuple[dict[str, pd.DataFrame | None
     return results, seconds
 
 
-def run_one_section(name: str, quick: bool, result: Path) -> None:
-    torch.set_num_threads(THREADS)  # run_phase sets it from the config (also THREADS)
-    pd.to_pickle(SECTIONS[name](quick), result)
-
-
 def write_csvs(results: dict[str, pd.DataFrame | None]) -> None:
     sel = results["selection"]
     raw = [
@@ -1277,7 +1272,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(THREADS)
     pinned = pin_allocator()
     if args.section:
-        run_one_section(args.section, args.quick, args.result)
+        pd.to_pickle(SECTIONS[args.section](args.quick), args.result)
         return 0
     print(f"glibc malloc thresholds pinned: {pinned}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
