@@ -8,10 +8,12 @@ without the pruner, with and without the trainer's per-step loss read, each part
 fused one, the step with model and batch in the other memory layout (NCHW where the trainer chose
 channels-last), the step with float instead of bool masks (whose multiply the
 foreach kernels take on their fast path), torch.profiler's tables by host and by device time, and on CUDA the
-step compiled with CUDA graphs (`mode="reduce-overhead"`: whether kernel launches are the limit). Random
+step compiled with CUDA graphs (`mode="reduce-overhead"`: whether kernel launches are the limit; `--no-graphs`
+skips it). Random
 uint8 images and labels: no loader, no decoding; a random-weight model (nothing is downloaded).
 """
 
+import argparse
 import sys
 import tempfile
 import time
@@ -28,11 +30,14 @@ from dsd.engine import distributed, trainer  # noqa: E402
 from dsd.engine.epoch import _step  # noqa: E402
 from dsd.tracks.vision import metric as vision_metric  # noqa: E402
 
-device_name, batch_size, row = (
-    sys.argv[1],
-    int(sys.argv[2]),
-    sys.argv[3] if len(sys.argv) > 3 else "googlenet",
-)
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("device", help="cuda, or cpu for a smoke run")
+parser.add_argument("batch_size", type=int, help="0: the row's")
+parser.add_argument("row", nargs="?", default="googlenet")
+parser.add_argument("--steps", type=int, default=0, help="steps per timing (0: 40 on a GPU, 2 on the CPU)")
+parser.add_argument("--no-graphs", action="store_true", help="skip the step compiled with CUDA graphs")
+args = parser.parse_args()
+device_name, batch_size, row = args.device, args.batch_size, args.row
 tmp = Path(tempfile.mkdtemp())
 gpu_bench.write_jpegs(tmp, 8)
 config = gpu_bench.paper_config(tmp, [row], device_name, batch_size, 1)
@@ -74,7 +79,7 @@ def timed(n: int, **kwargs) -> float:
     return (time.perf_counter() - start) / n * 1e3
 
 
-steps = 40 if on_gpu else 2
+steps = args.steps or (40 if on_gpu else 2)
 print(f"{row}: batch {size}, {state.dtype}, cudnn.benchmark {torch.backends.cudnn.benchmark}", flush=True)
 for _ in range(10 if on_gpu else 1):
     step()
@@ -146,7 +151,7 @@ with profile(activities=activities) as prof:
 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
 if on_gpu:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=40))
-if on_gpu:
+if on_gpu and not args.no_graphs:
     # CUDA graphs replay the step's kernels without the host launching each one: a much shorter step here means
     # the host's launches, not the kernels, are the limit
     state.model = torch.compile(state.model, mode="reduce-overhead")
