@@ -73,6 +73,28 @@ def test_two_rank_ddp_matches_single_process(tmp_path):
         assert torch.all(result["model"][name][~mask] == 0)
 
 
+LOSSES = {0: [float("nan"), 0.5, 2.0], 1: [1.5, float("inf"), 3.0]}  # per rank, step by step
+
+
+def step_loss_main(rank, world, init_file, out_file):
+    from dsd.engine.distributed import step_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save([step_loss(torch.tensor(loss), world) for loss in LOSSES[rank]], f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """The trainer skips a step whose loss is not finite (`train.max_bad_batches`): under DDP every rank must
+    skip the same steps, or their gradient all-reduces pair different steps."""
+    out = tmp_path / "seen"
+    mp.spawn(step_loss_main, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    for rank in (0, 1):
+        seen = torch.load(f"{out}.{rank}", weights_only=True)
+        assert [finite for _, finite in seen] == [False, False, True], rank
+        assert seen[1 - rank][0] == LOSSES[rank][1 - rank] and seen[2][0] == LOSSES[rank][2]  # its own loss
+
+
 def test_a_job_asking_for_two_gpus_trains_under_torchrun(tmp_path):
     """`gpus_per_job: 2` starts each phase under torchrun: here two gloo ranks on the CPU, rank 0 writing."""
     config = tiny_vision_config(tmp_path, seeds=[0], gpus_per_job=2)

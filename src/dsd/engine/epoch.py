@@ -3,7 +3,6 @@ optimizer state back to zero). A signal stops it at the next step boundary with 
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -48,12 +47,17 @@ def train_epoch(
             loss = loop.track.metric.loss(loop.trained, batch, loop.device)
         # the step's one wait for the device, before backward: read after the step, the value would wait for
         # the whole step, and the next batch could not be queued meanwhile
-        value = float(loss.detach())
-        if not math.isfinite(value):
+        value, finite = distributed.step_loss(loss, loop.world)
+        if not finite:  # on this rank or another
             bad += 1
             if bad > hp.max_bad_batches:
+                where = (
+                    ""
+                    if loop.world == 1
+                    else f" on rank {torch.distributed.get_rank()}; non-finite on some rank"
+                )
                 raise NonFiniteLoss(
-                    f"{exp.row} seed {spec.seed} {spec.phase}: non-finite loss ({value}) at epoch "
+                    f"{exp.row} seed {spec.seed} {spec.phase}: non-finite loss ({value}{where}) at epoch "
                     f"{epoch}, step {step} (global step {loop.global_step}); no weights were written for this step"
                 )
             state.optimizer.zero_grad(set_to_none=True)
