@@ -44,7 +44,7 @@ from dsd.config import parse_config  # noqa: E402
 from dsd.core.masks import Pruner  # noqa: E402
 from dsd.core.schedule import CONTROL  # noqa: E402
 from dsd.engine import distributed, loaders, trainer  # noqa: E402
-from dsd.engine.epoch import _step  # noqa: E402
+from dsd.engine.epoch import LossRead, _step, defers_loss_read  # noqa: E402
 from dsd.tracks.vision import data as vision_data  # noqa: E402
 from dsd.tracks.vision import metric as vision_metric  # noqa: E402
 
@@ -188,6 +188,21 @@ def encoded_batch(exp, files: list, keys: list) -> vision_data.EncodedCrops:
     return vision_data.collate_encoded([readers[key] for key in keys])[0]
 
 
+def trainer_step(state, loss, grad_clip, pending, losses: list, waiting: bool = False):
+    """The rest of the trainer's step after the forward pass (`dsd.engine.epoch.train_epoch`): with a fused
+    optimizer the loss is read one step late and a non-finite step skipped on the device, else the host waits
+    for the loss before backward. Appends read losses; returns this step's pending read."""
+    if waiting or not defers_loss_read(state):
+        losses.append(float(loss.detach()))
+        _step(state, loss, grad_clip)
+        return None
+    flag = distributed.non_finite_flag(loss, 1)
+    _step(state, loss, grad_clip, found_inf=flag)
+    if pending is not None:
+        losses.append(pending.read()[0])
+    return LossRead(loss, flag, 0)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -215,7 +230,7 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: i
         loaders.loader(dataset, exp.train.batch_size, train=True, workers=workers, collate_fn=collate)
     )
     wait = busy = 0.0
-    utilisation, losses = [], []
+    utilisation, losses, pending = [], [], None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(warmup + steps):
@@ -227,14 +242,14 @@ def bench_row(config, row: str, steps: int, warmup: int, decode: str, workers: i
         fetched = time.perf_counter()
         with distributed.autocast(state.dtype):
             loss = vision_metric.loss(forward, batch, device)
-        # the trainer's one wait per step (its finiteness guard), timed too
-        losses.append(float(loss.detach()))
-        _step(state, loss, exp.train.grad_clip)
+        pending = trainer_step(state, loss, exp.train.grad_clip, pending, losses)
         wait += fetched - before
         if step >= warmup and step % 10 == 0 and (value := gpu_utilisation(device)) is not None:
             utilisation.append(value)
     synchronize(device)
     busy = time.perf_counter() - start
+    if pending is not None:
+        losses.append(pending.read()[0])
     images_per_s = steps * exp.train.batch_size / busy
     parameters = dict(state.model.named_parameters())
     leaked = sum(int(parameters[n][m == 0].ne(0).sum()) for n, m in state.pruner.masks.items())

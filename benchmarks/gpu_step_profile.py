@@ -3,14 +3,14 @@
     python benchmarks/gpu_step_profile.py cuda 0 googlenet > step_profile.txt
 
 Arguments: device (cuda; cpu is a smoke run), batch size (0: the row's), row. Prints the step time with and
-without the pruner, with and without the trainer's per-step loss read, each part synchronised on its own
-(forward, backward, optimizer, pruner), the step with torch's foreach optimizer instead of the trainer's
-fused one, the step with model and batch in the other memory layout (NCHW where the trainer chose
-channels-last), the step with float instead of bool masks (whose multiply the
-foreach kernels take on their fast path), torch.profiler's tables by host and by device time, and on CUDA the
-step compiled with CUDA graphs (`mode="reduce-overhead"`: whether kernel launches are the limit; `--no-graphs`
-skips it). Random
-uint8 images and labels: no loader, no decoding; a random-weight model (nothing is downloaded).
+without the pruner, with the trainer's loss read (one step late with a fused optimizer), with the read before
+backward and with none; each part synchronised on its own (forward, backward, optimizer, pruner); the step with
+torch's foreach optimizer instead of the trainer's fused one; the step with model and batch in the other memory
+layout (NCHW where the trainer chose channels-last); the step with float instead of bool masks (whose multiply
+the foreach kernels take on their fast path); torch.profiler's tables by host and by device time; and on CUDA
+the step compiled with CUDA graphs (`mode="reduce-overhead"`: whether kernel launches are the limit;
+`--no-graphs` skips it). Random uint8 images and labels: no loader, no decoding; a random-weight model
+(nothing is downloaded).
 """
 
 import argparse
@@ -62,12 +62,19 @@ def sync() -> None:
     gpu_bench.synchronize(device)
 
 
-def step(read: bool = True) -> None:
+pending, losses = None, []
+
+
+def step(read: str = "trainer's") -> None:
+    """read: "trainer's" (one step late with a fused optimizer, `gpu_bench.trainer_step`), "waiting" (after
+    the forward pass, before backward) or "none"."""
+    global pending
     with distributed.autocast(state.dtype):
         loss = vision_metric.loss(state.model, batch, device)
-    if read:
-        float(loss.detach())
-    _step(state, loss, exp.train.grad_clip)
+    if read == "none":
+        _step(state, loss, exp.train.grad_clip)
+    else:
+        pending = gpu_bench.trainer_step(state, loss, exp.train.grad_clip, pending, losses, read == "waiting")
 
 
 def timed(n: int, **kwargs) -> float:
@@ -84,14 +91,17 @@ print(f"{row}: batch {size}, {state.dtype}, cudnn.benchmark {torch.backends.cudn
 for _ in range(10 if on_gpu else 1):
     step()
 state.pruner = pruner
-print(f"step, pruner on: {timed(steps):.1f} ms; no loss read: {timed(steps, read=False):.1f} ms", flush=True)
+print(f"step, pruner on: {timed(steps):.1f} ms; loss read before backward: {timed(steps, read='waiting'):.1f} ms; "
+      f"no loss read: {timed(steps, read='none'):.1f} ms", flush=True)  # fmt: skip
 state.pruner = None
 print(f"step, pruner off: {timed(steps):.1f} ms", flush=True)
 state.pruner = pruner
 fused = state.optimizer  # the trainer's (make_optimizer); torch's own default on CUDA is foreach
 state.optimizer = type(fused)(state.model.parameters(), **{**fused.defaults, "fused": None, "foreach": True})
 state.optimizer.state = fused.state  # the same momentum buffers
-print(f"step, foreach optimizer instead of fused: {timed(steps):.1f} ms", flush=True)
+print(
+    f"step, foreach optimizer instead of fused (the loss read then waits): {timed(steps):.1f} ms", flush=True
+)
 state.optimizer = fused
 parts = dict.fromkeys(("forward", "backward", "optimizer", "pruner"), 0.0)
 for _ in range(steps):

@@ -77,10 +77,14 @@ LOSSES = {0: [float("nan"), 0.5, 2.0], 1: [1.5, float("inf"), 3.0]}  # per rank,
 
 
 def step_loss_main(rank, world, init_file, out_file):
-    from dsd.engine.distributed import step_loss
+    from dsd.engine.distributed import non_finite_flag, step_loss
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.save([step_loss(torch.tensor(loss), world) for loss in LOSSES[rank]], f"{out_file}.{rank}")
+    waiting = [step_loss(torch.tensor(loss), world) for loss in LOSSES[rank]]
+    late = [
+        float(non_finite_flag(torch.tensor(loss), world)) for loss in LOSSES[rank]
+    ]  # the late read's flag
+    torch.save((waiting, late), f"{out_file}.{rank}")
     dist.destroy_process_group()
 
 
@@ -90,8 +94,8 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     out = tmp_path / "seen"
     mp.spawn(step_loss_main, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     for rank in (0, 1):
-        seen = torch.load(f"{out}.{rank}", weights_only=True)
-        assert [finite for _, finite in seen] == [False, False, True], rank
+        seen, flags = torch.load(f"{out}.{rank}", weights_only=True)
+        assert [finite for _, finite in seen] == [False, False, True] and flags == [1.0, 1.0, 0.0], rank
         assert seen[1 - rank][0] == LOSSES[rank][1 - rank] and seen[2][0] == LOSSES[rank][2]  # its own loss
 
 

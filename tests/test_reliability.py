@@ -1,6 +1,7 @@
 """Crashes, preemption and bad checkpoints: resumed runs equal uninterrupted ones bitwise on the CPU."""
 
 import argparse
+import functools
 import json
 import signal
 import subprocess
@@ -184,6 +185,61 @@ def test_non_finite_loss_stops_with_step_number(tmp_path):
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss .* at epoch 0, step \d+"):
         train(config, "resnet18", 0, "dense", out=out)
     assert not paths.metrics(out).exists() and not paths.checkpoint(out).exists()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_loss_read_one_step_late_skips_a_non_finite_step_as_the_waiting_read_does(
+    tmp_path, monkeypatch, optimizer
+):
+    """With a fused optimizer the trainer reads each step's loss one step late, and the optimizer skips a
+    non-finite step on the device (`found_inf`): the same weights, optimizer state and epoch record as the
+    read that waits for the forward pass and skips the step on the host (`train.max_bad_batches: 1`, the
+    third step's loss made NaN)."""
+    from dsd.engine import epoch
+    from dsd.tracks.vision import metric
+
+    raw = tiny_vision_config(tmp_path)
+    raw["experiments"]["resnet18"]["train"] |= {
+        "optimizer": optimizer,
+        "max_bad_batches": 1,
+        "max_steps_per_epoch": 4,
+    }
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    real_loss, calls, deferred = metric.loss, [], []
+
+    def loss_nan_at_third_step(*args):
+        calls.append(None)
+        value = real_loss(*args)
+        return value * float("nan") if len(calls) == 3 else value
+
+    monkeypatch.setattr(metric, "loss", loss_nan_at_third_step)
+    real_defers, runs = epoch.defers_loss_read, {}
+
+    def defers(state, mode):
+        deferred.append(mode == "late" and real_defers(state))
+        return deferred[-1]
+
+    for mode in ("late", "waiting"):
+        calls.clear()
+        monkeypatch.setattr(epoch, "defers_loss_read", functools.partial(defers, mode=mode))
+        out = tmp_path / mode
+        metrics = train(config, "resnet18", 0, "dense", out=out)
+        runs[mode] = (checkpoint.load(paths.checkpoint(out)), metrics)
+    assert any(deferred)  # the late read ran (from the second step on)
+    late, waiting = runs["late"][0], runs["waiting"][0]
+    for name, value in waiting["model"].items():
+        assert torch.equal(late["model"][name], value), name
+
+    def records(run):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in run["history"]]
+
+    assert records(late) == records(waiting)
+    assert waiting["history"][0]["bad_batches"] == 1 and waiting["history"][0]["steps"] == 3
+    late_state, waiting_state = late["optimizer"]["state"], waiting["optimizer"]["state"]
+    for key, state in waiting_state.items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(late_state[key][field]), torch.as_tensor(value)), (key, field)
 
 
 @pytest.mark.parametrize("optimizer, fused", [("sgd", True), ("adamw", True), ("rmsprop", None)])

@@ -84,6 +84,15 @@ def step_loss(loss: torch.Tensor, world: int) -> tuple[float, bool]:
     return value, bad_ranks == 0
 
 
+def non_finite_flag(loss: torch.Tensor, world: int) -> torch.Tensor:
+    """1.0 on the device where the loss is not finite on some rank, else 0.0; nothing waits for it."""
+    flag = (~torch.isfinite(loss.detach())).float().reshape(())
+    if world > 1:
+        torch.distributed.all_reduce(flag)
+        flag = flag.clamp(max=1.0)
+    return flag
+
+
 def mean_over_ranks(value: float, device: torch.device, world: int) -> float:
     if world == 1:
         return value

@@ -27,6 +27,8 @@ def train_epoch(
     if skip:  # mid-epoch resume: continue the random streams exactly where the signal stopped them
         resume.set_rng_state(partial["rng"])
     loss_sum, count, bad = (partial.get(k, 0) for k in ("loss_sum", "count", "bad")) if skip else (0.0, 0, 0)
+    tally = Tally(loop, epoch, loss_sum, count, bad)
+    pending = None  # the last step's loss, read one step late (defers_loss_read)
     seconds_before = partial.get("seconds", 0.0) if skip else 0.0
     loop.trained.train()
     label = current.name if spec.phase != CONTROL else f"control:{current.name}"
@@ -45,29 +47,25 @@ def train_epoch(
             )  # fmt: skip
         with distributed.autocast(state.dtype):
             loss = loop.track.metric.loss(loop.trained, batch, loop.device)
-        # the step's one wait for the device, before backward: read after the step, the value would wait for
-        # the whole step, and the next batch could not be queued meanwhile
-        value, finite = distributed.step_loss(loss, loop.world)
-        if not finite:  # on this rank or another
-            bad += 1
-            if bad > hp.max_bad_batches:
-                where = (
-                    ""
-                    if loop.world == 1
-                    else f" on rank {torch.distributed.get_rank()}; non-finite on some rank"
-                )
-                raise NonFiniteLoss(
-                    f"{exp.row} seed {spec.seed} {spec.phase}: non-finite loss ({value}{where}) at epoch "
-                    f"{epoch}, step {step} (global step {loop.global_step}); no weights were written for this step"
-                )
-            state.optimizer.zero_grad(set_to_none=True)
-            continue
-        _step(state, loss, hp.grad_clip)
-        loss_sum += value
-        count += 1
-        loop.global_step += 1
+        if defers_loss_read(state):
+            flag = distributed.non_finite_flag(loss, loop.world)
+            _step(state, loss, hp.grad_clip, found_inf=flag)  # the optimizer skips the step on the device
+            queued, pending = pending, LossRead(loss, flag, step)
+            tally.add(queued)
+        else:  # wait for the forward pass: a non-finite step must not reach the optimizer
+            tally.add(pending)
+            pending = None
+            value, finite = distributed.step_loss(loss, loop.world)
+            tally.count_step(value, finite, epoch, step)
+            if not finite:
+                state.optimizer.zero_grad(set_to_none=True)
+                continue
+            _step(state, loss, hp.grad_clip)
         bar.update()
         if stop.received and step + 1 < budget:
+            tally.add(pending)
+            pending = None
+            loss_sum, count, bad = tally.loss_sum, tally.count, tally.bad
             elapsed = seconds_before + time.time() - started
             partial = {
                 "loss_sum": loss_sum,
@@ -79,6 +77,8 @@ def train_epoch(
             loop.save_resume({"sub": state.position["sub"], "epoch": epoch, "step": step + 1}, partial)
             raise Preempted(f"{stop.received}: checkpointed {spec.phase} at epoch {epoch}, step {step + 1}")
     bar.close()
+    tally.add(pending)
+    loss_sum, count, bad = tally.loss_sum, tally.count, tally.bad
     return {
         "phase": current.name,
         "kind": "control" if spec.phase == CONTROL else current.kind,
@@ -91,14 +91,78 @@ def train_epoch(
     }
 
 
-def _step(state, loss: torch.Tensor, grad_clip: float | None) -> None:
-    """Backward, optional clipping, optimizer step, then the masks (also when the scaler skipped the step)."""
+def _step(state, loss: torch.Tensor, grad_clip: float | None, found_inf: torch.Tensor | None = None) -> None:
+    """Backward, optional clipping, optimizer step, then the masks (also when the scaler or `found_inf`
+    skipped the step)."""
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     if grad_clip:
         state.scaler.unscale_(state.optimizer)
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
-    state.scaler.step(state.optimizer)
+    if found_inf is None:
+        state.scaler.step(state.optimizer)
+    else:  # read by fused optimizers (as a GradScaler sets it): 1 skips the whole update on the device
+        state.optimizer.found_inf = found_inf
+        state.scaler.step(state.optimizer)
+        del state.optimizer.found_inf
     state.scaler.update()
     if state.pruner is not None:
         state.pruner.step(state.optimizer)
+
+
+def defers_loss_read(state) -> bool:
+    """Whether this step's loss can be read one step late, so that the host queues backward and the optimizer
+    without waiting for the forward pass: where a fused optimizer skips a non-finite step on the device
+    (`found_inf`) and no GradScaler sets that flag itself. Only once every parameter has optimizer state: a
+    fused SGD step skipped before its first step would leave its momentum buffers uninitialised."""
+    optimizer = state.optimizer
+    if not optimizer.defaults.get("fused") or state.scaler.is_enabled():
+        return False
+    return len(optimizer.state) == sum(len(group["params"]) for group in optimizer.param_groups)
+
+
+class LossRead:
+    """A step's loss and all ranks' non-finite flag, copied to the host behind the step's queued work."""
+
+    def __init__(self, loss: torch.Tensor, flag: torch.Tensor, step: int):
+        self.step = step
+        self.values = torch.stack([loss.detach().float().reshape(()), flag]).to("cpu", non_blocking=True)
+        self.done = None
+        if loss.device.type == "cuda":
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def read(self) -> tuple[float, bool]:
+        if self.done is not None:
+            self.done.synchronize()
+        value, flag = self.values.tolist()
+        return value, flag == 0
+
+
+class Tally:
+    """An epoch's loss sum, finite steps and non-finite ones; stops the phase past `train.max_bad_batches`."""
+
+    def __init__(self, loop, epoch: int, loss_sum: float, count: int, bad: int):
+        self.loop, self.epoch = loop, epoch
+        self.loss_sum, self.count, self.bad = loss_sum, count, bad
+
+    def add(self, read: LossRead | None) -> None:
+        if read is not None:
+            self.count_step(*read.read(), self.epoch, read.step)
+
+    def count_step(self, value: float, finite: bool, epoch: int, step: int) -> None:
+        loop = self.loop
+        if finite:
+            self.loss_sum += value
+            self.count += 1
+            loop.global_step += 1
+            return
+        self.bad += 1
+        if self.bad > loop.exp.train.max_bad_batches:
+            where = (
+                "" if loop.world == 1 else f" on rank {torch.distributed.get_rank()}; non-finite on some rank"
+            )
+            raise NonFiniteLoss(
+                f"{loop.exp.row} seed {loop.spec.seed} {loop.spec.phase}: non-finite loss ({value}{where}) at epoch "
+                f"{epoch}, step {step} (global step {loop.global_step}); no weights were written for this step"
+            )
