@@ -56,7 +56,7 @@ def train_epoch(
             tally.add(pending)
             pending = None
             value, finite = distributed.step_loss(loss, loop.world)
-            tally.count_step(value, finite, epoch, step)
+            tally.count_step(value, finite, step)
             if not finite:
                 state.optimizer.zero_grad(set_to_none=True)
                 continue
@@ -148,9 +148,9 @@ class Tally:
 
     def add(self, read: LossRead | None) -> None:
         if read is not None:
-            self.count_step(*read.read(), self.epoch, read.step)
+            self.count_step(*read.read(), read.step)
 
-    def count_step(self, value: float, finite: bool, epoch: int, step: int) -> None:
+    def count_step(self, value: float, finite: bool, step: int) -> None:
         loop = self.loop
         if finite:
             self.loss_sum += value
@@ -164,5 +164,5 @@ class Tally:
             )
             raise NonFiniteLoss(
                 f"{loop.exp.row} seed {loop.spec.seed} {loop.spec.phase}: non-finite loss ({value}{where}) at epoch "
-                f"{epoch}, step {step} (global step {loop.global_step}); no weights were written for this step"
+                f"{self.epoch}, step {step} (global step {loop.global_step}); no weights were written for this step"
             )
