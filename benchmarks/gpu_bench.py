@@ -44,7 +44,7 @@ from dsd.config import parse_config  # noqa: E402
 from dsd.core.masks import Pruner  # noqa: E402
 from dsd.core.schedule import CONTROL  # noqa: E402
 from dsd.engine import distributed, loaders, trainer  # noqa: E402
-from dsd.engine.epoch import LossRead, _step, defers_loss_read  # noqa: E402
+from dsd.engine.epoch import _step, defers_loss_read, queue_step  # noqa: E402
 from dsd.tracks.vision import data as vision_data  # noqa: E402
 from dsd.tracks.vision import metric as vision_metric  # noqa: E402
 
@@ -196,11 +196,10 @@ def trainer_step(state, loss, grad_clip, pending, losses: list, waiting: bool = 
         losses.append(float(loss.detach()))
         _step(state, loss, grad_clip)
         return None
-    flag = distributed.non_finite_flag(loss, 1)
-    _step(state, loss, grad_clip, found_inf=flag)
+    queued = queue_step(state, loss, grad_clip, 1, 0)
     if pending is not None:
         losses.append(pending.read()[0])
-    return LossRead(loss, flag, 0)
+    return queued
 
 
 def synchronize(device: torch.device) -> None:

@@ -76,15 +76,17 @@ def test_two_rank_ddp_matches_single_process(tmp_path):
 LOSSES = {0: [float("nan"), 0.5, 2.0], 1: [1.5, float("inf"), 3.0]}  # per rank, step by step
 
 
-def step_loss_main(rank, world, init_file, out_file):
-    from dsd.engine.distributed import non_finite_flag, step_loss
+def loss_read_main(rank, world, init_file, out_file):
+    from dsd.engine.distributed import non_finite_flag
+    from dsd.engine.epoch import LossRead
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    waiting = [step_loss(torch.tensor(loss), world) for loss in LOSSES[rank]]
-    late = [
-        float(non_finite_flag(torch.tensor(loss), world)) for loss in LOSSES[rank]
-    ]  # the late read's flag
-    torch.save((waiting, late), f"{out_file}.{rank}")
+    losses = [torch.tensor(loss) for loss in LOSSES[rank]]
+    flags = [non_finite_flag(loss, world) for loss in losses]  # what the optimizer reads as found_inf
+    seen = [
+        LossRead(loss, flag, step).read() for step, (loss, flag) in enumerate(zip(losses, flags, strict=True))
+    ]
+    torch.save((seen, [float(flag) for flag in flags]), f"{out_file}.{rank}")
     dist.destroy_process_group()
 
 
@@ -92,7 +94,7 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     """The trainer skips a step whose loss is not finite (`train.max_bad_batches`): under DDP every rank must
     skip the same steps, or their gradient all-reduces pair different steps."""
     out = tmp_path / "seen"
-    mp.spawn(step_loss_main, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    mp.spawn(loss_read_main, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     for rank in (0, 1):
         seen, flags = torch.load(f"{out}.{rank}", weights_only=True)
         assert [finite for _, finite in seen] == [False, False, True] and flags == [1.0, 1.0, 0.0], rank

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
@@ -69,19 +68,6 @@ def setup(device_name: str) -> tuple[torch.device, int, int]:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, torch.distributed.get_rank(), world
-
-
-def step_loss(loss: torch.Tensor, world: int) -> tuple[float, bool]:
-    """This rank's loss, and whether every rank's is finite: a step one rank skips, every rank must skip, or
-    their next gradient all-reduces pair different steps. One read of the device either way."""
-    local = loss.detach().float().reshape(1)
-    if world == 1:
-        value = float(local)
-        return value, math.isfinite(value)
-    bad = (~torch.isfinite(local)).float()
-    torch.distributed.all_reduce(bad)
-    value, bad_ranks = torch.cat([local, bad]).tolist()
-    return value, bad_ranks == 0
 
 
 def non_finite_flag(loss: torch.Tensor, world: int) -> torch.Tensor:

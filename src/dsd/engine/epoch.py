@@ -48,16 +48,12 @@ def train_epoch(
         with distributed.autocast(state.dtype):
             loss = loop.track.metric.loss(loop.trained, batch, loop.device)
         if defers_loss_read(state):
-            flag = distributed.non_finite_flag(loss, loop.world)
-            _step(state, loss, hp.grad_clip, found_inf=flag)  # the optimizer skips the step on the device
-            queued, pending = pending, LossRead(loss, flag, step)
+            queued, pending = pending, queue_step(state, loss, hp.grad_clip, loop.world, step)
             tally.add(queued)
         else:  # wait for the forward pass: a non-finite step must not reach the optimizer
             tally.add(pending)
             pending = None
-            value, finite = distributed.step_loss(loss, loop.world)
-            tally.count_step(value, finite, step)
-            if not finite:
+            if not tally.add(LossRead(loss, distributed.non_finite_flag(loss, loop.world), step)):
                 state.optimizer.zero_grad(set_to_none=True)
                 continue
             _step(state, loss, hp.grad_clip)
@@ -110,6 +106,14 @@ def _step(state, loss: torch.Tensor, grad_clip: float | None, found_inf: torch.T
         state.pruner.step(state.optimizer)
 
 
+def queue_step(state, loss: torch.Tensor, grad_clip: float | None, world: int, step: int) -> LossRead:
+    """`_step` without waiting for the loss (`defers_loss_read`): the optimizer skips a non-finite step on the
+    device; the returned read says later what the loss was."""
+    flag = distributed.non_finite_flag(loss, world)
+    _step(state, loss, grad_clip, found_inf=flag)
+    return LossRead(loss, flag, step)
+
+
 def defers_loss_read(state) -> bool:
     """Whether this step's loss can be read one step late, so that the host queues backward and the optimizer
     without waiting for the forward pass: where a fused optimizer skips a non-finite step on the device
@@ -146,17 +150,16 @@ class Tally:
         self.loop, self.epoch = loop, epoch
         self.loss_sum, self.count, self.bad = loss_sum, count, bad
 
-    def add(self, read: LossRead | None) -> None:
-        if read is not None:
-            self.count_step(*read.read(), read.step)
-
-    def count_step(self, value: float, finite: bool, step: int) -> None:
-        loop = self.loop
+    def add(self, read: LossRead | None) -> bool:
+        """Counts a step's loss (none: nothing to count); whether it was finite on every rank."""
+        if read is None:
+            return True
+        (value, finite), loop = read.read(), self.loop
         if finite:
             self.loss_sum += value
             self.count += 1
             loop.global_step += 1
-            return
+            return True
         self.bad += 1
         if self.bad > loop.exp.train.max_bad_batches:
             where = (
@@ -164,5 +167,6 @@ class Tally:
             )
             raise NonFiniteLoss(
                 f"{loop.exp.row} seed {loop.spec.seed} {loop.spec.phase}: non-finite loss ({value}{where}) at epoch "
-                f"{self.epoch}, step {step} (global step {loop.global_step}); no weights were written for this step"
+                f"{self.epoch}, step {read.step} (global step {loop.global_step}); no weights were written for this step"
             )
+        return False
