@@ -1092,7 +1092,7 @@ def spread_rows(df: pd.DataFrame, prefix: str) -> list[dict[str, float]]:
 def loader_images_per_s(dataset, batch: int, batches: int) -> float:
     """One worker process feeding the main process, which only receives (the device's work is not timed):
     images per second of wall clock, after the worker's start-up and first batch."""
-    device = dataset.cfg.decode == "device"
+    device = getattr(dataset, "cfg", None) is not None and dataset.cfg.decode == "device"
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, shuffle=True, num_workers=1, prefetch_factor=4,
         collate_fn=vision_data.collate_encoded if device else None,
@@ -1105,6 +1105,21 @@ def loader_images_per_s(dataset, batch: int, batches: int) -> float:
     seconds = time.perf_counter() - start
     del it
     return batches * batch / seconds
+
+
+class DecodedFiles(torch.utils.data.Dataset):
+    """Each file decoded whole (libjpeg-turbo) and put through torchvision `transform`s: the workers' path
+    before (crop, flip, scale and normalise in float32 there), and the decode's bound (a 1-pixel crop)."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return self.transform(vision_data.decode(path)), label
 
 
 def bench_loader(quick: bool) -> list[dict]:
@@ -1123,20 +1138,25 @@ def bench_loader(quick: bool) -> list[dict]:
         write_jpegs(Path(tmp), files)
         files_once = [(str(p), 0) for p in sorted(Path(tmp).rglob("*.JPEG"))]
         samples = files_once * math.ceil((batches + 1) * batch / files)  # the first batch is untimed
+        cpu = vision_data.ImageFolderData(samples, cfg, train=True, in_memory=False)
         variants = {
-            "before": vision_data.ImageFolderData(samples, cfg, train=True, in_memory=False),
-            "cpu": vision_data.ImageFolderData(samples, cfg, train=True, in_memory=False),
+            "before": DecodedFiles(
+                samples,
+                v2.Compose(
+                    [
+                        *cpu.transform.transforms,
+                        v2.ToDtype(torch.float32, scale=True),
+                        v2.Normalize(vision_data.IMAGENET_MEAN, vision_data.IMAGENET_STD),
+                    ]
+                ),
+            ),
+            "cpu": cpu,
             "device": vision_data.ImageFolderData(
                 samples, dataclasses.replace(cfg, decode="device"), train=True, in_memory=False
             ),
-            "decode alone": vision_data.ImageFolderData(samples, cfg, train=True, in_memory=False),
+            # the bound of any worker that decodes the whole JPEG: the decode, and a 1-pixel crop handed over
+            "decode alone": DecodedFiles(samples, v2.CenterCrop(1)),
         }
-        # the bound of any worker that decodes the whole JPEG: the decode, and a 1-pixel crop handed over
-        variants["decode alone"].transform = v2.CenterCrop(1)
-        variants["before"].transform = v2.Compose(
-            [*variants["cpu"].transform.transforms, v2.ToDtype(torch.float32, scale=True),
-             v2.Normalize(vision_data.IMAGENET_MEAN, vision_data.IMAGENET_STD)]
-        )  # fmt: skip
         rates: dict[str, list[float]] = {name: [] for name in variants}
         for rep in range(reps):  # interleaved, the order rotating
             names = list(variants)[rep % len(variants) :] + list(variants)[: rep % len(variants)]

@@ -79,6 +79,31 @@ def test_batched_crop_boxes_follow_torchvision_random_resized_crop(height, width
         assert abs(float(ours[:, column].mean() - ref.mean())) < 4 * float(ref.std()) / math.sqrt(n) + 0.05
 
 
+def test_workers_crop_is_torchvisions_resized_crop_and_flip(tmp_path):
+    """The workers' resample (the crop copied to channels-last memory first, for torch's vectorised uint8
+    kernel) gives torchvision's pixels: crops shrunk and enlarged, odd sizes, flipped or not, from a decoded
+    JPEG (interleaved memory) and from a planar tensor."""
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "odd.JPEG"
+    Image.fromarray(rng.integers(0, 255, size=(157, 203, 3), dtype=np.uint8)).save(path, quality=90)
+    decoded = vision_data.decode(str(path))
+    planar = torch.from_numpy(rng.integers(0, 255, size=(3, 157, 203), dtype=np.uint8))
+    for image in (decoded, planar):
+        for size in (7, 64, 224):
+            for _ in range(6):
+                height, width = int(rng.integers(1, 158)), int(rng.integers(1, 204))
+                top, left = int(rng.integers(0, 158 - height)), int(rng.integers(0, 204 - width))
+                flipped = bool(rng.integers(0, 2))
+                expected = v2.functional.resized_crop(
+                    image, top, left, height, width, [size, size], antialias=True
+                )
+                expected = expected.flip(-1) if flipped else expected
+                got = vision_data.resized_crop(image, [top, left, height, width], flipped, size)
+                assert got.shape == (3, size, size) and torch.equal(got, expected), (size, height, width)
+
+
 def test_uint8_crops_normalised_on_the_device_give_the_float_path_numbers(tmp_path):
     """Workers hand over uint8 crops (a quarter of the bytes) and `to_model_input` scales and normalises them
     where the model runs: bitwise the float32 crops the workers made before, in training (files) and in
@@ -98,7 +123,7 @@ def test_uint8_crops_normalised_on_the_device_give_the_float_path_numbers(tmp_pa
     train = vision_data.ImageFolderData(samples, cfg, train=True, in_memory=False)
     for i, (path, _) in enumerate(samples):
         torch.manual_seed(i)
-        expected = float_path(train.transform)(vision_data._decode(path))
+        expected = float_path(train.transform)(vision_data.decode(path))
         torch.manual_seed(i)
         crop, _ = train[i]
         assert crop.dtype == torch.uint8 and crop.shape == (3, 96, 96)
@@ -106,7 +131,7 @@ def test_uint8_crops_normalised_on_the_device_give_the_float_path_numbers(tmp_pa
     evaluation = vision_data.ImageFolderData(samples, cfg, train=False, in_memory=False)
     reference = float_path(evaluation.transform)
     crops = torch.stack([crop for crop, _ in evaluation.__getitems__(list(range(len(samples))))])
-    expected = torch.stack([reference(vision_data._decode(path)) for path, _ in samples])
+    expected = torch.stack([reference(vision_data.decode(path)) for path, _ in samples])
     assert torch.equal(vision_data.to_model_input(crops, "cpu"), expected)
     same_size = []
     for i, (path, _) in enumerate(samples[:4]):  # in memory: one batch tensor, transformed in one go

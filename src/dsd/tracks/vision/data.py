@@ -28,7 +28,7 @@ from dsd.tracks.vision.config import Data
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _decode(path: str) -> torch.Tensor:
+def decode(path: str) -> torch.Tensor:
     try:
         return decode_image(path, mode=ImageReadMode.RGB)
     except Exception as err:
@@ -48,7 +48,7 @@ class ImageFolderData(Dataset):
         self.cfg, self.train, self.transform = cfg, train, transforms(cfg, train)
         self.images = None
         if in_memory:
-            images = [_decode(p) for p, _ in self.samples]
+            images = [decode(p) for p, _ in self.samples]
             sizes = {tuple(image.shape) for image in images}
             self.images = torch.stack(images) if len(sizes) == 1 else images
 
@@ -62,9 +62,12 @@ class ImageFolderData(Dataset):
         if self.train and self.cfg.decode == "device":
             with _seeded(seed):
                 return encoded_crop(path, self.transform), label
-        image = self.images[index] if self.images is not None else _decode(path)
+        image = self.images[index] if self.images is not None else decode(path)
         with _seeded(seed):
-            return self.transform(image), label
+            if not self.train:
+                return self.transform(image), label
+            box, flipped = draw_crop(self.transform, *image.shape[-2:])
+            return resized_crop(image, box, flipped, self.cfg.image_size), label
 
     def __getitems__(self, keys: list):
         """In memory, a batch is one draw: keyed, its first key's seed seeds it (so under DDP, where each rank
@@ -113,11 +116,30 @@ def encoded_crop(path: str, transform: v2.Compose) -> tuple[bytes | torch.Tensor
             width, height, jpeg = *header.size, header.format == "JPEG" and header.mode == "RGB"
     except Exception as err:
         raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
+    box, flipped = draw_crop(transform, height, width)
+    data = raw if jpeg else decode(path)
+    return data, box, flipped, transform.transforms[0].size[0], path
+
+
+def draw_crop(transform: v2.Compose, height: int, width: int) -> tuple[list[int], bool]:
+    """The crop box (top, left, height, width) and flip that `transform` (RandomResizedCrop,
+    RandomHorizontalFlip) draws for an image of this size: its own draws, in its order."""
     crop, flip = transform.transforms
     box = crop.make_params([torch.empty(()).expand(3, height, width)])
     flipped = bool(torch.rand(1) < flip.p)  # v2.RandomHorizontalFlip's draw
-    data = raw if jpeg else _decode(path)
-    return data, [box["top"], box["left"], box["height"], box["width"]], flipped, crop.size[0], path
+    return [box["top"], box["left"], box["height"], box["width"]], flipped
+
+
+def resized_crop(image: torch.Tensor, box: list[int], flipped: bool, size: int) -> torch.Tensor:
+    """A uint8 image's crop, resized to size x size as RandomResizedCrop does (bilinear, antialiased) and
+    flipped: the pixels of `v2.functional.resized_crop`, from the crop copied to channels-last memory first,
+    where torch's uint8 resampling kernel is vectorised (the copy costs less than it saves)."""
+    top, left, height, width = box
+    crop = image[None, :, top : top + height, left : left + width].contiguous(
+        memory_format=torch.channels_last
+    )
+    out = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+    return out.flip(-1) if flipped else out
 
 
 def collate_encoded(samples: list) -> tuple[EncodedCrops, torch.Tensor]:
@@ -467,7 +489,7 @@ def verify_images(files: list[Path], exp: Experiment) -> None:
 
     def bad(path: Path) -> str | None:
         try:
-            _decode(str(path))
+            decode(str(path))
         except DataError:
             return str(path)
         return None
