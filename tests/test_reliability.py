@@ -1,6 +1,7 @@
 """Crashes, preemption and bad checkpoints: resumed runs equal uninterrupted ones bitwise on the CPU."""
 
 import argparse
+import copy
 import functools
 import json
 import signal
@@ -271,6 +272,44 @@ def test_reduce_overhead_compiles_rows_with_changing_batch_shapes_in_the_default
     assert "deepspeech2: compile_mode reduce-overhead needs fixed batch shapes" in capsys.readouterr().err
     plain = dataclasses.replace(options, compile_mode="default")
     assert compile_mode(plain, config.experiment("deepspeech2"), 1) == "default"
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_optimizer_state_from_a_channels_last_run_resumes_under_contiguous_weights(kind):
+    """A checkpoint written where the weights were channels-last (a GPU) and resumed where they are not (a CPU
+    for a net with a narrow strided 1x1 convolution): the next fused step is the one a channels-last resume
+    takes. torch's fused CPU kernels pair weights and momentum by memory position, so the state is put in the
+    weights' layout on loading (without it: SGD steps 2 apart)."""
+    from dsd.engine.trainer import load_optimizer
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+
+    def optimizer(params):
+        if kind == "sgd":
+            return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
+        return torch.optim.AdamW(params, lr=0.01, fused=True)
+
+    images = torch.randn(2, 3, 10, 10)
+    writer = net().to(memory_format=torch.channels_last)
+    writer_optimizer = optimizer(writer.parameters())
+    writer(images.contiguous(memory_format=torch.channels_last)).sum().backward()
+    writer_optimizer.step()
+    stepped = []
+    for layout in (torch.channels_last, torch.contiguous_format):
+        model = net().to(memory_format=layout)
+        model.load_state_dict(writer.state_dict())
+        resumed = optimizer(model.parameters())
+        load_optimizer(resumed, copy.deepcopy(writer_optimizer.state_dict()))
+        model(images.contiguous(memory_format=layout)).sum().backward()
+        resumed.step()
+        stepped.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        for param in model.parameters():
+            assert all(
+                v.stride() == param.stride() for v in resumed.state[param].values() if v.shape == param.shape
+            )
+    torch.testing.assert_close(stepped[1], stepped[0])
 
 
 def test_a_checkpoint_optimizer_state_loads_into_this_build_implementation():

@@ -79,14 +79,27 @@ def make_optimizer(model: torch.nn.Module, exp: Experiment, lr: float) -> torch.
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """A checkpoint's optimizer state and settings, but this build's implementation (fused or not): the one
-    this device has, not the one of the machine or version that wrote the checkpoint."""
+    """A checkpoint's optimizer state and settings, but this build's implementation (fused or not) and its
+    parameters' memory layout: the ones this device has, not those of the machine or version that wrote the
+    checkpoint."""
     implementation = [
         {k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups
     ]
     optimizer.load_state_dict(saved)
     for group, keep in zip(optimizer.param_groups, implementation, strict=True):
         group.update(keep)
+    in_parameter_layout(optimizer)
+
+
+def in_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Each per-weight state tensor (momentum, Adam's moments) laid out in memory as its parameter is.
+    `load_state_dict` keeps the layout a checkpoint was written in (channels-last where a GPU trained, say),
+    and torch 2.11's fused CPU kernels pair a parameter's and its state's elements by memory position: a
+    channels-last momentum buffer under a contiguous weight makes every fused SGD step wrong, silently."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def compile_mode(options: RunOptions, exp: Experiment, world: int) -> str:
