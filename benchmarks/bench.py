@@ -310,14 +310,19 @@ def train_step(model, optimizer, loss_fn, batch, pruner: Pruner | None = None, p
 def bench_step_model(
     name: str, build, patterns: dict, loss_fn, batch, make_opt, reps: int, setting: str
 ) -> list[dict]:
-    """Dense step vs dense step + pruner.step (same model and optimizer) vs torch's reparametrised copy."""
+    """Dense step vs dense step + pruner.step (same model and optimizer) vs torch's reparametrised copy, in the
+    trainer's memory layout (channels-last for the CNNs) with its fused SGD."""
     torch.manual_seed(0)
     model = build()
     model.train()
-    optimizer = make_opt(model)
     names = list(prunable_parameters(model, **patterns))
     reparam = copy.deepcopy(model)
-    torch_prune(reparam, names, SPARSITY)
+    torch_prune(reparam, names, SPARSITY)  # torch's pruning needs the default layout (`view(-1)`)
+    if prefers_channels_last(model, torch.device("cpu")):
+        model = model.to(memory_format=torch.channels_last)
+        reparam = reparam.to(memory_format=torch.channels_last)
+        setting += ", channels-last"
+    optimizer = make_opt(model)
     pruner = Pruner(model, SPARSITY, **patterns)
     torch_opt = make_opt(reparam)
     inner: list[float] = []
@@ -364,8 +369,8 @@ def bench_step_model(
 
 def sgd(lr: float, momentum: float, nesterov: bool, weight_decay: float):
     return lambda m: torch.optim.SGD(
-        m.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
-    )
+        m.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, fused=True
+    )  # as make_optimizer
 
 
 def bench_step(quick: bool) -> list[dict]:

@@ -200,6 +200,26 @@ def test_mask_packing_is_one_bit_per_weight():
     assert torch.equal(unpack_mask(packed, mask.shape), mask)
 
 
+def test_masks_of_a_channels_last_model_are_its_masks_in_its_layout():
+    """A channels-last model gets the masks of the same model in the default layout (ties by logical index),
+    stored in its weights' layout (so the per-step multiply reads both in one order) at 1 byte per weight,
+    and a checkpoint's masks load back the same way."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    with torch.no_grad():
+        model.conv2.weight[:, :, 0, 0] = 0.5  # ties at the threshold
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    reference, pruner = dsd.Pruner(model, 0.5), dsd.Pruner(last, 0.5)
+    params = dict(last.named_parameters())
+    for name, mask in pruner.masks.items():
+        assert torch.equal(mask, reference.masks[name])
+        assert mask.stride() == params[name].stride() and mask.element_size() == 1
+    assert not pruner.masks["conv2.weight"].is_contiguous()  # really channels-last
+    loaded = dsd.Pruner.from_state_dict(last, reference.state_dict())
+    for name, mask in loaded.masks.items():
+        assert torch.equal(mask, reference.masks[name]) and mask.stride() == params[name].stride()
+
+
 def test_from_state_dict_rejects_other_model():
     pruner = dsd.Pruner(ConvNet(), 0.3)
     with pytest.raises(ValueError, match="which the model does not have"):
