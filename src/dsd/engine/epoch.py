@@ -54,7 +54,6 @@ def train_epoch(
             tally.add(pending)
             pending = None
             if not tally.add(LossRead(loss, distributed.non_finite_flag(loss, loop.world), step)):
-                state.optimizer.zero_grad(set_to_none=True)
                 continue
             _step(state, loss, hp.grad_clip)
         bar.update()
@@ -90,7 +89,6 @@ def train_epoch(
 def _step(state, loss: torch.Tensor, grad_clip: float | None, found_inf: torch.Tensor | None = None) -> None:
     """Backward, optional clipping, optimizer step, then the masks (also when the scaler or `found_inf`
     skipped the step)."""
-    state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     if grad_clip:
         state.scaler.unscale_(state.optimizer)
@@ -104,6 +102,7 @@ def _step(state, loss: torch.Tensor, grad_clip: float | None, found_inf: torch.T
     state.scaler.update()
     if state.pruner is not None:
         state.pruner.step(state.optimizer)
+    state.optimizer.zero_grad(set_to_none=True)  # freed before the next forward pass, not after it
 
 
 def queue_step(state, loss: torch.Tensor, grad_clip: float | None, world: int, step: int) -> LossRead:
