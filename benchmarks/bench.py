@@ -383,7 +383,7 @@ def bench_step(quick: bool) -> list[dict]:
         vision_batch(batch, size),
         sgd(0.01, 0.9, False, 5e-4),
         reps,
-        f"batch {batch} at {size}x{size}, SGD momentum 0.9, weight decay 5e-4",
+        f"batch {batch} at {size}x{size}, fused SGD momentum 0.9, weight decay 5e-4",
     )
     ds2 = DS2_QUICK if quick else DS2_STEP
     frames, sbatch, sreps = (100, 2, 3) if quick else (200, 4, 6)
@@ -396,7 +396,7 @@ def bench_step(quick: bool) -> list[dict]:
         sgd(1e-4, 0.99, True, 0.0),
         sreps,
         f"{ds2.rnn_layers} bidirectional {ds2.rnn_type.upper()} layers of {ds2.rnn_hidden}, paper convolutions, batch {sbatch} x "
-        f"{frames} frames x {DS2_FEATURES} bins, SGD Nesterov 0.99",
+        f"{frames} frames x {DS2_FEATURES} bins, fused SGD Nesterov 0.99",
     )
     for row in rows:
         print(f"  step {row['model']} {row['method']}: {row['overhead_pct_median']:+.2f}%")
