@@ -88,3 +88,18 @@ def test_gpu_compile_check_trains_each_variant_through_the_trainer():
         to_eager = float(line.split("weight gap to eager ")[1].split("%")[0])
         assert zeros >= 0.29 and to_eager < 10, line  # stale weights would be about 100% apart
         assert variant != "eager again" or to_eager == 0, line
+
+
+def test_gpu_layout_check_runs_and_the_trainers_resume_is_right():
+    """The GPU layout script, smoke-tested on the CPU: after the trainer's `load_optimizer` the fused SGD and
+    AdamW steps match a resume in the writer's layout, and both mask layouts are timed."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_layout_check.py"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for kind in ("sgd", "adamw"):
+        line = next(line for line in lines if line.strip().startswith(f"{kind} dsd load_optimizer:"))
+        assert float(line.split(":")[1]) < 1e-5, line
+    assert sum("masks in the" in line for line in lines) == 2
