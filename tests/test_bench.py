@@ -19,7 +19,9 @@ def test_every_bench_section_runs_and_reports(tmp_path):
     for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 6.", "## 7.", "## 8.", "## 9.", "## 10."):
         assert section in summary, section
     optimizer = pd.read_csv(tmp_path / "optimizer.csv")
-    assert list(optimizer["model"]) == ["resnet18", "resnet50"] and (optimizer["fused_ms"] > 0).all()
+    assert list(optimizer["model"]) == ["resnet18", "resnet18", "resnet50", "resnet50"]
+    assert list(optimizer["weights"]) == ["channels-last (the trainer's)", "contiguous"] * 2
+    assert (optimizer["fused_ms"] > 0).all()
     speech = pd.read_csv(tmp_path / "speech_memory.csv")
     assert list(speech["scale"]) == ["1x", "3x"] and (speech["peak_rss_mb"] > 0).all()
 
