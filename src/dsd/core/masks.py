@@ -95,7 +95,7 @@ def unpack_mask(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
 
 def _in_layout_of(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The mask on the parameter's device and in its memory layout (channels-last, say): the per-step
-    multiply then reads both in the same order (on the CPU a fifth less time for a channels-last ResNet-50)."""
+    multiply then reads both in the same order (`make bench` section 2 times it)."""
     if mask.device == param.device and mask.stride() == param.stride():
         return mask
     return torch.empty_like(param, dtype=mask.dtype).copy_(mask)
