@@ -160,9 +160,30 @@ def test_slurm_jobs_get_their_own_lock_folder(tmp_path, monkeypatch):
 
 
 def test_cpu_runs_can_pin_the_kernels_instruction_set():
-    assert gpus.cpu_isa_env("avx2", "cpu") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert gpus.cpu_isa_env("avx2", "cpu") == {
+        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"
+    }  # fmt: skip
     assert gpus.cpu_isa_env("avx2", "cuda") == {}  # never for GPU runs
     assert gpus.cpu_isa_env("native", "cpu") == {}
+
+
+def test_the_avx2_pin_reaches_mkls_matrix_products():
+    """Under the pin a Linear layer computes the bits MKL's own AVX2 switch gives: on an AVX-512 machine MKL
+    ignored the ATen and oneDNN variables and summed in its AVX-512 order (trivially equal on an AVX2 one)."""
+    code = (
+        "import hashlib, torch; torch.manual_seed(0); x, w = torch.randn(64, 512), torch.randn(10, 512); "
+        "print(hashlib.sha1(torch.nn.functional.linear(x, w).numpy().tobytes()).hexdigest())"
+    )
+
+    def bits(extra: dict) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ATEN_", "ONEDNN_", "MKL_"))}
+        env |= gpus.cpu_isa_env("avx2", "cpu") | extra
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    assert bits({}) == bits({"MKL_ENABLE_INSTRUCTIONS": "AVX2"})
 
 
 def test_precision_and_memory_format_are_decided_per_device_and_model():

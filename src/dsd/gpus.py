@@ -218,13 +218,15 @@ def release() -> None:
 
 
 def cpu_isa_env(isa: str, device: str) -> dict[str, str]:
-    """Environment that pins torch's CPU kernels to one instruction set, so that CPU runs compute the same bits
-    on every x86 machine with AVX2 (AVX-512 kernels sum in another order). Empty for GPU runs and `native`.
+    """Environment that limits torch's CPU kernels to one instruction set: ATen's own, oneDNN's (convolutions)
+    and MKL's (matrix products, in its conditional-reproducibility mode), so that an AVX-512 machine does not
+    sum in its own order. It does not make every CPU compute the same bits (results/published/PROVENANCE.md:
+    an AVX-512 Xeon so pinned trained other weights than the AVX2 machine). Empty for GPU runs and `native`.
     Read when torch starts: set it before the job's interpreter imports torch."""
     gpu = device == "cuda" or (device == "auto" and _count_devices() > 0)
     if isa == "native" or gpu:
         return {}
-    return {"ATEN_CPU_CAPABILITY": isa, "ONEDNN_MAX_CPU_ISA": isa.upper()}
+    return {"ATEN_CPU_CAPABILITY": isa, "ONEDNN_MAX_CPU_ISA": isa.upper(), "MKL_CBWR": isa.upper()}
 
 
 def cpus_per_job(gpus_per_job: int, cores: int | None = None, gpus: int | None = None) -> tuple[int, int]:

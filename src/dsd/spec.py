@@ -185,7 +185,8 @@ class RunOptions:
     wandb: Wandb = option(factory=Wandb, help="Weights & Biases tracking")
     cpu_isa: Literal["native", "avx2"] = option(
         "native",
-        "CPU runs: pin torch's kernels to this instruction set (avx2: the same bits on any AVX2 x86)",
+        "CPU runs: limit torch's kernels (ATen, oneDNN, MKL) to this instruction set (avx2: an AVX-512 machine "
+        "then does not sum in its own order; other CPUs may still differ in the last bits)",
     )
     verify_data: bool = option(
         False, "preparing a real data set decodes every image (in parallel) and lists every bad file"
