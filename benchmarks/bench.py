@@ -1210,10 +1210,8 @@ def bench_optimizer(quick: bool) -> list[dict]:
         )
         trainers = "channels-last" if prefers_channels_last(model, torch.device("cpu")) else "contiguous"
         for layout in dict.fromkeys((trainers, "contiguous")):
-            if layout == "channels-last":
-                model = model.to(memory_format=torch.channels_last)
-            else:
-                model = model.to(memory_format=torch.contiguous_format)
+            last = layout == "channels-last"
+            model = model.to(memory_format=torch.channels_last if last else torch.contiguous_format)
             for p in model.parameters():
                 p.grad = torch.randn_like(p)
             settings = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}

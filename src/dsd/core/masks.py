@@ -93,12 +93,12 @@ def unpack_mask(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool)).view(shape)
 
 
-def _in_layout_of(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mask on the parameter's device and in its memory layout (channels-last, say): the per-step
-    multiply then reads both in the same order (`make bench` section 2 times it)."""
-    if mask.device == param.device and mask.stride() == param.stride():
-        return mask
-    return torch.empty_like(param, dtype=mask.dtype).copy_(mask)
+def in_layout_of(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (a mask, optimizer state) on the parameter's device and in its memory layout (channels-last,
+    say): elementwise work then reads both in the same order (`make bench` section 2 times the masks')."""
+    if tensor.device == param.device and tensor.stride() == param.stride():
+        return tensor
+    return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
 
 
 def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,7 @@ class Pruner:
             named = dict(model.named_parameters())
             self._params = {n: named[n] for n in _masks}
             masks = _masks
-        self.masks = {n: _in_layout_of(self._params[n], m) for n, m in masks.items()}
+        self.masks = {n: in_layout_of(self._params[n], m) for n, m in masks.items()}
         self.active = True
         self._refresh_lists()
         self.apply()

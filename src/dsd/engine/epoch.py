@@ -26,8 +26,8 @@ def train_epoch(
     )
     if skip:  # mid-epoch resume: continue the random streams exactly where the signal stopped them
         resume.set_rng_state(partial["rng"])
-    loss_sum, count, bad = (partial.get(k, 0) for k in ("loss_sum", "count", "bad")) if skip else (0.0, 0, 0)
-    tally = Tally(loop, epoch, loss_sum, count, bad)
+    counted = (partial.get(k, 0) for k in ("loss_sum", "count", "bad")) if skip else (0.0, 0, 0)
+    tally = Tally(loop, epoch, *counted)
     pending = None  # the last step's loss, read one step late (defers_loss_read)
     seconds_before = partial.get("seconds", 0.0) if skip else 0.0
     loop.trained.train()
@@ -60,12 +60,11 @@ def train_epoch(
         if stop.received and step + 1 < budget:
             tally.add(pending)
             pending = None
-            loss_sum, count, bad = tally.loss_sum, tally.count, tally.bad
             elapsed = seconds_before + time.time() - started
             partial = {
-                "loss_sum": loss_sum,
-                "count": count,
-                "bad": bad,
+                "loss_sum": tally.loss_sum,
+                "count": tally.count,
+                "bad": tally.bad,
                 "seconds": elapsed,
                 "rng": resume.rng_state(),
             }
@@ -73,15 +72,16 @@ def train_epoch(
             raise Preempted(f"{stop.received}: checkpointed {spec.phase} at epoch {epoch}, step {step + 1}")
     bar.close()
     tally.add(pending)
-    loss_sum, count, bad = tally.loss_sum, tally.count, tally.bad
     return {
         "phase": current.name,
         "kind": "control" if spec.phase == CONTROL else current.kind,
         "epoch": epoch,
-        "steps": count,
+        "steps": tally.count,
         "lr": current.lr,
-        "train_loss": distributed.mean_over_ranks(loss_sum / max(count, 1), loop.device, loop.world),
-        "bad_batches": bad,
+        "train_loss": distributed.mean_over_ranks(
+            tally.loss_sum / max(tally.count, 1), loop.device, loop.world
+        ),
+        "bad_batches": tally.bad,
         "seconds": seconds_before + time.time() - started,
     }
 

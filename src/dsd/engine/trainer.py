@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dsd import paths, tracks
-from dsd.core.masks import Pruner
+from dsd.core.masks import Pruner, in_layout_of
 from dsd.core.schedule import CONTROL, Phase
 from dsd.engine import checkpoint, distributed, prepare, resume
 from dsd.engine.epoch import train_epoch
@@ -98,8 +98,8 @@ def in_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
     channels-last momentum buffer under a contiguous weight makes every fused SGD step wrong, silently."""
     for param, state in optimizer.state.items():
         for key, value in state.items():
-            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+            if torch.is_tensor(value) and value.shape == param.shape:
+                state[key] = in_layout_of(param, value)
 
 
 def compile_mode(options: RunOptions, exp: Experiment, world: int) -> str:
