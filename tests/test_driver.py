@@ -99,6 +99,63 @@ def test_resume_mid_sparse_equals_no_interruption(tmp_path):
     del reference
 
 
+@pytest.mark.parametrize("make_optimizer", [lambda m: torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9),
+                                            lambda m: torch.optim.AdamW(m.parameters(), lr=1.0)],
+                         ids=["sgd", "adamw"])  # fmt: skip
+def test_a_pretrained_start_resumes_in_its_redense_phase_exactly(tmp_path, make_optimizer):
+    """A recipe that starts sparse (dense epochs 0) prunes when it is built: built after the model and optimizer
+    were loaded (the natural order; the callbacks' too), it must not prune the re-densed weights it resumes."""
+    recipe = [{"kind": "dense", "epochs": 0}, *RECIPE[1:3]]
+    data = batches(15)
+
+    def fresh():
+        model, _ = make()
+        return model, make_optimizer(model)
+
+    model, optimizer = fresh()
+    straight = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
+    run(model, optimizer, straight, data)
+    model, optimizer = fresh()
+    first = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
+    run(model, optimizer, first, data[:12])  # 2 steps into the re-dense phase
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "dsd": first.state_dict()}
+    torch.save(saved, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model, optimizer = fresh()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    resumed = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
+    resumed.load_state_dict(saved["dsd"])
+    assert resumed.phase.name == "redense1" and resumed.pruner is None
+    run(model, optimizer, resumed, data[12:])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, straight.model.state_dict()[name]), name
+
+
+def test_a_state_of_another_steps_per_epoch_is_refused():
+    model, optimizer = make()
+    state = dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=STEPS).state_dict()
+    with pytest.raises(ValueError, match="steps_per_epoch=5, this one has 10"):
+        dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=10).load_state_dict(state)
+
+
+def test_patterns_are_checked_when_the_driver_is_built():
+    model, optimizer = make()
+    with pytest.raises(ValueError, match="'0.wieght'"):  # not after the dense phase has trained
+        dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=STEPS, exclude=["0.wieght"])
+    with pytest.raises(ValueError, match="no weight of 2\\+ dimensions left to prune"):
+        dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=STEPS, include=["0.bias"])
+    with pytest.raises(TypeError, match="exclude: a list of names or patterns, got the string '0.weight'"):
+        dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=STEPS, exclude="0.weight")
+
+
+def test_a_tied_weight_is_excluded_by_any_of_its_names():
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False), nn.Linear(10, 10))
+    model[1].weight = model[0].weight  # tied (as a language model's input and output embeddings)
+    pruner = dsd.Pruner(model, 0.5, exclude=["1.weight"])
+    assert set(pruner.masks) == {"2.weight"}
+
+
 @pytest.mark.parametrize("written", ["api", "yaml"])
 def test_iht_is_a_recipe_the_driver_runs(written):
     if written == "api":

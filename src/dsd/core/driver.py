@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from dsd.core.masks import Pruner
+from dsd.core.masks import Pruner, check_patterns, prunable_parameters
 from dsd.core.schedule import Phase, Recipe, lr_at
 
 
@@ -47,10 +47,12 @@ class DSD:
         self.model, self.optimizer = model, optimizer
         self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
         self.steps_per_epoch, self.lr_schedule = steps_per_epoch, lr_schedule
+        check_patterns(model, exclude, include)  # now, not when the first sparse phase starts
         self.exclude, self.include = tuple(exclude), None if include is None else tuple(include)
         self.lengths = [math.ceil(p.epochs * steps_per_epoch) for p in self.recipe.phases]
         self.global_step, self.index, self.pruner = 0, 0, None
         self._skip_empty()
+        self._before_entry = self._snapshot() if self.phase is not None and self.phase.prunes else None
         self._enter()
 
     # ------------------------------------------------------------------------------------------ progress
@@ -83,6 +85,7 @@ class DSD:
 
     def step(self) -> None:
         """Call after every optimizer step (also one a GradScaler skipped)."""
+        self._before_entry = None
         if self.done:
             return
         if self.pruner is not None:
@@ -114,6 +117,19 @@ class DSD:
             self.pruner = None
         self._set_lr()
 
+    @torch.no_grad()
+    def _snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A recipe that starts sparse (a pretrained model's) prunes when the object is built. If a state dict
+        is loaded before the first step (a resume: model and optimizer loaded first, in the natural order),
+        what that pruning overwrote is put back: these copies, dropped at the first step."""
+        saved = []
+        for param in prunable_parameters(self.model, self.exclude, self.include).values():
+            saved.append((param, param.clone()))
+            for value in self.optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    saved.append((value, value.clone()))
+        return saved
+
     def _set_lr(self) -> None:
         if not self.done:
             for group in self.optimizer.param_groups:
@@ -126,6 +142,7 @@ class DSD:
         return {
             "global_step": self.global_step,
             "index": self.index,
+            "steps_per_epoch": self.steps_per_epoch,
             "phases": [vars(p) for p in self.recipe.phases],
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
         }
@@ -133,8 +150,18 @@ class DSD:
     def load_state_dict(self, state: Mapping) -> None:
         if [vars(p) for p in self.recipe.phases] != list(state["phases"]):
             raise ValueError("DSD state of another recipe")
+        saved_steps = state.get("steps_per_epoch", self.steps_per_epoch)
+        if saved_steps != self.steps_per_epoch:  # the phases' lengths, and the step's place in them, differ
+            raise ValueError(
+                f"DSD state saved with steps_per_epoch={saved_steps}, this one has {self.steps_per_epoch} "
+                "(another batch size or number of processes?)"
+            )
         self.global_step, self.index = int(state["global_step"]), int(state["index"])
-        if self.pruner is not None:
+        if self._before_entry is not None:  # built just now: undo the pruning its construction did
+            for tensor, value in self._before_entry:
+                tensor.detach().copy_(value)
+            self._before_entry, self.pruner = None, None
+        elif self.pruner is not None:
             self.pruner.remove()
         self.pruner = Pruner.from_state_dict(self.model, state["pruner"]) if state.get("pruner") else None
         self._set_lr()

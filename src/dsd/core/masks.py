@@ -46,15 +46,38 @@ def prunable_parameters(
     `include`, when given, narrows the candidates to names matching one of its patterns (the speech track
     prunes only fully connected and recurrent weights, say). Names are those of `model.named_parameters()`.
     """
-    exclude, include = expand_aliases(tuple(exclude), model), expand_aliases(include, model)
+    exclude, include = expand_aliases(_patterns(exclude, "exclude"), model), expand_aliases(include, model)
+    names_of: dict[nn.Parameter, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):  # a tied weight answers to every name
+        names_of.setdefault(param, []).append(name)
     chosen = {}
     for name, param in model.named_parameters():  # shared parameters are listed once, under their first name
-        if param.dim() < 2 or matches(name, exclude):
+        if param.dim() < 2 or any(matches(n, exclude) for n in names_of[param]):
             continue
-        if include is not None and not matches(name, include):
+        if include is not None and not any(matches(n, include) for n in names_of[param]):
             continue
         chosen[name] = param
     return chosen
+
+
+def _patterns(patterns: Iterable[str] | None, what: str) -> tuple[str, ...] | None:
+    if isinstance(patterns, str):  # iterating a string would make each character a pattern
+        raise TypeError(f"{what}: a list of names or patterns, got the string {patterns!r}")
+    return None if patterns is None else tuple(patterns)
+
+
+def check_patterns(
+    model: nn.Module, exclude: Iterable[str] = (), include: Iterable[str] | None = None
+) -> None:
+    """A pattern that matches no parameter is almost always a typo, which would silently prune a layer; an
+    `include` that leaves nothing to prune is one too."""
+    exclude, include = _patterns(exclude, "exclude"), _patterns(include, "include")
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    typos = unmatched(names, (*expand_aliases(exclude, model), *(expand_aliases(include, model) or ())))
+    if typos:
+        raise ValueError(f"pattern {typos[0]!r} (exclude/include) matches no parameter of the model")
+    if include is not None and not prunable_parameters(model, exclude, include):
+        raise ValueError(f"include {list(include)}: no weight of 2+ dimensions left to prune")
 
 
 @torch.no_grad()
@@ -127,14 +150,9 @@ class Pruner:
     ):
         self.model = model
         self.target_sparsity = check_sparsity(sparsity)
-        self.exclude = tuple(exclude)
-        self.include = None if include is None else tuple(include)
+        self.exclude, self.include = _patterns(exclude, "exclude"), _patterns(include, "include")
         if _masks is None:
-            names = [n for n, _ in model.named_parameters()]
-            patterns = (*expand_aliases(self.exclude, model), *(expand_aliases(self.include, model) or ()))
-            typos = unmatched(names, patterns)
-            if typos:
-                raise ValueError(f"pattern {typos[0]!r} (exclude/include) matches no parameter of the model")
+            check_patterns(model, self.exclude, self.include)
             self._params = prunable_parameters(model, self.exclude, self.include)
             masks = {n: magnitude_mask(p, self.target_sparsity) for n, p in self._params.items()}
         else:
