@@ -21,3 +21,4 @@ rule all:
         tables=rules.tables.output,
         plots=rules.plots.output,
         row_plots=rules.row_plots.output,
+        stale=stale_flags(),  # outputs recording another identity than the config's: rerun their jobs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,27 +80,39 @@ def test_karpathy_reader_normalises_and_names_bad_fields(tmp_path):
     images[1]["sentences"] = [{"imgid": 1}]
     with pytest.raises(DataError, match="'tokens'"):
         cap_data.read_karpathy(_karpathy(tmp_path, images))
+    for bad, message in (({"raw": 5}, r"sentences\[0\].raw is int"), (None, "missing field 'tokens'")):
+        images[1]["sentences"] = [bad]
+        with pytest.raises(DataError, match=message):
+            cap_data.read_karpathy(_karpathy(tmp_path, images))
+    images[1]["sentences"], images[1]["filename"] = [{"raw": "a cat"}], 7
+    with pytest.raises(DataError, match="field 'filename' is int"):
+        cap_data.read_karpathy(_karpathy(tmp_path, images))
 
 
-def test_preparing_flickr8k_names_a_missing_image(tmp_path):
+def test_preparing_flickr8k_names_a_missing_image_and_an_empty_split(tmp_path):
     _karpathy(tmp_path, [_entry(0, "train", ["a dog"]), _entry(1, "val", ["a cat"])])
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "im0.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="im1.jpg"):
         prepare.prepare(_exp(tmp_path))
     (tmp_path / "images" / "im1.jpg").write_bytes(b"")
-    assert prepare.prepare(_exp(tmp_path))["summary"]["images"] == {"train": 1, "val": 1, "test": 0}
+    with pytest.raises(DataError, match="dataset_flickr8k.json: no 'test' images"):
+        prepare.prepare(_exp(tmp_path))  # would score no model, or every one 0 (an empty 'val')
+    _karpathy(
+        tmp_path, [_entry(0, "train", ["a dog"]), _entry(1, "val", ["a cat"]), _entry(0, "test", ["a"])]
+    )
+    assert prepare.prepare(_exp(tmp_path))["summary"]["images"] == {"train": 1, "val": 1, "test": 1}
 
 
 def test_coco_layout_prepares_by_its_data_set_name(tmp_path):
     """dataset: coco reads dataset_coco.json; images under train2014/ and val2014/ via each entry's filepath."""
-    entries = [_entry(0, "train", ["a dog"]), _entry(1, "val", ["a cat"])]
-    for entry, folder in zip(entries, ("train2014", "val2014"), strict=True):
+    entries = [_entry(0, "train", ["a dog"]), _entry(1, "val", ["a cat"]), _entry(2, "test", ["a cow"])]
+    for entry, folder in zip(entries, ("train2014", "val2014", "val2014"), strict=True):
         entry["filepath"] = folder
-        (tmp_path / folder).mkdir()
+        (tmp_path / folder).mkdir(exist_ok=True)
         (tmp_path / folder / entry["filename"]).write_bytes(b"")
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": entries}))
-    assert prepare.prepare(_exp(tmp_path, "coco"))["summary"]["images"] == {"train": 1, "val": 1, "test": 0}
+    assert prepare.prepare(_exp(tmp_path, "coco"))["summary"]["images"] == {"train": 1, "val": 1, "test": 1}
 
 
 def test_vocabulary_min_count_specials_and_truncation(tmp_path):
@@ -335,3 +348,28 @@ def test_vgg_weights_must_be_a_local_file(tmp_path):
     exp = _exp(tmp_path, data={"encoder_weights": "weights/vgg16.pth"})
     with pytest.raises(DataError, match=str(tmp_path / "weights" / "vgg16.pth")):  # inside the data folder
         cap_model.vgg16_encoder(exp)
+
+
+def test_scenes_made_with_other_settings_are_regenerated_not_kept(tmp_path):
+    """The prepared scenes are the config's: changing the generator seed rewrites them (they were kept once
+    complete, whatever settings they were made with, while the marker named the new settings)."""
+    data = {"scenes_splits": [6, 2, 2], "scenes_image_size": 32, "image_size": 32, "min_count": 1}
+    first = _exp(tmp_path, dataset="scenes", data=data)
+    prepare.prepare(first)
+    json_path = Path(first.data_dir) / "dataset_scenes.json"
+    before = json_path.read_text()
+    prepare.prepare(first)
+    assert json_path.read_text() == before  # the same settings: kept
+    prepare.prepare(_exp(tmp_path, dataset="scenes", data=data | {"scenes_seed": 1}))
+    assert json.loads(json_path.read_text())["generator"]["seed"] == 1
+    assert json_path.read_text() != before
+
+
+def test_an_image_that_cannot_be_decoded_is_named(tmp_path):
+    scenes.generate(tmp_path, seed=0, splits=(1, 0, 0), image_size=16)
+    good = tmp_path / "images" / "scene_00000.png"
+    (tmp_path / "cut.png").write_bytes(good.read_bytes()[:60])  # truncated
+    (tmp_path / "notes.png").write_text("not an image")
+    for name in ("cut.png", "notes.png"):
+        with pytest.raises(DataError, match=f"{name}: cannot decode image"):
+            cap_data._ImageFiles([tmp_path / name], 16)[0]

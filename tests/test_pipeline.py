@@ -72,13 +72,15 @@ def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
     # the sparse phase's sparsity: its phase and the one after it, per seed, then the tables
     config["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.5
     assert planned(tmp_path, write_config(tmp_path, config)) == {
-        "train_phase": 4, "evaluate_phase": 4, "tables": 1, "plots": 1, "row_plots": 1, "all": 1
+        "train_phase": 4, "evaluate_phase": 4, "tables": 1, "plots": 1, "row_plots": 1, "all": 1,
+        "stale_output": 8,  # a flag per output that records the old spec: what the plan shows, and why
     }  # fmt: skip
     # how models are evaluated: evaluation and tables only, no training
     config["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.3
     config["experiments"]["resnet18"]["eval"] = {"batch_size": 3}
     assert planned(tmp_path, write_config(tmp_path, config)) == {
         "evaluate_phase": 8,
+        "stale_output": 8,
         "tables": 1,
         "plots": 1,
         "row_plots": 1,
@@ -124,6 +126,7 @@ def test_dry_run_plans_every_phase_and_control(tmp_path):
             "config.experiments.resnet18.trian: unknown key (did you mean 'train'?",
         ),
         ({"seeds": "zero"}, "config.seeds: expected a list"),
+        ({"experiments.resnet18.prune.include": []}, "prune.include: an empty list prunes nothing"),
         (
             {"experiments.resnet18.phases": [{"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 0.5}]},
             "dense phase before",
@@ -205,3 +208,16 @@ def test_dsd_run_trains_one_row_and_seed_in_order_then_keeps_what_is_done(tmp_pa
     again = dsd_cli(*command)
     assert again.returncode == 0 and "trained;" not in again.stdout
     assert again.stdout.count("test top1_error_pct =") == 4
+    # Snakemake has no record of files `dsd run` wrote: it plans from the identities they record
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    jobs = planned(tmp_path, configfile)
+    assert not {"prepare_data", "train_phase", "evaluate_phase", "stale_output"} & set(jobs), jobs
+    config["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.5
+    jobs = planned(tmp_path, write_config(tmp_path, config))
+    assert (jobs["train_phase"], jobs["evaluate_phase"], jobs["stale_output"]) == (2, 2, 4), jobs
+    # and `dsd run` retrains what another config's data set would make stale
+    config["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.3
+    config["experiments"]["resnet18"]["data"]["generate"]["per_class"]["train"] = 5
+    rerun = dsd_cli(*command[:2], str(write_config(tmp_path, config)), *command[3:])
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stdout.count("trained;") == 4

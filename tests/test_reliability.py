@@ -15,7 +15,7 @@ from conftest import REPO, parse, prepare_data, tiny_vision_config, train
 
 from dsd import paths
 from dsd.engine import checkpoint
-from dsd.errors import CheckpointError, NonFiniteLoss
+from dsd.errors import CheckpointError, DataError, NonFiniteLoss
 
 VOLATILE = {"seconds", "wall_seconds", "machine"}
 
@@ -135,6 +135,21 @@ def test_an_init_checkpoint_of_another_spec_is_refused(tmp_path):
     raw["experiments"]["resnet18"]["phases"][0]["lr"] = 0.04
     with pytest.raises(CheckpointError, match=r"trained for another spec .*phases\[0\]\.lr: 0.05 -> 0.04"):
         train(parse(raw), "resnet18", 0, "sparse1")
+
+
+def test_a_mid_phase_resume_point_is_refused_as_a_finished_phase(tmp_path):
+    """resume.pt carries the phase's identity too: only its unfinished position tells it from model.pt."""
+    from dsd.engine import resume
+
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    out = paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")
+    train(config, "resnet18", 0, "dense")
+    state = checkpoint.load(paths.checkpoint(out))
+    checkpoint.save(state | {"partial": {}}, paths.resume(out))  # what an interrupted phase leaves
+    with pytest.raises(CheckpointError, match="resume.pt: a mid-phase resume point"):
+        train(config, "resnet18", 0, "sparse1", init=paths.resume(out))
+    assert resume.finished(paths.checkpoint(out))["phase"] == "dense"
 
 
 def test_same_config_and_seed_twice_is_identical(tmp_path):
@@ -329,3 +344,35 @@ def test_a_checkpoint_optimizer_state_loads_into_this_build_implementation():
     assert torch.equal(
         fused.state[model.weight]["momentum_buffer"], old.state[model.weight]["momentum_buffer"]
     )
+
+
+def test_data_prepared_with_other_settings_is_refused_naming_the_setting(tmp_path):
+    """Two configs sharing a data_root: the marker holds the other one's data set; training must not read it."""
+    from dsd.engine import prepare
+
+    config = tiny_vision_config(tmp_path)
+    prepare_data(parse(config), "resnet18")
+    config["experiments"]["resnet18"]["data"]["generate"]["per_class"]["train"] = 9
+    with pytest.raises(DataError, match=r"prepared with other settings \(.*per_class.train: 6 -> 9"):
+        prepare.data_fingerprint(parse(config).experiment("resnet18"))
+
+
+def test_image_features_refuse_an_encoder_checkpoint_of_another_spec(tmp_path):
+    """NeuralTalk's frozen CNN is the resnet18 row's dense run: one trained with other settings must not be
+    encoded from and labelled with this config's encoder."""
+    from conftest import dsd_cli, write_config
+
+    raw = tiny_vision_config(tmp_path, seeds=[0])
+    raw["experiments"]["neuraltalk"] = {
+        "track": "captioning", "dataset": "scenes", "model": {"embed_dim": 8, "hidden_dim": 8},
+        "data": {"encoder_row": "resnet18", "encoder_seed": 0, "image_size": 32, "scenes_image_size": 32,
+                 "scenes_splits": [6, 2, 2], "min_count": 1},
+        "phases": [{"kind": "dense", "epochs": 1, "lr": 0.01}],
+    }  # fmt: skip
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    raw["experiments"]["resnet18"]["phases"][0]["lr"] = 0.04
+    result = dsd_cli("features", "--config", str(write_config(tmp_path, raw)), "--row", "neuraltalk")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "not resnet18 seed 0's dense run of this config (phases[0].lr: 0.05 -> 0.04)" in result.stderr

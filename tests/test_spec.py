@@ -78,6 +78,25 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
     assert f"{bad}:2:12: YAML syntax error" in line
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"seeds: [0]\nseeds: [1]\n", ":2:1: YAML syntax error: key 'seeds' given twice in one mapping"),
+        (b"a: &x [*x]\n", ": YAML error: an alias refers to itself"),
+        (b"\xff\xfeseeds: [0]\n", ": not UTF-8 text (invalid start byte at byte 0)"),
+    ],
+)
+def test_a_config_yaml_would_misread_is_one_line_naming_the_file(tmp_path, content, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    assert f"{bad}{message}" in one_error_line(dsd_cli("check-config", str(bad)))
+
+
+def test_a_merge_key_may_override_what_it_merges():
+    loaded = hparams.load_yaml_text("base: &b {lr: 1, epochs: 2}\nrow: {<<: *b, lr: 3}\n", "t")
+    assert loaded["row"] == {"lr": 3, "epochs": 2}
+
+
 def test_numbers_as_people_write_them():
     """`1e-3` is a number (PyYAML alone reads it as a string); numbers in strings are read where one is due."""
     assert hparams.load_yaml_text("lr: 1e-3\nx: 1.0e+2\nn: 7", "t") == {"lr": 0.001, "x": 100.0, "n": 7}

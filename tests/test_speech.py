@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +94,21 @@ def test_manifest_reader(tmp_path):
     manifest.write_text('{"audio": "x.flac"}\n')
     with pytest.raises(DataError, match=r"m\.jsonl:1"):
         speech_data.read_manifest(manifest)
+    manifest.write_text(json.dumps(row | {"transcript": 5}) + "\n")
+    with pytest.raises(DataError, match=r"m\.jsonl:1: 'audio' and 'transcript' must be text"):
+        speech_data.read_manifest(manifest)
+
+
+def test_a_failed_feature_build_leaves_no_partial_cache(tmp_path, tiny):
+    root = tmp_path / "corpus"
+    shutil.copytree(tiny[0], root)
+    exp = _exp(root, utterances_per_speaker=COUNTS)
+    bad = Path(speech_data._sources(exp, "val")[0]["audio"])
+    bad.write_bytes(b"not audio")
+    out = tmp_path / "cache" / "val"
+    with pytest.raises(DataError, match=bad.name):
+        speech_data.build_features(exp, "val", out)
+    assert list(out.parent.iterdir()) == []  # not even the half-written temporary folder
 
 
 def test_bad_audio_and_transcripts_are_named(tmp_path):

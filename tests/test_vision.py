@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import parse, snakemake, write_config
+from conftest import dsd_cli, parse, snakemake, tiny_vision_config, write_config
 from PIL import Image
 
 from dsd.errors import DataError
@@ -240,6 +240,16 @@ def test_generated_images_do_not_depend_on_the_order_splits_are_listed(tmp_path)
         assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes()
 
 
+def test_regenerated_images_replace_the_previous_generation(tmp_path):
+    """Fewer images per class than last time: the extra files of the last generation must not stay and be read
+    as this data set's (its fingerprint names the settings, not the files)."""
+    from dsd.tracks.vision import synthetic
+
+    synthetic.generate(tmp_path, per_class={"train": 3, "val": 1, "test": 1})
+    synthetic.generate(tmp_path, per_class={"train": 2, "val": 1, "test": 1})
+    assert len(list((tmp_path / "train").rglob("*.jpg"))) == 2 * len(synthetic.CLASSES)
+
+
 def test_any_torchvision_model_on_any_image_folder_by_config_only(tmp_path):
     """A row defined only in a user config, through the whole pipeline (Snakemake, tables, plots): dataset
     imagefolder (class folders of any names), a torchvision model by name with its own constructor arguments,
@@ -269,6 +279,28 @@ def test_any_torchvision_model_on_any_image_folder_by_config_only(tmp_path):
     table = (tmp_path / "results" / "tables" / "paper_comparison.csv").read_text()
     assert table.splitlines()[1].startswith("flowers,")
     assert (tmp_path / "results" / "plots" / "curves.png").is_file()
+
+
+def test_dsd_run_retrains_a_phase_whose_image_folder_changed(tmp_path):
+    """A real data set's content is part of a result's identity: a new training image, same config."""
+    folder = make_imagenet(tmp_path / "imagenet", per_class=2)
+    raw = {
+        "data": {"imagenet": str(folder)}, "output_dir": str(tmp_path / "out"), "data_root": str(tmp_path / "d"),
+        "seeds": [0], "threads": 1, "wandb": {"mode": "disabled"},
+        "experiments": {"resnet18": {
+            "track": "vision", "dataset": "imagenet",
+            "model": {"size": "mini", "width": 4, "num_classes": 2}, "data": {"image_size": 32, "resize": 32},
+            "eval": {"batch_size": 4}, "train": {"batch_size": 4}, "prune": {"exclude": ["conv1.weight"]},
+            "phases": [{"kind": "dense", "epochs": 1, "lr": 0.01}]}},
+    }  # fmt: skip
+    command = ["run", "--config", str(write_config(tmp_path, raw)), "--row", "resnet18"]
+    assert "trained;" in dsd_cli(*command).stdout
+    assert "trained;" not in dsd_cli(*command).stdout  # nothing changed: kept
+    (folder / "train" / WNIDS[0] / "extra.JPEG").write_bytes(
+        next((folder / "val").rglob("*.JPEG")).read_bytes()
+    )
+    again = dsd_cli(*command)
+    assert again.returncode == 0 and "trained;" in again.stdout, again.stderr[-2000:]
 
 
 def _epoch(exp, epoch: int, skip: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -320,3 +352,31 @@ def test_a_batch_reaches_the_model_in_the_model_memory_layout():
     net = net.to(memory_format=torch.channels_last)
     assert in_layout_of(net, images).is_contiguous(memory_format=torch.channels_last)
     assert in_layout_of(torch.nn.Linear(3, 2), images) is images
+
+
+def test_bad_pretrained_weights_are_one_line_naming_the_file_and_key(tmp_path, monkeypatch):
+    from dsd.errors import CheckpointError
+    from dsd.tracks.vision import model as vision_model
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty torch cache
+
+    def build(weights):
+        config = tiny_vision_config(tmp_path)
+        config["experiments"]["resnet18"]["model"] = {
+            "arch": "squeezenet1_1",
+            "num_classes": 1000,
+            "weights": weights,
+        }
+        config["experiments"]["resnet18"]["prune"] = {"exclude": ["first_conv"]}
+        return vision_model.build(parse(config).experiment("resnet18"))
+
+    with pytest.raises(DataError, match="not in the local torch cache .*set download: true"):
+        build("IMAGENET1K_V1")
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(
+        CheckpointError, match=r"notes.pth: is a text file, not a weights file \(config.experiments.resnet18"
+    ):
+        build(str(tmp_path / "notes.pth"))
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "linear.pth")
+    with pytest.raises(CheckpointError, match="linear.pth: weights of another model .*missing"):
+        build(str(tmp_path / "linear.pth"))

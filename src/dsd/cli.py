@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dsd import paths
 from dsd.config import Config, load_config
-from dsd.errors import ConfigError, DSDError
+from dsd.errors import CheckpointError, ConfigError, DSDError
 from dsd.spec import DataSpec, PhaseSpec, RowSpec, RunOptions
 
 
@@ -77,7 +77,7 @@ def cmd_prepare(args) -> None:
 def cmd_features(args) -> None:
     """Captioning: encode every image once with the frozen CNN (a trained vision run, or local VGG-16 weights)."""
     from dsd import tracks
-    from dsd.engine import checkpoint, distributed
+    from dsd.engine import checkpoint, distributed, prepare, resume
     from dsd.tracks.captioning import data, model
 
     config = None if args.spec else _config(args)
@@ -93,8 +93,15 @@ def cmd_features(args) -> None:
             paths.run_dir(options.output_dir, encoder_spec.row, encoder_spec.seed, "dense")
         )
         encoder_exp = encoder_spec.experiment(options)
+        state = checkpoint.load(ckpt)
+        expected = resume.identity(encoder_spec, prepare.data_fingerprint(encoder_exp))
+        if (why := resume.mismatch(state.get("identity") or {}, expected)) is not None:
+            raise CheckpointError(
+                f"{ckpt}: not {encoder_spec.row} seed {encoder_spec.seed}'s dense run of this config ({why}); "
+                f"train it first (dsd run --row {encoder_spec.row} --seed {encoder_spec.seed})"
+            )
         vision = tracks.get(encoder_exp.track).model.build(encoder_exp)
-        checkpoint.load_model(vision, checkpoint.load(ckpt), ckpt)
+        checkpoint.load_model(vision, state, ckpt)
         encoder = model.encoder_from_module(vision)
     else:
         encoder = model.vgg16_encoder(exp)
@@ -153,11 +160,6 @@ def cmd_evaluate(args) -> None:
         print(json.dumps({k: v for k, v in result.items() if k != "test_items"}, indent=1))
 
 
-def _recorded(path: Path, key: str):
-    """A key of a finished step's JSON record (None where there is none yet)."""
-    return json.loads(path.read_text()).get(key) if path.is_file() else None
-
-
 def cmd_run(args) -> None:
     """One (row, seed) without Snakemake: data, every phase in order (the control and sweep variants included),
     then each phase's evaluation. What is finished for this spec is kept; an interrupted phase resumes."""
@@ -165,16 +167,19 @@ def cmd_run(args) -> None:
 
     from dsd import tracks
     from dsd.engine import prepare
-    from dsd.engine.evaluation import eval_fingerprint, evaluate_checkpoint
+    from dsd.engine.evaluation import evaluate_checkpoint
+    from dsd.spec import eval_fingerprint
 
     config = _config(args)
     options, row = _options(args, config), config.row(args.row)
-    prepare.prepare(row.data_spec().experiment(options))
+    if not prepare.is_current(data := row.data_spec().experiment(options)):
+        prepare.prepare(data)
     features = getattr(tracks.get(row.track).config, "features_path", None)
     if features is not None and not Path(features(config.experiment(args.row))).is_file():
         if row.data.encoder_row:
             encoder = paths.run_dir(options.output_dir, row.data.encoder_row, row.data.encoder_seed, "dense")
-            if not paths.metrics(encoder).is_file():
+            current = config.phase(row.data.encoder_row, row.data.encoder_seed, "dense").fingerprint
+            if paths.recorded(paths.metrics(encoder), "fingerprint") != current:
                 raise ConfigError(
                     f"{args.row} encodes its images with {row.data.encoder_row}'s dense run: "
                     f"dsd run --row {row.data.encoder_row} --seed {row.data.encoder_seed} first"
@@ -187,7 +192,8 @@ def cmd_run(args) -> None:
     for phase in row.phase_names:
         spec = config.phase(args.row, args.seed, phase)
         out = paths.run_dir(options.output_dir, args.row, args.seed, phase)
-        if _recorded(paths.metrics(out), "fingerprint") != spec.fingerprint:
+        done = (paths.recorded(paths.metrics(out), k) for k in ("fingerprint", "data_fingerprint"))
+        if tuple(done) != (spec.fingerprint, prepare.data_fingerprint(spec.experiment(options))):
             cmd_train(
                 argparse.Namespace(**vars(args) | {"spec": None, "phase": phase, "init": None, "out": None})
             )
@@ -401,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"dsd: error: {one_line(err)}", file=sys.stderr)  # names the file
+        where = f"{err.filename}: " if err.filename else ""
+        hint = (
+            ""
+            if err.filename
+            else " (the system named no file: see the free space under output_dir and data_root)"
+        )
+        print(f"dsd: error: {where}{err.strerror}{hint}", file=sys.stderr)
         return 2
     return 0

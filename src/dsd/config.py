@@ -227,6 +227,12 @@ def check_patterns(config: Config) -> None:
     """Every include / exclude pattern must match a parameter of its model (a typo would prune a layer)."""
     from dsd.core.patterns import ALIASES, unmatched
 
+    for name, row in config.experiments.items():
+        if row.prune.include is not None and not list(row.prune.include):
+            raise ConfigError(
+                f"config.experiments.{name}.prune.include: an empty list prunes nothing (leave it out to prune "
+                "every weight of 2+ dimensions)"
+            )
     names = tracks.parameter_names([(row.track, row.model) for row in config.experiments.values()])
     for name, row in config.experiments.items():
         described = names.get((row.track, fingerprint(hparams.as_dict(row.model))))

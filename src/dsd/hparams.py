@@ -226,7 +226,20 @@ def type_name(hint) -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML as people write it: `1e-3` is a number (YAML 1.2), not the string YAML 1.1 makes of it."""
+    """YAML as people write it: `1e-3` is a number (YAML 1.2), not the string YAML 1.1 makes of it; a key given
+    twice in one mapping is an error (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # the keys as written (a `<<:` merge's may be overridden, by design)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r} given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -248,6 +261,8 @@ def _plain(value):
 def load_yaml_text(text: str, name: str):
     try:
         return _plain(yaml.load(text, Loader=_Loader))
+    except RecursionError:
+        raise ConfigError(f"{name}: YAML error: an alias refers to itself") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
@@ -260,7 +275,11 @@ def load_yaml(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    return load_yaml_text(path.read_text(), str(path))
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return load_yaml_text(text, str(path))
 
 
 def yaml_value(text: str):

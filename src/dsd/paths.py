@@ -42,6 +42,28 @@ def evaluation(run: Path) -> Path:
     return Path(run) / "eval.json"
 
 
+def recorded(path: Path, key: str):
+    """A key of a finished step's JSON record; None where there is none (or it cannot be read)."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def stale_flag(output_dir: str, output: Path) -> Path:
+    """A flag the pipeline makes when `output` exists but records another identity than the config's: an
+    input of the job that writes `output`, so Snakemake reruns it (workflow/rules/common.smk). Named after
+    the output's modification time, so each stale version gets a new flag, newer than it."""
+    output = Path(output)
+    try:
+        where = output.relative_to(output_dir)
+    except ValueError:  # a data set's marker, under data_root: its name is unique
+        where = Path(output.name)
+    return Path(output_dir) / "stale" / f"{where}.{output.stat().st_mtime_ns}"
+
+
 def tables_dir(output_dir: str) -> Path:
     return Path(output_dir) / "tables"
 

@@ -54,6 +54,11 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path or 'spec'}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
+def eval_fingerprint(spec: PhaseSpec, eval_section) -> str:
+    """What an evaluation depends on: the checkpoint's spec and the row's eval settings."""
+    return fingerprint({"checkpoint": spec.fingerprint, "eval": hparams.as_dict(eval_section)})
+
+
 # ------------------------------------------------------------------------------------ typed sections
 
 
@@ -190,6 +195,10 @@ class RunOptions:
     )
     verify_data: bool = option(
         False, "preparing a real data set decodes every image (in parallel) and lists every bad file"
+    )
+    download: bool = option(
+        False,
+        "pretrained weights by name (model.weights: IMAGENET1K_V1): download those the torch cache lacks",
     )
 
     def to_json(self) -> str:

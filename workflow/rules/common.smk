@@ -4,10 +4,13 @@ import json
 import os
 import shlex
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 from dsd import gpus as dsd_gpus
 from dsd import hparams, paths
 from dsd import config as dsd_config
+from dsd import spec as dsd_spec
 from dsd import tracks
 
 # --configfile as given, else the embedded default; --config values on top (read as YAML would read them)
@@ -68,6 +71,45 @@ def previous_checkpoint(wildcards):
     if previous is None:
         return []
     return str(paths.checkpoint(paths.run_dir(OUT, wildcards.row, wildcards.seed, previous.phase)))
+
+
+def rerun_if_stale(output, key, current):
+    """An input that reruns the job writing `output` when that file exists but records another identity (its
+    `key`) than the config's. Snakemake reruns such jobs itself from its records of their params, but it has
+    none for outputs that `dsd run` wrote, that were copied from another folder, or whose .snakemake/ is gone."""
+    if os.path.exists(output) and paths.recorded(output, key) != current:
+        return [str(paths.stale_flag(OUT, output))]
+    return []
+
+
+def phase_is_stale(w):
+    spec = CONFIG.phase(w.row, int(w.seed), w.phase)
+    return rerun_if_stale(metrics_of(w.row, w.seed, w.phase), "fingerprint", spec.fingerprint)
+
+
+def evaluation_is_stale(w):
+    spec = CONFIG.phase(w.row, int(w.seed), w.phase)
+    current = dsd_spec.eval_fingerprint(spec, CONFIG.row(w.row).eval)
+    return rerun_if_stale(evaluation_of(w.row, w.seed, w.phase), "eval_fingerprint", current)
+
+
+def stale_flags():
+    """Every flag the rules' `stale` inputs ask for, as inputs of the default target: Snakemake makes a missing
+    file only for a job that must run anyway, or for a target; made, the flag reruns the job it is input to."""
+    runs = [(row, seed, phase) for row in ROWS for seed in SEEDS for phase in CONFIG.row(row).phase_names]
+    flags = [f for dataset in DATASET_ROW for f in data_is_stale(SimpleNamespace(dataset=dataset))]
+    for row, seed, phase in runs:
+        w = SimpleNamespace(row=row, seed=seed, phase=phase)
+        flags += phase_is_stale(w) + evaluation_is_stale(w)
+    return flags
+
+
+rule stale_output:  # not temp(): Snakemake would skip making a temp input whose consumer's output exists
+    output:
+        str(Path(OUT) / "stale" / "{path}"),
+    localrule: True
+    shell:
+        "touch {output:q}"
 
 
 wildcard_constraints:

@@ -5,7 +5,14 @@ for _name, _row in CONFIG.experiments.items():
     DATASET_ROW.setdefault(_row.dataset, _name)
 
 
+def data_is_stale(w):
+    current = json.loads(CONFIG.row(DATASET_ROW[w.dataset]).data_spec().to_json())
+    return rerun_if_stale(str(paths.prepared(DATA_ROOT, w.dataset)), "spec", current)
+
+
 rule prepare_data:
+    input:
+        stale=data_is_stale,
     output:
         str(paths.prepared(DATA_ROOT, "{dataset}")),
     params:

@@ -102,18 +102,51 @@ def load(path: str | Path) -> dict:
     what = _not_a_checkpoint(path)
     if what:
         raise CheckpointError(f"{path}: {what}")
+    state = _read(path, "checkpoint")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a DSD checkpoint (no '{FORMAT}' marker)")
+    _verify(state, path)
+    return state
+
+
+def _read(path: Path, what: str):
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"{path}: refused, it needs pickled code to load ({first})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt? {first})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a DSD checkpoint (no '{FORMAT}' marker)")
-    _verify(state, path)
-    return state
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt? {first})") from None
+
+
+def load_weights(model: nn.Module, path: str | Path, key: str) -> None:
+    """Pretrained weights from a plain state-dict file (torchvision's, or saved from DDP); `key`, the config key
+    that names the file, goes into the one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found ({key})")
+    if what := _not_a_checkpoint(path):
+        raise CheckpointError(f"{path}: {what.replace('checkpoint', 'weights file')} ({key})")
+    state = _read(path, f"weights file ({key})")
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a state dict ({key})")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        missing, unexpected = (
+            sorted(set(model.state_dict()) - set(state)),
+            sorted(set(state) - set(model.state_dict())),
+        )
+        detail = (
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            if missing or unexpected
+            else "shape mismatch"
+        )
+        raise CheckpointError(f"{path}: weights of another model ({key}: {detail})") from err
 
 
 def _verify(state: dict, path: Path) -> None:

@@ -15,14 +15,10 @@ from dsd import hparams, paths, tracks
 from dsd.core.masks import Pruner
 from dsd.engine import checkpoint, distributed, prepare, resume
 from dsd.errors import CheckpointError
-from dsd.spec import PhaseSpec, RunOptions, fingerprint
+from dsd.spec import PhaseSpec, RunOptions, eval_fingerprint
 from dsd.tracking import Tracker
 
 SAMPLES = 8  # test items kept with their predictions (captions, transcripts) for the qualitative tables
-
-
-def eval_fingerprint(spec: PhaseSpec, eval_section) -> str:
-    return fingerprint({"checkpoint": spec.fingerprint, "eval": hparams.as_dict(eval_section)})
 
 
 def evaluate_checkpoint(
@@ -36,7 +32,7 @@ def evaluate_checkpoint(
     exp = spec.experiment(options, eval_section)
     track = tracks.get(exp.track)
     track.metric.check(exp)
-    state = checkpoint.load(path)
+    state = resume.finished(path)
     saved = state.get("identity") or {}
     why = resume.mismatch(saved, resume.identity(spec, prepare.data_fingerprint(exp)))
     if why is not None and not any_spec:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dsd import paths, tracks
 from dsd.errors import DataError
-from dsd.spec import Experiment, fingerprint
+from dsd.spec import Experiment, differences, fingerprint
 
 
 def marker(exp: Experiment) -> Path:
@@ -29,11 +29,27 @@ def read_marker(exp: Experiment) -> dict:
         raise DataError(
             f"{path}: data set {exp.dataset!r} is not prepared (run: dsd prepare --config ... --row {exp.row})"
         )
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    wanted = json.loads(exp.data_spec().to_json())
+    if record.get("spec") != wanted:  # another config's settings for the same folder (a shared data_root)
+        why = "; ".join(differences(record.get("spec"), wanted)[:3])
+        raise DataError(
+            f"{path}: data set {exp.dataset!r} was prepared with other settings ({why}); "
+            f"run: dsd prepare --config ... --row {exp.row}"
+        )
+    return record
 
 
 def data_fingerprint(exp: Experiment) -> str:
     return read_marker(exp)["fingerprint"]
+
+
+def is_current(exp: Experiment) -> bool:
+    """Prepared with these settings, and (real data) no source file added, removed or changed since."""
+    try:
+        return data_fingerprint(exp) == content_fingerprint(exp)
+    except DataError:
+        return False
 
 
 def content_fingerprint(exp: Experiment) -> str:

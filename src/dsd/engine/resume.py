@@ -52,10 +52,21 @@ def load_resume(path: Path, expected: dict) -> dict | None:
 
 def load_init(path: str | Path, expected: dict) -> dict:
     """The previous phase's final checkpoint; refused when it was trained for another spec or other data."""
-    state = checkpoint.load(path)
+    state = finished(path)
     why = mismatch(state.get("identity") or {}, expected)
     if why is not None:
         raise CheckpointError(f"{path}: trained for another spec than this phase starts from ({why})")
+    return state
+
+
+def finished(path: str | Path) -> dict:
+    """A phase's final checkpoint; a mid-phase resume point (resume.pt) carries the same identity, so it is
+    told apart by what only it holds: the interrupted epoch's position and accumulators."""
+    state = checkpoint.load(path)
+    if "partial" in state:
+        raise CheckpointError(
+            f"{path}: a mid-phase resume point, not a finished phase's checkpoint (model.pt)"
+        )
     return state
 
 

@@ -78,8 +78,15 @@ def read_karpathy(json_path: str | Path, image_dir: str | Path | None = None) ->
             raise DataError(
                 f"{where}: field 'split' is {entry['split']!r} (expected train, val, test, restval)"
             )
-        if not isinstance(entry["sentences"], list) or not entry["sentences"]:
+        if not isinstance(entry["sentences"], list):
+            raise DataError(
+                f"{where}: field 'sentences' is {type(entry['sentences']).__name__}, expected a list"
+            )
+        if not entry["sentences"]:
             raise DataError(f"{where}: field 'sentences' is empty")
+        for key in ("filename", "filepath"):
+            if key in entry and not isinstance(entry[key], str):
+                raise DataError(f"{where}: field {key!r} is {type(entry[key]).__name__}, expected text")
         captions = []
         for j, sentence in enumerate(entry["sentences"]):
             if isinstance(sentence, dict) and "tokens" in sentence:
@@ -89,8 +96,12 @@ def read_karpathy(json_path: str | Path, image_dir: str | Path | None = None) ->
                         f"{where}: sentences[{j}].tokens is {type(tokens).__name__}, expected a list of words"
                     )
                 words = tokenize(" ".join(tokens))
-            elif isinstance(sentence, dict) and "raw" in sentence:
+            elif isinstance(sentence, dict) and isinstance(sentence.get("raw"), str):
                 words = tokenize(sentence["raw"])
+            elif isinstance(sentence, dict) and "raw" in sentence:
+                raise DataError(
+                    f"{where}: sentences[{j}].raw is {type(sentence['raw']).__name__}, expected text"
+                )
             else:
                 raise DataError(f"{where}: sentences[{j}] is missing field 'tokens' (and 'raw')")
             captions.append(tuple(words))
@@ -252,8 +263,13 @@ def prepare(exp: Experiment, data_fingerprint: str) -> dict:
     """Generate the embedded scenes (kept when complete), or check a real Karpathy data set's every image."""
     json_path, _ = _paths(exp)
     if exp.generated:
-        if not json_path.is_file():
-            cfg = exp.data
+        cfg = exp.data
+        made_with = {
+            "seed": cfg.scenes_seed,
+            "splits": list(cfg.scenes_splits),
+            "image_size": cfg.scenes_image_size,
+        }
+        if _generator_of(json_path) != made_with:  # kept when complete and made with these settings
             synthetic.generate(
                 exp.data_dir, cfg.scenes_seed, tuple(cfg.scenes_splits), cfg.scenes_image_size,
                 json_name=json_path.name, image_dir=cfg.images or "images",
@@ -264,11 +280,23 @@ def prepare(exp: Experiment, data_fingerprint: str) -> dict:
                 raise DataError(f"{im.path}: image listed in {json_path.name} is missing")
     every = images(exp)
     counts = Counter(im.split for im in every)
+    empty = [split for split in ("train", "val", "test") if not counts.get(split)]
+    if empty:  # an empty validation split would score every model 0 and pick among them by it
+        raise DataError(
+            f"{json_path}: no {empty[0]!r} images (a Karpathy split file has train, val and test)"
+        )
     return {
         "json": str(json_path),
         "images": {s: counts.get(s, 0) for s in ("train", "val", "test")},
         "captions": sum(len(im.captions) for im in every),
     }
+
+
+def _generator_of(json_path: Path) -> dict | None:
+    try:
+        return json.loads(json_path.read_text()).get("generator")
+    except (OSError, ValueError):
+        return None
 
 
 class _ImageFiles(Dataset):
@@ -296,6 +324,10 @@ class _ImageFiles(Dataset):
                 return self.transform(image.convert("RGB"))
         except FileNotFoundError:
             raise DataError(f"{self.paths[index]}: image missing") from None
+        except Exception as err:  # truncated, not an image: PIL's errors do not all name the file
+            raise DataError(
+                f"{self.paths[index]}: cannot decode image ({type(err).__name__}: {err})"
+            ) from None
 
 
 @torch.no_grad()
@@ -320,7 +352,11 @@ def extract_features(exp: Experiment, encoder: nn.Module, batch_size: int = 64) 
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
+    try:
+        torch.save(payload, tmp)
+    except (OSError, RuntimeError) as err:  # a full disk surfaces as torch's RuntimeError, naming no file
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{out_path}: cannot write the features cache ({str(err).splitlines()[0]})") from None
     tmp.replace(out_path)
     return out_path
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dsd.engine import checkpoint
 from dsd.errors import DataError
 from dsd.spec import Experiment
 from dsd.tracks.captioning.config import Model, encoder_weights
@@ -85,7 +86,7 @@ def vgg16_encoder(exp: Experiment) -> nn.Module:
     if not weights or not Path(weights).is_file():
         raise DataError(f"{weights or '(data.encoder_weights not set)'}: VGG-16 weights file not found")
     model = torchvision.models.vgg16()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    checkpoint.load_weights(model, weights, f"config.experiments.{exp.row}.data.encoder_weights")
     return encoder_from_module(model)
 
 

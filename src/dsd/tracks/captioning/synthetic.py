@@ -177,6 +177,7 @@ def generate(
         )
     path = out_dir / json_name
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"dataset": "scenes", "images": images}))
+    made_with = {"seed": seed, "splits": list(splits), "image_size": image_size}
+    tmp.write_text(json.dumps({"dataset": "scenes", "generator": made_with, "images": images}))
     tmp.replace(path)  # the JSON appears last and whole: its presence means the images are all there
     return path

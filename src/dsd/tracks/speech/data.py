@@ -107,6 +107,8 @@ def read_manifest(path: str | Path) -> list[dict]:
             audio, text = entry["audio"], entry["transcript"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(f"{path}:{n}: expected JSON with 'audio' and 'transcript' ({err})") from None
+        if not isinstance(audio, str) or not isinstance(text, str):
+            raise DataError(f"{path}:{n}: 'audio' and 'transcript' must be text")
         uid = str(entry.get("id", Path(audio).stem))
         encode(text, f"{path}:{n} ({uid})")
         items.append({"id": uid, "audio": str(path.parent / audio), "transcript": text.lower()})
@@ -235,17 +237,27 @@ def _featurise(job: tuple[dict, Data, float | None]):
 def build_features(exp: Experiment, split: str, out: Path) -> Path:
     """Featurise a split once, in parallel (workers: the run option, else every core), into one raw float32
     file of frames and an index; utterances stream through in order, so memory does not grow with the corpus."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    from tqdm import tqdm
-
     items = _sources(exp, split)
     max_seconds = exp.data.max_seconds if split == "train" else None
     jobs = [(item, exp.data, max_seconds) for item in items]
     workers = exp.options.workers or os.cpu_count() or 1
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # parallel jobs may build the same split
     tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_features(jobs, workers, tmp, exp, split)
+    except BaseException:  # a bad file, a full disk, a signal: no half-written cache left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)  # another job finished it first
+    return out
+
+
+def _write_features(jobs: list, workers: int, tmp: Path, exp: Experiment, split: str) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
     index = {"format": FEATURES_FORMAT, "bins": n_features(exp.data), "ids": [], "texts": [], "lengths": []}
     with (
         open(tmp / "frames.f32", "wb") as frames,
@@ -263,8 +275,6 @@ def build_features(exp: Experiment, split: str, out: Path) -> Path:
     if not index["ids"]:
         raise DataError(f"{exp.data_dir}: split {split!r} has no utterances")
     (tmp / "index.json").write_text(json.dumps(index))
-    tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)  # another job finished it first
-    return out
 
 
 class SpeechSet(Dataset):

@@ -51,7 +51,8 @@ class Model:
         0.3, "GoogLeNet (full): weight of the auxiliary classifiers' losses", min=0
     )
     weights: str | None = option(
-        None, "pretrained start: a local state-dict file, or IMAGENET1K_V1 (downloads)"
+        None,
+        "pretrained start: a local state-dict file, or torchvision's by name (IMAGENET1K_V1) from the torch cache",
     )
 
 

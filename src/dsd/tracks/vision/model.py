@@ -19,6 +19,7 @@ from torchvision import models
 from torchvision.models.googlenet import BasicConv2d, Inception
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from dsd.engine import checkpoint
 from dsd.errors import ConfigError, DataError
 from dsd.spec import Experiment
 from dsd.tracks.vision.config import Model
@@ -122,23 +123,22 @@ class MiniGoogLeNet(nn.Module):
 def build(exp: Experiment) -> nn.Module:
     """The row's network; with `model.weights`, the pretrained model it starts from."""
     model = _network(exp.model)
-    if exp.model.weights:
+    if exp.model.weights and _is_file_name(exp.model.weights):
+        checkpoint.load_weights(model, exp.model.weights, f"config.experiments.{exp.row}.model.weights")
+    elif exp.model.weights:
         model.load_state_dict(pretrained_state(exp))
     return model
 
 
+def _is_file_name(weights: str) -> bool:
+    return Path(weights).suffix in (".pth", ".pt", ".bin") or "/" in weights
+
+
 def pretrained_state(exp: Experiment) -> dict:
-    """A local state-dict file, or torchvision's weights by name from the local torch cache. Nothing is
-    downloaded unless the config says `model.download: true`."""
+    """torchvision's weights by name, from the local torch cache. Nothing is downloaded unless the config says
+    `download: true` (a run option)."""
     cfg = exp.model
     where = f"config.experiments.{exp.row}.model.weights"
-    if Path(cfg.weights).suffix in (".pth", ".pt", ".bin") or "/" in cfg.weights:
-        path = Path(cfg.weights)
-        if not path.is_file():
-            raise DataError(f"{path}: pretrained weights file not found ({where})")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-        return {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP, too
     try:
         weights = models.get_model_weights(cfg.arch)[cfg.weights]
     except KeyError:
@@ -146,9 +146,9 @@ def pretrained_state(exp: Experiment) -> dict:
             f"{where}: {cfg.weights!r} is neither a file nor torchvision {cfg.arch} weights"
         ) from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
-    if not cached.is_file() and not cfg.download:
+    if not cached.is_file() and not exp.options.download:
         raise DataError(
-            f"{cached}: {cfg.arch} {cfg.weights} is not in the local torch cache (copy it there, or set model.download: true)"
+            f"{cached}: {cfg.arch} {cfg.weights} is not in the local torch cache (copy it there, or set download: true)"
         )
     return weights.get_state_dict(progress=False, check_hash=True)
 

@@ -9,6 +9,7 @@ and filled versions of the same outline are separate classes.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,8 @@ def generate(out_dir: str | Path, seed: int = 0, size: int = 32, per_class: dict
     out_dir = Path(out_dir)
     per_class = per_class or SPLITS
     counts = {}
+    for split in per_class:  # a previous generation's images (other counts or seed) must not stay among these
+        shutil.rmtree(out_dir / split, ignore_errors=True)
     jobs = [(split, label) for split in per_class for label in range(len(CLASSES))]
     for split, label in tqdm(jobs, desc="shapes", unit="class", leave=False):
         folder = out_dir / split / CLASSES[label]
