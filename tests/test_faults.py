@@ -181,3 +181,20 @@ def test_corrupted_and_foreign_checkpoints_are_named(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert "fails its checksum" in error_line(result) and not (tmp_path / "eval.json").exists()
+
+
+def test_unreadable_text_and_records_name_their_file(tmp_path):
+    """A decode error alone names no file: the user's Latin-1 transcript or a truncated eval.json must be named."""
+    from dsd.report import tables
+    from dsd.tracks.speech import data as speech_data
+
+    folder = tmp_path / "dev" / "19" / "198"
+    folder.mkdir(parents=True)
+    (folder / "19-198.trans.txt").write_bytes("19-198-0000 CAF\xc9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"19-198\.trans\.txt: not UTF-8 text"):
+        speech_data.read_librispeech(tmp_path / "dev")
+    record = paths.evaluation(paths.run_dir(str(tmp_path), "resnet18", 0, "dense"))
+    record.parent.mkdir(parents=True)
+    record.write_text('{"val": ')
+    with pytest.raises(DataError, match=r"eval\.json: not readable JSON .*rerun the step that writes it"):
+        tables.read_eval(str(tmp_path), "resnet18", 0, "dense")

@@ -128,6 +128,10 @@ def test_dry_run_plans_every_phase_and_control(tmp_path):
         ({"seeds": "zero"}, "config.seeds: expected a list"),
         ({"experiments.resnet18.prune.include": []}, "prune.include: an empty list prunes nothing"),
         (
+            {"experiments.resnet18.data.generate.per_class": {"train": 6, "val": 2}},
+            "data.generate.per_class.test: must be >= 1, got None",
+        ),
+        (
             {"experiments.resnet18.phases": [{"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 0.5}]},
             "dense phase before",
         ),

@@ -42,6 +42,28 @@ def evaluation(run: Path) -> Path:
     return Path(run) / "eval.json"
 
 
+def read_text(path: Path) -> str:
+    """A text file from a data set; one that is not UTF-8 is named (a bare decode error names no file)."""
+    try:
+        return Path(path).read_text()
+    except UnicodeDecodeError as err:
+        from dsd.errors import DataError
+
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def read_json(path: Path) -> dict:
+    """A record this project wrote (metrics.json, eval.json): one that cannot be read is named."""
+    import json
+
+    try:
+        return json.loads(read_text(path))
+    except ValueError as err:
+        from dsd.errors import DataError
+
+        raise DataError(f"{path}: not readable JSON ({err}); rerun the step that writes it") from None
+
+
 def recorded(path: Path, key: str):
     """A key of a finished step's JSON record; None where there is none (or it cannot be read)."""
     import json

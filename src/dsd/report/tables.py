@@ -44,14 +44,12 @@ def joint_confidence(rows: int) -> float:
 
 def read_metrics(output_dir: str, row: str, seed: int, phase: str) -> dict:
     """A phase's training record: per-epoch history, epochs, LR, sparsity, wall time."""
-    path = paths.metrics(paths.run_dir(output_dir, row, seed, phase))
-    return json.loads(Path(path).read_text())
+    return paths.read_json(paths.metrics(paths.run_dir(output_dir, row, seed, phase)))
 
 
 def read_eval(output_dir: str, row: str, seed: int, phase: str) -> dict:
     """A phase's evaluation: validation and test metrics of its final checkpoint, a few test predictions."""
-    path = paths.evaluation(paths.run_dir(output_dir, row, seed, phase))
-    return json.loads(Path(path).read_text())
+    return paths.read_json(paths.evaluation(paths.run_dir(output_dir, row, seed, phase)))
 
 
 def rel_gain_pct(reference: float, value: float, higher_is_better: bool) -> float:

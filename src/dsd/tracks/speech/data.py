@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dsd import paths
 from dsd.engine import loaders
 from dsd.engine import prepare as prepared
 from dsd.errors import DataError
@@ -84,7 +85,7 @@ def read_librispeech(folder: str | Path) -> list[dict]:
         raise DataError(f"{folder}: no <speaker>/<chapter>/<speaker>-<chapter>.trans.txt files")
     items = []
     for trans in transcripts:
-        for n, line in enumerate(trans.read_text().splitlines(), 1):
+        for n, line in enumerate(paths.read_text(trans).splitlines(), 1):
             if not line.strip():
                 continue
             uid, _, text = line.strip().partition(" ")

@@ -108,6 +108,13 @@ def check(row, where: str) -> None:
             f"{where}.data.decode: device decodes files as they are read; in_memory images are decoded once "
             "already (set one of them)"
         )
+    if row.dataset == "shapes":  # the generated splits must be the folders the row reads, each non-empty
+        counts, data = row.data.generate.per_class, row.data
+        for split in dict.fromkeys((data.train_dir, data.val_dir, data.test_dir)):
+            if counts.get(split, 0) < 1:
+                raise ConfigError(
+                    f"{where}.data.generate.per_class.{split}: must be >= 1, got {counts.get(split)}"
+                )
     if row.dataset == "shapes" and row.model.num_classes < 10:
         raise ConfigError(
             f"{where}.model.num_classes: the shapes data set has 10 classes, got {row.model.num_classes}"

@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 from dsd import hparams
 from dsd.engine import loaders
 from dsd.errors import DataError
+from dsd.paths import read_text
 from dsd.spec import Experiment
 from dsd.tracks.vision import synthetic
 from dsd.tracks.vision.config import Data
@@ -324,8 +325,11 @@ def samples(exp: Experiment, folder: str) -> list[tuple[str, int]]:
         raise DataError(f"{root}: {err}") from None
     if folder != exp.data.train_dir and found.classes != classes(exp):
         extra = sorted(set(found.classes) - set(classes(exp)))
+        lacking = sorted(set(classes(exp)) - set(found.classes))
+        example = f"{extra[0]!r} only here" if extra else f"no {lacking[0]!r} here"
         raise DataError(
-            f"{root}: class folders differ from {exp.data.train_dir}'s ({len(found.classes)} here, e.g. {extra[:1]})"
+            f"{root}: class folders differ from {exp.data.train_dir}'s ({len(found.classes)} here, "
+            f"{len(classes(exp))} there; e.g. {example})"
         )
     return found.samples
 
@@ -363,9 +367,11 @@ def flat_samples(exp: Experiment, root: Path) -> list[tuple[str, int]]:
     stems = [p.stem for p in images]
     missing = [s for s in stems if s not in wnids]
     if missing or len(wnids) != len(images):
-        raise DataError(
-            f"{path}: labels for {len(wnids)} images, {root} has {len(images)} (e.g. no label for {missing[:1]})"
+        unlabelled = set(wnids) - set(stems)
+        example = (
+            f"no label for {missing[0]!r}" if missing else f"a label for {sorted(unlabelled)[0]!r}, no image"
         )
+        raise DataError(f"{path}: labels for {len(wnids)} images, {root} has {len(images)} (e.g. {example})")
     out = []
     for image, stem in zip(images, stems, strict=True):
         label, line = wnids[stem]
@@ -380,7 +386,7 @@ def kaggle_labels(path: Path) -> dict[str, tuple[str, int]]:
     import csv
 
     out = {}
-    with open(path, newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
             try:
                 out[row["ImageId"]] = (row["PredictionString"].split()[0], line)
