@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -102,6 +103,11 @@ def test_preparing_flickr8k_names_a_missing_image_and_an_empty_split(tmp_path):
         tmp_path, [_entry(0, "train", ["a dog"]), _entry(1, "val", ["a cat"]), _entry(0, "test", ["a"])]
     )
     assert prepare.prepare(_exp(tmp_path))["summary"]["images"] == {"train": 1, "val": 1, "test": 1}
+    verified = dataclasses.replace(
+        _exp(tmp_path), options=RunOptions(data_root=str(tmp_path), verify_data=True)
+    )
+    with pytest.raises(DataError, match=r"3 of 3 images cannot be decoded: .*im0.jpg"):
+        prepare.prepare(verified)  # verify_data decodes them: empty files are no images
 
 
 def test_coco_layout_prepares_by_its_data_set_name(tmp_path):

@@ -176,6 +176,8 @@ def test_cli_rejects_bad_sparsity_and_key(tmp_path):
     assert result.returncode == 2 and "phases[1].sparsity: must be < 1, got 1.5" in result.stderr
     result = dsd_cli("check-config", str(configfile), "--set", "experiments.resnet18.model.wdith=3")
     assert result.returncode == 2 and "model.wdith: unknown key (did you mean 'width'?" in result.stderr
+    result = dsd_cli("check-config", str(configfile), "--set", "seeds=[0, 1")
+    assert result.returncode == 2 and "--set seeds:1:6: YAML syntax error" in result.stderr
     result = dsd_cli("spec", "--config", str(configfile), "--row", "resnet18", "--seed", "0", "--phase", "dense",
                      "--set", "threads=0")  # fmt: skip
     assert result.returncode == 2 and result.stderr.strip().startswith(

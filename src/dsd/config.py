@@ -140,7 +140,7 @@ def parse_sets(pairs: Iterable[str]) -> list[tuple[str, Any]]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        out.append((key, hparams.yaml_value(value)))
+        out.append((key, hparams.yaml_value(value, f"--set {key}")))
     return out
 
 

@@ -282,6 +282,7 @@ def load_yaml(path: str | Path):
     return load_yaml_text(text, str(path))
 
 
-def yaml_value(text: str):
-    """A command-line value as YAML would read it (`8` an int, `1e-3` a float, `[0, 1]` a list)."""
-    return load_yaml_text(text, "value")
+def yaml_value(text: str, name: str = "value"):
+    """A command-line value as YAML would read it (`8` an int, `1e-3` a float, `[0, 1]` a list); `name` says
+    where it came from in an error."""
+    return load_yaml_text(text, name)

@@ -278,6 +278,10 @@ def prepare(exp: Experiment, data_fingerprint: str) -> dict:
         for im in images(exp):
             if not im.path.is_file():
                 raise DataError(f"{im.path}: image listed in {json_path.name} is missing")
+        if exp.options.verify_data:  # the same parallel decode as the vision rows' (one error listing all)
+            from dsd.tracks.vision.data import verify_images
+
+            verify_images([im.path for im in images(exp)], exp)
     every = images(exp)
     counts = Counter(im.split for im in every)
     empty = [split for split in ("train", "val", "test") if not counts.get(split)]
