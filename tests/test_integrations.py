@@ -139,3 +139,12 @@ def test_huggingface_follows_the_recipe_and_resumes_mid_sparse(tmp_path):
     resumed, _ = hf_train(tmp_path / "c", resume=str(tmp_path / "c" / "hf" / "checkpoint-15"))
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+    # a dsd.pt that is not this checkpoint's (masks of another run): refused, not applied to these weights
+    stale = tmp_path / "d" / "hf" / "checkpoint-15"
+    shutil.copytree(checkpoint, stale)
+    state = torch.load(stale / "dsd.pt", weights_only=True)
+    name = next(iter(state["pruner"]["masks"]))
+    state["pruner"]["masks"][name] = ~state["pruner"]["masks"][name]  # every kept weight now "pruned"
+    torch.save(state, stale / "dsd.pt")
+    with pytest.raises(ValueError, match="its masks do not fit the weights resumed"):
+        hf_train(tmp_path / "d", resume=str(stale))

@@ -124,3 +124,13 @@ def test_the_declared_ranges_accept_another_torch():
     }
     assert chosen["torch"].startswith("2.10.") and "dsd-training" in chosen
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_dsd_command_without_the_pipeline_packages_says_what_to_install():
+    block_yaml = "import sys; sys.modules['yaml'] = None; from dsd.command import main; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", block_yaml, "--help"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "dsd: error: the dsd command needs the pipeline's packages (yaml is not installed): "
+        "pip install 'dsd-training[pipeline]'"
+    )

@@ -10,7 +10,8 @@ Set `num_train_epochs` to the recipe's total. The callback sets each step's lear
 scheduler has run (so `lr_scheduler_type` does not matter to training; the Trainer's own `learning_rate` log
 column shows its scheduler, `dsd_lr` the rate applied), stops training when the recipe is done, writes its
 step count and masks as `dsd.pt` into every checkpoint folder and reads them back when training resumes from
-one, and adds `dsd_lr`, `dsd_sparsity` (measured) and `dsd_phase` of the step just taken to the Trainer's log
+one (`output_dir/checkpoint-N`, or the folder `TrainingArguments.resume_from_checkpoint` names: the Trainer does
+not tell callbacks the folder given to `train()`), refusing masks that do not fit the restored weights, and adds `dsd_lr`, `dsd_sparsity` (measured) and `dsd_phase` of the step just taken to the Trainer's log
 history (with `logging_strategy="steps"`).
 """
 
@@ -22,9 +23,25 @@ import os
 import torch
 from transformers import TrainerCallback
 
+from dsd.core.masks import unpack_mask
 from dsd.integrations._recipe import RecipeCallback
 
 STATE_FILE = "dsd.pt"
+
+
+def masks_fit(model: torch.nn.Module, pruner: dict | None) -> bool:
+    """Weights saved in a sparse phase are exactly zero where its masks prune: a DSD state whose pruned entries
+    hold nonzero weights belongs to another checkpoint than the one the model was restored from."""
+    if not pruner or not pruner.get("active", True):
+        return True
+    params = dict(model.named_parameters())
+    for name, shape in pruner["shapes"].items():
+        if name not in params or list(params[name].shape) != list(shape):
+            return False
+        kept = unpack_mask(pruner["masks"][name], shape).to(params[name].device)
+        if params[name].detach()[~kept].any():
+            return False
+    return True
 
 
 class DSDTrainerCallback(RecipeCallback, TrainerCallback):
@@ -34,10 +51,20 @@ class DSDTrainerCallback(RecipeCallback, TrainerCallback):
         steps = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         self.start(model, optimizer, steps)
         if state.global_step > 0:  # resumed: the Trainer loaded checkpoint-<global_step>
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+            folder = (
+                args.resume_from_checkpoint
+            )  # when given in the arguments; the Trainer does not pass train()'s
+            if not isinstance(folder, str):
+                folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            path = os.path.join(folder, STATE_FILE)
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path}: resumed at step {state.global_step} without the DSD state")
-            self.driver.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if not masks_fit(model, saved.get("pruner")):
+                raise ValueError(
+                    f"{path}: its masks do not fit the weights resumed (the DSD state of another run?)"
+                )
+            self.driver.load_state_dict(saved)
 
     def on_step_begin(self, args, state, control, **kw):
         every = state.logging_steps or 1
