@@ -44,6 +44,23 @@ def run(model, optimizer, driver, data, log=None):
         driver.step()
 
 
+def interrupted_and_resumed(tmp_path, fresh, recipe, first_batches):
+    """Train on `first_batches`, save model, optimizer and driver, then load them in the natural order (model,
+    optimizer, a new driver, its state) into fresh objects: what a resumed job holds."""
+    model, optimizer = fresh()
+    first = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
+    run(model, optimizer, first, first_batches)
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "dsd": first.state_dict()}
+    torch.save(saved, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model, optimizer = fresh()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    resumed = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
+    resumed.load_state_dict(saved["dsd"])
+    return model, optimizer, resumed
+
+
 def test_phases_lrs_and_masks_follow_the_recipe():
     model, optimizer = make()
     driver = dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=STEPS, exclude=["0.weight"])
@@ -79,17 +96,7 @@ def test_resume_mid_sparse_equals_no_interruption(tmp_path):
     straight = dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=STEPS)
     run(model, optimizer, straight, data)
 
-    model, optimizer = make()
-    first = dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=STEPS)
-    run(model, optimizer, first, data[:13])  # stop 3 steps into the sparse phase
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "dsd": first.state_dict()},
-               tmp_path / "ckpt.pt")  # fmt: skip
-    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    model, optimizer = make()
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    resumed = dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=STEPS)
-    resumed.load_state_dict(saved["dsd"])
+    model, optimizer, resumed = interrupted_and_resumed(tmp_path, make, RECIPE, data[:13])  # 3 into sparse1
     assert resumed.phase.name == "sparse1" and resumed.step_in_phase == 3
     run(model, optimizer, resumed, data[13:])
     reference, _ = make()
@@ -115,17 +122,7 @@ def test_a_pretrained_start_resumes_in_its_redense_phase_exactly(tmp_path, make_
     model, optimizer = fresh()
     straight = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
     run(model, optimizer, straight, data)
-    model, optimizer = fresh()
-    first = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
-    run(model, optimizer, first, data[:12])  # 2 steps into the re-dense phase
-    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "dsd": first.state_dict()}
-    torch.save(saved, tmp_path / "ckpt.pt")
-    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    model, optimizer = fresh()
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    resumed = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
-    resumed.load_state_dict(saved["dsd"])
+    model, optimizer, resumed = interrupted_and_resumed(tmp_path, fresh, recipe, data[:12])  # 2 into redense1
     assert resumed.phase.name == "redense1" and resumed.pruner is None
     run(model, optimizer, resumed, data[12:])
     for name, value in model.state_dict().items():

@@ -66,11 +66,11 @@ def read_json(path: Path) -> dict:
 
 def recorded(path: Path, key: str):
     """A key of a finished step's JSON record; None where there is none (or it cannot be read)."""
-    import json
+    from dsd.errors import DataError
 
     try:
-        return json.loads(Path(path).read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
+        return read_json(path).get(key)
+    except (OSError, DataError, AttributeError):
         return None
 
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from dsd.core.masks import Pruner, check_patterns, prunable_parameters
+from dsd.core.masks import Pruner, check_patterns, prunable_parameters, shaped_state
 from dsd.core.schedule import Phase, Recipe, lr_at
 
 
@@ -124,10 +124,7 @@ class DSD:
         what that pruning overwrote is put back: these copies, dropped at the first step."""
         saved = []
         for param in prunable_parameters(self.model, self.exclude, self.include).values():
-            saved.append((param, param.clone()))
-            for value in self.optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    saved.append((value, value.clone()))
+            saved += [(t, t.clone()) for t in (param, *shaped_state(self.optimizer, param))]
         return saved
 
     def _set_lr(self) -> None:

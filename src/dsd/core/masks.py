@@ -124,6 +124,13 @@ def in_layout_of(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
 
 
+def shaped_state(optimizer: torch.optim.Optimizer, param: torch.Tensor):
+    """The optimizer's state tensors shaped like `param` (momentum, Adam's moments): what masking also zeroes."""
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            yield value
+
+
 def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
@@ -182,10 +189,9 @@ class Pruner:
             return
         tensors, masks = [], []
         for param, mask in zip(self._param_list, self._mask_list, strict=True):
-            for value in optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    tensors.append(value)
-                    masks.append(mask if value.device == mask.device else mask.to(value.device))
+            for value in shaped_state(optimizer, param):
+                tensors.append(value)
+                masks.append(mask if value.device == mask.device else mask.to(value.device))
         if tensors:
             torch._foreach_mul_(tensors, masks)
 

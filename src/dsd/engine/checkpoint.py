@@ -137,16 +137,7 @@ def load_weights(model: nn.Module, path: str | Path, key: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        missing, unexpected = (
-            sorted(set(model.state_dict()) - set(state)),
-            sorted(set(state) - set(model.state_dict())),
-        )
-        detail = (
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-            if missing or unexpected
-            else "shape mismatch"
-        )
-        raise CheckpointError(f"{path}: weights of another model ({key}: {detail})") from err
+        raise CheckpointError(f"{path}: weights of another model ({key}: {_misfit(model, state)})") from err
 
 
 def _verify(state: dict, path: Path) -> None:
@@ -165,14 +156,17 @@ def load_model(model: nn.Module, state: dict, path: str | Path) -> None:
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as err:
-        ours, theirs = set(model.state_dict()), set(state.get("model", {}))
-        missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
-        detail = (
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-            if missing or unexpected
-            else "shape mismatch"
-        )
+        detail = _misfit(model, state.get("model", {}))
         arch = state.get("arch", "unknown")
         raise CheckpointError(
             f"{path}: checkpoint is for a different model (saved arch {arch!r}; {detail})"
         ) from err
+
+
+def _misfit(model: nn.Module, state: dict) -> str:
+    """Why a state dict does not load into `model`, in a few names rather than torch's key dump."""
+    ours, theirs = set(model.state_dict()), set(state)
+    missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
+    return (
+        f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else "shape mismatch"
+    )
