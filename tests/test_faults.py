@@ -16,9 +16,11 @@ from test_reliability import strip
 
 from dsd import paths
 from dsd.engine import checkpoint
-from dsd.errors import CheckpointError, DataError
+from dsd.errors import CheckpointError, DataError, DSDError
+from dsd.tracks.captioning import synthetic as scenes
 from dsd.tracks.speech import synthetic
 from dsd.tracks.vision import metric as vision_metric
+from dsd.tracks.vision import synthetic as shapes
 
 
 def dsd_train(config, phase, out, *extra, seed=0) -> subprocess.CompletedProcess:
@@ -83,6 +85,16 @@ def test_a_full_disk_while_writing_audio_names_the_file(tmp_path):
     full = r"^\S+\.flac: cannot write the audio \(No space left on device\)$"
     with tiny_filesystem(tmp_path / "small", size="16k") as small, pytest.raises(DataError, match=full):
         synthetic.write_corpus(small / "corpus", spec)
+
+
+def test_a_full_disk_while_generating_images_names_the_file(tmp_path):
+    """The JPEG and PNG encoders' failed write names no file; the error names the image being written."""
+    full = r"\.(jpg|png): cannot write \(No space left on device\)$"
+    with tiny_filesystem(tmp_path / "small", size="16k") as small:
+        with pytest.raises(DSDError, match=full.replace("(jpg|png)", "jpg")):
+            shapes.generate(small / "shapes", size=64, per_class={"train": 40})
+        with pytest.raises(DSDError, match=full.replace("(jpg|png)", "png")):
+            scenes.generate(small / "scenes", splits=(40, 1, 1))
 
 
 def test_a_disk_too_small_for_the_weights_fails_before_training(tmp_path):

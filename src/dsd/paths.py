@@ -124,6 +124,17 @@ def write_json(path: Path, payload: dict) -> None:
         raise DSDError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
+def write_image(image, path: Path, **options) -> None:
+    """`image.save(path, **options)` (a PIL image); an I/O failure names the path (a full disk's error from the
+    encoder's write names no file)."""
+    from dsd.errors import DSDError
+
+    try:
+        image.save(path, **options)
+    except OSError as err:
+        raise DSDError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
 def check_writable(folder: Path) -> None:
     """Fail before hours of work, not after them, when a run folder cannot be written."""
     import os

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dsd import paths
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -161,7 +163,7 @@ def generate(
     for imgid, split in enumerate(names):
         image, captions = make_scene(rng, image_size)
         filename = f"scene_{imgid:05d}.png"
-        image.save(out_dir / image_dir / filename, format="PNG", optimize=False)
+        paths.write_image(image, out_dir / image_dir / filename, format="PNG", optimize=False)
         sentences = []
         for raw in captions:
             sentences.append({"tokens": raw.split(), "raw": raw, "imgid": imgid, "sentid": sentid})

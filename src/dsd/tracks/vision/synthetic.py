@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from dsd import paths
+
 CLASSES = (
     "circle",
     "ring",
@@ -132,6 +134,6 @@ def generate(out_dir: str | Path, seed: int = 0, size: int = 32, per_class: dict
         folder.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([seed, _split_index(split), label])
         for i in range(per_class[split]):
-            render(rng, label, size).save(folder / f"{CLASSES[label]}_{i:05d}.jpg", quality=90)
+            paths.write_image(render(rng, label, size), folder / f"{CLASSES[label]}_{i:05d}.jpg", quality=90)
         counts[split] = counts.get(split, 0) + per_class[split]
     return {"classes": list(CLASSES), "images": counts, "size": size, "seed": seed}
