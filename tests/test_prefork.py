@@ -58,6 +58,29 @@ def test_a_job_in_the_warm_interpreter_equals_one_in_a_fresh_process(tmp_path, s
         assert torch.equal(weight, models["warm"][name]) and torch.equal(weight, models["warm-again"][name])
 
 
+def test_a_job_pinning_the_instruction_set_gets_its_kernels_from_the_warm_interpreter(tmp_path, sockets):
+    """The server's torch started without the pin (a `DSD_PREFORK=1` call by hand): the job that asks for
+    `cpu_isa: avx2` reruns itself in a fresh interpreter, so its kernels are AVX2 ones, not the server's."""
+    config = parse(tiny_vision_config(tmp_path) | {"cpu_isa": "avx2"})
+    prepare_data(config, "resnet18")
+    job = ["--spec", config.phase("resnet18", 0, "dense").to_json()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATEN_", "ONEDNN_", "MKL_CBWR"))}
+    env |= {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets)}
+    native = config.options.to_json().replace('"avx2"', '"native"')
+    for name, options in (("native", native), ("avx2", config.options.to_json())):
+        result = dsd_command("train", *job, "--options", options, "--out", str(tmp_path / name), env=env)
+        assert result.returncode == 0, result.stderr
+    capability = {
+        n: json.loads(paths.metrics(tmp_path / n).read_text())["cpu_capability"] for n in ("native", "avx2")
+    }
+    probe = [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"]
+    fresh = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert capability == {"native": fresh, "avx2": "AVX2"}, capability
+    assert (
+        len(served_jobs(sockets)) == 2
+    )  # both went to the server; the pinned one left it for a fresh process
+
+
 def test_exit_status_and_error_line_pass_through(tmp_path, sockets):
     env = os.environ | {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets)}
     result = dsd_command("check-config", str(tmp_path / "missing.yaml"), env=env)

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from dsd import paths
+from dsd import paths, prefork
 from dsd.config import Config, load_config
 from dsd.errors import CheckpointError, ConfigError, DSDError
 from dsd.spec import DataSpec, PhaseSpec, RowSpec, RunOptions
@@ -30,11 +30,24 @@ def _config(args) -> Config:
 def _options(args, config: Config | None = None) -> RunOptions:
     options = RunOptions.from_json(args.options) if getattr(args, "options", None) else None
     options = options or (config.options if config is not None else RunOptions())
-    if "torch" not in sys.modules:  # the kernels' instruction set is read when torch starts
-        from dsd.gpus import cpu_isa_env
+    from dsd.gpus import cpu_isa_env
 
-        os.environ.update(cpu_isa_env(options.cpu_isa, options.device))
+    pinned = cpu_isa_env(options.cpu_isa, options.device)
+    if "torch" not in sys.modules:  # the kernels' instruction set is read when torch starts
+        os.environ.update(pinned)
+    elif prefork.in_child and any(os.environ.get(k) != v for k, v in pinned.items()):
+        _rerun_fresh(pinned)
     return options
+
+
+def _rerun_fresh(environ: dict[str, str]) -> None:
+    """A warm interpreter's job whose options pin the CPU's instruction set that the server's torch was not
+    started with (a `DSD_PREFORK=1` call by hand; Snakemake sets the pin before the server starts): the same
+    command in a fresh interpreter, the same process (pid, streams and signals stay the client's)."""
+    os.environ.update(environ, DSD_PREFORK="0")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "dsd", *sys.argv[1:]])
 
 
 def _phase_spec(args, config: Config | None) -> PhaseSpec:

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 IDLE_SECONDS = 60.0
+in_child = False  # True in a job forked from the server: torch was imported with the server's environment
 CONNECT_SECONDS = 20.0  # the server binds within milliseconds of starting; this only covers a slow disk
 WARM_MODULES = (
     "torch",
@@ -347,6 +348,9 @@ def _child(request: dict, fds: list[int], conn: socket.socket, resources: tuple,
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = [sys.argv[0], *request["argv"]]
+        from dsd import prefork  # this server runs as __main__; the job's code reads dsd.prefork
+
+        prefork.in_child = True
         _fresh_random_state()
         threading.Thread(target=_stop_when_client_leaves, args=(conn,), daemon=True).start()
         from dsd.cli import main

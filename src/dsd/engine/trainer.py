@@ -365,4 +365,5 @@ def _metrics(exp, spec, state, phases, identity, world, device, seconds) -> dict
         "device": str(device),
         "machine": platform.node(),
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels `cpu_isa` allowed
     }
