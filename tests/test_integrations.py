@@ -102,7 +102,7 @@ class Classifier(nn.Module):
         return {"loss": nn.functional.cross_entropy(self.net(x), labels)}
 
 
-def hf_train(tmp_path, resume=None, max_steps=-1, save_steps=500):
+def hf_train(tmp_path, resume=None, max_steps=-1, save_steps=500, resume_in_args=False):
     transformers = pytest.importorskip("transformers")
     from dsd.integrations.huggingface import DSDTrainerCallback
 
@@ -111,7 +111,7 @@ def hf_train(tmp_path, resume=None, max_steps=-1, save_steps=500):
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, num_train_epochs=50,
         max_steps=max_steps, learning_rate=1.0, lr_scheduler_type="linear", optim="sgd", logging_steps=1,
         save_strategy="steps", save_steps=save_steps, report_to=[], use_cpu=True, seed=0,
-        disable_tqdm=True,
+        disable_tqdm=True, resume_from_checkpoint=resume if resume_in_args else None,
     )  # fmt: skip
     model, rows = Classifier(), [{"x": a, "labels": b} for a, b in zip(x, y, strict=True)]
     callback = DSDTrainerCallback(RECIPE, exclude=["net.0.weight"])
@@ -148,3 +148,10 @@ def test_huggingface_follows_the_recipe_and_resumes_mid_sparse(tmp_path):
     torch.save(state, stale / "dsd.pt")
     with pytest.raises(ValueError, match="its masks do not fit the weights resumed"):
         hf_train(tmp_path / "d", resume=str(stale))
+    # a checkpoint outside output_dir: the Trainer does not tell callbacks the folder given to train() alone
+    elsewhere = tmp_path / "moved" / "checkpoint-15"
+    shutil.copytree(checkpoint, elsewhere)
+    with pytest.raises(FileNotFoundError, match="name it in TrainingArguments.resume_from_checkpoint"):
+        hf_train(tmp_path / "e", resume=str(elsewhere))
+    resumed, _ = hf_train(tmp_path / "f", resume=str(elsewhere), resume_in_args=True)
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))

@@ -51,14 +51,15 @@ class DSDTrainerCallback(RecipeCallback, TrainerCallback):
         steps = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         self.start(model, optimizer, steps)
         if state.global_step > 0:  # resumed: the Trainer loaded checkpoint-<global_step>
-            folder = (
-                args.resume_from_checkpoint
-            )  # when given in the arguments; the Trainer does not pass train()'s
+            folder = args.resume_from_checkpoint  # the Trainer does not pass on the folder given to train()
             if not isinstance(folder, str):
                 folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             path = os.path.join(folder, STATE_FILE)
             if not os.path.exists(path):
-                raise FileNotFoundError(f"{path}: resumed at step {state.global_step} without the DSD state")
+                raise FileNotFoundError(
+                    f"{path}: resumed at step {state.global_step} without the DSD state (a checkpoint outside "
+                    "output_dir: name it in TrainingArguments.resume_from_checkpoint too)"
+                )
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if not masks_fit(model, saved.get("pruner")):
                 raise ValueError(
