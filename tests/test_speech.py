@@ -387,6 +387,7 @@ def test_wsj_transcripts_normalised_by_the_written_rules():
         "A PARTIAL WO- WORD -TEND HERE": "a partial word here",
         "*MISPRONOUNCED* <INSERTED> TWENTY-FIVE": "mispronounced inserted twenty five",
         "IT'S \\COMMA OK~ [door_slam]": "it's comma ok",
+        "TEN %PERCENT &AMPERSAND": "ten percent ampersand",
     }
     for line, expected in cases.items():
         assert speech_data.normalise_wsj(line, "x.dot:1") == expected
@@ -436,6 +437,21 @@ def test_wsj_layout_reads_sphere_audio_and_dot_transcripts(tmp_path):
     index.write_text(index.read_text() + "11_1_1:wsj0/si_tr_s/011/011c0299.wv1\n")
     with pytest.raises(DataError, match=r"tr_s_wv1.ndx:4: no transcript for 011c0299"):
         speech_data.read_wsj_index(index, tmp_path)
+    assert len(speech_data.read_wsj_index(index, tmp_path, "skip")) == 2  # training: left out, counted
+
+
+def test_wsj_evaluation_indices_without_the_suffix_and_converted_audio(tmp_path):
+    """The eval indices (si_et_*.ndx, Nov'93's h1_p0.ndx) name utterances without `.wv1`; a file converted
+    with sph2pipe as the error says (utt.wav beside utt.wv1) is read in the shorten-compressed one's place."""
+    index = write_wsj(tmp_path, [("011c0201", "HELLO"), ("011c0202", "WORLD")], shorten=True)
+    index.write_text(index.read_text().replace(".wv1", ""))
+    items = speech_data.read_wsj_index(index, tmp_path)
+    folder = tmp_path / "wsj0" / "si_tr_s" / "011"
+    assert [i["audio"] for i in items] == [str(folder / "011c0201.wv1"), str(folder / "011c0202.wv1")]
+    sf.write(folder / "011c0201.wav", np.zeros(3200), 16000, subtype="PCM_16")  # sph2pipe -f rif's output
+    items = speech_data.read_wsj_index(index, tmp_path)
+    assert items[0]["audio"] == str(folder / "011c0201.wav")
+    assert speech_data.load_audio(items[0]["audio"]).shape == (3200,)
 
 
 def test_a_shorten_compressed_sphere_file_says_how_to_convert_it(tmp_path):

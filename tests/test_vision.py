@@ -380,3 +380,31 @@ def test_bad_pretrained_weights_are_one_line_naming_the_file_and_key(tmp_path, m
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "linear.pth")
     with pytest.raises(CheckpointError, match="linear.pth: weights of another model .*missing"):
         build(str(tmp_path / "linear.pth"))
+
+
+def test_googlenet_without_auxiliary_heads_loads_weights_that_carry_them(tmp_path):
+    """torchvision's GoogLeNet weights hold untrained auxiliary classifiers: with aux_loss_weight 0 the network
+    has none and their entries are not loaded; with a weight, the heads are built and loaded."""
+    from torchvision import models
+
+    from dsd.tracks.vision import model as vision_model
+
+    torch.manual_seed(0)
+    saved = models.googlenet(weights=None, aux_logits=True, init_weights=True, num_classes=10)
+    torch.save(saved.state_dict(), tmp_path / "googlenet.pth")
+
+    def build(aux_loss_weight):
+        config = tiny_vision_config(tmp_path)
+        config["experiments"]["resnet18"]["model"] = {
+            "arch": "googlenet", "size": "full", "num_classes": 10, "aux_loss_weight": aux_loss_weight,
+            "weights": str(tmp_path / "googlenet.pth"),
+        }  # fmt: skip
+        config["experiments"]["resnet18"]["prune"] = {"exclude": ["conv1.conv.weight"]}
+        return vision_model.build(parse(config).experiment("resnet18"))
+
+    plain, with_heads = build(0), build(0.3)
+    assert plain.aux1 is None and not any(name.startswith("aux") for name, _ in plain.named_parameters())
+    assert torch.equal(plain.fc.weight, saved.fc.weight)
+    assert torch.equal(with_heads.aux1.fc2.weight, saved.aux1.fc2.weight)
+    plain.train()
+    assert plain(torch.randn(2, 3, 64, 64)).shape == (2, 10)  # logits alone: no auxiliary losses

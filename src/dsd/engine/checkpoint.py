@@ -120,9 +120,9 @@ def _read(path: Path, what: str):
         raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt? {first})") from None
 
 
-def load_weights(model: nn.Module, path: str | Path, key: str) -> None:
+def load_weights(model: nn.Module, path: str | Path, key: str, unused: tuple[str, ...] = ()) -> None:
     """Pretrained weights from a plain state-dict file (torchvision's, or saved from DDP); `key`, the config key
-    that names the file, goes into the one-line errors."""
+    that names the file, goes into the one-line errors; entries under the `unused` prefixes are not loaded."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found ({key})")
@@ -134,6 +134,7 @@ def load_weights(model: nn.Module, path: str | Path, key: str) -> None:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a state dict ({key})")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(unused)} if unused else state
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -23,8 +23,13 @@ import yaml
 from dsd import tracks
 from dsd.core.masks import prunable_parameters
 from dsd.report.tables import paper_phases
+from dsd.tracks.speech.config import n_features
 
 NO_REASON = "no reason given (add one to the row's fidelity section)"
+WSJ_EVALUATION_SETS = (  # the paper's WSJ'92 and WSJ'93: Nov'92's and Nov'93's evaluation sets
+    "wsj0/doc/indices/test/nvp/si_et_20.ndx",
+    "wsj1/doc/indices/wsj1/eval/h1_p0.ndx",
+)
 
 
 @cache
@@ -111,7 +116,8 @@ def vision(row) -> list[dict]:
               row.dataset == "imagenet" and data.test_dir == "val"),
         _line(row, "augmentation", facts["augmentation"],
               f"RandomResizedCrop {data.image_size} ({data.crop_scale_min:g}-1 of the area), horizontal flip", False),
-        _line(row, "batch_size", str(facts["batch_size"]), str(hp.batch_size), hp.batch_size == facts["batch_size"]),
+        _line(row, "batch_size", f"{facts['batch_size']} ({facts['batch_size_source']})", str(hp.batch_size),
+              hp.batch_size == facts["batch_size"]),
         _line(row, "optimizer", facts["optimizer"],
               f"{hp.optimizer}, momentum {hp.momentum:g}{', Nesterov' if hp.nesterov else ''}, weight decay {hp.weight_decay:g}",
               hp.optimizer == "sgd" and hp.momentum == 0.9 and not hp.nesterov and hp.weight_decay == expect["weight_decay"]),
@@ -137,7 +143,7 @@ def captioning(row) -> list[dict]:
     if facts is None:
         return []
     expect, cfg, hp, data = facts["expect"], row.model, row.train, row.data
-    _, pruned, dense = _built(row)
+    count, pruned, dense = _built(row)
     paper_phases_text, our_phases, phases_same = _phases(row)
     encoder = (
         f"row {data.encoder_row} (seed {data.encoder_seed})" if data.encoder_row else data.encoder_weights
@@ -146,6 +152,7 @@ def captioning(row) -> list[dict]:
         _line(row, "architecture", facts["architecture"],
               f"fc7 -> {cfg.embed_dim}-d image projection, {cfg.embed_dim}-d word embedding, LSTM {cfg.hidden_dim}",
               cfg.embed_dim == expect["embed_dim"] and cfg.hidden_dim == expect["hidden_dim"]),
+        _line(row, "parameters", facts["parameters"], f"{count:,} (with Flickr8k's 2,538-word vocabulary)", None),
         _line(row, "pruned", facts["pruned"],
               f"{', '.join(sorted(pruned))}; dense: {', '.join(dense) or 'none'}",
               dense == ["embed.weight"]),
@@ -161,6 +168,11 @@ def captioning(row) -> list[dict]:
         _line(row, "optimizer", facts["optimizer"], f"{hp.optimizer}, momentum {hp.momentum:g}, clip {hp.grad_clip}", None),
         _line(row, "phases", paper_phases_text, our_phases, phases_same),
         _line(row, "schedule", facts["schedule"], _schedule(hp), None),
+        _line(row, "vocabulary", facts["vocabulary"],
+              f"words seen >= {data.min_count} times, rarer ones as <unk> (a target like any word); training "
+              f"captions cut at {data.max_words} words", None),
+        _line(row, "decoding", facts["decoding"],
+              f"beam search, width {row.eval.beam_size}, at most {row.eval.max_len} words", None),
         _line(row, "metric", facts["metric"], "BLEU-1..4 (coco-caption) of beam-search captions on test",
               row.dataset == "flickr8k"),
     ]  # fmt: skip
@@ -179,6 +191,7 @@ def speech(row) -> list[dict]:
     ]
     layer_text = ", ".join(f"{name} {ours:,}" for name, ours in layers)
     paper_phases_text, our_phases, phases_same = _phases(row)
+    hp = row.train
     return [
         _line(row, "architecture", facts["architecture"], f"{row.model.arch}: {layer_text}",
               len(layers) == len(table_layers) and all(per_layer)),
@@ -189,9 +202,24 @@ def speech(row) -> list[dict]:
         _line(row, "start", facts["start"], f"from scratch, {row.phases[0].epochs:g} dense epochs", False),
         _line(row, "data", facts["data"], f"{row.dataset}: train {_names(row.data.train)}, test {_names(row.data.test)}",
               row.dataset == "wsj" and row.name == "deepspeech"),
+        _line(row, "features", facts["features"],
+              f"{row.data.feature}, {n_features(row.data)} bins of a 20 ms window every 10 ms, normalised per "
+              f"utterance{_context(row.model)}; stride {row.model.stride}; training utterances over "
+              f"{row.data.max_seconds or 'no'} s dropped", None),
+        _line(row, "batch_size", "not stated", str(hp.batch_size), None),
+        _line(row, "optimizer", facts["optimizer"],
+              f"{hp.optimizer}, momentum {hp.momentum:g}{', Nesterov' if hp.nesterov else ''}, weight decay "
+              f"{hp.weight_decay:g}, gradient norm clipped at {hp.grad_clip}", None),
         _line(row, "phases", paper_phases_text, our_phases, phases_same),
-        _line(row, "metric", facts["metric"], f"WER, {row.eval.decoder} decoding, on {_names(row.data.test)}", False),
+        _line(row, "schedule", "the LR lowered at each retraining (the phases' LRs); within a phase not stated",
+              _schedule(hp), None),
+        _line(row, "metric", facts["metric"], f"WER, {row.eval.decoder} decoding, on {_names(row.data.test)}",
+              row.dataset == "wsj" and row.data.test in WSJ_EVALUATION_SETS and row.eval.decoder == "greedy"),
     ]  # fmt: skip
+
+
+def _context(model) -> str:
+    return f", {2 * model.context + 1} frames of context" if model.arch == "deepspeech" else ""
 
 
 def _names(split) -> str:

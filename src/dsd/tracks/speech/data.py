@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def load_audio(path: str | Path) -> torch.Tensor:
             header = f.read(1024)
         if header.startswith(b"NIST_1A") and b"shorten" in header:
             raise DataError(f"{path}: shorten-compressed SPHERE (as on the WSJ discs): convert it first, "
-                            f"e.g. sph2pipe -f rif {path.name} {path.stem}.wav") from None  # fmt: skip
+                            f"e.g. sph2pipe -f rif {path.name} {path.stem}.wav (read in its place)") from None  # fmt: skip
         raise DataError(f"{path}: unreadable audio file ({err})") from None
     if wav.shape[0] == 0:
         raise DataError(f"{path}: audio file has no samples")
@@ -143,7 +144,7 @@ def _sources(exp: Experiment, split: str) -> list[dict]:
         if path.suffix in (".jsonl", ".json"):
             items += read_manifest(path)
         elif path.suffix == ".ndx":
-            items += read_wsj_index(path, Path(exp.data_dir))
+            items += read_wsj_index(path, Path(exp.data_dir), "skip" if split == "train" else "error")
         else:
             items += read_librispeech(path)
     return items
@@ -157,7 +158,8 @@ def normalise_wsj(text: str, where: str) -> str:
 
     1. lower case;  2. noise markers in square brackets ("[loud_breath]", "[door_slam]") are dropped;
     3. angle brackets and asterisks around words ("<is>", "*mispronounced*") are removed, the word kept;
-    4. verbalised punctuation keeps its spoken word ("\\period" -> "period", "\\comma" -> "comma");
+    4. verbalised punctuation and symbols keep their spoken word ("\\period" -> "period", "%percent" ->
+       "percent", "&ampersand" -> "ampersand");
     5. word fragments (a hyphen at a word's start or end: "wo-", "-tend") are dropped;
     6. dots ("u.s.") and "~", ":", "!" marks are removed; a hyphen inside a word is a space.
     Anything still outside a-z, space and ' is a DataError naming the line.
@@ -166,7 +168,7 @@ def normalise_wsj(text: str, where: str) -> str:
     for token in text.lower().split():
         if token.startswith("[") and token.endswith("]"):
             continue
-        token = token.strip("<>*").lstrip("\\").replace('"', "")
+        token = token.strip("<>*").lstrip("\\%&").replace('"', "")
         if token.startswith("-") or token.endswith("-"):
             continue
         token = re.sub(r"[.~:!]", "", token).replace("-", " ").replace("_", " ")
@@ -192,26 +194,44 @@ def _wsj_dots(root: str) -> dict[str, str]:
     return read_wsj_dots(Path(root))
 
 
-def read_wsj_index(index: Path, root: Path) -> list[dict]:
-    """An LDC index file (si284's tr_s_wv1.ndx and friends, dev93, eval92): one `disc:/path/utt.wv1` per line
-    (";" comments); audio paths relative to the data folder, transcripts from the .dot files below it."""
+def read_wsj_index(index: Path, root: Path, untranscribed: str = "error") -> list[dict]:
+    """An LDC index file (si284's tr_s_wv1.ndx and friends, dev93, eval92, eval93): one `disc:/path/utt.wv1`
+    per line (";" comments; the evaluation indices leave out the `.wv1`); audio paths relative to the data
+    folder, transcripts from the .dot files below it. An utterance without a transcript is an error, or with
+    `untranscribed="skip"` (training) left out and counted on stderr (si84's speaker 401 has none)."""
     if not index.is_file():
         raise DataError(f"{index}: WSJ index file is missing")
-    dots, items = _wsj_dots(str(root)), []
+    dots, items, skipped = _wsj_dots(str(root)), [], []
     for n, line in enumerate(index.read_text().splitlines(), 1):
         line = line.strip()
         if not line or line.startswith(";"):
             continue
-        relative = line.split(":", 1)[-1].strip().lstrip("/")
-        audio = root / relative
-        if not audio.exists():
-            audio = root / relative.lower()
+        audio = wsj_audio(root, line.split(":", 1)[-1].strip().lstrip("/"))
         uid = audio.stem.lower()
+        if uid not in dots and untranscribed == "skip":
+            skipped.append(uid)
+            continue
         if uid not in dots:
             raise DataError(f"{index}:{n}: no transcript for {uid} in the .dot files below {root}")
         text, where = dots[uid]
         items.append({"id": uid, "audio": str(audio), "transcript": normalise_wsj(text, where)})
+    if skipped:
+        print(
+            f"{index}: {len(skipped)} utterances without a transcript left out (e.g. {skipped[0]})",
+            file=sys.stderr,
+        )
     return items
+
+
+def wsj_audio(root: Path, relative: str) -> Path:
+    """An index entry's audio file: `.wv1` added where the index leaves it out, the disc's case or lower
+    case, and a converted `utt.wav` beside the shorten-compressed `utt.wv1` read in its place."""
+    name = relative if Path(relative).suffix else f"{relative}.wv1"
+    for path in (root / name, root / name.lower()):
+        for candidate in (path.with_suffix(".wav"), path):
+            if candidate.exists():
+                return candidate
+    return root / name
 
 
 def _cache_dir(exp: Experiment, split: str, data_fingerprint: str) -> Path:

@@ -48,7 +48,10 @@ class Model:
     num_classes: int = option(1000, "output classes (at least the data set's)", min=2)
     dropout: float = option(0.5, "dropout of the classifier", min=0, lt=1)
     aux_loss_weight: float = option(
-        0.3, "GoogLeNet (full): weight of the auxiliary classifiers' losses", min=0
+        0.3,
+        "GoogLeNet (full): weight of the auxiliary classifiers' losses; 0 builds the network without them "
+        "(torchvision's pretrained weights have none trained)",
+        min=0,
     )
     weights: str | None = option(
         None,

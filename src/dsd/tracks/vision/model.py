@@ -123,11 +123,22 @@ class MiniGoogLeNet(nn.Module):
 def build(exp: Experiment) -> nn.Module:
     """The row's network; with `model.weights`, the pretrained model it starts from."""
     model = _network(exp.model)
+    unused = _unused_heads(model)
     if exp.model.weights and _is_file_name(exp.model.weights):
-        checkpoint.load_weights(model, exp.model.weights, f"config.experiments.{exp.row}.model.weights")
+        key = f"config.experiments.{exp.row}.model.weights"
+        checkpoint.load_weights(model, exp.model.weights, key, unused=unused)
     elif exp.model.weights:
-        model.load_state_dict(pretrained_state(exp))
+        state = pretrained_state(exp)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith(unused)})
     return model
+
+
+def _unused_heads(model: nn.Module) -> tuple[str, ...]:
+    """GoogLeNet built without its auxiliary classifiers (`aux_loss_weight: 0`): their weights in a pretrained
+    state dict (torchvision's carries untrained ones) are not loaded."""
+    if isinstance(model, models.GoogLeNet) and not model.aux_logits:
+        return ("aux1.", "aux2.")
+    return ()
 
 
 def _is_file_name(weights: str) -> bool:
@@ -164,7 +175,7 @@ def _network(cfg: Model) -> nn.Module:
         return MiniGoogLeNet(cfg.width, cfg.num_classes, cfg.dropout)
     # torchvision's pretrained GoogLeNet expects its inputs re-normalised the Caffe way (transform_input)
     extra = (
-        {"aux_logits": True, "init_weights": True, "transform_input": bool(cfg.weights)}
+        {"aux_logits": cfg.aux_loss_weight > 0, "init_weights": True, "transform_input": bool(cfg.weights)}
         if cfg.arch == "googlenet"
         else {}
     )
