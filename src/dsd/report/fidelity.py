@@ -193,8 +193,8 @@ def speech(row) -> list[dict]:
     paper_phases_text, our_phases, phases_same = _phases(row)
     hp = row.train
     return [
-        _line(row, "architecture", facts["architecture"], f"{row.model.arch}: {layer_text}",
-              len(layers) == len(table_layers) and all(per_layer)),
+        _line(row, "architecture", facts["architecture"],
+              f"{row.model.arch}: {layer_text}; ReLU clipped at {row.model.relu_clip:g} but in the recurrence", False),
         _line(row, "parameters", f"{facts['parameters']:,} ({facts['parameters_source']}: {', '.join(f'{n:,}' for n in table_layers)})",
               f"{count:,}", abs(count - facts["parameters"]) <= 0.01 * facts["parameters"] and all(per_layer)),
         _line(row, "pruned", facts["pruned"], f"{len(pruned)} weight tensors; dense: {', '.join(dense) or 'none'}",
