@@ -335,3 +335,29 @@ def test_convergence_is_the_trend_of_the_seeds_mean_validation_curve(tmp_path):
     assert dense_convergence(str(tmp_path), "noisy", [0, 1]) == (pytest.approx(-0.05), "yes", "0/2")
     write(0, [], row="pretrained")
     assert dense_convergence(str(tmp_path), "pretrained", [0])[1] == "pretrained"
+
+
+def _published_comparison(tmp_path):
+    """The published comparison table, copied so that a test can edit it."""
+    from pathlib import Path
+
+    source = Path(__file__).parents[1] / "results" / "published" / "tables" / "paper_comparison.csv"
+    (tmp_path / "paper_comparison.csv").write_bytes(source.read_bytes())
+    return pd.read_csv(tmp_path / "paper_comparison.csv")
+
+
+def test_a_row_without_value_or_interval_is_named_and_left_out_of_the_counts(tmp_path):
+    from dsd.report import claims
+
+    table = _published_comparison(tmp_path)
+    gone = table["row"] == "deepspeech2"
+    table.loc[
+        gone, ["rel_gain_vs_baseline_pct", "dsd_minus_control_joint_low", "dsd_minus_control_joint_high"]
+    ] = float("nan")
+    table.loc[gone, ["verdict", "verdict_row_alone"]] = "too few seeds"
+    table.loc[gone, "detectable_difference"] = float("nan")
+    text = claims.paragraph(table)
+    assert "on 4 of the 6 rows with a value (not on vgg16 and deepspeech; no value on deepspeech2)" in text
+    assert "includes zero on 6 (googlenet, vgg16, resnet18, resnet50, neuraltalk and deepspeech)" in text
+    assert "and has no interval on 1 (deepspeech2: too few seeds)" in text
+    assert "on 4 of the 6 rows that is more than the paper's own relative gain" in text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from dsd.report.tables import CONVERGED_POINTS_PER_EPOCH, CONVERGED_WINDOW
@@ -67,21 +68,47 @@ def _rows_alone(comparison: pd.DataFrame) -> str:
     return f" Each row's own 95% interval, read alone, would say otherwise on {len(differ)} ({cases})."
 
 
+INTERVAL_VERDICTS = ("DSD better than control", "DSD worse than control", "no significant difference")
+
+
+def _baseline_sentence(comparison: pd.DataFrame) -> str:
+    """DSD against its own dense baseline, counted over the rows that have a gain (a NaN gain is named apart)."""
+    gain = comparison["rel_gain_vs_baseline_pct"]
+    valued = np.isfinite(gain.astype(float))
+    better, not_better = _rows(comparison, valued & (gain > 0)), _rows(comparison, valued & (gain <= 0))
+    missing = _rows(comparison, ~valued)
+    asides = ([f"not on {_names(not_better)}"] if not_better else []) + (
+        [f"no value on {_names(missing)}"] if missing else []
+    )
+    rows = f"{int(valued.sum())} rows with a value" if missing else f"{len(comparison)} rows"
+    return (
+        f"DSD improves on its own dense baseline on {len(better)} of the {rows}"
+        + (f" ({'; '.join(asides)})" if asides else "")
+        + "."
+    )
+
+
+def _no_interval(comparison: pd.DataFrame) -> str:
+    """', and has no interval on 1 (deepspeech2: too few seeds)': rows whose verdict is none of the three."""
+    without = comparison[~comparison["verdict"].isin(INTERVAL_VERDICTS)]
+    if without.empty:
+        return ""
+    cases = "; ".join(f"{r.row}: {r.verdict}" for r in without.itertuples())
+    return f", and has no interval on {len(without)} ({cases})"
+
+
 def paragraph(comparison: pd.DataFrame) -> str:
     """What the table says: DSD against its dense baseline and against the equal-epoch control, per row."""
     n = len(comparison)
     gain = comparison["rel_gain_vs_baseline_pct"]
     better_than_base = _rows(comparison, gain > 0)
-    not_better = _rows(comparison, gain <= 0)
     verdicts = comparison["verdict"]
     beat = _rows(comparison, verdicts == "DSD better than control")
     worse = _rows(comparison, verdicts == "DSD worse than control")
     tie = _rows(comparison, verdicts == "no significant difference")
     seeds = sorted(set(comparison["n_seeds"]))
     text = [
-        f"DSD improves on its own dense baseline on {len(better_than_base)} of the {n} rows"
-        + (f" (not on {_names(not_better)})" if not_better else "")
-        + ".",
+        _baseline_sentence(comparison),
         f"Against the dense model trained for the same total number of epochs (the equal-epoch control), the paired "
         f"interval of DSD - control over {'/'.join(map(str, seeds))} seeds{_over_items(comparison)}, "
         f"{_joint(comparison)}, excludes zero in DSD's favour on "
@@ -89,8 +116,9 @@ def paragraph(comparison: pd.DataFrame) -> str:
         + (f" ({_names(beat)})" if beat else "")
         + f", includes zero on {len(tie)}"
         + (f" ({_names(tie)})" if tie else "")
-        + f", and favours the control on {len(worse)}"
+        + f", {'' if _no_interval(comparison) else 'and '}favours the control on {len(worse)}"
         + (f" ({_names(worse)})" if worse else "")
+        + _no_interval(comparison)
         + "."
         + _rows_alone(comparison),
     ]
@@ -111,8 +139,9 @@ def paragraph(comparison: pd.DataFrame) -> str:
         paper = comparison.get("paper_rel_gain_pct")
         if paper is not None and paper.notna().any():
             larger = _rows(comparison, relative > paper.abs())
+            both = int((relative.notna() & paper.notna()).sum())  # a row without either is no comparison
             sentence += (
-                f"; on {len(larger)} of the {paper.notna().sum()} rows that is more than the paper's own relative "
+                f"; on {len(larger)} of the {both} rows that is more than the paper's own relative "
                 "gain for the row, so an effect of the paper's size could pass unseen there"
             )
         text.append(sentence + ".")
