@@ -216,7 +216,7 @@ def test_the_result_sentences_come_from_the_table(tmp_path):
     assert (
         "on 2 of the 3 rows (not on neuraltalk)" in text and "favours the control on 1 (neuraltalk)" in text
     )
-    assert "explained by the extra epochs" in text and "WER is 88-88%" in text
+    assert "extra epochs at this power" not in text and "WER is 88-88%" in text  # a row favours the control
     assert "from 5% to 20% of the control's value" in text
     assert "on 2 of the 3 rows that is more than the paper's own relative gain" in text  # 10 > 4, 20 > 6
     table["dense_converged"], table["dense_flat_seeds"] = ["yes", "no", "yes"], ["2/3", "0/3", "3/3"]
@@ -226,7 +226,7 @@ def test_the_result_sentences_come_from_the_table(tmp_path):
     assert "met it in 5 of 9 dense runs" in text
     table.loc[0, "verdict"] = "DSD better than control"  # a value changes: so does the sentence
     changed = claims.paragraph(table)
-    assert "in DSD's favour on 1 row (resnet18)" in changed and "explained by the extra epochs" not in changed
+    assert "in DSD's favour on 1 row (resnet18)" in changed and "extra epochs at this power" not in changed
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:begin -->\nold words\n<!-- results:end -->\nrest\n")
     claims.fill_readme(readme, "results", changed)
@@ -361,3 +361,15 @@ def test_a_row_without_value_or_interval_is_named_and_left_out_of_the_counts(tmp
     assert "includes zero on 6 (googlenet, vgg16, resnet18, resnet50, neuraltalk and deepspeech)" in text
     assert "and has no interval on 1 (deepspeech2: too few seeds)" in text
     assert "on 4 of the 6 rows that is more than the paper's own relative gain" in text
+
+
+def test_the_extra_epochs_sentence_needs_an_interval_on_every_row_and_no_decided_row(tmp_path):
+    from dsd.report import claims
+
+    table = _published_comparison(tmp_path)  # every row: no significant difference, some gains positive
+    assert "not distinguishable from the extra epochs at this power" in claims.paragraph(table)
+    few = table.assign(verdict=["too few seeds"] * len(table))
+    worse = table.assign(verdict=["DSD worse than control"] + list(table["verdict"][1:]))
+    for other in (few, worse):
+        text = claims.paragraph(other)
+        assert "extra epochs at this power" not in text and "explained by the extra epochs" not in text
