@@ -387,3 +387,37 @@ def test_the_baseline_sentence_says_it_compares_point_estimates(tmp_path):
         "On the means over seeds (point estimates, not tested), DSD is better than its own dense baseline on 4 of "
         "the 7 rows (not on vgg16, deepspeech and deepspeech2)."
     )
+
+
+def _neuraltalk_records(output_dir, seeds=(0, 1)):
+    """Training and evaluation records of the default config's NeuralTalk row (a 50/80/90% sweep), every
+    phase's own: its samples' hypotheses name the phase, and the 50% variant is best on validation."""
+    from dsd import paths
+    from dsd.config import load_config
+
+    row = load_config("configs/default.yaml").row("neuraltalk")
+    for seed in seeds:
+        for k, phase in enumerate(row.phase_names):
+            val = 30.0 if phase == "redense1_s50" else 20.0 + k
+            record = {
+                "kind": phase.rstrip("0123456789_s") or phase, "metric": "bleu4", "dataset": "scenes",
+                "target_sparsity": 0.0, "measured_sparsity": 0.0, "epochs": 2, "lr": 1e-3, "wall_seconds": 1.0,
+                "history": [{"val": {"bleu4": val}, "train_loss": 1.0}] * 4,
+            }  # fmt: skip
+            run = paths.run_dir(str(output_dir), row.name, seed, phase)
+            paths.write_json(paths.metrics(run), record)
+            samples = [{"id": "a", "reference": "a cat", "hypothesis": f"said by {phase}"}]
+            evaluation = {"metric": "bleu4", "higher_is_better": True, "val": {"bleu4": val},
+                          "test": {"bleu4": val + seed}, "samples": samples}  # fmt: skip
+            paths.write_json(paths.evaluation(run), evaluation)
+    return row
+
+
+def test_samples_show_the_phase_that_stands_for_dsd_in_the_comparison(tmp_path):
+    from dsd.report.tables import write_tables
+
+    row = _neuraltalk_records(tmp_path)
+    comparison = write_tables([row], [0, 1], str(tmp_path), tmp_path / "tables")
+    assert comparison["dsd_phase"].tolist() == ["redense1_s50"]
+    samples = pd.read_csv(tmp_path / "tables" / "samples_neuraltalk.csv")
+    assert samples["dsd"].tolist() == ["said by redense1_s50"]

@@ -319,9 +319,10 @@ def _markdown(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, floatfmt=".2f") + "\n"
 
 
-def samples_table(output_dir: str, row: str, seed: int, recipe: Recipe) -> pd.DataFrame | None:
-    """Reference vs dense vs DSD outputs on the first test items (captions, transcripts)."""
-    dense, dsd = (read_eval(output_dir, row, seed, name).get("samples") for name in ("dense", recipe.final))
+def samples_table(output_dir: str, row: str, seed: int, dsd_phase: str) -> pd.DataFrame | None:
+    """Reference vs dense vs DSD outputs on the first test items (captions, transcripts); `dsd_phase` is the
+    comparison's (a sweep's validation-chosen variant), so the samples show the model the table reports."""
+    dense, dsd = (read_eval(output_dir, row, seed, name).get("samples") for name in ("dense", dsd_phase))
     if not dense or not dsd:
         return None
     return pd.DataFrame(
@@ -417,8 +418,8 @@ def write_tables(specs, seeds, output_dir: str, out_dir: str | Path) -> pd.DataF
     )
     fidelity_table.to_csv(out_dir / "fidelity.csv", index=False)
     (out_dir / "fidelity.md").write_text(fidelity.markdown(fidelity_table))
-    for row, recipe in recipes.items():
-        examples = samples_table(output_dir, row, seeds[0], recipe)
+    for row, dsd_phase in zip(comparison["row"], comparison["dsd_phase"], strict=True):
+        examples = samples_table(output_dir, row, seeds[0], dsd_phase)
         if examples is not None:
             (out_dir / f"samples_{row}.md").write_text(_markdown(examples))
             examples.to_csv(out_dir / f"samples_{row}.csv", index=False)
