@@ -421,3 +421,13 @@ def test_samples_show_the_phase_that_stands_for_dsd_in_the_comparison(tmp_path):
     assert comparison["dsd_phase"].tolist() == ["redense1_s50"]
     samples = pd.read_csv(tmp_path / "tables" / "samples_neuraltalk.csv")
     assert samples["dsd"].tolist() == ["said by redense1_s50"]
+
+
+def test_the_phases_table_has_every_phase_of_every_run_sweep_variants_too(tmp_path):
+    from dsd.report.tables import write_tables
+
+    row = _neuraltalk_records(tmp_path, seeds=[0])
+    write_tables([row], [0], str(tmp_path), tmp_path / "tables")
+    phases = pd.read_csv(tmp_path / "tables" / "phases.csv")
+    assert "redense1_s50" in row.phase_names and phases["phase"].tolist() == row.phase_names
+    assert "redense1_s90" in (tmp_path / "tables" / "phases.md").read_text()

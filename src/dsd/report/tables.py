@@ -21,7 +21,7 @@ import pandas as pd
 from scipy import optimize, stats
 
 from dsd import paths
-from dsd.core.schedule import CONTROL, Recipe
+from dsd.core.schedule import CONTROL
 
 
 def paper_headline() -> pd.DataFrame:
@@ -290,10 +290,11 @@ def comparison_row(output_dir: str, row: str, seeds, final_phase: str, rows_in_t
     return out
 
 
-def phase_rows(output_dir: str, row: str, seeds, recipe: Recipe) -> list[dict]:
+def phase_rows(output_dir: str, row: str, seeds, phase_names: list[str]) -> list[dict]:
+    """One line per seed and phase; `phase_names`: the row's, with the control and each sweep variant's phases."""
     rows = []
     for seed in seeds:
-        for name in [*recipe.names, CONTROL]:
+        for name in phase_names:
             m = read_metrics(output_dir, row, seed, name)
             e = read_eval(output_dir, row, seed, name)
             rows.append(
@@ -374,7 +375,9 @@ def write_tables(specs, seeds, output_dir: str, out_dir: str | Path) -> pd.DataF
                 out_dir / f"sweep_{row.name}.csv", index=False
             )
     comparison = pd.DataFrame(rows)
-    phases = pd.DataFrame([p for r, rec in recipes.items() for p in phase_rows(output_dir, r, seeds, rec)])
+    phases = pd.DataFrame(
+        [p for row in specs for p in phase_rows(output_dir, row.name, seeds, row.phase_names)]
+    )
     comparison.to_csv(out_dir / "paper_comparison.csv", index=False)
     phases.to_csv(out_dir / "phases.csv", index=False)
     shown = [
