@@ -402,13 +402,13 @@ def _neuraltalk_records(output_dir, seeds=(0, 1)):
             record = {
                 "kind": phase.rstrip("0123456789_s") or phase, "metric": "bleu4", "dataset": "scenes",
                 "target_sparsity": 0.0, "measured_sparsity": 0.0, "epochs": 2, "lr": 1e-3, "wall_seconds": 1.0,
-                "history": [{"val": {"bleu4": val}, "train_loss": 1.0}] * 4,
+                "history": [{"val": {"bleu4": val}, "train_loss": 1.0}] * 12,  # enough for any phase
             }  # fmt: skip
             run = paths.run_dir(str(output_dir), row.name, seed, phase)
             paths.write_json(paths.metrics(run), record)
             samples = [{"id": "a", "reference": "a cat", "hypothesis": f"said by {phase}"}]
             evaluation = {"metric": "bleu4", "higher_is_better": True, "val": {"bleu4": val},
-                          "test": {"bleu4": val + seed}, "samples": samples}  # fmt: skip
+                          "test": {"bleu4": val + 10 * seed}, "samples": samples}  # fmt: skip
             paths.write_json(paths.evaluation(run), evaluation)
     return row
 
@@ -431,3 +431,22 @@ def test_the_phases_table_has_every_phase_of_every_run_sweep_variants_too(tmp_pa
     phases = pd.read_csv(tmp_path / "tables" / "phases.csv")
     assert "redense1_s50" in row.phase_names and phases["phase"].tolist() == row.phase_names
     assert "redense1_s90" in (tmp_path / "tables" / "phases.md").read_text()
+
+
+def test_the_gains_bars_are_the_tables_gains_of_the_means(tmp_path, monkeypatch):
+    """Seed gains 50% and 33% (dense 20 and 30, DSD 30 and 40): the table's gain of the means is 40%, their mean
+    42%; the bars must show the table's value."""
+    from dsd import paths
+    from dsd.report import plots
+    from dsd.report.tables import write_tables
+
+    row = _neuraltalk_records(tmp_path)
+    comparison = write_tables([row], [0, 1], str(tmp_path), paths.tables_dir(str(tmp_path)))
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: figures.append((name, fig)) or [])
+    plots.write_plots([row], [0, 1], str(tmp_path), tmp_path / "plots", part="summary")
+    ours = dict(figures)["gains"].axes[0]
+    bars = sorted(bar.get_width() for bar in ours.patches)
+    table = sorted(comparison[["rel_gain_vs_baseline_pct", "rel_gain_vs_control_pct"]].iloc[0])
+    assert comparison["rel_gain_vs_baseline_pct"].iloc[0] == pytest.approx(40.0)
+    assert bars == pytest.approx(table)

@@ -1,6 +1,7 @@
 """Figures from finished runs (matplotlib, PNG for the README and PDF for papers).
 
-- gains.png: relative gain of DSD over its baseline and over the equal-epoch control, ours vs the paper's.
+- gains.png: relative gain of DSD over its baseline and over the equal-epoch control (the table's), ours vs the
+  paper's.
 - curves.png: validation metric and training loss per epoch across the phases, control overlaid.
 - weights_<row>.png: one layer's weight histogram after dense, after pruning, after sparse training, after
   re-dense (the paper's distribution figure).
@@ -36,14 +37,17 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return files
 
 
-def gains(
-    comparison: pd.DataFrame, output_dir: str, seeds, recipes: dict[str, Recipe], out: Path
-) -> list[Path]:
-    """Our gains (mean and per-seed points) beside, not on the axis of, the paper's: different data and scale."""
-    rows = list(comparison["row"])
+GAINS = {
+    "DSD vs its dense baseline": "rel_gain_vs_baseline_pct",
+    "DSD vs the equal-epoch control": "rel_gain_vs_control_pct",
+}
+
+
+def seed_gains(comparison: pd.DataFrame, output_dir: str, seeds) -> dict[str, list[list[float]]]:
+    """Each seed's own relative gains, per row, under the labels of GAINS: the dots beside the table's bars."""
     dsd_phase = dict(zip(comparison["row"], comparison["dsd_phase"], strict=True))  # sweeps: the chosen one
-    ours = {"DSD vs its dense baseline": [], "DSD vs the equal-epoch control": []}
-    for row in rows:
+    out = {label: [] for label in GAINS}
+    for row in comparison["row"]:
         base, ctrl = [], []
         for seed in seeds:
             dense, final = (
@@ -54,22 +58,32 @@ def gains(
             metric, higher = dense["metric"], dense["higher_is_better"]
             base.append(rel_gain_pct(dense["test"][metric], final["test"][metric], higher))
             ctrl.append(rel_gain_pct(control["test"][metric], final["test"][metric], higher))
-        ours["DSD vs its dense baseline"].append(base)
-        ours["DSD vs the equal-epoch control"].append(ctrl)
+        out["DSD vs its dense baseline"].append(base)
+        out["DSD vs the equal-epoch control"].append(ctrl)
+    return out
+
+
+def gains(
+    comparison: pd.DataFrame, out: Path, per_seed: dict[str, list[list[float]]] | None = None
+) -> list[Path]:
+    """Our gains beside, not on the axis of, the paper's: different data and scale. The bars are the table's
+    (the gain of the means over seeds), so figure and table agree; `per_seed` adds each seed's gain as a dot."""
+    rows = list(comparison["row"])
+    seeds = "/".join(map(str, sorted(set(comparison["n_seeds"]))))
     y = np.arange(len(rows))[::-1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.55 * len(rows) + 1.6), sharey=True,
                                       gridspec_kw={"width_ratios": [2.2, 1]})  # fmt: skip
-    for k, ((label, values), color) in enumerate(zip(ours.items(), ("#1f77b4", "#d62728"), strict=True)):
+    for k, ((label, column), color) in enumerate(zip(GAINS.items(), ("#1f77b4", "#d62728"), strict=True)):
         offset = 0.18 * (1 - 2 * k)
-        means = [np.mean(v) for v in values]
         left.barh(
-            y + offset, means, 0.34, color=color, alpha=0.75, label=f"{label} (mean of {len(seeds)} seeds)"
-        )
-        for yy, v in zip(y + offset, values, strict=True):
+            y + offset, comparison[column], 0.34, color=color, alpha=0.75,
+            label=f"{label} (gain of the {seeds}-seed means)",
+        )  # fmt: skip
+        for yy, v in zip(y + offset, (per_seed or {}).get(label, []), strict=False):
             left.plot(v, [yy] * len(v), "o", color="black", markersize=2.5)
     left.axvline(0, color="black", linewidth=0.8)
     left.set_yticks(y, [f"{r} ({m})" for r, m in zip(rows, comparison["metric"], strict=True)], fontsize=8)
-    left.set_xlabel("relative gain, % (positive = better; dots: seeds)")
+    left.set_xlabel("relative gain, % (positive = better" + ("; dots: seeds)" if per_seed else ")"))
     left.set_title("ours: embedded miniatures", fontsize=10)
     left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: never on a bar
     right.barh(y, comparison["paper_rel_gain_pct"], 0.5, color="#999999")
@@ -247,7 +261,7 @@ def write_plots(specs, seeds, output_dir: str, out: str | Path, part: str = "all
     # a sweep's validation-chosen variant stands for DSD in every figure, as in the tables
     files = []
     if part in ("summary", "all"):
-        files += gains(comparison, output_dir, seeds, recipes, out)
+        files += gains(comparison, out, seed_gains(comparison, output_dir, seeds))
         files += curves(output_dir, seeds, recipes, out, chosen)
     for row in specs if part in ("rows", "all") else []:
         files += weight_histograms(output_dir, row.name, seeds[0], chosen[row.name], out)
