@@ -433,9 +433,8 @@ def test_the_phases_table_has_every_phase_of_every_run_sweep_variants_too(tmp_pa
     assert "redense1_s90" in (tmp_path / "tables" / "phases.md").read_text()
 
 
-def test_the_gains_bars_are_the_tables_gains_of_the_means(tmp_path, monkeypatch):
-    """Seed gains 50% and 33% (dense 20 and 30, DSD 30 and 40): the table's gain of the means is 40%, their mean
-    42%; the bars must show the table's value."""
+def _summary_figures(tmp_path, monkeypatch):
+    """The comparison table and the summary figures (by name) of the NeuralTalk records, figures not saved."""
     from dsd import paths
     from dsd.report import plots
     from dsd.report.tables import write_tables
@@ -445,8 +444,25 @@ def test_the_gains_bars_are_the_tables_gains_of_the_means(tmp_path, monkeypatch)
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, out, name: figures.append((name, fig)) or [])
     plots.write_plots([row], [0, 1], str(tmp_path), tmp_path / "plots", part="summary")
-    ours = dict(figures)["gains"].axes[0]
+    return comparison, dict(figures)
+
+
+def test_the_gains_bars_are_the_tables_gains_of_the_means(tmp_path, monkeypatch):
+    """Seed gains 50% and 33% (dense 20 and 30, DSD 30 and 40): the table's gain of the means is 40%, their mean
+    42%; the bars must show the table's value."""
+    comparison, figures = _summary_figures(tmp_path, monkeypatch)
+    ours = figures["gains"].axes[0]
     bars = sorted(bar.get_width() for bar in ours.patches)
     table = sorted(comparison[["rel_gain_vs_baseline_pct", "rel_gain_vs_control_pct"]].iloc[0])
     assert comparison["rel_gain_vs_baseline_pct"].iloc[0] == pytest.approx(40.0)
     assert bars == pytest.approx(table)
+
+
+def test_the_curves_are_labelled_as_the_training_monitor_not_the_tables_metric(tmp_path, monkeypatch):
+    """NeuralTalk's table has beam-search BLEU-4; its curves plot the greedy BLEU-4 of the per-epoch monitor."""
+    _, figures = _summary_figures(tmp_path, monkeypatch)
+    assert figures["curves"].axes[0].get_ylabel() == "neuraltalk\nmonitor: greedy bleu4"
+    from dsd.report.plots import monitor_label
+
+    assert monitor_label("top1_error_pct") == "monitor: top1_error_pct"
+    assert monitor_label("wer_pct") == "monitor: greedy wer_pct"

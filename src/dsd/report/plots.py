@@ -116,6 +116,15 @@ def _chain_history(output_dir: str, row: str, seed: int, recipe: Recipe, names: 
     return xs, records
 
 
+# The curves plot each epoch's validation monitor (tracks/*/metric.py: monitor), not the table's evaluation:
+# captions and speech are decoded greedily there, not by the beam search the table's BLEU-4 and WER use.
+GREEDY_MONITORS = ("bleu4", "wer_pct")
+
+
+def monitor_label(metric: str) -> str:
+    return f"monitor: {'greedy ' if metric in GREEDY_MONITORS else ''}{metric}"
+
+
 def curves(
     output_dir: str, seeds, recipes: dict[str, Recipe], out: Path, chosen: dict[str, Recipe]
 ) -> list[Path]:
@@ -160,7 +169,7 @@ def curves(
                     ax.axvline(start, color="gray", linewidth=0.6, linestyle=":")
                 start += phase.epochs
             ax.tick_params(labelsize=7)
-        axes[r][0].set_ylabel(f"{row}\nval {metric}", fontsize=8)
+        axes[r][0].set_ylabel(f"{row}\n{monitor_label(metric)}", fontsize=8)
         axes[r][2].set_ylabel("train loss", fontsize=8)
     for col, title in enumerate(
         ("validation (monitor), whole run", "after the dense phase", "training loss")
