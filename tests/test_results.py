@@ -466,3 +466,21 @@ def test_the_curves_are_labelled_as_the_training_monitor_not_the_tables_metric(t
 
     assert monitor_label("top1_error_pct") == "monitor: top1_error_pct"
     assert monitor_label("wer_pct") == "monitor: greedy wer_pct"
+
+
+def test_stability_names_rows_missing_from_a_run_and_unequal_seed_counts():
+    """The published 3-seed table against the 10-seed second study with its resnet18 row dropped."""
+    from pathlib import Path
+
+    from dsd.report import claims
+
+    published = Path(__file__).parents[1] / "results" / "published"
+    first = pd.read_csv(published / "tables" / "paper_comparison.csv")
+    second = pd.read_csv(published / "second_study" / "paper_comparison.csv")
+    second = second[second["row"] != "resnet18"]
+    frame = claims.stability(first, second)
+    assert frame["row"].tolist() == first["row"].tolist()  # the first run's order, missing rows kept
+    text = claims.stability_sentence(frame, "x")
+    assert "of the 6 rows in both runs" in text
+    assert "resnet18 is only in the first run" in text
+    assert "the first run has 3 seeds per row, the second 10" in text

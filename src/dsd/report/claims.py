@@ -179,11 +179,21 @@ STABILITY_COLUMNS = [
 ]
 
 
+IN_RUNS = {"both": "both", "left_only": "first only", "right_only": "second only"}
+
+
 def stability(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
     """Per row, the verdicts of two runs that differ only in a setting that must not change results, with each
-    run's DSD - control difference and intervals where the tables have them."""
-    columns = ["row"] + [c for c in STABILITY_COLUMNS if c in first and c in second]
-    both = first[columns].merge(second[columns], on="row", suffixes=("_first", "_second"))
+    run's DSD - control difference, intervals and seed count where the tables have them. A row of only one run
+    is kept (column `in_runs`), so that the sentence can name it rather than lose it."""
+    columns = ["row"] + [c for c in [*STABILITY_COLUMNS, "n_seeds"] if c in first and c in second]
+    both = first[columns].merge(
+        second[columns], on="row", how="outer", suffixes=("_first", "_second"), indicator=True
+    )
+    # an outer merge sorts the rows: back to the tables' order, the first run's rows first
+    order = {row: k for k, row in enumerate(dict.fromkeys([*first["row"], *second["row"]]))}
+    both = both.sort_values("row", key=lambda rows: rows.map(order)).reset_index(drop=True)
+    both = both.assign(in_runs=both.pop("_merge").astype(str).map(IN_RUNS))
     both = both.assign(same=both["verdict_first"] == both["verdict_second"])
     if "verdict_row_alone_first" in both:
         both = both.assign(same_row_alone=both["verdict_row_alone_first"] == both["verdict_row_alone_second"])
@@ -210,11 +220,45 @@ def _flips(frame: pd.DataFrame, verdict: str, interval: str) -> str:
     )
 
 
+def _missing(frame: pd.DataFrame) -> str:
+    """'; resnet18 is only in the first run': rows that one of the two tables lacks."""
+    if "in_runs" not in frame:
+        return ""
+    parts = []
+    for run in ("first", "second"):
+        rows = _rows(frame, frame["in_runs"] == f"{run} only")
+        if rows:
+            parts.append(f"{_names(rows)} {'is' if len(rows) == 1 else 'are'} only in the {run} run")
+    return "".join(f"; {part}" for part in parts)
+
+
+def _seed_counts(frame: pd.DataFrame) -> str:
+    """'; the first run has 3 seeds per row, the second 10' where the runs' seed counts differ."""
+    if "n_seeds_first" not in frame:
+        return ""
+    firsts, seconds = (
+        sorted(set(frame[f"n_seeds_{run}"].dropna().astype(int))) for run in ("first", "second")
+    )
+    if firsts == seconds and len(firsts) <= 1:
+        return ""
+    return (
+        f"; the first run has {'/'.join(map(str, firsts))} seeds per row, the second "
+        f"{'/'.join(map(str, seconds))}"
+    )
+
+
 def stability_sentence(frame: pd.DataFrame, setting: str) -> str:
+    if "in_runs" in frame:
+        frame, whole = frame[frame["in_runs"] == "both"], frame
+    else:
+        whole = frame
     changed = frame[~frame["same"]]
     text = (
         f"A second fresh run that differs only in {setting}, a setting that must not change a result, gives the "
         f"same verdict on {int(frame['same'].sum())} of the {len(frame)} rows"
+        + (" in both runs" if len(whole) > len(frame) else "")
+        + _missing(whole)
+        + _seed_counts(whole)
     )
     if not changed.empty:
         text += (
