@@ -484,3 +484,16 @@ def test_stability_names_rows_missing_from_a_run_and_unequal_seed_counts():
     assert "of the 6 rows in both runs" in text
     assert "resnet18 is only in the first run" in text
     assert "the first run has 3 seeds per row, the second 10" in text
+
+
+def test_runtime_divides_by_the_cores_this_process_may_use(tmp_path, monkeypatch):
+    """A job limited to 2 of a machine's 8 cores (taskset, a cgroup's cpuset) shares 2 cores, not 8."""
+    import os
+
+    folder = tmp_path / "benchmarks" / "rules" / "resnet18" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "dense.tsv").write_text("s\th:m:s\n120.0\t0:02:00\n")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    (row,) = runtime_rows(str(tmp_path), ["resnet18"], seeds=[0])
+    assert row["cores"] == 2 and row["share_of_run_minutes"] == 1.0

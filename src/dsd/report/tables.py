@@ -336,10 +336,18 @@ def samples_table(output_dir: str, row: str, seed: int, dsd_phase: str) -> pd.Da
     )
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, a cgroup's cpuset), not the machine's.
+    Snakemake's --cores is not recorded, so the table job's own allowance stands in for the pipeline's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def runtime_rows(output_dir: str, rows, seeds, cores: int | None = None) -> list[dict]:
     """What each row cost, from Snakemake's per-job benchmark files: jobs, their summed wall time, and that
     sum divided by the cores running jobs side by side (a row's share of the pipeline's wall time)."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or available_cores()
     out = []
     for row in rows:
         files = [
