@@ -497,3 +497,16 @@ def test_runtime_divides_by_the_cores_this_process_may_use(tmp_path, monkeypatch
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     (row,) = runtime_rows(str(tmp_path), ["resnet18"], seeds=[0])
     assert row["cores"] == 2 and row["share_of_run_minutes"] == 1.0
+
+
+def test_the_landing_page_says_how_the_intervals_are_computed(tmp_path):
+    """The published rows' intervals count seeds and test items with Welch degrees of freedom, not a paired
+    t over seeds; a table without per-item outcomes keeps the paired t wording."""
+    from dsd.report.tables import landing_page
+
+    table = _published_comparison(tmp_path)
+    text = " ".join(landing_page(table, pd.DataFrame(), "Words.").split())
+    assert "the verdict uses intervals of DSD - control over seeds and test items" in text
+    assert "Welch-Satterthwaite" in text and "per-seed difference" not in text
+    seeds_only = " ".join(landing_page(table.drop(columns="interval_over"), pd.DataFrame(), "W.").split())
+    assert "paired t-intervals of the per-seed difference DSD - control" in seeds_only

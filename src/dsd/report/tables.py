@@ -1,8 +1,9 @@
 """Tables from finished runs: our baseline, DSD and equal-epoch control beside the paper's figures.
 
 Gains are signed so that positive always means "better than the reference": for error rates a drop, for
-BLEU a rise. The paired per-seed difference DSD - control (same seed, same dense start, same data order) has
-a t-based interval; the verdict column says plainly whether DSD beat the control. A table makes one claim per
+BLEU a rise. The difference DSD - control (same seed, same dense start, same data order) has a t-based
+interval over the seeds and, where evaluations kept per-item outcomes, the test items (`paired_ci_items`);
+the verdict column says plainly whether DSD beat the control. A table makes one claim per
 row, so the verdicts use joint intervals: 95% for all of the table's rows together (Bonferroni), so that chance
 alone gives a wrong verdict somewhere in the table at most 5% of the time; each row's own 95% interval is kept
 beside it.
@@ -449,6 +450,23 @@ def _csv_table(title: str, frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def interval_method(comparison: pd.DataFrame) -> str:
+    """How the verdicts' intervals were computed, in words: over seeds and test items (`paired_ci_items`) where
+    evaluations kept per-item outcomes, else a paired t over seeds (`paired_ci`)."""
+    items = (
+        "intervals of DSD - control over seeds and test items (the variance of the seed means plus that of the "
+        "test-item means, t with Welch-Satterthwaite degrees of freedom)"
+    )
+    seeds = "paired t-intervals of the per-seed difference DSD - control"
+    over = comparison.get("interval_over", pd.Series("seeds", index=comparison.index))
+    with_items = list(comparison.loc[over == "seeds and test items", "row"])
+    if len(with_items) == len(comparison):
+        return items
+    if not with_items:
+        return seeds
+    return f"{items} on {', '.join(with_items)}, {seeds} on the other rows"
+
+
 def landing_page(comparison: pd.DataFrame, fidelity_table: pd.DataFrame, claims_text: str) -> str:
     """The Snakemake report's first page: the answer (the table and what it says), then how to read the rest."""
     shown = comparison[["row", "metric", "baseline_mean", "dsd_mean", "dsd_std", "control_mean", "control_std",
@@ -469,8 +487,8 @@ def landing_page(comparison: pd.DataFrame, fidelity_table: pd.DataFrame, claims_
         "seeds with a min-max band; the stretch after the dense phase enlarged) and, per row, a sparsity sweep "
         "where there is one; **Weights** the weight distribution of one layer through dense, pruning, sparse and "
         "re-dense training; **Samples** captions and transcripts of the dense and the DSD model. Positive gains are "
-        "better; the verdict uses t-intervals of the per-seed difference DSD - control that hold at 95% for all rows "
-        "together (Bonferroni).",
+        "better; the verdict uses "
+        f"{interval_method(comparison)}, holding at 95% for all rows together (Bonferroni).",
         "",
     ]
     if not fidelity_table.empty:
