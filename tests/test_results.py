@@ -510,3 +510,12 @@ def test_the_landing_page_says_how_the_intervals_are_computed(tmp_path):
     assert "Welch-Satterthwaite" in text and "per-seed difference" not in text
     seeds_only = " ".join(landing_page(table.drop(columns="interval_over"), pd.DataFrame(), "W.").split())
     assert "paired t-intervals of the per-seed difference DSD - control" in seeds_only
+
+
+def test_the_readme_does_not_say_dense_phases_train_until_they_flatten():
+    """Dense phases train a fixed number of epochs; flatness is checked afterwards (dense_converged)."""
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "trained until its validation curve flattens" not in readme
+    assert "every dense phase trains a fixed number of epochs" in readme
