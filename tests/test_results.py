@@ -519,3 +519,20 @@ def test_the_readme_does_not_say_dense_phases_train_until_they_flatten():
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "trained until its validation curve flattens" not in readme
     assert "every dense phase trains a fixed number of epochs" in readme
+
+
+def test_every_deviation_of_the_embedded_default_gives_its_reason_and_reasons_change_no_run():
+    from dataclasses import replace
+
+    from dsd.config import load_config
+    from dsd.report import fidelity
+
+    config = load_config("configs/default.yaml")
+    rows = [config.row(name) for name in config.rows]
+    verdicts = fidelity.table(rows)["verdict"]
+    assert not verdicts.str.contains(fidelity.NO_REASON, regex=False).any()
+    resnet18 = config.phase("resnet18", 0, "redense1")  # a reason is no part of what a run depends on
+    assert config.row("resnet18").fidelity and "fidelity" not in resnet18.identity()
+    assert replace(config.row("resnet18"), fidelity={}).data_spec().fingerprint == (
+        config.row("resnet18").data_spec().fingerprint
+    )
