@@ -1,16 +1,21 @@
 """DSD under DistributedDataParallel: two gloo processes on the CPU against one process, same global batch."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import evaluate, parse, snakemake, tiny_vision_config, write_config
+from conftest import evaluate, parse, prepare_data, snakemake, tiny_vision_config, write_config
 from torch import nn
 
 import dsd
-from dsd import paths
+from dsd import gpus, paths
 
 STEPS, GLOBAL_BATCH = 12, 16
 
@@ -139,3 +144,54 @@ def test_per_item_outcomes_of_a_sharded_evaluation_come_back_in_the_splits_order
     mp.spawn(gather_main, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
     for rank in range(3):
         assert torch.load(tmp_path / f"rank{rank}.pt") == [f"item{i}" for i in range(7)]
+
+
+# ------------------------------------------------------------ a phase job's ranks, started as Snakemake does
+
+
+def slow_dense_config(tmp, epochs=2, val_per_class=3):
+    """A dense phase of `epochs` epochs of 8 steps: long enough to be signalled in a chosen epoch."""
+    config = tiny_vision_config(tmp, seeds=[0])
+    exp = config["experiments"]["resnet18"]
+    exp["data"]["generate"] = {"per_class": {"train": 13, "val": val_per_class, "test": 3}}
+    exp["train"]["max_steps_per_epoch"] = 8
+    exp["phases"][0]["epochs"] = epochs
+    config = parse(config)
+    prepare_data(config, "resnet18")
+    return config
+
+
+def start_job(config, out, *prefix) -> subprocess.Popen:
+    """The dense phase as `train_phase` runs it with gpus_per_job: 2 (`dsd.gpus 2 --dsd -- train ...`)."""
+    spec = config.phase("resnet18", 0, "dense")
+    train = ["train", "--spec", spec.to_json(), "--options", config.options.to_json(), "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    command = [sys.executable, gpus.__file__, "2", *prefix, "--dsd", "--", *train]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_line(process: subprocess.Popen, text: str) -> list[str]:
+    """The job's log up to the first line containing `text` (the job keeps writing to the pipe)."""
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"the job ended before {text!r}:\n{''.join(lines)[-3000:]}")
+
+
+def test_a_signal_in_the_last_epoch_of_a_ddp_job_finishes_the_phase(tmp_path):
+    """SIGTERM to the job (its top process, as Snakemake and SLURM send it) during the last epoch's last step
+    or validation: both ranks finish the phase and the job succeeds, so Snakemake keeps model.pt and
+    metrics.json."""
+    out = tmp_path / "run"
+    job = start_job(slow_dense_config(tmp_path, epochs=1.125, val_per_class=10), out)  # epoch 2: one step
+    wait_for_line(job, "dense epoch 1/2")
+    while not paths.resume(out).exists():  # epoch 1's resume point written: epoch 2 under way
+        time.sleep(0.005)
+    job.send_signal(signal.SIGTERM)
+    log = job.communicate(timeout=300)[1]
+    assert job.returncode == 0, log[-3000:]
+    assert "SIGTERM in the last epoch: finishing dense" in log
+    assert paths.metrics(out).exists() and not paths.resume(out).exists()
+    assert len(json.loads(paths.metrics(out).read_text())["history"]) == 2

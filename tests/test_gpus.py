@@ -145,6 +145,11 @@ def test_no_gpu_or_zero_requested_changes_nothing(tmp_path, monkeypatch):
         capture_output=True, text=True, timeout=30, env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"},
     )  # fmt: skip
     assert result.returncode == 0 and result.stdout.strip() == "-1", result.stderr
+    # `--dsd` with no GPU asked for: one `python -m dsd`
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "0", "--dsd", "--", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
 
 
 def test_more_than_visible_is_an_error(tmp_path):

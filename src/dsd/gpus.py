@@ -10,7 +10,12 @@ As a command prefix (what the Snakemake rules use), the locks go with the comman
 
     python -m dsd.gpus 1 -- python -m dsd train ...
     python /path/to/dsd/gpus.py 2 --timeout 3600 -- torchrun ...   # same, without importing the dsd package
-    python /path/to/dsd/gpus.py 2 --dsd -- train ...                # python -m dsd train, under torchrun
+    python /path/to/dsd/gpus.py 2 --dsd -- train ...                # python -m dsd train, one rank per GPU
+
+With `--dsd` and N > 1 the prefix does not exec: it stays the parent of N ranks of `python -m dsd` (see
+`run_ranks`), forwards SIGTERM / SIGUSR1 to them and exits with their status. torchrun would not do: it turns
+a signal into its own non-zero exit (Snakemake then deletes a phase its ranks finished) and leaves its ranks
+running when it is killed.
 
 On a machine without GPUs (or with `n` = 0) nothing is locked and nothing is changed. This module imports
 only the standard library (torch only as a last resort to count devices), so the prefix costs milliseconds.
@@ -30,6 +35,9 @@ import fcntl
 import os
 import random
 import re
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,10 +53,16 @@ __all__ = [
     "lock_folder",
     "main",
     "release",
+    "run_ranks",
     "visible_devices",
 ]
 
 POLL_SECONDS = 0.2  # between two attempts while the wanted devices are busy (plus up to 50% jitter)
+# After one rank failed, how long the others may take to end on their own before they are killed: ranks fail
+# together (a config error, a signal, a non-finite loss), so one still running past this waits in a collective
+# for the failed rank, until NCCL's or gloo's own timeout (minutes).
+FAILED_RANK_GRACE_SECONDS = 30.0
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 _held: dict[str, int] = {}  # device id (as in CUDA_VISIBLE_DEVICES) -> open, flocked fd
 _saved_env: list[str | None] = []  # CUDA_VISIBLE_DEVICES before acquire(), restored by release()
@@ -242,7 +256,8 @@ def cpus_per_job(gpus_per_job: int, cores: int | None = None, gpus: int | None =
 
 
 def launcher(n: int, python: str = sys.executable) -> list[str]:
-    """How a job starts `dsd`: one process, or torchrun with one process per GPU when it asks for n > 1.
+    """How a job starts `dsd` by hand: one process, or torchrun with one process per GPU when n > 1 (the
+    prefix's `--dsd` starts the ranks itself, `run_ranks`, so that signals and kills reach them).
 
     `--standalone` gives every job its own rendezvous on a free port, so jobs on one node do not collide.
     Without GPUs the n processes train on the CPU with gloo (how the tests exercise it).
@@ -250,6 +265,80 @@ def launcher(n: int, python: str = sys.executable) -> list[str]:
     if n > 1:
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "dsd"]
     return [python, "-m", "dsd"]
+
+
+def _rank_env(rank: int, n: int, rendezvous: str) -> dict[str, str]:
+    """What torchrun would set, with a file store for the rendezvous: no port to collide with another job."""
+    world = str(n)
+    ids = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world}
+    return os.environ | ids | {"DSD_RENDEZVOUS": rendezvous}
+
+
+def _exit_status(status: int) -> int:
+    """A rank's wait status as a shell would report it (128 + N when signal N ended it)."""
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def run_ranks(n: int, args: list[str], python: str = sys.executable) -> int:
+    """Run `python -m dsd ARGS` as ranks 0 .. n-1 and return their exit status (the first failure's).
+
+    SIGTERM, SIGUSR1, SIGINT and SIGHUP go on to every rank (a rank that also got one directly just sees it
+    twice)."""
+    ranks: list[subprocess.Popen] = []
+
+    def forward(signum, frame):
+        for rank in ranks:
+            if rank.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    rank.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    folder = tempfile.mkdtemp(prefix="dsd-rendezvous-")
+    try:
+        for rank in range(n):
+            ranks.append(
+                subprocess.Popen(
+                    [python, "-m", "dsd", *args],
+                    env=_rank_env(rank, n, f"file://{folder}/store"),
+                )
+            )
+        return _wait_for(ranks)
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_for(ranks: list[subprocess.Popen]) -> int:
+    """Wait for every rank; once one failed, give the others FAILED_RANK_GRACE_SECONDS, then kill them."""
+    failed, deadline = 0, None
+    running = {rank.pid: rank for rank in ranks}
+    while running:
+        if deadline is not None and time.monotonic() >= deadline:
+            for rank in running.values():
+                rank.kill()
+            deadline = float("inf")
+        try:
+            pid, status = os.waitpid(-1, 0 if deadline is None else os.WNOHANG)
+        except ChildProcessError:
+            break
+        except InterruptedError:  # pragma: no cover (PEP 475 retries)
+            continue
+        if pid == 0:
+            time.sleep(POLL_SECONDS)
+            continue
+        rank = running.pop(pid, None)
+        if rank is None:
+            continue
+        rank.returncode = code = _exit_status(status)
+        if code and not failed:
+            failed, deadline = code, time.monotonic() + FAILED_RANK_GRACE_SECONDS
+    return failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,13 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dsd",
         action="store_true",
-        help="the command is dsd's arguments: run `python -m dsd`, under torchrun when N > 1",
+        help="the command is dsd's arguments: run `python -m dsd`, as N ranks (DDP) when N > 1",
     )
     args = parser.parse_args(argv)
     if not command:
         parser.error("give the command after --")
-    if args.dsd:
-        command = launcher(args.n) + command
+    ranks = max(args.n, 1) if args.dsd else 1
+    if args.dsd and ranks == 1:
+        command = launcher(1) + command
     try:
         chosen = acquire(args.n, total=args.total, lock_dir=args.lock_dir, timeout=args.timeout)
     except (GPUTimeoutError, ValueError, RuntimeError, OSError) as err:
@@ -294,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+    if ranks > 1:
+        return run_ranks(ranks, command)
     try:
         os.execvp(command[0], command)
     except OSError as err:

@@ -1,4 +1,5 @@
-"""Device choice and the process group under torchrun (NCCL on CUDA, gloo on the CPU)."""
+"""Device choice and the process group of DDP ranks (NCCL on CUDA, gloo on the CPU), started by `dsd.gpus`
+(a file store: $DSD_RENDEZVOUS) or by torchrun (env://)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def _narrow_strided_pointwise(conv: torch.nn.Conv2d) -> bool:
 
 
 def setup(device_name: str) -> tuple[torch.device, int, int]:
-    """Join the process group when started by torchrun. Returns (device, rank, world size)."""
+    """Join the process group when started as one of several ranks. Returns (device, rank, world size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world == 1:
@@ -66,7 +67,12 @@ def setup(device_name: str) -> tuple[torch.device, int, int]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=os.environ.get("DSD_RENDEZVOUS", "env://"),
+            rank=int(os.environ["RANK"]),
+            world_size=world,
+        )
     return device, torch.distributed.get_rank(), world
 
 
