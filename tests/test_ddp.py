@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,6 +181,18 @@ def wait_for_line(process: subprocess.Popen, text: str) -> list[str]:
     raise AssertionError(f"the job ended before {text!r}:\n{''.join(lines)[-3000:]}")
 
 
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
 def test_a_signal_in_the_last_epoch_of_a_ddp_job_finishes_the_phase(tmp_path):
     """SIGTERM to the job (its top process, as Snakemake and SLURM send it) during the last epoch's last step
     or validation: both ranks finish the phase and the job succeeds, so Snakemake keeps model.pt and
@@ -195,3 +208,21 @@ def test_a_signal_in_the_last_epoch_of_a_ddp_job_finishes_the_phase(tmp_path):
     assert "SIGTERM in the last epoch: finishing dense" in log
     assert paths.metrics(out).exists() and not paths.resume(out).exists()
     assert len(json.loads(paths.metrics(out).read_text())["history"]) == 2
+
+
+def test_killing_a_ddp_job_ends_its_ranks_before_its_gpus_are_free(tmp_path):
+    """kill -9 of the job's top process: no rank may go on training (and writing into the run folder) once
+    another job can lock its GPUs."""
+    locks = tmp_path / "locks"
+    job = start_job(slow_dense_config(tmp_path), tmp_path / "run", "--total", "2", "--lock-dir", str(locks))
+    wait_for_line(job, "dense epoch 1/2")
+    ranks = children(job.pid)
+    assert len(ranks) == 2
+    job.kill()
+    job.wait()
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    try:
+        assert gpus.acquire(2, total=2, lock_dir=locks, timeout=60) == [0, 1]
+        assert not any(alive(rank) for rank in ranks)
+    finally:
+        gpus.release()

@@ -15,7 +15,8 @@ As a command prefix (what the Snakemake rules use), the locks go with the comman
 With `--dsd` and N > 1 the prefix does not exec: it stays the parent of N ranks of `python -m dsd` (see
 `run_ranks`), forwards SIGTERM / SIGUSR1 to them and exits with their status. torchrun would not do: it turns
 a signal into its own non-zero exit (Snakemake then deletes a phase its ranks finished) and leaves its ranks
-running when it is killed.
+running when it is killed. Each rank dies with the prefix and holds the lock files too, so the devices stay
+locked while any rank lives.
 
 On a machine without GPUs (or with `n` = 0) nothing is locked and nothing is changed. This module imports
 only the standard library (torch only as a last resort to count devices), so the prefix costs milliseconds.
@@ -63,6 +64,7 @@ POLL_SECONDS = 0.2  # between two attempts while the wanted devices are busy (pl
 # for the failed rank, until NCCL's or gloo's own timeout (minutes).
 FAILED_RANK_GRACE_SECONDS = 30.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 _held: dict[str, int] = {}  # device id (as in CUDA_VISIBLE_DEVICES) -> open, flocked fd
 _saved_env: list[str | None] = []  # CUDA_VISIBLE_DEVICES before acquire(), restored by release()
@@ -267,6 +269,16 @@ def launcher(n: int, python: str = sys.executable) -> list[str]:
     return [python, "-m", "dsd"]
 
 
+def _die_with(parent: int) -> None:
+    """In a rank, before exec: SIGKILL when the prefix dies (also by kill -9), as no rank may outlive it."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: ranks may outlive a killed prefix
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the prefix died before prctl
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _rank_env(rank: int, n: int, rendezvous: str) -> dict[str, str]:
     """What torchrun would set, with a file store for the rendezvous: no port to collide with another job."""
     world = str(n)
@@ -284,7 +296,7 @@ def run_ranks(n: int, args: list[str], python: str = sys.executable) -> int:
     """Run `python -m dsd ARGS` as ranks 0 .. n-1 and return their exit status (the first failure's).
 
     SIGTERM, SIGUSR1, SIGINT and SIGHUP go on to every rank (a rank that also got one directly just sees it
-    twice)."""
+    twice). The ranks inherit the lock files and die with this process, whatever ends it."""
     ranks: list[subprocess.Popen] = []
 
     def forward(signum, frame):
@@ -295,12 +307,15 @@ def run_ranks(n: int, args: list[str], python: str = sys.executable) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     folder = tempfile.mkdtemp(prefix="dsd-rendezvous-")
+    parent = os.getpid()
     try:
         for rank in range(n):
             ranks.append(
                 subprocess.Popen(
                     [python, "-m", "dsd", *args],
                     env=_rank_env(rank, n, f"file://{folder}/store"),
+                    pass_fds=tuple(_held.values()),
+                    preexec_fn=lambda: _die_with(parent),
                 )
             )
         return _wait_for(ranks)
