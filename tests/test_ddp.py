@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,16 +84,16 @@ LOSSES = {0: [float("nan"), 0.5, 2.0], 1: [1.5, float("inf"), 3.0]}  # per rank,
 
 
 def loss_read_main(rank, world, init_file, out_file):
-    from dsd.engine.distributed import non_finite_flag
+    from dsd.engine.distributed import step_flags
     from dsd.engine.epoch import LossRead
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     losses = [torch.tensor(loss) for loss in LOSSES[rank]]
-    flags = [non_finite_flag(loss, world) for loss in losses]  # what the optimizer reads as found_inf
+    flags = [step_flags(loss, False, world) for loss in losses]
     seen = [
         LossRead(loss, flag, step).read() for step, (loss, flag) in enumerate(zip(losses, flags, strict=True))
     ]
-    torch.save((seen, [float(flag) for flag in flags]), f"{out_file}.{rank}")
+    torch.save((seen, [float(flag[0]) for flag in flags]), f"{out_file}.{rank}")  # found_inf of the optimizer
     dist.destroy_process_group()
 
 
@@ -103,7 +104,7 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     mp.spawn(loss_read_main, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     for rank in (0, 1):
         seen, flags = torch.load(f"{out}.{rank}", weights_only=True)
-        assert [finite for _, finite in seen] == [False, False, True] and flags == [1.0, 1.0, 0.0], rank
+        assert [finite for _, finite, _ in seen] == [False, False, True] and flags == [1.0, 1.0, 0.0], rank
         assert seen[1 - rank][0] == LOSSES[rank][1 - rank] and seen[2][0] == LOSSES[rank][2]  # its own loss
 
 
@@ -150,12 +151,13 @@ def test_per_item_outcomes_of_a_sharded_evaluation_come_back_in_the_splits_order
 # ------------------------------------------------------------ a phase job's ranks, started as Snakemake does
 
 
-def slow_dense_config(tmp, epochs=2, val_per_class=3):
-    """A dense phase of `epochs` epochs of 8 steps: long enough to be signalled in a chosen epoch."""
+def slow_dense_config(tmp, epochs=2, val_per_class=3, steps=8):
+    """A dense phase of `epochs` epochs of `steps` steps: long enough to be signalled in a chosen epoch."""
     config = tiny_vision_config(tmp, seeds=[0])
     exp = config["experiments"]["resnet18"]
-    exp["data"]["generate"] = {"per_class": {"train": 13, "val": val_per_class, "test": 3}}
-    exp["train"]["max_steps_per_epoch"] = 8
+    train = (steps * 16 + 9) // 10  # images per class: `steps` batches of 16, the last one complete
+    exp["data"]["generate"] = {"per_class": {"train": train, "val": val_per_class, "test": 3}}
+    exp["train"]["max_steps_per_epoch"] = steps
     exp["phases"][0]["epochs"] = epochs
     config = parse(config)
     prepare_data(config, "resnet18")
@@ -226,3 +228,26 @@ def test_killing_a_ddp_job_ends_its_ranks_before_its_gpus_are_free(tmp_path):
         assert not any(alive(rank) for rank in ranks)
     finally:
         gpus.release()
+
+
+def stopped_at(log: str) -> dict:
+    """The position rank 0's "checkpointed" line names ("at epoch E, step S")."""
+    (line,) = [line for line in log.splitlines() if "checkpointed dense" in line]
+    epoch, step = re.search(r"at epoch (\d+), step (\d+)", line).groups()
+    return {"sub": 0, "epoch": int(epoch), "step": int(step)}
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+    """SIGTERM reaches rank 1 alone (signals reach ranks at different steps): both ranks stop at the same
+    step, rank 0 writes that step's resume point and alone says so, and no rank crashes."""
+    out = tmp_path / "run"
+    job = start_job(slow_dense_config(tmp_path, epochs=3, steps=24), out)
+    wait_for_line(job, "dense epoch 1/3")
+    rank1 = children(job.pid)[1]  # started second
+    while not paths.resume(out).exists():  # epoch 2 under way
+        time.sleep(0.005)
+    os.kill(rank1, signal.SIGTERM)
+    log = job.communicate(timeout=300)[1]
+    assert job.returncode == 2, log[-3000:]
+    assert "Traceback" not in log and log.count("checkpointed") == 1, log[-3000:]
+    assert torch.load(paths.resume(out), weights_only=True)["position"] == stopped_at(log)

@@ -76,13 +76,23 @@ def setup(device_name: str) -> tuple[torch.device, int, int]:
     return device, torch.distributed.get_rank(), world
 
 
-def non_finite_flag(loss: torch.Tensor, world: int) -> torch.Tensor:
-    """1.0 on the device where the loss is not finite on some rank, else 0.0; nothing waits for it."""
-    flag = (~torch.isfinite(loss.detach())).float().reshape(())
+def step_flags(loss: torch.Tensor, stop: bool, world: int) -> torch.Tensor:
+    """[the loss is not finite, a stop signal arrived] on some rank, as 1.0 / 0.0 on the device; nothing
+    waits for it. One all-reduce carries both, so every rank skips the same steps and stops at the same step."""
+    not_finite = (~torch.isfinite(loss.detach())).float().reshape(1)
+    flags = torch.cat([not_finite, torch.full((1,), float(stop), device=not_finite.device)])
     if world > 1:
-        torch.distributed.all_reduce(flag)
-        flag = flag.clamp(max=1.0)
-    return flag
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return flags
+
+
+def any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """Whether `flag` is true on some rank (every rank gets the same answer)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def mean_over_ranks(value: float, device: torch.device, world: int) -> float:

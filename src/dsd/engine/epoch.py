@@ -1,5 +1,7 @@
 """One epoch of steps: the scheduled LR, forward and loss, the optimizer step, then `pruner.step` (masks and
-optimizer state back to zero). A signal stops it at the next step boundary with a resume checkpoint."""
+optimizer state back to zero). A signal stops it at the next step boundary with a resume checkpoint: under DDP
+at the same step on every rank, since each step's flags are all-reduced (a signal reaches ranks at different
+steps)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from tqdm import tqdm
 from dsd.core.schedule import CONTROL, Phase, lr_at
 from dsd.engine import distributed, resume
 from dsd.engine.loaders import epoch_seed
-from dsd.errors import NonFiniteLoss, Preempted
+from dsd.errors import NonFiniteLoss
 
 
 def train_epoch(
@@ -48,16 +50,17 @@ def train_epoch(
         with distributed.autocast(state.dtype):
             loss = loop.track.metric.loss(loop.trained, batch, loop.device)
         if defers_loss_read(state):
-            queued, pending = pending, queue_step(state, loss, hp.grad_clip, loop.world, step)
+            queued, pending = pending, queue_step(state, loss, hp.grad_clip, loop.world, step, stop)
             tally.add(queued)
         else:  # wait for the forward pass: a non-finite step must not reach the optimizer
             tally.add(pending)
             pending = None
-            if not tally.add(LossRead(loss, distributed.non_finite_flag(loss, loop.world), step)):
+            flags = distributed.step_flags(loss, stop.received is not None, loop.world)
+            if not tally.add(LossRead(loss, flags, step)):
                 continue
             _step(state, loss, hp.grad_clip)
         bar.update()
-        if stop.received and step + 1 < budget:
+        if tally.stopping and step + 1 < budget:  # the same step on every rank
             tally.add(pending)
             pending = None
             elapsed = seconds_before + time.time() - started
@@ -69,7 +72,7 @@ def train_epoch(
                 "rng": resume.rng_state(),
             }
             loop.save_resume({"sub": state.position["sub"], "epoch": epoch, "step": step + 1}, partial)
-            raise Preempted(f"{stop.received}: checkpointed {spec.phase} at epoch {epoch}, step {step + 1}")
+            raise loop.preempted(stop, f"at epoch {epoch}, step {step + 1}")
     bar.close()
     tally.add(pending)
     return {
@@ -105,12 +108,12 @@ def _step(state, loss: torch.Tensor, grad_clip: float | None, found_inf: torch.T
     state.optimizer.zero_grad(set_to_none=True)  # freed before the next forward pass, not after it
 
 
-def queue_step(state, loss: torch.Tensor, grad_clip: float | None, world: int, step: int) -> LossRead:
+def queue_step(state, loss: torch.Tensor, grad_clip: float | None, world: int, step: int, stop) -> LossRead:
     """`_step` without waiting for the loss (`defers_loss_read`): the optimizer skips a non-finite step on the
-    device; the returned read says later what the loss was."""
-    flag = distributed.non_finite_flag(loss, world)
-    _step(state, loss, grad_clip, found_inf=flag)
-    return LossRead(loss, flag, step)
+    device; the returned read says later what the loss was and whether some rank was signalled."""
+    flags = distributed.step_flags(loss, stop.received is not None, world)
+    _step(state, loss, grad_clip, found_inf=flags[0])
+    return LossRead(loss, flags, step)
 
 
 def defers_loss_read(state) -> bool:
@@ -125,21 +128,22 @@ def defers_loss_read(state) -> bool:
 
 
 class LossRead:
-    """A step's loss and all ranks' non-finite flag, copied to the host behind the step's queued work."""
+    """A step's loss and all ranks' flags (`step_flags`), copied to the host behind the step's queued work."""
 
-    def __init__(self, loss: torch.Tensor, flag: torch.Tensor, step: int):
+    def __init__(self, loss: torch.Tensor, flags: torch.Tensor, step: int):
         self.step = step
-        self.values = torch.stack([loss.detach().float().reshape(()), flag]).to("cpu", non_blocking=True)
+        self.values = torch.cat([loss.detach().float().reshape(1), flags]).to("cpu", non_blocking=True)
         self.done = None
         if loss.device.type == "cuda":
             self.done = torch.cuda.Event()
             self.done.record()
 
-    def read(self) -> tuple[float, bool]:
+    def read(self) -> tuple[float, bool, bool]:
+        """(loss, finite on every rank, some rank signalled to stop)."""
         if self.done is not None:
             self.done.synchronize()
-        value, flag = self.values.tolist()
-        return value, flag == 0
+        value, not_finite, stop = self.values.tolist()
+        return value, not_finite == 0, stop != 0
 
 
 class Tally:
@@ -148,12 +152,14 @@ class Tally:
     def __init__(self, loop, epoch: int, loss_sum: float, count: int, bad: int):
         self.loop, self.epoch = loop, epoch
         self.loss_sum, self.count, self.bad = loss_sum, count, bad
+        self.stopping = False  # some rank was signalled: every rank reads this at the same step
 
     def add(self, read: LossRead | None) -> bool:
         """Counts a step's loss (none: nothing to count); whether it was finite on every rank."""
         if read is None:
             return True
-        (value, finite), loop = read.read(), self.loop
+        (value, finite, stop), loop = read.read(), self.loop
+        self.stopping |= stop
         if finite:
             self.loss_sum += value
             self.count += 1

@@ -219,6 +219,7 @@ def run_phase(
         if rank == 0:
             payload = state.checkpoint(exp, spec, identity, position) | {"partial": partial or {}}
             checkpoint.save(payload, resume_path)
+        distributed.barrier(world)  # no rank stops (and ends the job) while rank 0 is still writing
 
     started = time.time()
     loop = _Loop(
@@ -253,6 +254,7 @@ class _Loop:
     ):
         self.exp, self.spec, self.state, self.trained = exp, spec, state, trained
         self.tracker, self.device, self.world = tracker, device, world
+        self.rank = torch.distributed.get_rank() if world > 1 else 0
         self.recipe_index, self.save_resume, self.progress = recipe_index, save_resume, progress
         self.track = tracks.get(exp.track)
         history, partial = state.history, state.partial
@@ -296,16 +298,25 @@ class _Loop:
             self._log(record, current, sub)
             state.position = position = {"sub": sub, "epoch": epoch + 1, "step": 0}
             state.partial = {}
+            stopping = distributed.any_rank(stop.received is not None, self.device, self.world)
             if sub == len(phases) - 1 and epoch == n_epochs - 1:
-                if stop.received:  # nothing left to train: model.pt is written next, the epoch kept
+                if stopping:  # nothing left to train: model.pt is written next, the epoch kept
                     print(
-                        f"dsd: {stop.received} in the last epoch: finishing {self.spec.phase}",
+                        f"dsd: {_signal_name(stop)} in the last epoch: finishing {self.spec.phase}",
                         file=sys.stderr,
                     )
                 return
             self.save_resume(position)
-            if stop.received:
-                raise Preempted(f"{stop.received}: checkpointed {self.spec.phase} after epoch {epoch}")
+            if stopping:
+                raise self.preempted(stop, f"after epoch {epoch}")
+
+    def preempted(self, stop, where: str) -> Preempted:
+        """The error every rank stops with, at the same step; only rank 0 wrote the checkpoint."""
+        if self.rank == 0:
+            return Preempted(f"{_signal_name(stop)}: checkpointed {self.spec.phase} {where}")
+        return Preempted(
+            f"{_signal_name(stop)}: rank {self.rank} stopped {self.spec.phase} {where} with rank 0"
+        )
 
     def _log(self, record: dict, current: Phase, sub: int) -> None:
         """One line per epoch in the job's log, and the same values to wandb at the continuous step."""
@@ -334,6 +345,10 @@ class _Loop:
             | {"sparsity/overall": record["sparsity"]},
             step=self.global_step,
         )
+
+
+def _signal_name(stop) -> str:
+    return stop.received or "a signal to another rank"
 
 
 def _steps_per_epoch(track, exp) -> int:
