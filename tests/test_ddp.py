@@ -251,3 +251,29 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoin
     assert job.returncode == 2, log[-3000:]
     assert "Traceback" not in log and log.count("checkpointed") == 1, log[-3000:]
     assert torch.load(paths.resume(out), weights_only=True)["position"] == stopped_at(log)
+
+
+def test_a_ddp_phase_resumed_mid_epoch_records_the_uninterrupted_runs_epochs(tmp_path):
+    """SIGTERM mid-epoch, then a rerun: the weights and every epoch's record, the interrupted epoch's train
+    loss included (the mean over both ranks' steps), are those of the run that was not interrupted."""
+    config = slow_dense_config(tmp_path, epochs=3, steps=24)
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert start_job(config, reference).wait(timeout=300) == 0
+    job = start_job(config, out)
+    wait_for_line(job, "dense epoch 1/3")
+    while not paths.resume(out).exists():  # epoch 2 under way
+        time.sleep(0.005)
+    job.send_signal(signal.SIGTERM)
+    log = job.communicate(timeout=300)[1]
+    assert job.returncode == 2 and stopped_at(log)["step"] > 0, log[-3000:]
+    assert start_job(config, out).wait(timeout=300) == 0
+
+    def records(run):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in torch.load(run)["history"]]
+
+    resumed, uninterrupted = records(paths.checkpoint(out)), records(paths.checkpoint(reference))
+    for epoch in resumed:
+        epoch["train_loss"] = pytest.approx(epoch["train_loss"], rel=1e-12, abs=0)
+    assert resumed == uninterrupted
+    a, b = (torch.load(paths.checkpoint(run), weights_only=True)["model"] for run in (out, reference))
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -64,8 +64,8 @@ def train_epoch(
             tally.add(pending)
             pending = None
             elapsed = seconds_before + time.time() - started
-            partial = {
-                "loss_sum": tally.loss_sum,
+            partial = {  # the ranks' mean sum: what each rank restores, as the epoch's loss is their mean
+                "loss_sum": distributed.mean_over_ranks(tally.loss_sum, loop.device, loop.world),
                 "count": tally.count,
                 "bad": tally.bad,
                 "seconds": elapsed,
