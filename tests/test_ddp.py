@@ -108,9 +108,12 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
         assert seen[1 - rank][0] == LOSSES[rank][1 - rank] and seen[2][0] == LOSSES[rank][2]  # its own loss
 
 
-def test_a_job_asking_for_two_gpus_trains_under_torchrun(tmp_path):
-    """`gpus_per_job: 2` starts each phase under torchrun: here two gloo ranks on the CPU, rank 0 writing."""
+def test_a_job_asking_for_two_gpus_trains_as_two_ranks(tmp_path):
+    """`gpus_per_job: 2` starts each phase as two ranks: here two gloo ranks on the CPU, rank 0 writing."""
     config = tiny_vision_config(tmp_path, seeds=[0], gpus_per_job=2)
+    exp = config["experiments"]["resnet18"]  # steps enough for the ranks' BatchNorm statistics to part
+    exp["data"]["generate"]["per_class"]["train"] = 13
+    exp["train"]["max_steps_per_epoch"] = 8
     target = paths.metrics(paths.run_dir(config["output_dir"], "resnet18", 0, "sparse1"))
     result = snakemake(tmp_path, write_config(tmp_path, config), str(target), "--resources", "gpu=2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -128,7 +131,9 @@ def test_a_job_asking_for_two_gpus_trains_under_torchrun(tmp_path):
         whole["top1_error_pct"],
         whole["top5_error_pct"],
     )
-    assert sharded["loss"] == pytest.approx(whole["loss"], rel=1e-4)  # float32 logits of other batch shapes
+    # float32 logits of other batch shapes part the losses by about 1e-7; rank 1 scoring its shard with its
+    # own BatchNorm statistics instead of the checkpoint's (rank 0's), by 3e-6 in this run
+    assert sharded["loss"] == pytest.approx(whole["loss"], rel=1e-6)
 
 
 def gather_main(rank, world, init_file, out_dir):

@@ -95,6 +95,16 @@ def any_rank(flag: bool, device: torch.device, world: int) -> bool:
     return bool(t.item())
 
 
+def rank0_buffers(model: torch.nn.Module, world: int) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm's running statistics), those its checkpoint holds. DDP
+    sends them from rank 0 at the start of each forward pass only, so after an epoch's last step each rank
+    holds the statistics of its own last slice: its share of a sharded validation would score other weights
+    than the checkpoint's."""
+    if world > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def mean_over_ranks(value: float, device: torch.device, world: int) -> float:
     if world == 1:
         return value

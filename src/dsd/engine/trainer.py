@@ -290,6 +290,7 @@ class _Loop:
             record = train_epoch(
                 self, current, order_key, epoch, n_epochs, skip, budget, steps_per_epoch, total, stop
             )
+            distributed.rank0_buffers(state.model, self.world)
             with distributed.autocast(state.dtype):
                 record["val"] = self.track.metric.monitor(state.model, exp, self.device)
             record["sparsity"] = state.pruner.overall_sparsity() if state.pruner else 0.0
