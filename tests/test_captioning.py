@@ -379,3 +379,52 @@ def test_an_image_that_cannot_be_decoded_is_named(tmp_path):
     for name in ("cut.png", "notes.png"):
         with pytest.raises(DataError, match=f"{name}: cannot decode image"):
             cap_data._ImageFiles([tmp_path / name], 16)[0]
+
+
+def _caption_batch():
+    """Eight captions of 2 to 9 words (padded with 0): the first half short, the second long."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(8, 11, dtype=torch.long)
+    for i, words in enumerate([2, 3, 2, 3, 9, 8, 9, 7]):
+        tokens[i, : words + 2] = torch.randint(1, 20, (words + 2,), generator=g)
+    return torch.randn(8, 6, generator=g), tokens
+
+
+def _caption_model():
+    torch.manual_seed(0)
+    return cap_model.ShowAndTell(6, 20, 8, 8, dropout=0.0)
+
+
+def _half_batch_gradients(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = _caption_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    features, tokens = _caption_batch()
+    half = slice(rank * 4, rank * 4 + 4)
+    value = cap_metric.loss(ddp, (features[half], tokens[half]), "cpu")
+    value.backward()
+    mean = torch.tensor([float(value)])
+    dist.all_reduce(mean)  # what the trainer records: the mean over the ranks
+    if rank == 0:
+        torch.save(
+            {"loss": float(mean) / world, **{n: p.grad for n, p in model.named_parameters()}}, out_file
+        )
+    dist.destroy_process_group()
+
+
+def test_two_ranks_with_half_batches_optimise_the_loss_of_the_whole_batch(tmp_path):
+    """Under DDP with captions of unequal lengths on the two ranks: the recorded loss and the (averaged)
+    gradient are those of one process on the whole batch, the mean over all its words."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_half_batch_gradients, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    model = _caption_model()
+    whole = cap_metric.loss(model, _caption_batch(), "cpu")
+    whole.backward()
+    assert ddp["loss"] == pytest.approx(float(whole), rel=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(ddp[name], param.grad, rtol=1e-5, atol=1e-7)

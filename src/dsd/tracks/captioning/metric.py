@@ -14,10 +14,20 @@ from dsd.tracks.captioning.model import ShowAndTell, beam_search, greedy
 
 
 def loss(model: ShowAndTell, batch, device) -> torch.Tensor:
-    """Mean cross-entropy over the non-pad target words (teacher forcing: input <start> w1.., target w1.. <end>)."""
+    """Mean cross-entropy over the non-pad target words (teacher forcing: input <start> w1.., target w1.. <end>).
+
+    Under DDP the mean over the global batch's words, as one process computes it: each rank's word sum over
+    the words of all ranks, times the world size that DDP's gradient averaging divides by again (a mean per
+    rank would weight a word of a rank with short captions more)."""
     features, tokens = (t.to(device, non_blocking=True) for t in batch)
     logits = model(features, tokens[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=0)
+    logits, targets = logits.flatten(0, 1), tokens[:, 1:].flatten()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return F.cross_entropy(logits, targets, ignore_index=0)
+    words = (targets != 0).sum().float()
+    torch.distributed.all_reduce(words)  # on the device: nothing waits for it
+    world = torch.distributed.get_world_size()
+    return F.cross_entropy(logits, targets, ignore_index=0, reduction="sum") * world / words.clamp(min=1)
 
 
 def _scorer(references: list[list[list[str]]], hypotheses: list[list[str]]):
