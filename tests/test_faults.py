@@ -210,3 +210,21 @@ def test_unreadable_text_and_records_name_their_file(tmp_path):
     record.write_text('{"val": ')
     with pytest.raises(DataError, match=r"eval\.json: not readable JSON .*rerun the step that writes it"):
         tables.read_eval(str(tmp_path), "resnet18", 0, "dense")
+
+
+def test_a_phase_removes_the_temporary_files_of_a_writer_killed_mid_write(tmp_path):
+    """kill -9 between a checkpoint's write and its rename leaves `.resume.pt.tmp<pid>`, as large as the
+    checkpoint: the phase's next job deletes it, and keeps a live writer's."""
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    out = tmp_path / "run"
+    out.mkdir()
+    killed_mid_write = (
+        "import os, signal; open(f'.resume.pt.tmp{os.getpid()}', 'wb').write(bytes(4096)); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    assert subprocess.run([sys.executable, "-c", killed_mid_write], cwd=out).returncode == -signal.SIGKILL
+    live = out / f".eval.json.tmp{os.getpid()}"  # a name this phase does not write itself
+    live.write_text("{}")
+    train(config, "resnet18", 0, "dense", out=out)
+    assert [p.name for p in out.glob(".*.tmp*")] == [live.name]

@@ -124,6 +124,29 @@ def write_json(path: Path, payload: dict) -> None:
         raise DSDError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files (`.NAME.tmpPID`, of `write_json` and checkpoints) that a writer killed
+    mid-write left in `folder`: a checkpoint's is as large as the checkpoint. Those of a live process stay."""
+    import re
+
+    for tmp in Path(folder).glob(".*.tmp*"):
+        match = re.fullmatch(r"\..+\.tmp(\d+)", tmp.name)
+        if match and not _alive(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_image(image, path: Path, **options) -> None:
     """`image.save(path, **options)` (a PIL image); an I/O failure names the path (a full disk's error from the
     encoder's write names no file)."""

@@ -181,6 +181,7 @@ def run_phase(
     """
     out_dir = Path(out_dir)
     paths.check_writable(out_dir)
+    paths.remove_stale_temporaries(out_dir)  # of this phase's job killed while writing
     exp = spec.experiment(options)
     recipe_index, phases = phases_of(spec)
     if init is None and recipe_index != 0:
