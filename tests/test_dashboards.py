@@ -136,3 +136,48 @@ def test_system_metrics_and_evaluation_runs_default_to_gpu_jobs_only():
         "evaluations", True
     )
     assert not Wandb(mode="disabled", system="on").wants("system", gpu=True)
+
+
+def test_a_preempted_phase_keeps_its_wandb_records_and_resumes_the_same_run(tmp_path, monkeypatch):
+    """SIGTERM mid-phase: the job's offline run file holds the epochs it logged (the job ends with os._exit,
+    so only a finished run is on disk), and the rerun that resumes the phase continues that wandb run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_reliability import slow_sparse_config
+
+    from dsd import paths
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    raw = slow_sparse_config(tmp_path) | {"wandb": {"mode": "offline", "project": "dsd-test"}}
+    raw["experiments"]["resnet18"]["phases"][0]["epochs"] = 3  # a resume point after epoch 1
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    out = paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")
+    spec = config.phase("resnet18", 0, "dense")
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dsd",
+            "train",
+            "--spec",
+            spec.to_json(),
+            "--options",
+            config.options.to_json(),
+        ]
+        + ["--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not paths.resume(out).exists() and job.poll() is None:
+        time.sleep(0.005)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 2, job.stderr.read()[-2000:]
+    (preempted,) = (paths.wandb_dir(config.options.output_dir) / "wandb").glob("offline-run-*/run-*.wandb")
+    assert [row["train_loss"] for row in wandb_history(preempted) if "train_loss" in row]  # epoch 1 at least
+    train(config, "resnet18", 0, "dense")
+    runs = sorted((paths.wandb_dir(config.options.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2 and runs[0].name == runs[1].name  # one run id: `wandb sync` makes it one run

@@ -40,6 +40,10 @@ class Tracker:
             warnings.warn(f"wandb disabled for this run: {type(err).__name__}: {err}", stacklevel=2)
             self.run = None
 
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
     def _guard(self, action, *args, **kwargs) -> None:
         if self.run is None:
             return

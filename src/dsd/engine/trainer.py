@@ -43,6 +43,8 @@ class State:
     history: list[dict] = field(default_factory=list)
     position: dict = field(default_factory=lambda: {"sub": 0, "epoch": 0, "step": 0})
     partial: dict = field(default_factory=dict)  # accumulators of an epoch interrupted by a signal
+    # the wandb run of the job that wrote the resume point, continued rather than a new one
+    wandb_id: str | None = None
 
     def checkpoint(self, exp: Experiment, spec: PhaseSpec, identity: dict, position: dict) -> dict:
         return {
@@ -156,6 +158,7 @@ def restore(
             state.pruner = Pruner.from_state_dict(state.model, saved["pruner"])
         state.history, state.position = saved["history"], saved["position"]
         state.partial = saved.get("partial") or {}
+        state.wandb_id = saved.get("wandb_id")
         return
     if init is None:
         return
@@ -214,11 +217,13 @@ def run_phase(
             "seed": spec.seed,
             "phase": spec.phase,
         },
+        **({"id": state.wandb_id, "resume": "allow"} if state.wandb_id else {}),
     )
 
     def save_resume(position: dict, partial: dict | None = None) -> None:
         if rank == 0:
-            payload = state.checkpoint(exp, spec, identity, position) | {"partial": partial or {}}
+            extra = {"partial": partial or {}, "wandb_id": tracker.run_id}
+            payload = state.checkpoint(exp, spec, identity, position) | extra
             checkpoint.save(payload, resume_path)
         distributed.barrier(world)  # no rank stops (and ends the job) while rank 0 is still writing
 
@@ -226,25 +231,29 @@ def run_phase(
     loop = _Loop(
         exp, spec, state, trained, tracker, device, world, recipe_index, save_resume, progress and rank == 0
     )
-    with resume.StopSignal() as stop:
-        for sub in range(state.position["sub"], len(phases)):
-            loop.run_phase_part(sub, phases, stop)
-            state.position = {"sub": sub + 1, "epoch": 0, "step": 0}
-    metrics = _metrics(exp, spec, state, phases, identity, world, device, time.time() - started)
-    if state.pruner is not None:
-        per_layer = metrics["sparsity_per_layer"]
-        tracker.log({f"sparsity/{n}": s for n, s in per_layer.items()}, step=loop.global_step)
-        tracker.histograms(state.model, list(per_layer)[:4], step=loop.global_step)
-    if rank == 0:
-        checkpoint.save(state.checkpoint(exp, spec, identity, state.position), paths.checkpoint(out_dir))
-        if options.wandb.checkpoints:
-            name = f"{exp.row}-seed{spec.seed}-{spec.phase}"
-            tracker.artifact(paths.checkpoint(out_dir), name, {"fingerprint": spec.fingerprint})
+    try:
+        with resume.StopSignal() as stop:
+            for sub in range(state.position["sub"], len(phases)):
+                loop.run_phase_part(sub, phases, stop)
+                state.position = {"sub": sub + 1, "epoch": 0, "step": 0}
+        metrics = _metrics(exp, spec, state, phases, identity, world, device, time.time() - started)
+        if state.pruner is not None:
+            per_layer = metrics["sparsity_per_layer"]
+            tracker.log({f"sparsity/{n}": s for n, s in per_layer.items()}, step=loop.global_step)
+            tracker.histograms(state.model, list(per_layer)[:4], step=loop.global_step)
+        if rank == 0:
+            checkpoint.save(state.checkpoint(exp, spec, identity, state.position), paths.checkpoint(out_dir))
+            if options.wandb.checkpoints:
+                name = f"{exp.row}-seed{spec.seed}-{spec.phase}"
+                tracker.artifact(paths.checkpoint(out_dir), name, {"fingerprint": spec.fingerprint})
+            tracker.finish()
+            # last: its presence means the phase is complete
+            paths.write_json(paths.metrics(out_dir), metrics)
+            resume_path.unlink(missing_ok=True)
+        distributed.barrier(world)
+        return metrics
+    finally:  # also when a signal or a non-finite loss ends the job: its run's records reach the disk
         tracker.finish()
-        paths.write_json(paths.metrics(out_dir), metrics)  # last: its presence means the phase is complete
-        resume_path.unlink(missing_ok=True)
-    distributed.barrier(world)
-    return metrics
 
 
 class _Loop:
