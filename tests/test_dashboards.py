@@ -181,3 +181,48 @@ def test_a_preempted_phase_keeps_its_wandb_records_and_resumes_the_same_run(tmp_
     train(config, "resnet18", 0, "dense")
     runs = sorted((paths.wandb_dir(config.options.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 2 and runs[0].name == runs[1].name  # one run id: `wandb sync` makes it one run
+
+
+def test_the_eta_of_a_resumed_phase_counts_only_the_epochs_left(tmp_path, monkeypatch, capfd):
+    """A phase of three epochs resumed after its first: the ETA is the rate of this job's epochs times the
+    epochs left, not times the epochs this job has not trained yet (the clock ticks 10 s per reading)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import types
+
+    from test_reliability import slow_sparse_config
+
+    from dsd import paths
+    from dsd.engine import trainer
+
+    raw = slow_sparse_config(tmp_path)
+    raw["experiments"]["resnet18"]["phases"][0]["epochs"] = 3
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    out = paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")
+    spec = config.phase("resnet18", 0, "dense")
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dsd",
+            "train",
+            "--spec",
+            spec.to_json(),
+            "--options",
+            config.options.to_json(),
+        ]
+        + ["--out", str(out)],
+    )
+    while not paths.resume(out).exists() and job.poll() is None:
+        time.sleep(0.005)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 2
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
+    capfd.readouterr()
+    train(config, "resnet18", 0, "dense")
+    etas = re.findall(r"dense epoch (\d)/3: .*, (\d+) s elapsed, ETA (\d+) s", capfd.readouterr().err)
+    assert etas[-2:] == [("2", "10", "10"), ("3", "20", "0")]

@@ -277,7 +277,7 @@ class _Loop:
         )
         jobs_phases = spec.phases[1:] if spec.phase == CONTROL else spec.phases[-1:]
         self.epochs_total = sum(math.ceil(p.epochs) for p in jobs_phases)
-        self.started, self.epochs_done = time.time(), 0
+        self.started, self.epochs_here = time.time(), 0  # epochs this process trained: the rate of the ETA
 
     def run_phase_part(self, sub: int, phases: tuple[Phase, ...], stop) -> None:
         exp, state, current = self.exp, self.state, phases[sub]
@@ -331,11 +331,14 @@ class _Loop:
 
     def _log(self, record: dict, current: Phase, sub: int) -> None:
         """One line per epoch in the job's log, and the same values to wandb at the continuous step."""
-        self.epochs_done += 1
+        self.epochs_here += 1
         metric = self.track.config.METRIC
         value = record["val"].get(metric, float("nan"))
         elapsed = time.time() - self.started
-        eta = elapsed / self.epochs_done * max(self.epochs_total - self.epochs_done, 0)
+        left = max(
+            self.epochs_total - len(self.state.history), 0
+        )  # a resumed job's history has earlier epochs
+        eta = elapsed / self.epochs_here * left
         label = current.name if self.spec.phase != CONTROL else f"control:{current.name}"
         print(
             f"{self.exp.row} seed {self.spec.seed} {label} epoch {record['epoch'] + 1}/{math.ceil(current.epochs)}: "
