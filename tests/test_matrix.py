@@ -4,7 +4,7 @@
 Config cases run `dsd check-config`; data cases `dsd prepare` and `dsd train` on a small generated data set
 damaged on purpose; checkpoint cases `dsd evaluate --out`; runtime cases `dsd train`. Kill -9, SIGTERM,
 preemption at the last epoch, a dying warm interpreter, disk full and read-only folders have tests of their
-own (test_reliability, test_faults, test_prefork); `test_random_kills_of_every_phase_kind` is below.
+own (test_reliability, test_faults, test_prefork, test_ddp); `test_random_kills_of_every_phase_kind` is below.
 """
 
 from __future__ import annotations
