@@ -335,9 +335,8 @@ class _Loop:
         metric = self.track.config.METRIC
         value = record["val"].get(metric, float("nan"))
         elapsed = time.time() - self.started
-        left = max(
-            self.epochs_total - len(self.state.history), 0
-        )  # a resumed job's history has earlier epochs
+        # a resumed job's history has the epochs of the job before it
+        left = max(self.epochs_total - len(self.state.history), 0)
         eta = elapsed / self.epochs_here * left
         label = current.name if self.spec.phase != CONTROL else f"control:{current.name}"
         print(
