@@ -118,7 +118,16 @@ def _lock_name(device: str) -> str:
 
 
 def _open(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)  # flock needs no write access
+    """The lock file, read-only (flock needs no write access); created only when missing, since O_CREAT on
+    another user's file in a sticky shared folder is refused where fs.protected_regular is set (systemd's
+    default)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:  # another job created it in between
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     os.set_inheritable(fd, True)  # the locks must survive exec into the training command
     return fd
 
