@@ -177,7 +177,7 @@ class RunOptions:
         1, "CPU threads per job (auto: this node's cores / the GPU jobs it runs at once)", min=1
     )
     workers: int = option(0, "DataLoader worker processes per GPU process (auto: its cores less one)", min=0)
-    gpus_per_job: int = option(1, "GPUs per training job; more than one trains under torchrun", min=1)
+    gpus_per_job: int = option(1, "GPUs per training job; more than one trains as that many DDP ranks", min=1)
     compile: bool = option(
         False, "torch.compile the training forward/backward (masks are still applied after every step)"
     )

@@ -1,5 +1,5 @@
 # One job per phase of a run; `control` continues from dense with the later phases' epochs and LRs.
-# A job asking for more than one GPU (gpus_per_job) trains under torchrun, one process per GPU.
+# A job asking for more than one GPU (gpus_per_job) trains as DDP ranks, one per GPU (started by dsd.gpus).
 
 
 rule train_phase:

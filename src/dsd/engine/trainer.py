@@ -179,7 +179,7 @@ def run_phase(
 ) -> dict:
     """Train `spec.phase` for run `spec.seed`; resumes from `out_dir/resume.pt` when it belongs to this spec.
 
-    Under torchrun every rank trains its shard of each global batch (DDP); masks are a function of the
+    Under DDP every rank trains its shard of each global batch; masks are a function of the
     weights, identical on every rank, and re-applied on every rank; rank 0 alone writes files and wandb.
     """
     out_dir = Path(out_dir)
