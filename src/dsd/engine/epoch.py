@@ -50,7 +50,10 @@ def train_epoch(
         with distributed.autocast(state.dtype):
             loss = loop.track.metric.loss(loop.trained, batch, loop.device)
         if defers_loss_read(state):
-            queued, pending = pending, queue_step(state, loss, hp.grad_clip, loop.world, step, stop)
+            queued, pending = (
+                pending,
+                queue_step(state, loss, hp.grad_clip, loop.world, step, signalled=stop.received is not None),
+            )
             tally.add(queued)
         else:  # wait for the forward pass: a non-finite step must not reach the optimizer
             tally.add(pending)
@@ -108,10 +111,12 @@ def _step(state, loss: torch.Tensor, grad_clip: float | None, found_inf: torch.T
     state.optimizer.zero_grad(set_to_none=True)  # freed before the next forward pass, not after it
 
 
-def queue_step(state, loss: torch.Tensor, grad_clip: float | None, world: int, step: int, stop) -> LossRead:
+def queue_step(
+    state, loss: torch.Tensor, grad_clip: float | None, world: int, step: int, signalled: bool = False
+) -> LossRead:
     """`_step` without waiting for the loss (`defers_loss_read`): the optimizer skips a non-finite step on the
     device; the returned read says later what the loss was and whether some rank was signalled."""
-    flags = distributed.step_flags(loss, stop.received is not None, world)
+    flags = distributed.step_flags(loss, signalled, world)
     _step(state, loss, grad_clip, found_inf=flags[0])
     return LossRead(loss, flags, step)
 
