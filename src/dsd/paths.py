@@ -109,19 +109,38 @@ def wandb_dir(output_dir: str) -> Path:
 def write_json(path: Path, payload: dict) -> None:
     """Whole or not at all (temporary file, then rename); an I/O failure names the path and the cause."""
     import json
-    import os
 
     from dsd.errors import DSDError
 
     path = Path(path)
+    try:
+        write_atomically(path, json.dumps(payload, indent=1, sort_keys=True).encode())
+    except OSError as err:
+        raise DSDError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
+def write_atomically(path: Path, data) -> None:
+    """`data` (bytes-like) at `path`, whole or not at all, and durably: a temporary file flushed to the disk,
+    renamed, and the rename itself flushed (the folder), so that after a crash of the machine a file whose
+    presence means "finished" is not there empty. On an OSError the temporary file is removed."""
+    import os
+
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:
         tmp.unlink(missing_ok=True)
-        raise DSDError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise
 
 
 def remove_stale_temporaries(folder: Path) -> None:

@@ -10,7 +10,6 @@ such.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import shutil
 import zipfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dsd import paths
 from dsd.errors import CheckpointError
 
 FORMAT = "dsd-checkpoint"
@@ -47,20 +47,13 @@ def _crc(tensor: torch.Tensor) -> int:
 def save(state: dict, path: str | Path) -> None:
     """Write atomically; an I/O failure (no space, no permission) is one error naming the path and the cause."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     payload = {"format": FORMAT, **state}
     payload["checksums"] = {key: _crc(t) for key, t in _tensors(state)}
     buffer = io.BytesIO()  # serialised first: then a failed write is the OS's error, with its cause
     torch.save(payload, buffer)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        paths.write_atomically(path, buffer.getbuffer())
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: cannot write the checkpoint ({err.strerror or err})") from None
 
 
