@@ -119,13 +119,11 @@ class DeepSpeech2(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
-        for conv, norm in zip(self.conv, self.conv_bn, strict=True):
+        for conv, norm, (kt, st) in zip(self.conv, self.conv_bn, self.time_geometry, strict=True):
             x = conv(x)
-            b, c, f, t = x.shape
-            x = F.hardtanh(norm(x.reshape(b, c * f, t)), 0.0, self.clip).reshape(b, c, f, t)
-        x = x.flatten(1, 2).transpose(1, 2)  # (B, T', C*F')
-        for kt, st in self.time_geometry:
             lengths = torch.div(lengths + 2 * (kt // 2) - kt, st, rounding_mode="floor") + 1
+            x = F.hardtanh(_norm_frames(norm, x, lengths), 0.0, self.clip)
+        x = x.flatten(1, 2).transpose(1, 2)  # (B, T', C*F')
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         for i, rnn in enumerate(self.rnn):
             if i > 0 and self.rnn_bn:
@@ -134,6 +132,19 @@ class DeepSpeech2(nn.Module):
         data = F.hardtanh(self.fc_bn(self.fc(packed.data.to(self.fc.weight.dtype))), 0.0, self.clip)
         x, _ = pad_packed_sequence(packed._replace(data=data), batch_first=True, total_length=x.shape[1])
         return self.out(x).log_softmax(-1), lengths
+
+
+def _norm_frames(norm: nn.BatchNorm1d, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Batch norm per (channel, frequency) of a (B, C, F, T) convolution output over its utterances' frames,
+    padding excluded, and the padding frames zero: what the next convolution's own zero padding is, so that an
+    utterance's output does not depend on the batch it is padded in (training statistics included)."""
+    b, c, f, t = x.shape
+    valid = torch.arange(t, device=x.device)[None, :] < lengths.to(x.device)[:, None]  # (B, T)
+    frames = x.permute(0, 3, 1, 2)  # (B, T, C, F)
+    normed = norm(frames[valid].reshape(-1, c * f))
+    out = torch.zeros(b, t, c, f, dtype=normed.dtype, device=x.device)
+    out[valid] = normed.reshape(-1, c, f)
+    return out.permute(0, 2, 3, 1)
 
 
 def build(exp: Experiment) -> nn.Module:
