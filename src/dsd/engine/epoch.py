@@ -23,8 +23,9 @@ def train_epoch(
     exp, spec, state = loop.exp, loop.spec, loop.state
     hp, partial = exp.train, state.partial
     torch.manual_seed(epoch_seed(spec.seed, *order_key, epoch))  # augmentation and dropout of this epoch
+    first = tuple(order_key) == (0, 0) and epoch == 0  # training's first epoch (SortaGrad's shortest first)
     batches = loop.track.data.train_loader(
-        exp, seed=epoch_seed(spec.seed, *order_key), epoch=epoch, skip_batches=skip
+        exp, seed=epoch_seed(spec.seed, *order_key), epoch=epoch, skip_batches=skip, first=first
     )
     if skip:  # mid-epoch resume: continue the random streams exactly where the signal stopped them
         resume.set_rng_state(partial["rng"])
