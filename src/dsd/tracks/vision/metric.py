@@ -16,7 +16,8 @@ def loss(model: nn.Module, batch, device: torch.device) -> torch.Tensor:
     images, labels = to_model_input(batch[0], device), batch[1].to(device, non_blocking=True)
     out = model(in_layout_of(model, images))
     if isinstance(out, models.GoogLeNetOutputs):
-        weight = getattr(model, "aux_loss_weight", 0.3)
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        weight = getattr(inner, "aux_loss_weight", 0.3)  # the config's, set on the network (DDP hides it)
         return F.cross_entropy(out.logits, labels) + weight * (
             F.cross_entropy(out.aux_logits1, labels) + F.cross_entropy(out.aux_logits2, labels)
         )
