@@ -214,6 +214,28 @@ def test_the_paper_pruning_patterns(tmp_path, arch, include, dense):
     assert "rnn.rnn.weight_ih_l0" not in dict(model.named_parameters())  # the identity input is a buffer
 
 
+def test_deep_speech_2_output_does_not_depend_on_the_padding_of_its_batch(tmp_path):
+    """The convolutions' batch norm counts an utterance's frames only: alone or padded beside a longer one, its
+    output is the same in evaluation, and in training the padding's values change nothing."""
+    exp = _exp(tmp_path, "deepspeech2", model={"conv_channels": 4, "conv_kernels": [[5, 5], [5, 5]], "stride": 3,
+                                              "rnn_hidden": 16, "rnn_layers": 2, "rnn_type": "gru"})  # fmt: skip
+    torch.manual_seed(0)
+    model = speech_model.build(exp)
+    short, long = torch.randn(1, 30, 40), torch.randn(1, 60, 40)
+    padded = torch.cat([torch.nn.functional.pad(short, (0, 0, 0, 30)), long])
+    lengths = torch.tensor([30, 60])
+    model.eval()
+    alone, n = model(short, torch.tensor([30]))
+    batched, _ = model(padded, lengths)
+    assert torch.allclose(batched[0, : n[0]], alone[0, : n[0]], atol=1e-5)
+    model.train()
+    garbage = padded.clone()
+    garbage[0, 30:] = 1e3  # what the padding holds must not reach the statistics
+    assert torch.allclose(
+        model(padded, lengths)[0][0, : n[0]], model(garbage, lengths)[0][0, : n[0]], atol=1e-5
+    )
+
+
 def test_ctc_is_summed_per_utterance_and_averaged_over_the_batch(tiny):
     base, _ = tiny
     exp = _exp(base, utterances_per_speaker=COUNTS)
@@ -288,6 +310,30 @@ def test_end_to_end_tiny_corpus(tiny):
         )
     ]
     assert sum(spread) < sum(float(b.max() - b.min()) for b in shuffled)  # less padding than a plain shuffle
+
+
+def test_a_deep_speech_2_dense_phase_trains_its_first_epoch_shortest_first(tiny, tmp_path, monkeypatch):
+    """SortaGrad through the trainer: the dense phase's first epoch in length order, the next one bucketed."""
+    from conftest import parse, prepare_data, train
+
+    base, _ = tiny
+    row = {"track": "speech", "dataset": "spoken", "data": {"utterances_per_speaker": COUNTS},
+           "model": {"arch": "deepspeech2", "conv_channels": 4, "rnn_hidden": 16, "rnn_layers": 1},
+           "train": {"batch_size": 8}, "phases": [{"kind": "dense", "epochs": 2, "lr": 0.01}]}  # fmt: skip
+    config = parse({"output_dir": str(tmp_path), "data_root": str(base), "seeds": [0], "rows": ["ds2"],
+                    "threads": 1, "wandb": {"mode": "disabled"}, "experiments": {"ds2": row}})  # fmt: skip
+    prepare_data(config, "ds2")
+    seen, loss = [], speech_metric.loss
+
+    def recording(model, batch, device):
+        seen.append(batch["lengths"].tolist())
+        return loss(model, batch, device)
+
+    monkeypatch.setattr(speech_metric, "loss", recording)
+    train(config, "ds2", 0, "dense")
+    half = len(seen) // 2
+    first, second = sum(seen[:half], []), sum(seen[half:], [])
+    assert first == sorted(first) and second != sorted(second), seen
 
 
 def test_prepare_writes_a_lexicon_of_the_training_words(tiny, tmp_path):

@@ -408,3 +408,27 @@ def test_googlenet_without_auxiliary_heads_loads_weights_that_carry_them(tmp_pat
     assert torch.equal(with_heads.aux1.fc2.weight, saved.aux1.fc2.weight)
     plain.train()
     assert plain(torch.randn(2, 3, 64, 64)).shape == (2, 10)  # logits alone: no auxiliary losses
+
+
+def test_googlenet_auxiliary_weight_is_the_configs_under_ddp(tmp_path):
+    """DDP does not pass plain attributes on: the loss read GoogLeNet's auxiliary weight off the wrapper and
+    fell back to 0.3 whatever the config said."""
+    from torchvision import models
+
+    from dsd.tracks.vision import metric as vision_metric
+
+    torch.manual_seed(0)
+    net = models.googlenet(weights=None, aux_logits=True, init_weights=False, num_classes=4)
+    net.aux_loss_weight = 1.0
+    batch = (torch.rand(2, 3, 64, 64), torch.tensor([0, 3]))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(1)  # the same dropout draws in both
+        plain = vision_metric.loss(net, batch, torch.device("cpu"))
+        torch.manual_seed(1)
+        wrapped = vision_metric.loss(
+            torch.nn.parallel.DistributedDataParallel(net), batch, torch.device("cpu")
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+    assert wrapped.item() == pytest.approx(plain.item(), rel=1e-6)
