@@ -6,7 +6,7 @@ both equally), one ratio per repetition, and the summary gives the median with t
 min-max of those per-repetition ratios.
 Times are process CPU time by default (one thread; `--wall` for wall-clock).
 
-    .venv/bin/python benchmarks/bench.py            # full run, < 10 minutes on a 2-core CPU
+    .venv/bin/python benchmarks/bench.py            # full run, about 7-11 minutes on a 2-core CPU
     .venv/bin/python benchmarks/bench.py --quick    # ~1-minute smoke run of every section (smaller sizes)
 
 Writes results/benchmarks/*.csv and results/benchmarks/summary.md (see benchmarks/README.md).
@@ -259,7 +259,7 @@ def bench_selection_model(
 def bench_selection(quick: bool) -> list[dict]:
     rows = []
     for name, (build, patterns) in model_zoo(quick).items():
-        big = name in ("vgg16", "deepspeech2")  # > 100M weights: ~30 s a round on a busy 2-core machine
+        big = name in ("vgg16", "deepspeech2")  # 138M and 68M weights: the slowest rounds
         reps = 2 if quick else (3 if big else 5)
         row = bench_selection_model(name, build, patterns, reps, warmup=0 if big else 1)
         print(
@@ -1052,7 +1052,7 @@ def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, floa
         "normalised to float32 in the worker (602 KB per image through the queue); after: uint8 crops (150 KB), "
         "scaled and normalised on the device by `vision.data.to_model_input` (the same operations, the same "
         "numbers). Decoding the full JPEG is the floor on the CPU (the last row: a worker that only decodes; "
-        "a DCT-scaled decode cannot keep 224 pixels across RandomResizedCrop's boxes on 500x375 images, 122-433 "
+        "a DCT-scaled decode cannot keep 224 pixels across RandomResizedCrop's boxes on 500x375 images, 106-499 "
         "px a side), so with libjpeg-turbo's exact decode no CPU path reaches that row's ratio. `data.decode: device`: "
         "the worker reads the file, parses its header and draws the crop box and flip (the same draws, so the "
         "same crops); nvJPEG decodes and crops on the GPU. This row is the CPU's share per image; the GPU's side, "

@@ -1,4 +1,5 @@
-"""Where a paper vision row's training step spends its time on a GPU, with the batch already on the device.
+"""Where a paper vision row's training step spends its time on a GPU, without a loader (a pinned uint8 batch
+copied to the device each step, as the trainer receives it).
 
     python benchmarks/gpu_step_profile.py cuda 0 googlenet > step_profile.txt
 
@@ -153,6 +154,7 @@ print(f"step, model and batch {'NCHW' if other == torch.contiguous_format else '
       f"{timed(steps):.1f} ms", flush=True)  # fmt: skip
 relayout(layout, mask_dtype=next(state.model.parameters()).dtype)
 print(f"step, float masks: {timed(steps):.1f} ms", flush=True)
+relayout(layout, mask_dtype=torch.bool)  # the trainer's masks again, for the profile and the graphs
 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
 with profile(activities=activities) as prof:
     for _ in range(5 if on_gpu else 1):
