@@ -428,3 +428,18 @@ def test_two_ranks_with_half_batches_optimise_the_loss_of_the_whole_batch(tmp_pa
     assert ddp["loss"] == pytest.approx(float(whole), rel=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(ddp[name], param.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_feature_constant_over_the_training_images_is_centred_not_blown_up(tmp_path):
+    """A ReLU unit never on in training but on for a val image: divided by ~0 it was 1e5 times its value."""
+    data = {"scenes_splits": [6, 2, 2], "scenes_image_size": 32, "image_size": 32, "min_count": 1}
+    exp = _exp(tmp_path, dataset="scenes", data=data)
+    prepare.prepare(exp)
+    path = cap_data.extract_features(exp, cap_model.encoder_from_module(TinyCNN()))
+    saved = torch.load(path, weights_only=True)
+    splits = [im.split for im in cap_data.images(exp)]
+    saved["features"][:, 0] = torch.tensor([0.0 if s == "train" else 5.0 for s in splits])
+    torch.save(saved, path)
+    _, val = cap_data._split_features(exp, "val")
+    assert val[:, 0].tolist() == [5.0, 5.0]
+    assert val[:, 1:].abs().max() < 1e3  # the other features standardised as before

@@ -184,7 +184,11 @@ def _split_features(exp: Experiment, split: str) -> tuple[list[CaptionedImage], 
     # standardised with train statistics: a frozen CNN's features have an arbitrary scale (a random or small
     # one gives per-image variation of ~1e-2), which the image projection would otherwise have to undo
     train = features[[i for i, im in enumerate(every) if im.split == "train"]]
-    features = (features - train.mean(0)) / (train.std(0) + 1e-5)
+    spread = train.std(0)
+    # a feature constant over the training images (a ReLU unit never on there) is centred, not scaled: a
+    # divisor of 1e-5 would blow it up 1e5 times on a val or test image where it is on
+    spread = torch.where(spread == 0, torch.ones_like(spread), spread + 1e-5)
+    features = (features - train.mean(0)) / spread
     chosen = [i for i, im in enumerate(every) if im.split == split]
     return [every[i] for i in chosen], features[chosen]
 
