@@ -50,7 +50,6 @@ __all__ = [
     "cpu_isa_env",
     "cpus_per_job",
     "held",
-    "launcher",
     "lock_folder",
     "main",
     "release",
@@ -266,18 +265,6 @@ def cpus_per_job(gpus_per_job: int, cores: int | None = None, gpus: int | None =
     return threads, max(0, threads // gpus_per_job - 1)
 
 
-def launcher(n: int, python: str = sys.executable) -> list[str]:
-    """How a job starts `dsd` by hand: one process, or torchrun with one process per GPU when n > 1 (the
-    prefix's `--dsd` starts the ranks itself, `run_ranks`, so that signals and kills reach them).
-
-    `--standalone` gives every job its own rendezvous on a free port, so jobs on one node do not collide.
-    Without GPUs the n processes train on the CPU with gloo (how the tests exercise it).
-    """
-    if n > 1:
-        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "dsd"]
-    return [python, "-m", "dsd"]
-
-
 def _die_with(parent: int) -> None:
     """In a rank, before exec: SIGKILL when the prefix dies (also by kill -9), as no rank may outlive it."""
     import ctypes
@@ -396,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the command after --")
     ranks = max(args.n, 1) if args.dsd else 1
     if args.dsd and ranks == 1:
-        command = launcher(1) + command
+        command = [sys.executable, "-m", "dsd", *command]
     try:
         chosen = acquire(args.n, total=args.total, lock_dir=args.lock_dir, timeout=args.timeout)
     except (GPUTimeoutError, ValueError, RuntimeError, OSError) as err:
