@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -233,6 +234,11 @@ def test_killing_a_ddp_job_ends_its_ranks_before_its_gpus_are_free(tmp_path):
         assert not any(alive(rank) for rank in ranks)
     finally:
         gpus.release()
+    # its rendezvous folder, which it could not remove, goes when the next DDP job starts
+    left = list(Path(tempfile.gettempdir()).glob(f"{gpus.RENDEZVOUS_PREFIX}{job.pid}-*"))
+    assert len(left) == 1
+    gpus.remove_stale_rendezvous()
+    assert not left[0].exists()
 
 
 def stopped_at(log: str) -> dict:

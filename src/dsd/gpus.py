@@ -64,6 +64,7 @@ POLL_SECONDS = 0.2  # between two attempts while the wanted devices are busy (pl
 FAILED_RANK_GRACE_SECONDS = 30.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1  # prctl(2)
+RENDEZVOUS_PREFIX = "dsd-rendezvous-"  # + the prefix's pid: a folder of a prefix gone is removed
 
 _held: dict[str, int] = {}  # device id (as in CUDA_VISIBLE_DEVICES) -> open, flocked fd
 _saved_env: list[str | None] = []  # CUDA_VISIBLE_DEVICES before acquire(), restored by release()
@@ -302,8 +303,9 @@ def run_ranks(n: int, args: list[str], python: str = sys.executable) -> int:
                     rank.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
-    folder = tempfile.mkdtemp(prefix="dsd-rendezvous-")
+    remove_stale_rendezvous()
     parent = os.getpid()
+    folder = tempfile.mkdtemp(prefix=f"{RENDEZVOUS_PREFIX}{parent}-")
     try:
         for rank in range(n):
             ranks.append(
@@ -323,6 +325,25 @@ def run_ranks(n: int, args: list[str], python: str = sys.executable) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_rendezvous(folder: str | None = None) -> None:
+    """Delete the rendezvous folders of prefixes that no longer run (a prefix killed with kill -9 cannot
+    remove its own): `dsd-rendezvous-<pid>-*` under the temporary folder, whose pid is gone."""
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{RENDEZVOUS_PREFIX}*-*"):
+        pid = path.name.removeprefix(RENDEZVOUS_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _wait_for(ranks: list[subprocess.Popen]) -> int:
