@@ -3,7 +3,11 @@ log line per epoch, and a report that opens on the results table."""
 
 import json
 import re
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,44 +142,35 @@ def test_system_metrics_and_evaluation_runs_default_to_gpu_jobs_only():
     assert not Wandb(mode="disabled", system="on").wants("system", gpu=True)
 
 
+def preempt_dense_after_its_first_epoch(raw: dict):
+    """The resnet18 dense phase (3 epochs) as a `dsd train` process, SIGTERM once it has a resume point: it
+    checkpoints and exits 2. Returns the parsed config."""
+    from dsd import paths
+
+    raw["experiments"]["resnet18"]["phases"][0]["epochs"] = 3
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    out = paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")
+    spec, options = config.phase("resnet18", 0, "dense").to_json(), config.options.to_json()
+    cmd = [sys.executable, "-m", "dsd", "train", "--spec", spec, "--options", options, "--out", str(out)]
+    job = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    while not paths.resume(out).exists() and job.poll() is None:
+        time.sleep(0.005)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 2, job.stderr.read()[-2000:]
+    return config
+
+
 def test_a_preempted_phase_keeps_its_wandb_records_and_resumes_the_same_run(tmp_path, monkeypatch):
     """SIGTERM mid-phase: the job's offline run file holds the epochs it logged (the job ends with os._exit,
     so only a finished run is on disk), and the rerun that resumes the phase continues that wandb run."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from test_reliability import slow_sparse_config
 
     from dsd import paths
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     raw = slow_sparse_config(tmp_path) | {"wandb": {"mode": "offline", "project": "dsd-test"}}
-    raw["experiments"]["resnet18"]["phases"][0]["epochs"] = 3  # a resume point after epoch 1
-    config = parse(raw)
-    prepare_data(config, "resnet18")
-    out = paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")
-    spec = config.phase("resnet18", 0, "dense")
-    job = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dsd",
-            "train",
-            "--spec",
-            spec.to_json(),
-            "--options",
-            config.options.to_json(),
-        ]
-        + ["--out", str(out)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    while not paths.resume(out).exists() and job.poll() is None:
-        time.sleep(0.005)
-    job.send_signal(signal.SIGTERM)
-    assert job.wait(timeout=120) == 2, job.stderr.read()[-2000:]
+    config = preempt_dense_after_its_first_epoch(raw)
     (preempted,) = (paths.wandb_dir(config.options.output_dir) / "wandb").glob("offline-run-*/run-*.wandb")
     assert [row["train_loss"] for row in wandb_history(preempted) if "train_loss" in row]  # epoch 1 at least
     train(config, "resnet18", 0, "dense")
@@ -186,40 +181,13 @@ def test_a_preempted_phase_keeps_its_wandb_records_and_resumes_the_same_run(tmp_
 def test_the_eta_of_a_resumed_phase_counts_only_the_epochs_left(tmp_path, monkeypatch, capfd):
     """A phase of three epochs resumed after its first: the ETA is the rate of this job's epochs times the
     epochs left, not times the epochs this job has not trained yet (the clock ticks 10 s per reading)."""
-    import signal
-    import subprocess
-    import sys
-    import time
     import types
 
     from test_reliability import slow_sparse_config
 
-    from dsd import paths
     from dsd.engine import trainer
 
-    raw = slow_sparse_config(tmp_path)
-    raw["experiments"]["resnet18"]["phases"][0]["epochs"] = 3
-    config = parse(raw)
-    prepare_data(config, "resnet18")
-    out = paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")
-    spec = config.phase("resnet18", 0, "dense")
-    job = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dsd",
-            "train",
-            "--spec",
-            spec.to_json(),
-            "--options",
-            config.options.to_json(),
-        ]
-        + ["--out", str(out)],
-    )
-    while not paths.resume(out).exists() and job.poll() is None:
-        time.sleep(0.005)
-    job.send_signal(signal.SIGTERM)
-    assert job.wait(timeout=120) == 2
+    config = preempt_dense_after_its_first_epoch(slow_sparse_config(tmp_path))
     clock = iter(range(0, 10**6, 10))
     monkeypatch.setattr(trainer, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
     capfd.readouterr()

@@ -337,6 +337,7 @@ def remove_stale_rendezvous(folder: str | None = None) -> None:
 
 
 def _running(pid: int) -> bool:
+    """As `dsd.paths._alive`: this module runs without the dsd package (a script path), so it has its own."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
