@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -345,6 +346,17 @@ def argparse_namespace():
     import argparse
 
     return argparse.Namespace(code="runs on load")
+
+
+def test_the_readme_counts_the_config_and_checkpoint_cases_here():
+    """The README's fault-matrix paragraph counts the cases: the config ones are CONFIG_CASES plus the YAML
+    syntax error and the missing file, the checkpoint ones CHECKPOINT_CASES, and the total is the parts' sum."""
+    readme = " ".join((REPO / "README.md").read_text().split())
+    total = int(re.search(r"\(`tests/test_matrix.py` and the files it names\), (\d+) cases", readme).group(1))
+    parts = {k: int(n) for k, n in re.findall(r"(config|Data|Checkpoints|Runtime) \((\d+)\):", readme)}
+    assert parts["config"] == len(CONFIG_CASES) + 2, parts
+    assert parts["Checkpoints"] == len(CHECKPOINT_CASES), parts
+    assert total == sum(parts.values()), (total, parts)
 
 
 # ----------------------------------------------------------------------------------------------- runtime
