@@ -7,8 +7,8 @@
   `fingerprint` names the result: Snakemake reruns a phase when it changes, and checkpoints, resume files
   and metrics carry it, so a stale file is never taken for a current one.
 - `DataSpec`: what preparing a data set reads (its folder, or how it is generated).
-- `RunOptions`: device, threads, workers, GPUs per job, wandb, output folders. They never enter a fingerprint:
-  changing them reruns nothing.
+- `RunOptions`: device, threads, workers, GPUs per job, torch.compile, the CPU instruction set, wandb, data
+  verification and downloads, output folders. They never enter a fingerprint: changing them reruns nothing.
 
 Imports no torch: `dsd check-config` and `snakemake -n` read configs without the ML stack.
 """
