@@ -387,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_source(p, "a row's spec as JSON (repeatable)", repeat=True)
         p.add_argument("--seeds", type=int, nargs="+")
         p.add_argument(
-            "--out", help=f"output folder (default: <output_dir>/{'tables' if name == 'table' else name})"
+            "--out",
+            help="also write fidelity.csv and fidelity.md into this folder (default: print only)"
+            if name == "fidelity"
+            else f"output folder (default: <output_dir>/{'tables' if name == 'table' else name})",
         )
         if name == "plots":
             p.add_argument(
