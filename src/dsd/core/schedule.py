@@ -90,7 +90,8 @@ class Recipe:
 
     @classmethod
     def iht(cls, dense: Phase, sparsity: float, cycles: int, epochs: float, lr: float) -> Recipe:
-        """Skinny-DNN / IHT: `cycles` x (sparse, redense), ending sparse (a sparse net is the deliverable)."""
+        """Skinny-DNN / IHT: `cycles` sparse phases with a re-dense at the same LR between each two, ending sparse
+        (a sparse net is the deliverable)."""
         iht = {"kind": "iht", "cycles": cycles, "epochs": epochs, "lr": lr, "sparsity": sparsity}
         return cls.from_config([{"kind": "dense", "epochs": dense.epochs, "lr": dense.lr}, iht])
 
