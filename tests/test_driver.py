@@ -201,6 +201,34 @@ def test_the_readme_quick_start_runs_as_written():
     assert namespace["schedule"].done and namespace["schedule"].sparsity() == 0.0
 
 
+class _Net(nn.Module):
+    """A model with the README's `conv1.weight`, for the Pruner snippet."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv1(x).flatten(1))
+
+
+def test_the_readme_pruner_snippet_runs_as_written():
+    """The core library's first snippet, with the model, optimizer, loss and data it leaves to the reader."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- quickstart:pruner -->\n```python\n(.*?)```", readme, re.S).group(1)
+    torch.manual_seed(0)
+    model = _Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    loader = [(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))) for _ in range(3)]
+    namespace = {"model": model, "optimizer": optimizer, "loader": loader, "criterion": nn.CrossEntropyLoss()}
+    exec(compile(block, "README Pruner snippet", "exec"), namespace)  # noqa: S102 - our own documentation
+    pruner, state = namespace["pruner"], namespace["state"]
+    assert not pruner.active and pruner.masks == {}  # removed: re-dense
+    resumed = dsd.Pruner.from_state_dict(model, state)  # what the snippet's comment says resumes it
+    assert list(resumed.masks) == ["fc.weight"] and resumed.masks["fc.weight"].dtype == torch.bool
+    assert int((~resumed.masks["fc.weight"]).sum()) == round(0.3 * model.fc.weight.numel())
+
+
 @pytest.mark.parametrize("framework", ["lightning", "huggingface"])
 def test_the_readme_framework_quick_starts_run_as_written(framework, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the Trainers write their folders here
