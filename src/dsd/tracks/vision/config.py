@@ -46,7 +46,13 @@ class Model:
     )
     width: int = option(16, "mini: channels of the first stage", min=1)
     num_classes: int = option(1000, "output classes (at least the data set's)", min=2)
-    dropout: float = option(0.5, "dropout of the classifier", min=0, lt=1)
+    dropout: float = option(
+        0.5,
+        "dropout of the classifier of vgg16 (mini and full) and mini googlenet (0.4 times this); other models "
+        "take none from here (full: give it in args)",
+        min=0,
+        lt=1,
+    )
     aux_loss_weight: float = option(
         0.3,
         "GoogLeNet (full): weight of the auxiliary classifiers' losses; 0 builds the network without them "
