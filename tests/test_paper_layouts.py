@@ -1,6 +1,7 @@
-"""configs/paper.yaml runs: every paper vision row and NeuralTalk through Snakemake, on tiny fake data in the real
-layouts (ImageNet with a flat val/ and Kaggle's labels file; Flickr8k with its Karpathy JSON), full-size models
-started from locally saved state dicts, two steps per phase. And ImageNet's devkit layout, and bad layouts."""
+"""configs/paper.yaml runs: all seven paper rows through Snakemake, on tiny fake data in the real layouts
+(ImageNet with a flat val/ and Kaggle's labels file; Flickr8k with its Karpathy JSON; WSJ's LDC layout and
+LibriSpeech folders), full-size models (the vision rows started from locally saved state dicts), two steps per
+phase. And ImageNet's devkit layout, and bad layouts."""
 
 import json
 import os
