@@ -850,7 +850,7 @@ def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, floa
     head = [
         "# DSD benchmarks",
         "",
-        f"{'QUICK smoke run (reduced sizes, 2 repetitions: not for quoting)' if quick else 'Full run'}; "
+        f"{'QUICK smoke run (reduced sizes, 2 or 3 repetitions: not for quoting)' if quick else 'Full run'}; "
         f"torch {torch.__version__}, {THREADS} CPU thread(s) (torch.set_num_threads({THREADS})), "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end; {sum(seconds.values()):.0f} s wall in all ("
