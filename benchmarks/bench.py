@@ -712,7 +712,7 @@ def bench_config_path(quick: bool) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- 8. speech data path
-SPEECH_1X = 1200  # training utterances of the embedded corpus (12 voices x 100)
+SPEECH_1X = 1200  # "1x": the embedded corpus' training utterances when written (12 voices x 100; now 12 x 60)
 
 _MEMORY_JOB = """
 import json, sys, time
