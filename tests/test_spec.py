@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -127,6 +128,23 @@ def test_an_override_of_one_row_leaves_rows_sharing_its_yaml_anchor_alone(tmp_pa
     assert config.row("resnet18").train.batch_size == 8 and config.row("googlenet").train.batch_size == batch
     config = load_config(default, sets=["experiments.resnet18.phases.0.lr=0.5"], check_models=False)
     assert config.row("resnet18").phases[0].lr == 0.5 and config.row("googlenet").phases[0].lr == lr
+
+
+def test_the_readmes_own_model_config_reads_as_written(tmp_path):
+    """README, "Your own model and image data": its my.yaml with the `--config 'data={imagefolder: ...}'` its
+    comment gives passes every check, the model's constructor argument and `first_conv` included."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```yaml\n(# my\.yaml.*?)```", readme, re.S).group(1)
+    assert "--config 'data={imagefolder: /data/flowers}'" in block.splitlines()[0]
+    (tmp_path / "my.yaml").write_text(block)
+    config = load_config(tmp_path / "my.yaml", overrides={"data": {"imagefolder": str(tmp_path / "flowers")}})
+    row = config.row("flowers")
+    assert config.rows == ("flowers",) and config.seeds == (0, 1, 2)
+    assert (row.track, row.dataset, row.model.arch, row.model.args) == (
+        "vision", "imagefolder", "mobilenet_v3_small", {"dropout": 0.1}
+    )  # fmt: skip
+    assert row.phase_names == ["dense", "sparse1", "redense1", "control"]
+    assert row.recipe["redense1"].lr == pytest.approx(5e-4)  # 1/10 of the sparse LR
 
 
 def test_sweep_values_travel_as_numbers_not_through_phase_names(tmp_path):
