@@ -250,3 +250,37 @@ def test_evaluating_a_checkpoint_against_another_spec_says_so(tmp_path):
         "evaluate", "--config", str(configfile), "--row", "resnet18", "--checkpoint", str(ckpt), "--any-spec"
     )
     assert result.returncode == 0 and json.loads(result.stdout)["spec_matches"] is False
+
+
+def test_prune_pattern_names_cache_does_not_outlive_an_install(tmp_path, monkeypatch):
+    """The per-user cache of parameter names: a model that could not be built (timm missing) is built again
+    once it can be, and an install or upgrade into site-packages (torchvision, timm) starts a new entry."""
+    fake = tmp_path / "fake" / "timm"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import torch.nn as nn\n"
+        "def is_model(name): return name == 'tiny'\n"
+        "def create_model(name, pretrained=False, num_classes=10, **kw):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))\n"
+    )
+    row = {"track": "vision", "dataset": "shapes", "model": {"arch": "timm:tiny", "num_classes": 10}}
+    row |= {"prune": {"exclude": ["first_conv"]}, "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}
+    configfile = write_config(tmp_path, {"seeds": [0], "experiments": {"t": row}})
+    env = os.environ | {"DSD_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "dsd", "check-config", str(configfile)]
+    without = subprocess.run(command, capture_output=True, text=True, env=env)
+    if without.returncode == 0:
+        pytest.skip("timm is installed here")
+    assert "needs timm" in without.stderr
+    env["PYTHONPATH"] = os.pathsep.join([str(fake.parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    # an install changes its site-packages folder, and with it the cache entry
+    from dsd import tracks
+
+    site_packages = tmp_path / "site-packages"
+    site_packages.mkdir()
+    monkeypatch.setattr("site.getsitepackages", lambda: [str(site_packages)])
+    before = tracks._code_stamp("vision")
+    (site_packages / "torchvision-99.dist-info").mkdir()
+    assert tracks._code_stamp("vision") != before

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -60,10 +61,22 @@ def cache_dir() -> Path:
 
 
 def _code_stamp(track: str) -> str:
-    """Changes with the track's model code, so cached parameter names never outlive it."""
-    source = Path(__file__).parent / track / "model.py"
-    st = source.stat()
-    return f"{st.st_mtime_ns:x}{st.st_size:x}"
+    """Changes with the track's model code and with the packages that build the models (torchvision, timm:
+    an install or upgrade changes its site-packages folder), so cached parameter names never outlive them."""
+    import hashlib
+    import site
+
+    stamp = hashlib.sha256(f"{sys.executable}\0{sys.prefix}".encode())
+    for source in (
+        Path(__file__).parent / track / "model.py",
+        Path(__file__).parents[1] / "core" / "masks.py",
+    ):
+        st = source.stat()
+        stamp.update(f"{source}:{st.st_mtime_ns}:{st.st_size}".encode())
+    for folder in site.getsitepackages():
+        with contextlib.suppress(OSError):
+            stamp.update(f"{folder}:{os.stat(folder).st_mtime_ns}".encode())
+    return stamp.hexdigest()[:20]
 
 
 def parameter_names(requests) -> dict[tuple[str, str], dict]:
@@ -84,8 +97,9 @@ def parameter_names(requests) -> dict[tuple[str, str], dict]:
         path = cache_dir() / "model-names" / f"{track}-{_code_stamp(track)}-{key[1]}.json"
         if key in out:
             continue
-        if path.is_file():
-            out[key] = json.loads(path.read_text())
+        cached = json.loads(path.read_text()) if path.is_file() else {"error": None}
+        if "error" not in cached:  # an error is found again each time: an install may have cured it (timm)
+            out[key] = cached
         else:
             todo.append((key, {"track": track, "model": section, "path": str(path)}))
     if todo:
