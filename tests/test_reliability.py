@@ -127,6 +127,38 @@ def test_a_resume_point_of_another_spec_is_discarded_not_used(tmp_path, capfd):
     assert message and "phases[1].sparsity: 0.3 -> 0.7" in message[0]
 
 
+def test_a_resume_point_from_another_checkpoint_of_the_previous_phase_is_discarded(
+    tmp_path, monkeypatch, capfd
+):
+    """The previous phase retrained since the sparse phase was interrupted (same spec, other weights: another
+    machine or thread count): the sparse phase starts afresh from the new checkpoint, not from the old one's
+    resume point."""
+    from dsd.engine import resume
+    from dsd.errors import Preempted
+
+    config = parse(tiny_vision_config(tmp_path, seeds=[0]))
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    out = paths.run_dir(config.options.output_dir, "resnet18", 0, "sparse1")
+    with monkeypatch.context() as patch:  # a SIGTERM as the sparse phase starts: it leaves resume.pt
+        patch.setattr(resume.StopSignal, "received", "SIGTERM", raising=False)
+        patch.setattr(resume.StopSignal, "__init__", lambda self: None)
+        with pytest.raises(Preempted):
+            train(config, "resnet18", 0, "sparse1")
+    assert paths.resume(out).exists()
+    dense = paths.checkpoint(paths.run_dir(config.options.output_dir, "resnet18", 0, "dense"))
+    state = checkpoint.load(dense)
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    checkpoint.save(state, dense)  # the dense phase again, with other weights under the same identity
+
+    train(config, "resnet18", 0, "sparse1")
+    assert "started from another checkpoint of the previous phase" in capfd.readouterr().err
+    train(config, "resnet18", 0, "sparse1", out=tmp_path / "fresh")
+    a = torch.load(paths.checkpoint(out), weights_only=True)["model"]
+    b = torch.load(paths.checkpoint(tmp_path / "fresh"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_an_init_checkpoint_of_another_spec_is_refused(tmp_path):
     raw = tiny_vision_config(tmp_path)
     config = parse(raw)

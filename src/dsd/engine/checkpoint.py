@@ -9,6 +9,7 @@ such.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import shutil
@@ -55,6 +56,17 @@ def save(state: dict, path: str | Path) -> None:
         paths.write_atomically(path, buffer.getbuffer())
     except OSError as err:
         raise CheckpointError(f"{path}: cannot write the checkpoint ({err.strerror or err})") from None
+
+
+def digest(path: str | Path) -> str:
+    """16 hex digits of SHA-256 over the file's bytes: which checkpoint a phase started from."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def check_space(folder: str | Path, model: nn.Module) -> None:

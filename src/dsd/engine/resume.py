@@ -3,8 +3,9 @@
 A checkpoint (`resume.pt` mid-phase, `model.pt` at the end) holds the weights, optimizer and scaler state,
 the masks (bit-packed), the per-epoch history, the position in the phase, the RNG state, and the phase's
 identity: its spec fingerprint, the spec itself (so a mismatch can be named key by key) and the data set's
-content fingerprint. `resume.pt` of another spec or other data is discarded with one line (the phase starts
-afresh); an `--init` checkpoint of another spec is refused.
+content fingerprint. `resume.pt` of another spec or other data, or started from another `--init` file (the
+previous phase retrained since), is discarded with one line (the phase starts afresh); an `--init` checkpoint
+of another spec is refused.
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ def mismatch(saved: dict, expected: dict) -> str | None:
     return "; ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
 
 
-def load_resume(path: Path, expected: dict) -> dict | None:
-    """The resume state when it belongs to this phase and data; otherwise None, after saying why."""
+def load_resume(path: Path, expected: dict, init: str | None = None) -> dict | None:
+    """The resume state when it belongs to this phase and data, and continues from the same previous
+    checkpoint (`init`, its digest: one retrained since, on another machine say, has other weights under the
+    same spec); otherwise None, after saying why."""
     if not path.exists():
         return None
     state = checkpoint.load(path)
     why = mismatch(state.get("identity") or {}, expected)
+    if why is None and state.get("init") != init:
+        why = f"started from another checkpoint of the previous phase ({state.get('init')} -> {init})"
     if why is None:
         return state
     print(f"dsd: {path} is from another spec ({why}); starting the phase afresh", file=sys.stderr, flush=True)

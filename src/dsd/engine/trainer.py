@@ -146,10 +146,16 @@ def build(exp: Experiment, spec: PhaseSpec, device: torch.device, first_lr: floa
 
 
 def restore(
-    state: State, resume_path: Path, init: str | Path | None, spec: PhaseSpec, identity: dict
+    state: State,
+    resume_path: Path,
+    init: str | Path | None,
+    spec: PhaseSpec,
+    identity: dict,
+    started_from: str | None = None,
 ) -> None:
-    """Continue from this phase's resume point, else start from the previous phase's final checkpoint."""
-    saved = resume.load_resume(resume_path, identity)
+    """Continue from this phase's resume point (one written from the same `init`, by its digest `started_from`),
+    else start from the previous phase's final checkpoint."""
+    saved = resume.load_resume(resume_path, identity, started_from)
     if saved is not None:
         checkpoint.load_model(state.model, saved, resume_path)
         load_optimizer(state.optimizer, saved["optimizer"])
@@ -168,6 +174,10 @@ def restore(
     load_optimizer(state.optimizer, saved["optimizer"])  # momentum carries over; LR is set per step
     if saved.get("pruner") is not None:  # coming out of a sparse phase: drop the mask (re-dense)
         Pruner.from_state_dict(state.model, saved["pruner"]).remove(state.optimizer)
+
+
+def init_digest(init: str | Path | None) -> str | None:
+    return None if init is None else checkpoint.digest(init)
 
 
 def run_phase(
@@ -197,7 +207,8 @@ def run_phase(
     state = build(exp, spec, device, phases[0].lr)
     checkpoint.check_space(out_dir, state.model)
     resume_path = paths.resume(out_dir)
-    restore(state, resume_path, init, spec, identity)
+    started_from = init_digest(init)  # recorded in resume points: they continue only from this checkpoint
+    restore(state, resume_path, init, spec, identity, started_from)
     trained = state.model
     if world > 1:
         ids = [device] if device.type == "cuda" else None
@@ -222,7 +233,7 @@ def run_phase(
 
     def save_resume(position: dict, partial: dict | None = None) -> None:
         if rank == 0:
-            extra = {"partial": partial or {}, "wandb_id": tracker.run_id}
+            extra = {"partial": partial or {}, "wandb_id": tracker.run_id, "init": started_from}
             payload = state.checkpoint(exp, spec, identity, position) | extra
             checkpoint.save(payload, resume_path)
         distributed.barrier(world)  # no rank stops (and ends the job) while rank 0 is still writing
