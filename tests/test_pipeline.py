@@ -98,6 +98,19 @@ def test_pipeline_end_to_end_then_nothing_to_do(tmp_path):
     assert jobs["train_phase"] == 8 and "prepare_data" not in jobs
 
 
+def test_dsd_run_retrains_the_phases_after_one_it_retrains(tmp_path):
+    """A dense phase trained again (its record deleted, say, after a code fix) gives the phases that start from
+    it a new starting checkpoint: they are trained again too, as Snakemake reruns them, never kept."""
+    configfile = write_config(tmp_path, tiny_vision_config(tmp_path, seeds=[0]))
+    command = ["run", "--config", str(configfile), "--row", "resnet18", "--seed", "0"]
+    assert dsd_cli(*command).returncode == 0
+    (tmp_path / "results" / "runs" / "resnet18" / "seed0" / "dense" / "metrics.json").unlink()
+    again = dsd_cli(*command)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trained = [line.split(" [")[0] for line in again.stdout.splitlines() if "trained;" in line]
+    assert trained == [f"resnet18 seed 0 {p}" for p in ("dense", "sparse1", "redense1", "control")]
+
+
 def planned(workdir, configfile) -> dict[str, int]:
     """Snakemake's dry-run job counts per rule."""
     plan = snakemake(workdir, configfile, "-n", "--quiet", "rules")

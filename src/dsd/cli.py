@@ -202,11 +202,15 @@ def cmd_run(args) -> None:
                 **vars(args) | {"spec": None, "encoder_spec": None, "encoder_checkpoint": None}
             )
         )
+    trained = set()  # a phase whose starting checkpoint was trained again is trained again too
     for phase in row.phase_names:
         spec = config.phase(args.row, args.seed, phase)
         out = paths.run_dir(options.output_dir, args.row, args.seed, phase)
         done = (paths.recorded(paths.metrics(out), k) for k in ("fingerprint", "data_fingerprint"))
-        if tuple(done) != (spec.fingerprint, prepare.data_fingerprint(spec.experiment(options))):
+        current = (spec.fingerprint, prepare.data_fingerprint(spec.experiment(options)))
+        restarted = spec.previous() is not None and spec.previous().phase in trained
+        if restarted or tuple(done) != current:
+            trained.add(phase)
             cmd_train(
                 argparse.Namespace(**vars(args) | {"spec": None, "phase": phase, "init": None, "out": None})
             )
