@@ -111,6 +111,38 @@ def test_dsd_run_retrains_the_phases_after_one_it_retrains(tmp_path):
     assert trained == [f"resnet18 seed 0 {p}" for p in ("dense", "sparse1", "redense1", "control")]
 
 
+def test_a_stale_encoder_run_outside_the_tables_rows_is_retrained(tmp_path):
+    """rows: [neuraltalk] reads resnet18's dense run without tabulating it: a dense run there that records
+    another spec (written by `dsd run`, or copied, so Snakemake has no record of it) is retrained, not fed to
+    the image features."""
+    from dsd.config import parse_config
+
+    config = tiny_vision_config(tmp_path, seeds=[0], rows=["neuraltalk"])
+    config["experiments"]["neuraltalk"] = {
+        "track": "captioning",
+        "dataset": "scenes",
+        "model": {"embed_dim": 8, "hidden_dim": 8},
+        "data": {"min_count": 1, "image_size": 32, "encoder_row": "resnet18", "scenes_splits": [20, 5, 5]},
+        "phases": [
+            {"kind": "dense", "epochs": 1, "lr": 0.005},
+            {"kind": "sparse", "epochs": 1, "lr": 0.0005, "sparsity": 0.5},
+            {"kind": "redense", "epochs": 1},
+        ],
+    }
+    parsed = parse_config(config)
+    for row in ("resnet18", "neuraltalk"):  # both data sets prepared with these settings, before the run
+        spec = parsed.row(row).data_spec()
+        marker = paths.prepared(parsed.options.data_root, spec.dataset)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"spec": json.loads(spec.to_json()), "fingerprint": "x"}))
+    encoder = paths.run_dir(parsed.options.output_dir, "resnet18", 0, "dense")
+    encoder.mkdir(parents=True)
+    paths.checkpoint(encoder).write_bytes(b"an older dense run")
+    paths.metrics(encoder).write_text(json.dumps({"fingerprint": "an-older-spec"}))
+    jobs = planned(tmp_path, write_config(tmp_path, config))
+    assert (jobs["train_phase"], jobs.get("stale_output")) == (5, 1), jobs  # neuraltalk's 4 and the encoder
+
+
 def planned(workdir, configfile) -> dict[str, int]:
     """Snakemake's dry-run job counts per rule."""
     plan = snakemake(workdir, configfile, "-n", "--quiet", "rules")

@@ -101,7 +101,20 @@ def stale_flags():
     for row, seed, phase in runs:
         w = SimpleNamespace(row=row, seed=seed, phase=phase)
         flags += phase_is_stale(w) + evaluation_is_stale(w)
+    for row, seed, phase in upstream_runs(runs):  # trained for the tables' rows, not evaluated
+        flags += phase_is_stale(SimpleNamespace(row=row, seed=seed, phase=phase))
     return flags
+
+
+def upstream_runs(runs):
+    """The runs the tables' rows read (NeuralTalk's encoder) that are not among their own `runs`."""
+    out = []
+    for name in ROWS:
+        row = CONFIG.row(name)
+        for source in tracks.get(row.track).config.upstream(row).values():
+            if not isinstance(source, str) and source not in runs and source not in out:
+                out.append(source)
+    return out
 
 
 rule stale_output:  # not temp(): Snakemake would skip making a temp input whose consumer's output exists
