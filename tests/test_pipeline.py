@@ -143,6 +143,41 @@ def test_a_stale_encoder_run_outside_the_tables_rows_is_retrained(tmp_path):
     assert (jobs["train_phase"], jobs.get("stale_output")) == (5, 1), jobs  # neuraltalk's 4 and the encoder
 
 
+def test_a_newer_local_weights_file_retrains_the_dense_phase_that_starts_from_it(tmp_path):
+    """`model.weights: /path/to/start.pth`: the file's content is in no spec, so replacing it reruns the dense
+    phase by its time (as for any input), where before nothing did."""
+    from dsd.config import parse_config
+
+    weights = tmp_path / "start.pth"
+    weights.write_bytes(b"the first pretrained weights")
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    row = config["experiments"]["resnet18"]
+    row["model"]["weights"] = str(weights)
+    row["phases"][0] = {"kind": "dense", "epochs": 0}
+    row["phases"][1]["lr"] = 0.05
+    configfile = write_config(tmp_path, config)
+    parsed = parse_config(config)
+    spec = parsed.row("resnet18").data_spec()
+    marker = paths.prepared(parsed.options.data_root, spec.dataset)
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"spec": json.loads(spec.to_json()), "fingerprint": "x"}))
+    dense = paths.run_dir(parsed.options.output_dir, "resnet18", 0, "dense")
+    dense.mkdir(parents=True)
+    paths.checkpoint(dense).write_bytes(b"trained from the first weights")
+    paths.metrics(dense).write_text(
+        json.dumps({"fingerprint": parsed.phase("resnet18", 0, "dense").fingerprint})
+    )
+
+    def plan():
+        result = snakemake(tmp_path, configfile, "-n", str(paths.metrics(dense)))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    assert "Nothing to be done" in plan()
+    os.utime(weights, ns=(paths.metrics(dense).stat().st_mtime_ns + 10**9,) * 2)  # replaced since
+    assert "rule train_phase" in plan()
+
+
 def planned(workdir, configfile) -> dict[str, int]:
     """Snakemake's dry-run job counts per rule."""
     plan = snakemake(workdir, configfile, "-n", "--quiet", "rules")

@@ -65,6 +65,19 @@ def data_inputs(row):
     return inputs + ([features_file(row)] if features_file(row) else [])
 
 
+def weights_input(w):
+    """The local pretrained-weights file a vision row's dense phase starts from: its content is in no spec, so
+    a newer file reruns the phase (and, through its checkpoint, everything after it)."""
+    row = CONFIG.row(w.row)
+    weights = tracks.get("vision").config.weights_file(row.model) if row.track == "vision" else None
+    return existing(weights) if w.phase == "dense" else []
+
+
+def existing(path):
+    """[path] where that file exists; a missing one is the job's own error to report (it names the key)."""
+    return [path] if path and os.path.isfile(path) else []
+
+
 def previous_checkpoint(wildcards):
     """Input of a phase: the previous phase's final checkpoint (nothing for dense)."""
     previous = CONFIG.phase(wildcards.row, int(wildcards.seed), wildcards.phase).previous()

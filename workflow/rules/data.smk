@@ -50,6 +50,7 @@ for _path, _row in FEATURES.items():
         input:
             data=str(paths.prepared(DATA_ROOT, CONFIG.row(_row).dataset)),
             encoder=encoder_inputs(_row),
+            weights=existing(tracks.get("captioning").config.encoder_weights(CONFIG.experiment(_row))),
         output:
             _path,
         params:

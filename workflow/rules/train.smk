@@ -6,6 +6,7 @@ rule train_phase:
     input:
         data=lambda w: data_inputs(w.row),
         init=previous_checkpoint,
+        weights=weights_input,
         stale=phase_is_stale,
     output:
         model=str(paths.checkpoint(paths.run_dir(OUT, "{row}", "{seed}", "{phase}"))),

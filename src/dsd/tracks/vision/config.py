@@ -105,6 +105,14 @@ class Eval:
     batch_size: int = option(256, "evaluation batch size", min=1)
 
 
+def weights_file(model: Model) -> str | None:
+    """`model.weights` when it names a local state-dict file rather than torchvision's weights by name."""
+    weights = model.weights
+    return (
+        weights if weights and (Path(weights).suffix in (".pth", ".pt", ".bin") or "/" in weights) else None
+    )
+
+
 def check(row, where: str) -> None:
     """Settings that cannot work together; a model with fewer outputs than the generated data set has classes
     cannot learn it."""

@@ -22,7 +22,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from dsd.engine import checkpoint
 from dsd.errors import ConfigError, DataError
 from dsd.spec import Experiment
-from dsd.tracks.vision.config import Model
+from dsd.tracks.vision.config import Model, weights_file
 
 FIRST_CONV = {
     "resnet18": "conv1.weight",
@@ -124,7 +124,7 @@ def build(exp: Experiment) -> nn.Module:
     """The row's network; with `model.weights`, the pretrained model it starts from."""
     model = _network(exp.model)
     unused = _unused_heads(model)
-    if exp.model.weights and _is_file_name(exp.model.weights):
+    if weights_file(exp.model):
         key = f"config.experiments.{exp.row}.model.weights"
         checkpoint.load_weights(model, exp.model.weights, key, unused=unused)
     elif exp.model.weights:
@@ -139,10 +139,6 @@ def _unused_heads(model: nn.Module) -> tuple[str, ...]:
     if isinstance(model, models.GoogLeNet) and not model.aux_logits:
         return ("aux1.", "aux2.")
     return ()
-
-
-def _is_file_name(weights: str) -> bool:
-    return Path(weights).suffix in (".pth", ".pt", ".bin") or "/" in weights
 
 
 def pretrained_state(exp: Experiment) -> dict:
