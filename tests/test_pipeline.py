@@ -178,6 +178,28 @@ def test_a_newer_local_weights_file_retrains_the_dense_phase_that_starts_from_it
     assert "rule train_phase" in plan()
 
 
+def test_tables_by_hand_refuse_runs_of_another_config(tmp_path):
+    """`dsd table --config` reads the runs Snakemake would have checked: one recording another spec (a changed
+    sparsity, the run not redone) is named, not tabulated."""
+    from dsd.config import parse_config
+    from dsd.spec import eval_fingerprint
+
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    old = parse_config(config)
+    for phase in old.row("resnet18").phase_names:  # the records `dsd run` left for sparsity 0.3
+        run = paths.run_dir(old.options.output_dir, "resnet18", 0, phase)
+        run.mkdir(parents=True)
+        spec = old.phase("resnet18", 0, phase)
+        paths.metrics(run).write_text(json.dumps({"fingerprint": spec.fingerprint}))
+        evaluated = eval_fingerprint(spec, old.row("resnet18").eval)
+        paths.evaluation(run).write_text(json.dumps({"eval_fingerprint": evaluated}))
+    config["experiments"]["resnet18"]["phases"][1]["sparsity"] = 0.5
+    result = dsd_cli("table", "--config", str(write_config(tmp_path, config)))
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "sparse1/metrics.json: missing, or of another spec than this config's resnet18 seed 0" in line
+
+
 def planned(workdir, configfile) -> dict[str, int]:
     """Snakemake's dry-run job counts per rule."""
     plan = snakemake(workdir, configfile, "-n", "--quiet", "rules")

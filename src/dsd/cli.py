@@ -229,7 +229,34 @@ def _rows_and_seeds(args, seeds_needed: bool = True) -> tuple[list[RowSpec], lis
             raise ConfigError("with --spec, give --seeds")
         return [RowSpec.from_json(text) for text in args.spec], args.seeds, _options(args)
     config = _config(args)
-    return [config.row(r) for r in config.rows], args.seeds or list(config.seeds), config.options
+    seeds = args.seeds or list(config.seeds)
+    if seeds_needed:  # tables and plots read the runs: by hand, no Snakemake has checked them
+        _check_runs_current(config, seeds)
+    return [config.row(r) for r in config.rows], seeds, config.options
+
+
+def _check_runs_current(config: Config, seeds: list[int]) -> None:
+    """Every run the tables read records this config's spec (training) and eval settings (evaluation)."""
+    from dsd.spec import eval_fingerprint
+
+    for name in config.rows:
+        for seed in seeds:
+            for phase in config.row(name).phase_names:
+                spec = config.phase(name, seed, phase)
+                run = paths.run_dir(config.options.output_dir, name, seed, phase)
+                for path, key, current in (
+                    (paths.metrics(run), "fingerprint", spec.fingerprint),
+                    (
+                        paths.evaluation(run),
+                        "eval_fingerprint",
+                        eval_fingerprint(spec, config.row(name).eval),
+                    ),
+                ):
+                    if paths.recorded(path, key) != current:
+                        raise DSDError(
+                            f"{path}: missing, or of another spec than this config's {name} seed {seed} {phase} "
+                            f"(run: dsd run --config ... --row {name} --seed {seed})"
+                        )
 
 
 def cmd_table(args) -> None:
