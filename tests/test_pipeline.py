@@ -200,6 +200,44 @@ def test_tables_by_hand_refuse_runs_of_another_config(tmp_path):
     assert "sparse1/metrics.json: missing, or of another spec than this config's resnet18 seed 0" in line
 
 
+def test_a_newer_language_model_file_reruns_the_evaluation_that_reads_it(tmp_path):
+    """`eval: {decoder: beam, lexicon: ..., lm: /data/4-gram.bin}`: the files' content is in no eval setting, so
+    replacing one reruns the evaluations by its time (as for any input), where before nothing did."""
+    from dsd.config import parse_config
+    from dsd.spec import eval_fingerprint
+
+    lexicon, lm = tmp_path / "lexicon.txt", tmp_path / "4-gram.bin"
+    lexicon.write_text("a\ta |\n")
+    lm.write_bytes(b"the first language model")
+    phases = [{"kind": "dense", "epochs": 1, "lr": 0.01}]
+    row = {"track": "speech", "dataset": "spoken", "phases": phases}
+    row["eval"] = {"decoder": "beam", "lexicon": str(lexicon), "lm": str(lm)}
+    config = {"output_dir": str(tmp_path / "results"), "data_root": str(tmp_path / "data"), "seeds": [0]}
+    config |= {"wandb": {"mode": "disabled"}, "experiments": {"ds": row}}
+    configfile = write_config(tmp_path, config)
+    parsed = parse_config(config)
+    spec = parsed.row("ds").data_spec()
+    marker = paths.prepared(parsed.options.data_root, spec.dataset)
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"spec": json.loads(spec.to_json()), "fingerprint": "x"}))
+    run = paths.run_dir(parsed.options.output_dir, "ds", 0, "dense")
+    run.mkdir(parents=True)
+    dense = parsed.phase("ds", 0, "dense")
+    paths.checkpoint(run).write_bytes(b"a trained model")
+    paths.metrics(run).write_text(json.dumps({"fingerprint": dense.fingerprint}))
+    evaluated = eval_fingerprint(dense, parsed.row("ds").eval)
+    paths.evaluation(run).write_text(json.dumps({"eval_fingerprint": evaluated}))
+
+    def plan():
+        result = snakemake(tmp_path, configfile, "-n", str(paths.evaluation(run)))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    assert "Nothing to be done" in plan()
+    os.utime(lm, ns=(paths.evaluation(run).stat().st_mtime_ns + 10**9,) * 2)  # replaced since
+    assert "rule evaluate_phase" in plan()
+
+
 def planned(workdir, configfile) -> dict[str, int]:
     """Snakemake's dry-run job counts per rule."""
     plan = snakemake(workdir, configfile, "-n", "--quiet", "rules")

@@ -73,6 +73,15 @@ def weights_input(w):
     return existing(weights) if w.phase == "dense" else []
 
 
+def eval_files(w):
+    """A speech row's lexicon and language model (relative: inside the data folder): their content is in no
+    eval setting, so a newer file reruns the row's evaluations."""
+    exp = CONFIG.experiment(w.row)
+    if exp.track != "speech" or exp.eval.decoder != "beam":
+        return []
+    return [f for name in (exp.eval.lexicon, exp.eval.lm) if name for f in existing(os.path.join(exp.data_dir, name))]
+
+
 def existing(path):
     """[path] where that file exists; a missing one is the job's own error to report (it names the key)."""
     return [path] if path and os.path.isfile(path) else []

@@ -6,6 +6,7 @@ rule evaluate_phase:
     input:
         data=lambda w: data_inputs(w.row),
         model=str(paths.checkpoint(paths.run_dir(OUT, "{row}", "{seed}", "{phase}"))),
+        decoder=eval_files,
         stale=evaluation_is_stale,
     output:
         str(paths.evaluation(paths.run_dir(OUT, "{row}", "{seed}", "{phase}"))),
