@@ -191,6 +191,29 @@ def test_the_avx2_pin_reaches_mkls_matrix_products():
     assert bits({}) == bits({"MKL_ENABLE_INSTRUCTIONS": "AVX2"})
 
 
+def test_a_job_started_by_hand_trains_with_the_kernels_its_cpu_isa_pins(tmp_path):
+    """`dsd train --config ...` in a plain process, with no Snakemake to set the environment first: the pin is
+    in place before torch starts (it imported torch first and trained with AVX-512 kernels; trivially equal on
+    an AVX2 machine)."""
+    import json
+
+    from conftest import parse, prepare_data, tiny_vision_config, write_config
+
+    raw = tiny_vision_config(tmp_path, seeds=[0]) | {"cpu_isa": "avx2"}
+    prepare_data(parse(raw), "resnet18")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATEN_", "ONEDNN_", "MKL_"))}
+    job = ["train", "--config", str(write_config(tmp_path, raw)), "--row", "resnet18", "--seed", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "dsd", *job, "--phase", "dense"],
+        env=env | {"DSD_PREFORK": "0"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = tmp_path / "results" / "runs" / "resnet18" / "seed0" / "dense" / "metrics.json"
+    assert json.loads(metrics.read_text())["cpu_capability"] == "AVX2"
+
+
 def test_precision_and_memory_format_are_decided_per_device_and_model():
     """What a GPU job would use, decided on the CPU: the autocast type, and channels-last for the CNNs only."""
     import torch

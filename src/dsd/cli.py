@@ -35,8 +35,10 @@ def _options(args, config: Config | None = None) -> RunOptions:
     pinned = cpu_isa_env(options.cpu_isa, options.device)
     if "torch" not in sys.modules:  # the kernels' instruction set is read when torch starts
         os.environ.update(pinned)
-    elif prefork.in_child and any(os.environ.get(k) != v for k, v in pinned.items()):
-        _rerun_fresh(pinned)
+    elif any(os.environ.get(k) != v for k, v in pinned.items()):
+        if prefork.in_child:
+            _rerun_fresh(pinned)
+        print(f"dsd: warning: cpu_isa {options.cpu_isa} not applied: torch started first", file=sys.stderr)
     return options
 
 
@@ -89,13 +91,13 @@ def cmd_prepare(args) -> None:
 
 def cmd_features(args) -> None:
     """Captioning: encode every image once with the frozen CNN (a trained vision run, or local VGG-16 weights)."""
+    config = None if args.spec else _config(args)
+    spec = PhaseSpec.from_json(args.spec) if args.spec else config.phase(args.row, 0, "dense")
+    options = _options(args, config)  # before torch starts: it pins the kernels torch picks then
     from dsd import tracks
     from dsd.engine import checkpoint, distributed, prepare, resume
     from dsd.tracks.captioning import data, model
 
-    config = None if args.spec else _config(args)
-    spec = PhaseSpec.from_json(args.spec) if args.spec else config.phase(args.row, 0, "dense")
-    options = _options(args, config)
     exp = spec.experiment(options)
     if exp.data.encoder_row:
         if args.encoder_spec:
@@ -123,11 +125,11 @@ def cmd_features(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from dsd.engine.trainer import run_phase
-
     config = None if args.spec else _config(args)
     spec = _phase_spec(args, config)
-    options = _options(args, config)
+    options = _options(args, config)  # before torch starts: it pins the kernels torch picks then
+    from dsd.engine.trainer import run_phase
+
     out = Path(args.out) if args.out else paths.run_dir(options.output_dir, spec.row, spec.seed, spec.phase)
     init = args.init
     previous = spec.previous()
@@ -142,10 +144,11 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    config = None if args.spec else _config(args)
+    options = _options(args, config)  # before torch starts: it pins the kernels torch picks then
     from dsd import hparams, tracks
     from dsd.engine.evaluation import evaluate_checkpoint
 
-    config = None if args.spec else _config(args)
     if args.spec:
         spec = PhaseSpec.from_json(args.spec)
         eval_section = hparams.parse(
@@ -159,9 +162,7 @@ def cmd_evaluate(args) -> None:
         spec = config.phase(args.row, seed, args.phase or saved.get("phase", "dense"))
         eval_section = config.row(args.row).eval
     splits = tuple(args.split) if args.split else ("val", "test")
-    result = evaluate_checkpoint(
-        spec, eval_section, args.checkpoint, _options(args, config), splits, args.any_spec
-    )
+    result = evaluate_checkpoint(spec, eval_section, args.checkpoint, options, splits, args.any_spec)
     if args.out:
         paths.write_json(
             Path(args.out), result
@@ -178,13 +179,13 @@ def cmd_run(args) -> None:
     then each phase's evaluation. What is finished for this spec is kept; an interrupted phase resumes."""
     import argparse
 
+    config = _config(args)
+    options, row = _options(args, config), config.row(args.row)  # before torch starts (the kernels' pin)
     from dsd import tracks
     from dsd.engine import prepare
     from dsd.engine.evaluation import evaluate_checkpoint
     from dsd.spec import eval_fingerprint
 
-    config = _config(args)
-    options, row = _options(args, config), config.row(args.row)
     if not prepare.is_current(data := row.data_spec().experiment(options)):
         prepare.prepare(data)
     features = getattr(tracks.get(row.track).config, "features_path", None)
