@@ -353,9 +353,14 @@ def test_prepare_writes_a_lexicon_of_the_training_words(tiny, tmp_path):
     (tmp_path / "spoken" / "lexicon.txt").unlink()
     assert prepare.prepare(_exp(tmp_path, utterances_per_speaker=COUNTS))["summary"] == summary
     assert (tmp_path / "spoken" / "lexicon.txt").read_text() == (base / "spoken" / "lexicon.txt").read_text()
-    # another corpus seed regenerates the corpus in place, and its lexicon with it
+    # another corpus seed regenerates the corpus in place, and its lexicon with it; the old corpus' feature
+    # caches are removed (their names keep them from being read, not from filling the disk)
+    speech_data.dataset(_exp(tmp_path, utterances_per_speaker=COUNTS), "train")
+    old_caches = set((tmp_path / "spoken" / "features").iterdir())
+    assert old_caches
     one = {"train": 1, "dev": 1, "test": 1}
     again = prepare.prepare(_exp(tmp_path, utterances_per_speaker=one, corpus_seed=99))["summary"]
+    assert not old_caches & set((tmp_path / "spoken" / "features").glob("*"))
     new_words = _words(tmp_path / "spoken" / "train")
     assert new_words != words and again["lexicon_words"] == len(new_words)
     lines = (tmp_path / "spoken" / "lexicon.txt").read_text().splitlines()

@@ -450,8 +450,8 @@ def _synthesise(exp: Experiment) -> int:
     fresh = stamp.is_file() and stamp.read_text() == wanted
     if not fresh:
         stamp.unlink(missing_ok=True)  # an interrupted rewrite must not pass for a finished one
-        for old in [*root.glob("features/*.pt"), root / LEXICON]:
-            old.unlink(missing_ok=True)
+        shutil.rmtree(root / "features", ignore_errors=True)  # every cache there is of the old corpus
+        (root / LEXICON).unlink(missing_ok=True)
         synthetic.write_corpus(root, spec)
     # rewritten every time (it is cheap), so it always matches the training transcripts
     words = write_lexicon([item["transcript"] for item in _sources(exp, "train")], root / LEXICON)
