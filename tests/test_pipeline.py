@@ -111,12 +111,7 @@ def test_dsd_run_retrains_the_phases_after_one_it_retrains(tmp_path):
     assert trained == [f"resnet18 seed 0 {p}" for p in ("dense", "sparse1", "redense1", "control")]
 
 
-def test_a_stale_encoder_run_outside_the_tables_rows_is_retrained(tmp_path):
-    """rows: [neuraltalk] reads resnet18's dense run without tabulating it: a dense run there that records
-    another spec (written by `dsd run`, or copied, so Snakemake has no record of it) is retrained, not fed to
-    the image features."""
-    from dsd.config import parse_config
-
+def _tiny_neuraltalk(tmp_path) -> dict:
     config = tiny_vision_config(tmp_path, seeds=[0], rows=["neuraltalk"])
     config["experiments"]["neuraltalk"] = {
         "track": "captioning",
@@ -129,6 +124,37 @@ def test_a_stale_encoder_run_outside_the_tables_rows_is_retrained(tmp_path):
             {"kind": "redense", "epochs": 1},
         ],
     }
+    return config
+
+
+def test_dsd_run_encodes_the_images_again_after_the_encoder_is_retrained(tmp_path):
+    """The image features are named by the encoder's spec: a dense encoder trained again under it (on another
+    machine, say) writes a newer checkpoint, and `dsd run` then encodes again and retrains the captioning
+    phases, as Snakemake would by the files' times; they were kept."""
+    configfile = write_config(tmp_path, _tiny_neuraltalk(tmp_path))
+    encoder = ["run", "--config", str(configfile), "--row", "resnet18", "--seed", "0"]
+    captions = ["run", "--config", str(configfile), "--row", "neuraltalk", "--seed", "0"]
+    for command in (encoder, captions):
+        assert dsd_cli(*command).returncode == 0
+    again = dsd_cli(*captions)
+    assert "wrote" not in again.stdout and "trained;" not in again.stdout  # nothing changed: nothing done
+    dense = paths.checkpoint(tmp_path / "results" / "runs" / "resnet18" / "seed0" / "dense")
+    later = dense.stat().st_mtime + 10
+    os.utime(dense, (later, later))  # the encoder trained again: a newer checkpoint under the same spec
+    again = dsd_cli(*captions)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "wrote" in again.stdout
+    trained = [line.split(" [")[0] for line in again.stdout.splitlines() if "trained;" in line]
+    assert trained == [f"neuraltalk seed 0 {p}" for p in ("dense", "sparse1", "redense1", "control")]
+
+
+def test_a_stale_encoder_run_outside_the_tables_rows_is_retrained(tmp_path):
+    """rows: [neuraltalk] reads resnet18's dense run without tabulating it: a dense run there that records
+    another spec (written by `dsd run`, or copied, so Snakemake has no record of it) is retrained, not fed to
+    the image features."""
+    from dsd.config import parse_config
+
+    config = _tiny_neuraltalk(tmp_path)
     parsed = parse_config(config)
     for row in ("resnet18", "neuraltalk"):  # both data sets prepared with these settings, before the run
         spec = parsed.row(row).data_spec()

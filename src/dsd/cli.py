@@ -181,35 +181,21 @@ def cmd_run(args) -> None:
 
     config = _config(args)
     options, row = _options(args, config), config.row(args.row)  # before torch starts (the kernels' pin)
-    from dsd import tracks
     from dsd.engine import prepare
     from dsd.engine.evaluation import evaluate_checkpoint
     from dsd.spec import eval_fingerprint
 
     if not prepare.is_current(data := row.data_spec().experiment(options)):
         prepare.prepare(data)
-    features = getattr(tracks.get(row.track).config, "features_path", None)
-    if features is not None and not Path(features(config.experiment(args.row))).is_file():
-        if row.data.encoder_row:
-            encoder = paths.run_dir(options.output_dir, row.data.encoder_row, row.data.encoder_seed, "dense")
-            current = config.phase(row.data.encoder_row, row.data.encoder_seed, "dense").fingerprint
-            if paths.recorded(paths.metrics(encoder), "fingerprint") != current:
-                raise ConfigError(
-                    f"{args.row} encodes its images with {row.data.encoder_row}'s dense run: "
-                    f"dsd run --row {row.data.encoder_row} --seed {row.data.encoder_seed} first"
-                )
-        cmd_features(
-            argparse.Namespace(
-                **vars(args) | {"spec": None, "encoder_spec": None, "encoder_checkpoint": None}
-            )
-        )
+    features = _current_features(args, config, row)
     trained = set()  # a phase whose starting checkpoint was trained again is trained again too
     for phase in row.phase_names:
         spec = config.phase(args.row, args.seed, phase)
         out = paths.run_dir(options.output_dir, args.row, args.seed, phase)
         done = (paths.recorded(paths.metrics(out), k) for k in ("fingerprint", "data_fingerprint"))
         current = (spec.fingerprint, prepare.data_fingerprint(spec.experiment(options)))
-        restarted = spec.previous() is not None and spec.previous().phase in trained
+        previous = spec.previous()
+        restarted = previous.phase in trained if previous else _newer(features, paths.metrics(out))
         if restarted or tuple(done) != current:
             trained.add(phase)
             cmd_train(
@@ -222,6 +208,42 @@ def cmd_run(args) -> None:
         print(
             f"{args.row} seed {args.seed} {phase}: test {result['metric']} = {result['test'][result['metric']]:.2f}"
         )
+
+
+def _current_features(args, config: Config, row) -> Path | None:
+    """Captioning's image features for `dsd run`, built when missing or older than the encoder's dense
+    checkpoint (retrained since under the same spec, it encodes differently): as Snakemake decides."""
+    import argparse
+
+    from dsd import tracks
+
+    features = getattr(tracks.get(row.track).config, "features_path", None)
+    if features is None:
+        return None
+    path, encoder = Path(features(config.experiment(row.name))), None
+    if row.data.encoder_row:
+        options = config.options
+        encoder = paths.run_dir(options.output_dir, row.data.encoder_row, row.data.encoder_seed, "dense")
+        current = config.phase(row.data.encoder_row, row.data.encoder_seed, "dense").fingerprint
+        if paths.recorded(paths.metrics(encoder), "fingerprint") != current:
+            raise ConfigError(
+                f"{row.name} encodes its images with {row.data.encoder_row}'s dense run: "
+                f"dsd run --row {row.data.encoder_row} --seed {row.data.encoder_seed} first"
+            )
+    if not path.is_file() or (encoder is not None and _newer(paths.checkpoint(encoder), path)):
+        cmd_features(
+            argparse.Namespace(
+                **vars(args) | {"spec": None, "encoder_spec": None, "encoder_checkpoint": None}
+            )
+        )
+    return path
+
+
+def _newer(source: Path | None, target: Path) -> bool:
+    """Whether `source` was written after `target` (a missing target is older than anything)."""
+    if source is None or not source.is_file():
+        return False
+    return not target.is_file() or source.stat().st_mtime_ns > target.stat().st_mtime_ns
 
 
 def _rows_and_seeds(args, seeds_needed: bool = True) -> tuple[list[RowSpec], list[int], RunOptions]:
