@@ -44,9 +44,10 @@ def run(model, optimizer, driver, data, log=None):
         driver.step()
 
 
-def interrupted_and_resumed(tmp_path, fresh, recipe, first_batches):
+def interrupted_and_resumed(tmp_path, fresh, recipe, first_batches, build_first=False):
     """Train on `first_batches`, save model, optimizer and driver, then load them in the natural order (model,
-    optimizer, a new driver, its state) into fresh objects: what a resumed job holds."""
+    optimizer, a new driver, its state; or with `build_first` the driver built before anything is loaded) into
+    fresh objects: what a resumed job holds."""
     model, optimizer = fresh()
     first = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
     run(model, optimizer, first, first_batches)
@@ -54,9 +55,12 @@ def interrupted_and_resumed(tmp_path, fresh, recipe, first_batches):
     torch.save(saved, tmp_path / "ckpt.pt")
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     model, optimizer = fresh()
+    if build_first:
+        resumed = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    resumed = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
+    if not build_first:
+        resumed = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
     resumed.load_state_dict(saved["dsd"])
     return model, optimizer, resumed
 
@@ -109,9 +113,11 @@ def test_resume_mid_sparse_equals_no_interruption(tmp_path):
 @pytest.mark.parametrize("make_optimizer", [lambda m: torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9),
                                             lambda m: torch.optim.AdamW(m.parameters(), lr=1.0)],
                          ids=["sgd", "adamw"])  # fmt: skip
-def test_a_pretrained_start_resumes_in_its_redense_phase_exactly(tmp_path, make_optimizer):
+@pytest.mark.parametrize("build_first", [False, True], ids=["loaded-then-built", "built-then-loaded"])
+def test_a_pretrained_start_resumes_in_its_redense_phase_exactly(tmp_path, make_optimizer, build_first):
     """A recipe that starts sparse (dense epochs 0) prunes when it is built: built after the model and optimizer
-    were loaded (the natural order; the callbacks' too), it must not prune the re-densed weights it resumes."""
+    were loaded (the natural order; the callbacks' too), it must not prune the re-densed weights it resumes;
+    built before they were loaded, it must not put its pre-pruning weights over the loaded ones."""
     recipe = [{"kind": "dense", "epochs": 0}, *RECIPE[1:3]]
     data = batches(15)
 
@@ -122,7 +128,7 @@ def test_a_pretrained_start_resumes_in_its_redense_phase_exactly(tmp_path, make_
     model, optimizer = fresh()
     straight = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)
     run(model, optimizer, straight, data)
-    model, optimizer, resumed = interrupted_and_resumed(tmp_path, fresh, recipe, data[:12])  # 2 into redense1
+    model, optimizer, resumed = interrupted_and_resumed(tmp_path, fresh, recipe, data[:12], build_first)
     assert resumed.phase.name == "redense1" and resumed.pruner is None
     run(model, optimizer, resumed, data[12:])
     for name, value in model.state_dict().items():

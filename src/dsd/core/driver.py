@@ -118,14 +118,23 @@ class DSD:
         self._set_lr()
 
     @torch.no_grad()
-    def _snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _snapshot(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """A recipe that starts sparse (a pretrained model's) prunes when the object is built. If a state dict
         is loaded before the first step (a resume: model and optimizer loaded first, in the natural order),
         what that pruning overwrote is put back: these copies, dropped at the first step."""
         saved = []
-        for param in prunable_parameters(self.model, self.exclude, self.include).values():
-            saved += [(t, t.clone()) for t in (param, *shaped_state(self.optimizer, param))]
+        for name, param in prunable_parameters(self.model, self.exclude, self.include).items():
+            saved += [(name, t, t.clone()) for t in (param, *shaped_state(self.optimizer, param))]
         return saved
+
+    @torch.no_grad()
+    def _undo_construction_pruning(self) -> None:
+        """Put back what building pruned, only where a tensor still holds exactly what that pruning left: one
+        loaded after the driver was built (build, then load the checkpoint) holds the resumed values."""
+        masks = self.pruner.masks
+        for name, tensor, value in self._before_entry:
+            if torch.equal(tensor, value * masks[name].to(value.device)):
+                tensor.copy_(value)
 
     def _set_lr(self) -> None:
         if not self.done:
@@ -155,8 +164,7 @@ class DSD:
             )
         self.global_step, self.index = int(state["global_step"]), int(state["index"])
         if self._before_entry is not None:  # built just now: undo the pruning its construction did
-            for tensor, value in self._before_entry:
-                tensor.detach().copy_(value)
+            self._undo_construction_pruning()
             self._before_entry, self.pruner = None, None
         elif self.pruner is not None:
             self.pruner.remove()
