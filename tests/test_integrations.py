@@ -155,3 +155,13 @@ def test_huggingface_follows_the_recipe_and_resumes_mid_sparse(tmp_path):
         hf_train(tmp_path / "e", resume=str(elsewhere))
     resumed, _ = hf_train(tmp_path / "f", resume=str(elsewhere), resume_in_args=True)
     assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
+
+
+def test_huggingface_resume_check_reads_a_compiled_model_under_its_own_names():
+    pytest.importorskip("transformers")
+    import dsd
+    from dsd.integrations.huggingface import masks_fit
+
+    model = net()
+    state = dsd.Pruner(model, 0.5).state_dict()
+    assert masks_fit(torch.compile(model), state) and masks_fit(model, state)

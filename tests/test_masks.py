@@ -182,6 +182,19 @@ def test_shared_parameter_pruned_once_and_patterns():
         dsd.Pruner(model, 0.25, exclude=("first_conv",))
 
 
+def test_a_wrapped_model_is_pruned_under_its_own_names():
+    """torch.compile and (Distributed)DataParallel prefix every name (`_orig_mod.`, `module.`): the user's
+    patterns must still match, and masks saved from the wrapped model load into the plain one and back."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    for wrapped in (torch.compile(plain), nn.DataParallel(plain), torch.compile(nn.DataParallel(plain))):
+        pruner = dsd.Pruner(wrapped, 0.5, exclude=("0.weight",))
+        assert list(pruner.masks) == ["2.weight"]
+        back = dsd.Pruner.from_state_dict(plain, pruner.state_dict())
+        assert torch.equal(back.masks["2.weight"], pruner.masks["2.weight"])
+        assert list(dsd.Pruner.from_state_dict(wrapped, back.state_dict()).masks) == ["2.weight"]
+
+
 def test_first_conv_names_the_first_convolution_of_any_model():
     from torchvision import models
 

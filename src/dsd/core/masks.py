@@ -20,6 +20,19 @@ from dsd.core.schedule import check_sparsity
 STATE_VERSION = 1
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's, DistributedDataParallel's or DataParallel's wrapper: the same
+    parameters under the names the user knows (no `_orig_mod.` / `module.`), so patterns and saved masks match
+    whether or not the model was wrapped."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def aliases(model: nn.Module) -> dict[str, str]:
     """Names a pattern may use instead of a parameter name: `first_conv`, the weight of the first convolution
     (in registration order, the forward order of torchvision's models), which the DSD paper keeps dense."""
@@ -44,8 +57,10 @@ def prunable_parameters(
     """Weights with 2+ dims (conv, linear, embedding, RNN, attention) minus `exclude`; each shared tensor once.
 
     `include`, when given, narrows the candidates to names matching one of its patterns (the speech track
-    prunes only fully connected and recurrent weights, say). Names are those of `model.named_parameters()`.
+    prunes only fully connected and recurrent weights, say). Names are those of the unwrapped model's
+    `named_parameters()` (see `unwrapped`).
     """
+    model = unwrapped(model)
     exclude, include = expand_aliases(_patterns(exclude, "exclude"), model), expand_aliases(include, model)
     names_of: dict[nn.Parameter, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):  # a tied weight answers to every name
@@ -71,6 +86,7 @@ def check_patterns(
 ) -> None:
     """A pattern that matches no parameter is almost always a typo, which would silently prune a layer; an
     `include` that leaves nothing to prune is one too."""
+    model = unwrapped(model)
     exclude, include = _patterns(exclude, "exclude"), _patterns(include, "include")
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     typos = unmatched(names, (*expand_aliases(exclude, model), *(expand_aliases(include, model) or ())))
@@ -142,8 +158,9 @@ class Pruner:
     >>> loss.backward(); optimizer.step(); pruner.step(optimizer)
     >>> pruner.remove(optimizer)   # re-dense
 
-    For a DistributedDataParallel model pass the wrapped module (`ddp.module`): masks are a function of the
-    weights, which DDP keeps identical on every rank, so every rank chooses the same masks.
+    A DistributedDataParallel, DataParallel or torch.compile'd model is pruned as the module it wraps (names
+    without `module.` / `_orig_mod.`): masks are a function of the weights, which DDP keeps identical on every
+    rank, so every rank chooses the same masks.
     """
 
     def __init__(
@@ -155,7 +172,7 @@ class Pruner:
         *,
         _masks: Mapping[str, torch.Tensor] | None = None,
     ):
-        self.model = model
+        self.model = model = unwrapped(model)
         self.target_sparsity = check_sparsity(sparsity)
         self.exclude, self.include = _patterns(exclude, "exclude"), _patterns(include, "include")
         if _masks is None:
@@ -241,7 +258,7 @@ class Pruner:
         """Resume with exactly the saved masks (never re-chosen from the current weights)."""
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             raise ValueError("not a dsd.Pruner state dict (missing or unknown 'version')")
-        params = dict(model.named_parameters())
+        params = dict(unwrapped(model).named_parameters())
         masks = {}
         for name, shape in state["shapes"].items():
             if name not in params:

@@ -23,7 +23,7 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from dsd.core.masks import unpack_mask
+from dsd.core.masks import unpack_mask, unwrapped
 from dsd.integrations._recipe import RecipeCallback
 
 STATE_FILE = "dsd.pt"
@@ -34,7 +34,7 @@ def masks_fit(model: torch.nn.Module, pruner: dict | None) -> bool:
     hold nonzero weights belongs to another checkpoint than the one the model was restored from."""
     if not pruner or not pruner.get("active", True):
         return True
-    params = dict(model.named_parameters())
+    params = dict(unwrapped(model).named_parameters())  # the names the masks were saved under
     for name, shape in pruner["shapes"].items():
         if name not in params or list(params[name].shape) != list(shape):
             return False
