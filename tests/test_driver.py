@@ -135,6 +135,17 @@ def test_a_pretrained_start_resumes_in_its_redense_phase_exactly(tmp_path, make_
         assert torch.equal(value, straight.model.state_dict()[name]), name
 
 
+def test_rprop_step_sizes_restart_at_the_redense_lr():
+    model, _ = make()
+    optimizer = torch.optim.Rprop(model.parameters(), lr=1.0)
+    driver = dsd.DSD(model, optimizer, RECIPE[:3], steps_per_epoch=STEPS)
+    run(model, optimizer, driver, batches(20))  # the last step enters redense1
+    assert driver.phase.name == "redense1"
+    for name, mask in {"0.weight": model[0].weight == 0, "2.weight": model[2].weight == 0}.items():
+        step_size = optimizer.state[dict(model.named_parameters())[name]]["step_size"]
+        assert mask.any() and torch.allclose(step_size[mask], torch.tensor(0.005)), name
+
+
 def test_a_state_of_another_steps_per_epoch_is_refused():
     model, optimizer = make()
     state = dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=STEPS).state_dict()

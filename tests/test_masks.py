@@ -125,6 +125,29 @@ def test_sparse_phase_holds_masks_and_redense_revives(model_name, opt_name):
     assert revived > 0.5 * total, "re-dense must move pruned weights off zero"
 
 
+@pytest.mark.parametrize("make_optimizer, key, fresh", [
+    (lambda p: torch.optim.Rprop(p, lr=0.01), "step_size", 0.01),
+    (lambda p: torch.optim.Adagrad(p, lr=0.1, initial_accumulator_value=0.5), "sum", 0.5),
+], ids=["rprop", "adagrad"])  # fmt: skip
+def test_state_that_starts_nonzero_restarts_there_at_pruned_entries(make_optimizer, key, fresh):
+    """Rprop's step sizes start at the LR: zeroed, a re-densed weight would barely move for dozens of steps."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    optimizer = make_optimizer(model.parameters())
+    train_steps(model, optimizer, None, 3)
+    pruner = dsd.Pruner(model, sparsity=0.3)
+    train_steps(model, optimizer, pruner, 3)
+    params, masks = dict(model.named_parameters()), {n: m.clone() for n, m in pruner.masks.items()}
+    pruner.remove(optimizer)
+    for name, mask in masks.items():
+        assert torch.all(optimizer.state[params[name]][key][~mask] == fresh), name
+        assert torch.all(params[name][~mask] == 0), name
+    if key == "step_size":  # the first re-dense step moves every pruned weight by the LR, as a fresh Rprop's
+        train_steps(model, optimizer, None, 1)
+        moved = torch.cat([params[n][~m].abs() for n, m in masks.items()])
+        assert torch.allclose(moved[moved != 0], torch.tensor(0.01))
+
+
 def test_resume_is_bitwise_identical():
     torch.manual_seed(0)
     model = RecurrentNet(nn.LSTM)

@@ -107,6 +107,7 @@ class DSD:
     def _enter(self) -> None:
         """At a phase's first step: choose masks for a sparse phase; drop them for anything else."""
         phase = self.phase
+        self._set_lr()  # first: state that restarts at the LR (Rprop's step sizes) restarts at this phase's
         if phase is not None and phase.prunes:
             if self.pruner is not None:
                 self.pruner.remove(self.optimizer)
@@ -115,7 +116,6 @@ class DSD:
         elif self.pruner is not None:
             self.pruner.remove(self.optimizer)  # re-dense: pruned weights restart from zero
             self.pruner = None
-        self._set_lr()
 
     @torch.no_grad()
     def _snapshot(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -19,6 +19,13 @@ from dsd.core.schedule import check_sparsity
 
 STATE_VERSION = 1
 
+# Optimizer state that starts at a group option, not at zero: Rprop's per-weight step sizes (zero would freeze a
+# re-densed weight for dozens of steps) and Adagrad's accumulator. Pruned entries restart at that value.
+RESTART_AT = (
+    (torch.optim.Rprop, "step_size", "lr"),
+    (torch.optim.Adagrad, "sum", "initial_accumulator_value"),
+)
+
 
 def unwrapped(model: nn.Module) -> nn.Module:
     """The module inside torch.compile's, DistributedDataParallel's or DataParallel's wrapper: the same
@@ -211,6 +218,22 @@ class Pruner:
                 masks.append(mask if value.device == mask.device else mask.to(value.device))
         if tensors:
             torch._foreach_mul_(tensors, masks)
+        self._restart_optimizer_state(optimizer)
+
+    @torch.no_grad()
+    def _restart_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
+        restarts = [(key, option) for kind, key, option in RESTART_AT if isinstance(inner, kind)]
+        if not restarts:
+            return
+        mask_of = dict(zip(self._param_list, self._mask_list, strict=True))
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state.get(param, {}) if param in mask_of else {}
+                for key, option in restarts:
+                    value = state.get(key)
+                    if torch.is_tensor(value) and value.shape == param.shape:
+                        value.masked_fill_(mask_of[param].to(value.device) == 0, group[option])
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call after every optimizer step (also when a GradScaler skipped it): re-zero weights and state."""
