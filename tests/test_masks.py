@@ -205,6 +205,20 @@ def test_shared_parameter_pruned_once_and_patterns():
         dsd.Pruner(model, 0.25, exclude=("first_conv",))
 
 
+def test_weight_norm_magnitudes_are_norm_parameters_never_pruned():
+    """g of weight_norm has the weight's number of dims (out, 1, ...): pruned, whole output channels would die."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    old_style = nn.utils.weight_norm(nn.Linear(8, 6))
+    new_style = parametrizations.weight_norm(nn.Conv1d(6, 4, 3))
+    model = nn.Sequential(old_style, new_style)
+    pruner = dsd.Pruner(model, 0.5)
+    assert list(pruner.masks) == ["0.weight_v", "1.parametrizations.weight.original1"]
+    old_style(torch.randn(2, 8))  # its hook recomputes the weight; the parametrization's does on access
+    assert (old_style.weight.abs().sum(1) > 0).all() and (new_style.weight.abs().sum((1, 2)) > 0).all()
+
+
 def test_a_wrapped_model_is_pruned_under_its_own_names():
     """torch.compile and (Distributed)DataParallel prefix every name (`_orig_mod.`, `module.`): the user's
     patterns must still match, and masks saved from the wrapped model load into the plain one and back."""

@@ -62,6 +62,7 @@ def prunable_parameters(
     model: nn.Module, exclude: Iterable[str] = (), include: Iterable[str] | None = None
 ) -> dict[str, nn.Parameter]:
     """Weights with 2+ dims (conv, linear, embedding, RNN, attention) minus `exclude`; each shared tensor once.
+    weight_norm's magnitudes g are norm parameters, never pruned (its directions v are).
 
     `include`, when given, narrows the candidates to names matching one of its patterns (the speech track
     prunes only fully connected and recurrent weights, say). Names are those of the unwrapped model's
@@ -72,14 +73,28 @@ def prunable_parameters(
     names_of: dict[nn.Parameter, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):  # a tied weight answers to every name
         names_of.setdefault(param, []).append(name)
-    chosen = {}
+    chosen, magnitudes = {}, weight_norm_magnitudes(model)
     for name, param in model.named_parameters():  # shared parameters are listed once, under their first name
-        if param.dim() < 2 or any(matches(n, exclude) for n in names_of[param]):
+        if param.dim() < 2 or param in magnitudes or any(matches(n, exclude) for n in names_of[param]):
             continue
         if include is not None and not any(matches(n, include) for n in names_of[param]):
             continue
         chosen[name] = param
     return chosen
+
+
+def weight_norm_magnitudes(model: nn.Module) -> set[nn.Parameter]:
+    """weight_norm's g: one scale per output channel, with as many dims as the weight, so a norm parameter that
+    pruning would turn into dead channels. Named `<w>_g` beside `<w>_v` (torch.nn.utils.weight_norm) or
+    `parametrizations.<w>.original0` beside `original1` (torch.nn.utils.parametrizations.weight_norm)."""
+    params = dict(model.named_parameters())
+    pairs = (("_g", "_v"), (".original0", ".original1"))
+    return {
+        param
+        for name, param in params.items()
+        for g, v in pairs
+        if name.endswith(g) and name[: -len(g)] + v in params and param.numel() == max(param.shape, default=1)
+    }
 
 
 def _patterns(patterns: Iterable[str] | None, what: str) -> tuple[str, ...] | None:
