@@ -219,6 +219,12 @@ def test_weight_norm_magnitudes_are_norm_parameters_never_pruned():
     assert (old_style.weight.abs().sum(1) > 0).all() and (new_style.weight.abs().sum((1, 2)) > 0).all()
 
 
+def test_a_layer_norm_over_several_dims_is_never_pruned():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(144, 2))
+    assert list(dsd.Pruner(model, 0.5).masks) == ["0.weight", "3.weight"]
+    assert (model[1].weight != 0).all() and torch.equal(model[1].bias, torch.zeros(4, 6, 6))
+
+
 def test_a_wrapped_model_is_pruned_under_its_own_names():
     """torch.compile and (Distributed)DataParallel prefix every name (`_orig_mod.`, `module.`): the user's
     patterns must still match, and masks saved from the wrapped model load into the plain one and back."""

@@ -62,7 +62,8 @@ def prunable_parameters(
     model: nn.Module, exclude: Iterable[str] = (), include: Iterable[str] | None = None
 ) -> dict[str, nn.Parameter]:
     """Weights with 2+ dims (conv, linear, embedding, RNN, attention) minus `exclude`; each shared tensor once.
-    weight_norm's magnitudes g are norm parameters, never pruned (its directions v are).
+    Norm parameters are never pruned, even with 2+ dims: LayerNorm([C, H, W])'s, weight_norm's magnitudes g
+    (its directions v are pruned).
 
     `include`, when given, narrows the candidates to names matching one of its patterns (the speech track
     prunes only fully connected and recurrent weights, say). Names are those of the unwrapped model's
@@ -73,9 +74,9 @@ def prunable_parameters(
     names_of: dict[nn.Parameter, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):  # a tied weight answers to every name
         names_of.setdefault(param, []).append(name)
-    chosen, magnitudes = {}, weight_norm_magnitudes(model)
+    chosen, norms = {}, weight_norm_magnitudes(model) | layer_norm_parameters(model)
     for name, param in model.named_parameters():  # shared parameters are listed once, under their first name
-        if param.dim() < 2 or param in magnitudes or any(matches(n, exclude) for n in names_of[param]):
+        if param.dim() < 2 or param in norms or any(matches(n, exclude) for n in names_of[param]):
             continue
         if include is not None and not any(matches(n, include) for n in names_of[param]):
             continue
@@ -95,6 +96,16 @@ def weight_norm_magnitudes(model: nn.Module) -> set[nn.Parameter]:
         for g, v in pairs
         if name.endswith(g) and name[: -len(g)] + v in params and param.numel() == max(param.shape, default=1)
     }
+
+
+# Norms whose weight and bias take the normalized shape, 2+ dims for LayerNorm([C, H, W]); batch, instance and
+# group norms' are per channel, 1-D. RMSNorm exists from torch 2.4.
+SHAPED_NORMS = tuple(getattr(nn, name) for name in ("LayerNorm", "RMSNorm") if hasattr(nn, name))
+
+
+def layer_norm_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """Weights and biases of LayerNorm / RMSNorm: norm parameters even when they have 2+ dims."""
+    return {p for m in model.modules() if isinstance(m, SHAPED_NORMS) for p in m.parameters(recurse=False)}
 
 
 def _patterns(patterns: Iterable[str] | None, what: str) -> tuple[str, ...] | None:
