@@ -225,6 +225,12 @@ def test_a_layer_norm_over_several_dims_is_never_pruned():
     assert (model[1].weight != 0).all() and torch.equal(model[1].bias, torch.zeros(4, 6, 6))
 
 
+def test_biases_of_several_dims_are_never_pruned():
+    attention = nn.MultiheadAttention(8, 2, add_bias_kv=True)  # bias_k, bias_v: (1, 1, 8)
+    assert list(dsd.Pruner(attention, 0.5).masks) == ["in_proj_weight", "out_proj.weight"]
+    assert (attention.bias_k != 0).all() and (attention.bias_v != 0).all()
+
+
 def test_a_wrapped_model_is_pruned_under_its_own_names():
     """torch.compile and (Distributed)DataParallel prefix every name (`_orig_mod.`, `module.`): the user's
     patterns must still match, and masks saved from the wrapped model load into the plain one and back."""

@@ -76,7 +76,9 @@ def prunable_parameters(
         names_of.setdefault(param, []).append(name)
     chosen, norms = {}, weight_norm_magnitudes(model) | layer_norm_parameters(model)
     for name, param in model.named_parameters():  # shared parameters are listed once, under their first name
-        if param.dim() < 2 or param in norms or any(matches(n, exclude) for n in names_of[param]):
+        if param.dim() < 2 or is_bias(name) or param in norms:  # biases and norm parameters never
+            continue
+        if any(matches(n, exclude) for n in names_of[param]):
             continue
         if include is not None and not any(matches(n, include) for n in names_of[param]):
             continue
@@ -96,6 +98,11 @@ def weight_norm_magnitudes(model: nn.Module) -> set[nn.Parameter]:
         for g, v in pairs
         if name.endswith(g) and name[: -len(g)] + v in params and param.numel() == max(param.shape, default=1)
     }
+
+
+def is_bias(name: str) -> bool:
+    """Biases are never pruned, also those of 2+ dims (MultiheadAttention's bias_k / bias_v, a (1, C, 1, 1) one)."""
+    return name.rsplit(".", 1)[-1].startswith("bias")
 
 
 # Norms whose weight and bias take the normalized shape, 2+ dims for LayerNorm([C, H, W]); batch, instance and
