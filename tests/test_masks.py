@@ -244,6 +244,17 @@ def test_a_wrapped_model_is_pruned_under_its_own_names():
         assert list(dsd.Pruner.from_state_dict(wrapped, back.state_dict()).masks) == ["2.weight"]
 
 
+def test_exclude_none_excludes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert list(dsd.Pruner(model, 0.5, exclude=None).masks) == ["0.weight", "2.weight"]
+    driver = dsd.DSD(model, torch.optim.SGD(model.parameters()), [{"kind": "dense", "epochs": 0},
+                     {"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 0.5}], 1, exclude=None)  # fmt: skip
+    assert list(driver.pruner.masks) == ["0.weight", "2.weight"]
+    with pytest.raises(TypeError, match="include: a list of names or patterns, got the string '2.weight'"):
+        dsd.prunable_parameters(model, include="2.weight")
+
+
 def test_first_conv_names_the_first_convolution_of_any_model():
     from torchvision import models
 

@@ -48,7 +48,7 @@ class DSD:
         self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
         self.steps_per_epoch, self.lr_schedule = steps_per_epoch, lr_schedule
         check_patterns(model, exclude, include)  # now, not when the first sparse phase starts
-        self.exclude, self.include = tuple(exclude), None if include is None else tuple(include)
+        self.exclude, self.include = tuple(exclude or ()), None if include is None else tuple(include)
         self.lengths = [math.ceil(p.epochs * steps_per_epoch) for p in self.recipe.phases]
         self.global_step, self.index, self.pruner = 0, 0, None
         self._skip_empty()

@@ -70,7 +70,8 @@ def prunable_parameters(
     `named_parameters()` (see `unwrapped`).
     """
     model = unwrapped(model)
-    exclude, include = expand_aliases(_patterns(exclude, "exclude"), model), expand_aliases(include, model)
+    exclude = expand_aliases(_patterns(exclude, "exclude"), model)
+    include = expand_aliases(_patterns(include, "include"), model)
     names_of: dict[nn.Parameter, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):  # a tied weight answers to every name
         names_of.setdefault(param, []).append(name)
@@ -118,7 +119,9 @@ def layer_norm_parameters(model: nn.Module) -> set[nn.Parameter]:
 def _patterns(patterns: Iterable[str] | None, what: str) -> tuple[str, ...] | None:
     if isinstance(patterns, str):  # iterating a string would make each character a pattern
         raise TypeError(f"{what}: a list of names or patterns, got the string {patterns!r}")
-    return None if patterns is None else tuple(patterns)
+    if patterns is None:  # no exclude excludes nothing; no include leaves every weight a candidate
+        return () if what == "exclude" else None
+    return tuple(patterns)
 
 
 def check_patterns(
