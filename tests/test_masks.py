@@ -293,6 +293,23 @@ def test_masks_of_a_channels_last_model_are_its_masks_in_its_layout():
         assert torch.equal(mask, reference.masks[name]) and mask.stride() == params[name].stride()
 
 
+def test_masks_follow_a_model_moved_after_they_were_chosen():
+    """`model.to(device)` after the pruner was built: the masks must be on the parameters' device at the next
+    step (a CPU mask cannot multiply a CUDA weight). The meta device stands in for a GPU here, moved the way
+    `model.to("cuda")` moves parameters: the same Parameter objects, on the new device."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    pruner = dsd.Pruner(model, 0.5)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # keeps the objects across CPU -> meta
+    try:
+        model.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    pruner.step()
+    assert {m.device.type for m in pruner.masks.values()} == {"meta"}
+    assert all(m.dtype == torch.bool for m in pruner.masks.values())
+
+
 def test_from_state_dict_rejects_other_model():
     pruner = dsd.Pruner(ConvNet(), 0.3)
     with pytest.raises(ValueError, match="which the model does not have"):

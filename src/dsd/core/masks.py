@@ -241,7 +241,15 @@ class Pruner:
     def apply(self) -> None:
         """Set every pruned weight to exactly zero (one fused pass over all masked tensors)."""
         if self.active and self._param_list:
+            self._follow_moved_parameters()
             torch._foreach_mul_(self._param_list, self._mask_list)
+
+    def _follow_moved_parameters(self) -> None:
+        """A model moved after its masks were chosen (`model.to("cuda")`): the masks move with it, once. The
+        first parameter stands for all (`.to()` moves the whole model; checking each would cost every step)."""
+        if self._mask_list[0].device != self._param_list[0].device:
+            self.masks = {n: in_layout_of(self._params[n], m) for n, m in self.masks.items()}
+            self._refresh_lists()
 
     @torch.no_grad()
     def _mask_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:
