@@ -364,6 +364,14 @@ def test_recipe_defaults_and_control():
             "must follow a sparse",
         ),
         ([{"kind": "dense", "epochs": 1, "lr": 0.1}, {"kind": "sparse", "epochs": 1, "lr": 0.1}], "sparsity"),
+        (  # a misspelt key must not fall back to the default (here 1/10 of the sparse LR)
+            [
+                {"kind": "dense", "epochs": 1, "lr": 0.1},
+                {"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 0.5},
+                {"kind": "redense", "epochs": 1, "learning_rate": 0.05},
+            ],
+            r"phases\[2\]: unknown key 'learning_rate' \(expected one of kind, epochs, lr, sparsity, cycles\)",
+        ),
     ],
 )
 def test_recipe_rejects_bad_order(phases, message):

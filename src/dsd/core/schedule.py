@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 KINDS = ("dense", "sparse", "redense")
+ENTRY_KEYS = ("kind", "epochs", "lr", "sparsity", "cycles")
 CONTROL = "control"
 REDENSE_LR_FACTOR = 0.1
 
@@ -149,6 +150,9 @@ def _expand_iht(entries: Iterable[Mapping]) -> Iterable[tuple[str, Mapping]]:
     """Each entry with where it was written; an `iht` entry becomes sparse, redense (same LR), ..., sparse."""
     for i, entry in enumerate(entries):
         where = f"phases[{i}]"
+        unknown = [key for key in entry if key not in ENTRY_KEYS]
+        if unknown:  # a misspelt key would be dropped silently: a re-dense `learning_rate` would run at 1/10
+            raise ValueError(f"{where}: unknown key {unknown[0]!r} (expected one of {', '.join(ENTRY_KEYS)})")
         if entry.get("kind") != "iht":
             if entry.get("cycles") is not None:
                 raise ValueError(f"{where}.cycles: only an iht entry takes cycles")
