@@ -146,6 +146,17 @@ def test_rprop_step_sizes_restart_at_the_redense_lr():
         assert mask.any() and torch.allclose(step_size[mask], torch.tensor(0.005)), name
 
 
+def test_a_tensor_lr_is_set_in_place():
+    """A tensor LR (capturable / compiled optimizers) is read by address by a captured step: replaced by a
+    float, the captured step would keep the old rate."""
+    model, _ = make()
+    lr = torch.tensor(1.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    driver = dsd.DSD(model, optimizer, RECIPE[:3], steps_per_epoch=STEPS)
+    run(model, optimizer, driver, batches(10))  # into sparse1
+    assert optimizer.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.05)
+
+
 def test_a_state_of_another_steps_per_epoch_is_refused():
     model, optimizer = make()
     state = dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=STEPS).state_dict()

@@ -139,7 +139,10 @@ class DSD:
     def _set_lr(self) -> None:
         if not self.done:
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr
+                if torch.is_tensor(group["lr"]):  # in place: a captured CUDA graph or compiled step reads it
+                    group["lr"].fill_(self.lr)
+                else:
+                    group["lr"] = self.lr
 
     # --------------------------------------------------------------------------------------- checkpoints
 
