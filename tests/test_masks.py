@@ -353,6 +353,10 @@ def test_recipe_defaults_and_control():
     assert recipe.previous("control") == "dense" and recipe.previous("sparse2") == "redense1"
     iht = dsd.Recipe.iht(recipe["dense"], sparsity=0.5, cycles=3, epochs=1, lr=0.01)
     assert [p.kind for p in iht.phases] == ["dense", "sparse", "redense", "sparse", "redense", "sparse"]
+    pretrained = dsd.Recipe.from_config([{"kind": "dense", "epochs": 0}]).phases[0]
+    iht = dsd.Recipe.iht(pretrained, sparsity=0.5, cycles=2, epochs=1, lr=0.01)  # IHT from a pretrained model
+    assert [p.kind for p in iht.phases] == ["dense", "sparse", "redense", "sparse"]
+    assert iht.phases[0].epochs == 0
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,10 @@ class Recipe:
         """Skinny-DNN / IHT: `cycles` sparse phases with a re-dense at the same LR between each two, ending sparse
         (a sparse net is the deliverable)."""
         iht = {"kind": "iht", "cycles": cycles, "epochs": epochs, "lr": lr, "sparsity": sparsity}
-        return cls.from_config([{"kind": "dense", "epochs": dense.epochs, "lr": dense.lr}, iht])
+        first = {"kind": "dense", "epochs": dense.epochs}
+        if dense.epochs:  # a pretrained start (0 epochs) trains nothing and takes no lr
+            first["lr"] = dense.lr
+        return cls.from_config([first, iht])
 
     def variant(self, sparsity: float) -> Recipe:
         """The same recipe with another sparsity for its first sparse phase; later phases get the suffix
