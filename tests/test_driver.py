@@ -157,6 +157,16 @@ def test_a_tensor_lr_is_set_in_place():
     assert optimizer.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.05)
 
 
+def test_a_fractional_phase_has_the_steps_its_epochs_say():
+    model, optimizer = make()
+    recipe = [
+        {"kind": "dense", "epochs": 0.14, "lr": 0.1},
+        {"kind": "sparse", "epochs": 0.28, "lr": 0.1, "sparsity": 0.5},
+    ]
+    driver = dsd.DSD(model, optimizer, recipe, steps_per_epoch=50)
+    assert driver.lengths == [7, 14]  # not ceil(0.14 * 50) = ceil(7.000000000000001) = 8
+
+
 def test_a_state_of_another_steps_per_epoch_is_refused():
     model, optimizer = make()
     state = dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=STEPS).state_dict()

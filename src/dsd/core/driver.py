@@ -21,14 +21,13 @@ a re-dense phase starts, and says which phase it is in. Iterative DSD and Skinny
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from dsd.core.masks import Pruner, check_patterns, prunable_parameters, shaped_state
-from dsd.core.schedule import Phase, Recipe, lr_at
+from dsd.core.schedule import Phase, Recipe, lr_at, phase_steps
 
 
 class DSD:
@@ -49,7 +48,7 @@ class DSD:
         self.steps_per_epoch, self.lr_schedule = steps_per_epoch, lr_schedule
         check_patterns(model, exclude, include)  # now, not when the first sparse phase starts
         self.exclude, self.include = tuple(exclude or ()), None if include is None else tuple(include)
-        self.lengths = [math.ceil(p.epochs * steps_per_epoch) for p in self.recipe.phases]
+        self.lengths = [phase_steps(p.epochs, steps_per_epoch) for p in self.recipe.phases]
         self.global_step, self.index, self.pruner = 0, 0, None
         self._skip_empty()
         self._before_entry = self._snapshot() if self.phase is not None and self.phase.prunes else None

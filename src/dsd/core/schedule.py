@@ -177,6 +177,12 @@ def _expand_iht(entries: Iterable[Mapping]) -> Iterable[tuple[str, Mapping]]:
                 )
 
 
+def phase_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of a phase: a fraction of an epoch rounds up, float noise does not (0.14 x 50 is 7, not
+    the 8 that ceil(7.000000000000001) would give)."""
+    return math.ceil(round(epochs * steps_per_epoch, 9))
+
+
 def sweep_tag(sparsity: float) -> str:
     """`s50` for 0.5, `s82.5` for 0.825: the percentage, exact to 1e-6 %."""
     return "s" + f"{round(sparsity * 100, 6):.6f}".rstrip("0").rstrip(".")
