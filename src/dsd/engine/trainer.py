@@ -22,7 +22,7 @@ import torch
 
 from dsd import paths, tracks
 from dsd.core.masks import Pruner, in_layout_of
-from dsd.core.schedule import CONTROL, Phase
+from dsd.core.schedule import CONTROL, Phase, phase_steps
 from dsd.engine import checkpoint, distributed, prepare, resume
 from dsd.engine.epoch import train_epoch
 from dsd.engine.loaders import epoch_seed
@@ -282,7 +282,7 @@ class _Loop:
         self.steps_per_epoch = _steps_per_epoch(self.track, exp)
         # one continuous step per (row, seed) across phases: this job starts after its chain's earlier phases
         earlier = spec.phases[:1] if spec.phase == CONTROL else spec.phases[:-1]
-        self.step_offset = sum(math.ceil(p.epochs * self.steps_per_epoch) for p in earlier)
+        self.step_offset = sum(phase_steps(p.epochs, self.steps_per_epoch) for p in earlier)
         self.global_step = (
             self.step_offset + sum(h.get("steps", 0) for h in history) + partial.get("count", 0)
         )
@@ -299,7 +299,7 @@ class _Loop:
             state.pruner.step(state.optimizer)  # no stale momentum at pruned entries from the dense phase
             self.tracker.histograms(state.model, list(state.pruner.masks)[:4], step=self.global_step)
         steps_per_epoch = self.steps_per_epoch
-        total = math.ceil(current.epochs * steps_per_epoch)
+        total = phase_steps(current.epochs, steps_per_epoch)
         n_epochs = math.ceil(current.epochs)
         position = state.position
         first_epoch = position["epoch"] if sub == position["sub"] else 0
