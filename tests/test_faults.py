@@ -228,3 +228,20 @@ def test_a_phase_removes_the_temporary_files_of_a_writer_killed_mid_write(tmp_pa
     live.write_text("{}")
     train(config, "resnet18", 0, "dense", out=out)
     assert [p.name for p in out.glob(".*.tmp*")] == [live.name]
+
+
+def test_a_damaged_prepared_marker_is_named_and_prepared_again(tmp_path):
+    """`<dataset>.prepared.json` cut short (a copy or a crash): the error names it, and `dsd run` prepares the
+    data set again instead of stopping on a JSON message that names no file."""
+    from dsd.engine import prepare
+
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    exp = config.row("resnet18").data_spec().experiment(config.options)
+    marker = prepare.marker(exp)
+    marker.write_text(marker.read_text()[:40])
+    with pytest.raises(DataError, match=rf"{re.escape(str(marker))}: not readable JSON"):
+        prepare.read_marker(exp)
+    assert not prepare.is_current(exp)
+    prepare_data(config, "resnet18")
+    assert prepare.is_current(exp) and not list(marker.parent.glob(".*tmp*"))

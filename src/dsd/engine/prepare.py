@@ -29,7 +29,7 @@ def read_marker(exp: Experiment) -> dict:
         raise DataError(
             f"{path}: data set {exp.dataset!r} is not prepared (run: dsd prepare --config ... --row {exp.row})"
         )
-    record = json.loads(path.read_text())
+    record = paths.read_json(path)  # a damaged marker is named; `is_current` then prepares the data again
     wanted = json.loads(exp.data_spec().to_json())
     if record.get("spec") != wanted:  # another config's settings for the same folder (a shared data_root)
         why = "; ".join(differences(record.get("spec"), wanted)[:3])
@@ -100,8 +100,5 @@ def prepare(exp: Experiment) -> dict:
         "fingerprint": data_fp,
         "summary": summary,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    paths.write_json(path, record)  # whole and flushed, or not at all (its presence means prepared)
     return record
