@@ -93,6 +93,15 @@ def test_a_config_yaml_would_misread_is_one_line_naming_the_file(tmp_path, conte
     assert f"{bad}{message}" in one_error_line(dsd_cli("check-config", str(bad)))
 
 
+def test_a_row_name_yaml_reads_as_a_number_is_one_line_naming_it(tmp_path):
+    """`2019:` is an int to YAML: it passed the checks, then `dsd run` and Snakemake stopped with a traceback."""
+    config = tiny_vision_config(tmp_path)
+    config["experiments"] = {2019: config["experiments"]["resnet18"]}
+    del config["rows"]
+    line = one_error_line(dsd_cli("check-config", str(write_config(tmp_path, config))))
+    assert "config.experiments.2019: a row name is text, YAML read this one as int (quote it: '2019')" in line
+
+
 def test_a_merge_key_may_override_what_it_merges():
     loaded = hparams.load_yaml_text("base: &b {lr: 1, epochs: 2}\nrow: {<<: *b, lr: 3}\n", "t")
     assert loaded["row"] == {"lr": 3, "epochs": 2}

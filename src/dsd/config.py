@@ -185,7 +185,13 @@ def parse_config(raw: Mapping, check_models: bool = True) -> Config:
     options = RunOptions(**{f.name: getattr(top, f.name) for f in fields(RunOptions)})
     experiments = {}
     for name, entry in top.experiments.items():
-        if not ROW_NAME.fullmatch(str(name)):
+        # `2019:` is a number to YAML: run folders and Snakemake's wildcards want text
+        if not isinstance(name, str):
+            raise ConfigError(
+                f"config.experiments.{name}: a row name is text, YAML read this one as {type(name).__name__} "
+                f"(quote it: '{name}')"
+            )
+        if not ROW_NAME.fullmatch(name):
             raise ConfigError(f"config.experiments.{name}: a row name is letters, digits, '-' and '_'")
         dataset = entry.get("dataset") if isinstance(entry, Mapping) else None
         path = top.data.get(dataset) if isinstance(dataset, str) else None
