@@ -245,3 +245,20 @@ def test_a_damaged_prepared_marker_is_named_and_prepared_again(tmp_path):
     assert not prepare.is_current(exp)
     prepare_data(config, "resnet18")
     assert prepare.is_current(exp) and not list(marker.parent.glob(".*tmp*"))
+
+
+def test_dsd_run_evaluates_again_where_eval_json_cannot_be_read(tmp_path):
+    """A damaged eval.json (cut short, or not an object) is evaluated again, as a damaged metrics.json is
+    trained again; it stopped `dsd run` with a JSON message naming no file, or a traceback."""
+    from conftest import dsd_cli, write_config
+
+    raw = tiny_vision_config(tmp_path, seeds=[0])
+    raw["experiments"]["resnet18"]["phases"] = raw["experiments"]["resnet18"]["phases"][:1]
+    command = ["run", "--config", str(write_config(tmp_path, raw)), "--row", "resnet18"]
+    assert dsd_cli(*command).returncode == 0
+    record = paths.evaluation(paths.run_dir(str(tmp_path / "results"), "resnet18", 0, "dense"))
+    for damaged in ('{"val": ', "[]"):
+        record.write_text(damaged)
+        again = dsd_cli(*command)
+        assert again.returncode == 0 and "trained;" not in again.stdout, again.stderr[-2000:]
+        assert json.loads(record.read_text())["phase"] == "dense"

@@ -201,8 +201,10 @@ def cmd_run(args) -> None:
             cmd_train(
                 argparse.Namespace(**vars(args) | {"spec": None, "phase": phase, "init": None, "out": None})
             )
-        result = json.loads(paths.evaluation(out).read_text()) if paths.evaluation(out).is_file() else {}
-        if result.get("eval_fingerprint") != eval_fingerprint(spec, row.eval):
+        # an eval.json that cannot be read is evaluated again, as a metrics.json that cannot be is trained again
+        if paths.recorded(paths.evaluation(out), "eval_fingerprint") == eval_fingerprint(spec, row.eval):
+            result = paths.read_json(paths.evaluation(out))
+        else:
             result = evaluate_checkpoint(spec, row.eval, paths.checkpoint(out), options)
             paths.write_json(paths.evaluation(out), result)
         print(
