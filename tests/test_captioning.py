@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -348,6 +349,20 @@ def test_features_of_other_images_are_never_read(tmp_path):
         cap_data.load_features(exp)
     other = _exp(tmp_path, dataset="scenes", data=data | {"image_size": 24})
     assert cap_data.features_path(other) != cap_data.features_path(exp)  # another encoder input size
+
+
+def test_a_damaged_features_cache_is_named(tmp_path):
+    """A features cache cut short or emptied (a copy, a crash) is one error naming it; torch's own error named no
+    file and ended `dsd train` with a traceback."""
+    data = {"scenes_splits": [6, 2, 2], "scenes_image_size": 32, "image_size": 32, "min_count": 1}
+    exp = _exp(tmp_path, dataset="scenes", data=data)
+    prepare.prepare(exp)
+    path = cap_data.extract_features(exp, cap_model.encoder_from_module(TinyCNN()))
+    whole = path.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b""):
+        path.write_bytes(damaged)
+        with pytest.raises(DataError, match=rf"{re.escape(str(path))}: not a readable features cache"):
+            cap_data.load_features(exp)
 
 
 def test_vgg_weights_must_be_a_local_file(tmp_path):

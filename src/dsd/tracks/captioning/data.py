@@ -170,7 +170,13 @@ def load_features(exp: Experiment) -> tuple[list[str], torch.Tensor]:
 
 @functools.lru_cache(maxsize=2)
 def _features_cached(path: Path, mtime_ns: int) -> dict:
-    saved = torch.load(path, weights_only=True)
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as err:  # torch's errors for a cut-short or empty file (zip, EOF, pickle) name no file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(
+            f"{path}: not a readable features cache ({first}); delete it and rerun dsd features"
+        ) from None
     if not isinstance(saved, dict) or saved.get("format") != FEATURES_FORMAT:
         raise DataError(f"{path}: not a features cache of this version (delete it and rerun dsd features)")
     return {**saved, "filenames": list(saved["filenames"]), "features": saved["features"].float()}
