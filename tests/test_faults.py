@@ -205,6 +205,13 @@ def test_unreadable_text_and_records_name_their_file(tmp_path):
     (folder / "19-198.trans.txt").write_bytes("19-198-0000 CAF\xc9\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"19-198\.trans\.txt: not UTF-8 text"):
         speech_data.read_librispeech(tmp_path / "dev")
+    manifest, index = tmp_path / "train.jsonl", tmp_path / "si_tr_s.ndx"
+    manifest.write_bytes('{"audio": "caf\xe9.flac", "transcript": "a cat"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"train\.jsonl: not UTF-8 text"):
+        speech_data.read_manifest(manifest)
+    index.write_bytes(";\xa9 1993\n11_1_1:/wsj0/si_tr_s/011/011c0201.wv1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"si_tr_s\.ndx: not UTF-8 text"):
+        speech_data.read_wsj_index(index, tmp_path)
     record = paths.evaluation(paths.run_dir(str(tmp_path), "resnet18", 0, "dense"))
     record.parent.mkdir(parents=True)
     record.write_text('{"val": ')

@@ -188,9 +188,11 @@ def test_the_devkit_layout_reads_the_same_labels_as_kaggle(tmp_path):
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("problem", ["no labels", "unknown synset", "count mismatch", "devkit without meta"])
+@pytest.mark.parametrize(
+    "problem", ["no labels", "unknown synset", "count mismatch", "devkit without meta", "devkit not UTF-8"]
+)
 def test_a_bad_imagenet_layout_is_one_line_naming_the_file(tmp_path, problem):
-    layout = "devkit" if problem == "devkit without meta" else "kaggle"
+    layout = "devkit" if problem.startswith("devkit") else "kaggle"
     root = fake_imagenet(tmp_path / "imagenet", labels=layout)
     csv = root / "LOC_val_solution.csv"
     if problem == "no labels":
@@ -204,9 +206,13 @@ def test_a_bad_imagenet_layout_is_one_line_naming_the_file(tmp_path, problem):
             (root / "val" / "ILSVRC2012_val_00000001.JPEG").read_bytes()
         )
         expected = f"{csv}: labels for 4 images, {root / 'val'} has 5"
-    else:
+    elif problem == "devkit without meta":
         (root / "ILSVRC2012_devkit_t12" / "data" / "meta.mat").unlink()
         expected = "meta.mat: the devkit's meta.mat is needed"
+    else:
+        truth = root / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt"
+        truth.write_bytes(truth.read_bytes() + "450 \xe9\n".encode("latin-1"))
+        expected = f"{truth}: not UTF-8 text"
     config = {"data": {"imagenet": str(root)}, "experiments": {"r": {
         "track": "vision", "dataset": "imagenet", "model": {"num_classes": 1000},
         "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}}}  # fmt: skip

@@ -101,7 +101,7 @@ def read_manifest(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: manifest is missing")
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(paths.read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -202,7 +202,7 @@ def read_wsj_index(index: Path, root: Path, untranscribed: str = "error") -> lis
     if not index.is_file():
         raise DataError(f"{index}: WSJ index file is missing")
     dots, items, skipped = _wsj_dots(str(root)), [], []
-    for n, line in enumerate(index.read_text().splitlines(), 1):
+    for n, line in enumerate(paths.read_text(index).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith(";"):
             continue

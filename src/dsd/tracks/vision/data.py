@@ -415,7 +415,7 @@ def devkit_labels(exp: Experiment, path: Path, count: int) -> dict[str, tuple[st
             f"{meta}: not the ILSVRC2012 devkit's meta.mat ({type(err).__name__}: {err})"
         ) from None
     out = {}
-    for line, text in enumerate(path.read_text().split(), start=1):
+    for line, text in enumerate(read_text(path).split(), start=1):
         if not text.isdigit() or int(text) not in wnid:
             raise DataError(f"{path}:{line}: {text!r} is not an ILSVRC2012 id of {meta.name}")
         out[f"ILSVRC2012_val_{line:08d}"] = (wnid[int(text)], line)
