@@ -1,6 +1,7 @@
 """Faults: signals at the end of a phase, full and read-only disks, bad images in DataLoader workers,
 corrupted and foreign checkpoints. Each ends as one line naming the file, and leaves nothing half-written."""
 
+import contextlib
 import json
 import os
 import re
@@ -269,3 +270,30 @@ def test_dsd_run_evaluates_again_where_eval_json_cannot_be_read(tmp_path):
         again = dsd_cli(*command)
         assert again.returncode == 0 and "trained;" not in again.stdout, again.stderr[-2000:]
         assert json.loads(record.read_text())["phase"] == "dense"
+
+
+def test_featurising_workers_die_with_a_job_killed_while_they_work(tmp_path):
+    """kill -9 (or SIGTERM) of a job featurising speech in parallel: its workers die too; they waited forever."""
+    import psutil
+
+    script = (
+        "import os, signal, time, psutil\n"
+        "from dsd.tracks.speech.data import feature_pool\n"
+        "pool = feature_pool(2)\n"
+        "pool.submit(time.sleep, 60)\n"
+        "print(*(child.pid for child in psutil.Process().children()), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    printed = tmp_path / "workers.txt"
+    with open(printed, "w") as out:  # a file, not a pipe: workers left running would hold a pipe open
+        job = subprocess.run([sys.executable, "-c", script], stdout=out, timeout=60)
+    workers = [psutil.Process(int(pid)) for pid in printed.read_text().split()]
+    assert job.returncode == -signal.SIGKILL and len(workers) == 2
+    try:
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"workers left running: {alive}"
+    finally:
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()

@@ -273,17 +273,25 @@ def build_features(exp: Experiment, split: str, out: Path) -> Path:
     return out
 
 
-def _write_features(jobs: list, workers: int, tmp: Path, exp: Experiment, split: str) -> None:
+def feature_pool(workers: int):
+    """The featurising processes, each killed when the job's process dies: one ended by SIGTERM or kill -9 (a
+    scheduler, the OOM killer) left them waiting forever, each holding a copy of its memory, on a queue whose
+    other end they hold themselves."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
+    from dsd import gpus
+
+    return ProcessPoolExecutor(
+        workers, mp_context=get_context("fork"), initializer=gpus._die_with, initargs=(os.getpid(),)
+    )
+
+
+def _write_features(jobs: list, workers: int, tmp: Path, exp: Experiment, split: str) -> None:
     from tqdm import tqdm
 
     index = {"format": FEATURES_FORMAT, "bins": n_features(exp.data), "ids": [], "texts": [], "lengths": []}
-    with (
-        open(tmp / "frames.f32", "wb") as frames,
-        ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool,
-    ):
+    with open(tmp / "frames.f32", "wb") as frames, feature_pool(workers) as pool:
         done = pool.map(_featurise, jobs, chunksize=16) if workers > 1 else map(_featurise, jobs)
         for result in tqdm(done, total=len(jobs), desc=f"features {split}", unit="utt", disable=None):
             if result is None:
