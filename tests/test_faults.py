@@ -297,3 +297,27 @@ def test_featurising_workers_die_with_a_job_killed_while_they_work(tmp_path):
         for worker in workers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 worker.kill()
+
+
+def test_a_split_cache_half_built_by_a_killed_job_is_removed(tmp_path):
+    """kill -9 while a split's speech features are built leaves `.NAME.PID.tmp`, up to the split's features in
+    size: the next build of that cache deletes it, and keeps a live builder's."""
+    from test_matrix import _librispeech, _speech_row
+
+    from dsd.engine import prepare
+    from dsd.tracks.speech import data as speech_data
+
+    config = _speech_row(tmp_path, _librispeech(tmp_path / "LibriSpeech"))
+    exp = config.row("ds").data_spec().experiment(config.options)
+    out = speech_data._cache_dir(exp, "train", prepare.content_fingerprint(exp))
+    out.parent.mkdir(parents=True)
+    killed_mid_build = (
+        "import os, signal, sys; tmp = f'.{sys.argv[1]}.{os.getpid()}.tmp'; os.mkdir(tmp); "
+        "open(f'{tmp}/frames.f32', 'wb').write(bytes(4096)); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    killed = subprocess.run([sys.executable, "-c", killed_mid_build, out.name], cwd=out.parent)
+    assert killed.returncode == -signal.SIGKILL and list(out.parent.glob(".*.tmp"))
+    live = out.parent / f".{out.name}.{os.getppid()}.tmp"  # a live process, not this builder
+    live.mkdir()
+    prepare.prepare(exp)
+    assert out.is_dir() and [p.name for p in out.parent.glob(".*.tmp")] == [live.name]

@@ -262,6 +262,7 @@ def build_features(exp: Experiment, split: str, out: Path) -> Path:
     max_seconds = exp.data.max_seconds if split == "train" else None
     jobs = [(item, exp.data, max_seconds) for item in items]
     workers = exp.options.workers or os.cpu_count() or 1
+    remove_dead_builds(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # parallel jobs may build the same split
     tmp.mkdir(parents=True, exist_ok=True)
     try:
@@ -271,6 +272,15 @@ def build_features(exp: Experiment, split: str, out: Path) -> Path:
         raise
     tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)  # another job finished it first
     return out
+
+
+def remove_dead_builds(out: Path) -> None:
+    """Delete the half-built caches of `out` (`.NAME.PID.tmp`) whose job was killed (SIGTERM, kill -9: no
+    cleanup ran); each is up to a split's features in size. A live job's stays."""
+    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
+        pid = tmp.name[len(out.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not paths._alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def feature_pool(workers: int):
