@@ -102,6 +102,16 @@ def test_a_row_name_yaml_reads_as_a_number_is_one_line_naming_it(tmp_path):
     assert "config.experiments.2019: a row name is text, YAML read this one as int (quote it: '2019')" in line
 
 
+def test_set_reaches_a_key_named_as_one_before_it():
+    """`--set experiments.0.sweep.0=0.5`: Python keeps one object for each one-character string, and the last
+    key was found by identity, so the row `0` itself was replaced by 0.5."""
+    from dsd.config import set_dotted
+
+    config = {"experiments": {"0": {"sweep": [0.8]}}}
+    set_dotted(config, "experiments.0.sweep.0", 0.5)
+    assert config == {"experiments": {"0": {"sweep": [0.5]}}}
+
+
 def test_a_merge_key_may_override_what_it_merges():
     loaded = hparams.load_yaml_text("base: &b {lr: 1, epochs: 2}\nrow: {<<: *b, lr: 3}\n", "t")
     assert loaded["row"] == {"lr": 3, "epochs": 2}

@@ -113,21 +113,22 @@ def _typed(value):
 
 def set_dotted(config: dict, dotted: str, value: Any) -> None:
     """`experiments.resnet18.phases.0.lr = 0.5` (a number indexes a list)."""
-    *parents, last = dotted.split(".")
+    keys = dotted.split(".")
     node, where = config, "config"
-    for key in [*parents, last]:
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1  # by position: `is` took the first `a` of `a.b.a` for the last
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 raise ConfigError(f"{where}: no item {key!r} (the list has {len(node)})")
             index = int(key)
-            if key is last:
+            if last:
                 node[index] = value
                 return
             node, where = node[index], f"{where}[{index}]"
             continue
         if not isinstance(node, dict):
             raise ConfigError(f"{where}: is not a mapping, cannot set {dotted!r}")
-        if key is last:
+        if last:
             node[key] = value
             return
         node = node.setdefault(key, {})
