@@ -321,3 +321,19 @@ def test_a_split_cache_half_built_by_a_killed_job_is_removed(tmp_path):
     live.mkdir()
     prepare.prepare(exp)
     assert out.is_dir() and [p.name for p in out.parent.glob(".*.tmp")] == [live.name]
+
+
+def test_a_file_where_a_folder_belongs_is_one_line_naming_it(tmp_path):
+    """output_dir or data_root set to a file (a config file's path, say): one line naming the path, not a
+    NotADirectoryError traceback."""
+    from conftest import dsd_cli, write_config
+
+    configfile = write_config(tmp_path, tiny_vision_config(tmp_path))
+    source = ["--config", str(configfile), "--row", "resnet18"]
+    for key, command in (
+        ("output_dir", ["train", "--seed", "0", "--phase", "dense"]),
+        ("data_root", ["prepare"]),
+    ):
+        result = dsd_cli(*command, *source, "--set", f"{key}={configfile}")
+        assert "Not a directory" in error_line(result) and str(configfile) in error_line(result)
+        assert "Traceback" not in result.stderr

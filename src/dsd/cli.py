@@ -469,11 +469,16 @@ def one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+# failures a user causes, each one line; with a path naming a file where a folder belongs (output_dir, data_root
+# set to a file) or a folder where a file does
+EXPECTED = (DSDError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DSDError, ValueError, FileNotFoundError, PermissionError) as err:
+    except EXPECTED as err:
         print(f"dsd: error: {one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:
