@@ -337,3 +337,22 @@ def test_a_file_where_a_folder_belongs_is_one_line_naming_it(tmp_path):
         result = dsd_cli(*command, *source, "--set", f"{key}={configfile}")
         assert "Not a directory" in error_line(result) and str(configfile) in error_line(result)
         assert "Traceback" not in result.stderr
+
+
+def test_evaluating_the_validation_split_alone_into_a_file(tmp_path):
+    """`dsd evaluate --split val --out FILE` wrote the file, then ended with a KeyError traceback (status 1)."""
+    from conftest import dsd_cli, write_config
+
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    checkpoint_path = paths.checkpoint(paths.run_dir(config.options.output_dir, "resnet18", 0, "dense"))
+    out = tmp_path / "val.json"
+    result = dsd_cli(
+        "evaluate", "--config", str(write_config(tmp_path, tiny_vision_config(tmp_path))), "--row", "resnet18",
+        "--checkpoint", str(checkpoint_path), "--split", "val", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0 and "resnet18 seed 0 dense: val top1_error_pct =" in result.stdout, (
+        result.stderr
+    )
+    assert "val" in json.loads(out.read_text()) and "test" not in json.loads(out.read_text())
