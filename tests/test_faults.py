@@ -356,3 +356,15 @@ def test_evaluating_the_validation_split_alone_into_a_file(tmp_path):
         result.stderr
     )
     assert "val" in json.loads(out.read_text()) and "test" not in json.loads(out.read_text())
+
+
+def test_init_for_a_recipe_first_phase_is_one_line(tmp_path):
+    """`dsd train --phase dense --init model.pt` (a start from a checkpoint): one line, not an AttributeError
+    traceback from looking up the previous phase there is none of."""
+    config = parse(tiny_vision_config(tmp_path))
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    dense = paths.checkpoint(paths.run_dir(config.options.output_dir, "resnet18", 0, "dense"))
+    result = dsd_train(config, "dense", tmp_path / "again", "--init", str(dense))
+    assert "phase 'dense' is its recipe's first and starts from no checkpoint" in error_line(result)
+    assert not list((tmp_path / "again").iterdir())

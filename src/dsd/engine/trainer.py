@@ -199,6 +199,11 @@ def run_phase(
     recipe_index, phases = phases_of(spec)
     if init is None and recipe_index != 0:
         raise ConfigError(f"phase {spec.phase!r} starts from the previous phase's checkpoint: pass --init")
+    if init is not None and recipe_index == 0:  # there is no previous phase to check the checkpoint against
+        raise ConfigError(
+            f"phase {spec.phase!r} is its recipe's first and starts from no checkpoint: --init is for the later "
+            "phases (a pretrained start is model.weights)"
+        )
     identity = resume.identity(spec, prepare.data_fingerprint(exp))
     tracks.get(exp.track).data.check(exp)
     device, rank, world = distributed.setup(options.device)
