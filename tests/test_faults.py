@@ -368,3 +368,11 @@ def test_init_for_a_recipe_first_phase_is_one_line(tmp_path):
     result = dsd_train(config, "dense", tmp_path / "again", "--init", str(dense))
     assert "phase 'dense' is its recipe's first and starts from no checkpoint" in error_line(result)
     assert not list((tmp_path / "again").iterdir())
+
+
+def test_image_features_of_a_row_that_is_not_captioning_is_one_line(tmp_path):
+    from conftest import dsd_cli, write_config
+
+    configfile = write_config(tmp_path, tiny_vision_config(tmp_path))
+    result = dsd_cli("features", "--config", str(configfile), "--row", "resnet18")
+    assert "dsd features encodes a captioning row's images; resnet18 is a vision row" in error_line(result)

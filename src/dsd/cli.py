@@ -99,6 +99,8 @@ def cmd_features(args) -> None:
     from dsd.tracks.captioning import data, model
 
     exp = spec.experiment(options)
+    if exp.track != "captioning":  # only its data sections have an encoder
+        raise ConfigError(f"dsd features encodes a captioning row's images; {spec.row} is a {exp.track} row")
     if exp.data.encoder_row:
         if args.encoder_spec:
             encoder_spec = PhaseSpec.from_json(args.encoder_spec)
