@@ -16,7 +16,7 @@ from conftest import parse, prepare_data, tiny_vision_config, train
 from test_reliability import strip
 
 from dsd import paths
-from dsd.engine import checkpoint
+from dsd.engine import checkpoint, prepare
 from dsd.errors import CheckpointError, DataError, DSDError
 from dsd.tracks.captioning import synthetic as scenes
 from dsd.tracks.speech import synthetic
@@ -376,3 +376,22 @@ def test_image_features_of_a_row_that_is_not_captioning_is_one_line(tmp_path):
     configfile = write_config(tmp_path, tiny_vision_config(tmp_path))
     result = dsd_cli("features", "--config", str(configfile), "--row", "resnet18")
     assert "dsd features encodes a captioning row's images; resnet18 is a vision row" in error_line(result)
+
+
+def test_a_full_disk_while_caching_speech_features_names_the_cache(tmp_path):
+    """A write to a full disk names no file: the error names the split's features cache, and none is left."""
+    from test_matrix import _librispeech, _speech_row
+
+    config = _speech_row(tmp_path, _librispeech(tmp_path / "LibriSpeech"))
+    with tiny_filesystem(tmp_path / "small", size="64k") as small:
+        raw = json.loads(config.options.to_json()) | {"data_root": str(small)}
+        options = type(config.options).from_json(json.dumps(raw))
+        frames = small / "fill"
+        with contextlib.suppress(OSError):
+            frames.write_bytes(bytes(64 * 1024))  # the disk full but for a little
+        exp = config.row("ds").data_spec().experiment(options)
+        with pytest.raises(
+            DataError, match=r"features/train-\w+: cannot write the features cache \(No space"
+        ):
+            prepare.prepare(exp)
+        assert not list((small / "cache").rglob("*train*"))
