@@ -395,3 +395,18 @@ def test_a_full_disk_while_caching_speech_features_names_the_cache(tmp_path):
         ):
             prepare.prepare(exp)
         assert not list((small / "cache").rglob("*train*"))
+
+
+def test_a_spec_of_another_shape_is_one_line_naming_the_flag(tmp_path):
+    """`dsd spec`'s output (the spec under "spec", with its fingerprint) passed back as --spec, or a phase's spec
+    where a data set's belongs: one line naming --spec, not a KeyError or TypeError traceback."""
+    from conftest import dsd_cli, write_config
+
+    configfile = write_config(tmp_path, tiny_vision_config(tmp_path))
+    printed = dsd_cli(
+        "spec", "--config", str(configfile), "--row", "resnet18", "--seed", "0", "--phase", "dense"
+    )
+    for command in (["train", "--out", str(tmp_path / "run")], ["prepare"]):
+        result = dsd_cli(*command, "--spec", printed.stdout)
+        assert error_line(result).startswith("dsd: error: --spec: not a "), result.stderr
+    assert not (tmp_path / "run").exists()

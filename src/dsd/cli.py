@@ -52,9 +52,21 @@ def _rerun_fresh(environ: dict[str, str]) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "dsd", *sys.argv[1:]])
 
 
+def _from_json(kind, text: str, flag: str = "--spec"):
+    """A spec as the rules pass it (JSON); other JSON (`dsd spec`'s output, another kind of spec) is one line
+    naming the flag, not a KeyError or TypeError traceback."""
+    try:
+        return kind.from_json(text)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(
+            f"{flag}: not a {kind.__name__} as the rules pass it ({type(err).__name__}: {err}); by hand, give "
+            "--config FILE --row NAME instead"
+        ) from None
+
+
 def _phase_spec(args, config: Config | None) -> PhaseSpec:
     if args.spec:
-        return PhaseSpec.from_json(args.spec)
+        return _from_json(PhaseSpec, args.spec)
     if args.row is None or args.seed is None or args.phase is None:
         raise ConfigError("with --config, give --row, --seed and --phase")
     return config.phase(args.row, args.seed, args.phase)
@@ -81,7 +93,7 @@ def cmd_prepare(args) -> None:
     from dsd.engine import prepare
 
     if args.spec:
-        exp = DataSpec.from_json(args.spec).experiment(_options(args))
+        exp = _from_json(DataSpec, args.spec).experiment(_options(args))
     else:
         config = _config(args)
         exp = config.row(args.row).data_spec().experiment(_options(args, config))
@@ -92,7 +104,7 @@ def cmd_prepare(args) -> None:
 def cmd_features(args) -> None:
     """Captioning: encode every image once with the frozen CNN (a trained vision run, or local VGG-16 weights)."""
     config = None if args.spec else _config(args)
-    spec = PhaseSpec.from_json(args.spec) if args.spec else config.phase(args.row, 0, "dense")
+    spec = _from_json(PhaseSpec, args.spec) if args.spec else config.phase(args.row, 0, "dense")
     options = _options(args, config)  # before torch starts: it pins the kernels torch picks then
     from dsd import tracks
     from dsd.engine import checkpoint, distributed, prepare, resume
@@ -103,7 +115,7 @@ def cmd_features(args) -> None:
         raise ConfigError(f"dsd features encodes a captioning row's images; {spec.row} is a {exp.track} row")
     if exp.data.encoder_row:
         if args.encoder_spec:
-            encoder_spec = PhaseSpec.from_json(args.encoder_spec)
+            encoder_spec = _from_json(PhaseSpec, args.encoder_spec, "--encoder-spec")
         else:
             encoder_spec = config.phase(exp.data.encoder_row, exp.data.encoder_seed, "dense")
         ckpt = args.encoder_checkpoint or paths.checkpoint(
@@ -152,7 +164,7 @@ def cmd_evaluate(args) -> None:
     from dsd.engine.evaluation import evaluate_checkpoint
 
     if args.spec:
-        spec = PhaseSpec.from_json(args.spec)
+        spec = _from_json(PhaseSpec, args.spec)
         eval_section = hparams.parse(
             tracks.get(spec.track).config.Eval, json.loads(args.eval or "{}"), "eval"
         )
@@ -255,7 +267,7 @@ def _rows_and_seeds(args, seeds_needed: bool = True) -> tuple[list[RowSpec], lis
     if args.spec:
         if seeds_needed and not args.seeds:
             raise ConfigError("with --spec, give --seeds")
-        return [RowSpec.from_json(text) for text in args.spec], args.seeds, _options(args)
+        return [_from_json(RowSpec, text) for text in args.spec], args.seeds, _options(args)
     config = _config(args)
     seeds = args.seeds or list(config.seeds)
     if seeds_needed:  # tables and plots read the runs: by hand, no Snakemake has checked them
