@@ -410,3 +410,30 @@ def test_a_spec_of_another_shape_is_one_line_naming_the_flag(tmp_path):
         result = dsd_cli(*command, "--spec", printed.stdout)
         assert error_line(result).startswith("dsd: error: --spec: not a "), result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    """paper.yaml's `device: cuda` where no GPU is visible: one line, not a RuntimeError traceback."""
+    from conftest import write_config
+
+    raw = tiny_vision_config(tmp_path, device="cuda")
+    prepare_data(parse(raw), "resnet18")
+    source = [
+        "--config",
+        str(write_config(tmp_path, raw)),
+        "--row",
+        "resnet18",
+        "--seed",
+        "0",
+        "--phase",
+        "dense",
+    ]
+    no_gpu = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "dsd", "train", *source],
+        capture_output=True,
+        text=True,
+        env=no_gpu,
+        timeout=300,
+    )
+    assert "config.device is 'cuda' but no CUDA device is available" in error_line(result)

@@ -8,12 +8,15 @@ import os
 
 import torch
 
+from dsd.errors import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config.device is 'cuda' but no CUDA device is available")
+        # paper.yaml's setting on a machine without a GPU (or with CUDA_VISIBLE_DEVICES empty): one line
+        raise ConfigError("config.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
 
 
