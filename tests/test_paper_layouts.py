@@ -188,6 +188,19 @@ def test_the_devkit_layout_reads_the_same_labels_as_kaggle(tmp_path):
     ]  # fmt: skip
 
 
+def test_kaggle_labels_saved_again_by_a_spreadsheet_read_the_same(tmp_path):
+    """LOC_val_solution.csv with a byte-order mark and CRLF line ends (Excel's UTF-8 CSV) was refused as not
+    Kaggle's format: the mark became part of the `ImageId` column's name."""
+    config = {"experiments": {"r": {"track": "vision", "dataset": "imagenet", "model": {"num_classes": 1000},
+                                    "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}}}  # fmt: skip
+    root = fake_imagenet(tmp_path / "imagenet")
+    exp = parse_config(config | {"data": {"imagenet": str(root)}}, check_models=False).experiment("r")
+    plain = vision_data.samples(exp, "val")
+    csv = root / "LOC_val_solution.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes().replace(b"\n", b"\r\n"))
+    assert vision_data.samples(exp, "val") == plain
+
+
 @pytest.mark.parametrize(
     "problem", ["no labels", "unknown synset", "count mismatch", "devkit without meta", "devkit not UTF-8"]
 )
