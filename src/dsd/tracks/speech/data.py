@@ -267,9 +267,7 @@ def build_features(exp: Experiment, split: str, out: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         _write_features(jobs, workers, tmp, exp, split)
-    except (
-        OSError
-    ) as err:  # a full disk's failed write names no file (audio that cannot be read is a DataError)
+    except OSError as err:  # a full disk's failed write names no file (unreadable audio is a DataError)
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{out}: cannot write the features cache ({err.strerror or err})") from None
     except BaseException:  # a bad file, a full disk, a signal: no half-written cache left behind
