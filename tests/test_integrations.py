@@ -2,6 +2,8 @@
 phases at the right steps, exact sparsity, re-dense at a tenth of the LR, the recipe's end stops training, logs,
 and a resume from a checkpoint taken mid-sparse gives the weights of an uninterrupted run."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +15,11 @@ RECIPE = [
 ]
 BATCHES, BATCH = 5, 4  # per epoch
 EXPECTED_LR = [0.1] * 10 + [0.05] * 10 + [0.005] * 5
+# what a framework run stopped by its own limit one epoch into the sparse phase says
+STOPPED_MID_SPARSE = (
+    r"^DSD: training ended in the recipe's phase sparse1 \(sparse\) after 5 of its 10 steps, 15 of the "
+    r"recipe's 25; the model is still pruned$"
+)
 
 
 def dataset():
@@ -79,9 +86,13 @@ def test_lightning_follows_the_recipe_and_stops_at_its_end(tmp_path):
 
 def test_lightning_resume_mid_sparse_matches_an_uninterrupted_run(tmp_path):
     whole = Module()
-    lightning_fit(whole, tmp_path, max_epochs=50)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lightning_fit(whole, tmp_path, max_epochs=50)
+    assert not [w for w in seen if str(w.message).startswith("DSD:")]  # the recipe ran to its end
     first = Module()
-    trainer = lightning_fit(first, tmp_path, max_epochs=3)  # stops one epoch into the sparse phase
+    with pytest.warns(UserWarning, match=STOPPED_MID_SPARSE):
+        trainer = lightning_fit(first, tmp_path, max_epochs=3)  # stops one epoch into the sparse phase
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     resumed = Module()
     lightning_fit(resumed, tmp_path, max_epochs=50, ckpt_path=tmp_path / "mid.ckpt")
@@ -129,7 +140,8 @@ def test_huggingface_follows_the_recipe_and_resumes_mid_sparse(tmp_path):
     assert [h["dsd_sparsity"] for h in logs][10:20] == [0.5] * 10
     assert (whole.net[0].weight != 0).all() and zero_fraction(whole.net[2].weight) < 0.5  # regrown
 
-    hf_train(tmp_path / "b", max_steps=15, save_steps=15)  # stops one epoch into the sparse phase
+    with pytest.warns(UserWarning, match=STOPPED_MID_SPARSE):
+        hf_train(tmp_path / "b", max_steps=15, save_steps=15)  # stops one epoch into the sparse phase
     checkpoint = tmp_path / "b" / "hf" / "checkpoint-15"
     assert (checkpoint / "dsd.pt").exists()
     (tmp_path / "c").mkdir()

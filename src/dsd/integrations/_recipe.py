@@ -3,6 +3,7 @@ built the optimizer the driver steps with."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 from torch import nn
@@ -27,3 +28,18 @@ class RecipeCallback:
     def start(self, model: nn.Module, optimizer: Optimizer, steps_per_epoch: int) -> DSD:
         self.driver = DSD(model, optimizer, self.recipe, steps_per_epoch, **self.options)
         return self.driver
+
+    def warn_if_unfinished(self) -> None:
+        """Training that ends before its recipe does (too few epochs for it, a step limit) leaves the model in
+        the middle of it, pruned if that is a sparse phase: said, not raised, since a run may stop on purpose
+        (to resume later)."""
+        driver = self.driver
+        if driver is None or driver.done:
+            return
+        phase, steps = driver.phase, driver.lengths[driver.index]
+        warnings.warn(
+            f"DSD: training ended in the recipe's phase {phase.name} ({phase.kind}) after {driver.step_in_phase} of "
+            f"its {steps} steps, {driver.global_step} of the recipe's {sum(driver.lengths)}"
+            + ("; the model is still pruned" if driver.pruner is not None else ""),
+            stacklevel=3,
+        )

@@ -78,6 +78,9 @@ class DSDTrainerCallback(RecipeCallback, TrainerCallback):
         if self.driver.done:
             control.should_training_stop = True
 
+    def on_train_end(self, args, state, control, **kw):
+        self.warn_if_unfinished()
+
     def on_save(self, args, state, control, **kw):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

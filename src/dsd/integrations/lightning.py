@@ -65,6 +65,9 @@ class DSDCallback(RecipeCallback, Callback):
         if self.driver.done:
             trainer.should_stop = True
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.warn_if_unfinished()
+
     def state_dict(self) -> dict:
         return self.driver.state_dict() if self.driver is not None else {}
 
