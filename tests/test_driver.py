@@ -279,3 +279,40 @@ def test_the_readme_framework_quick_starts_run_as_written(framework, tmp_path, m
     exec(compile(block, f"README {framework} quick start", "exec"), namespace)  # noqa: S102
     driver = namespace["callbacks"][0].driver
     assert driver.done and driver.global_step == 70  # 7 epochs of 10 steps, then the recipe stopped training
+
+
+def test_param_groups_keep_their_learning_rate_ratios_through_the_recipe():
+    """Layer-wise LRs (a backbone at a tenth of the head's): every phase's LR goes to the largest group and the
+    others keep their ratio, also for a group added later and after a resume; they were all set to one LR."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    groups = [{"params": model[0].parameters(), "lr": 0.01}, {"params": model[2].parameters(), "lr": 0.1}]
+    optimizer = torch.optim.SGD(groups, lr=0.5, momentum=0.9)
+    recipe = [
+        {"kind": "dense", "epochs": 1, "lr": 0.2},
+        {"kind": "sparse", "epochs": 1, "lr": 0.04, "sparsity": 0.5},
+        {"kind": "redense", "epochs": 1},
+    ]
+    run, seen = dsd.DSD(model, optimizer, recipe, steps_per_epoch=2), []
+    while not run.done:
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        run.step()
+        if run.global_step == 3:
+            saved = optimizer.state_dict(), run.state_dict()
+    flat = [lr for step in seen for lr in step]
+    assert flat == pytest.approx([0.02, 0.2] * 2 + [0.004, 0.04] * 2 + [0.0004, 0.004] * 2)
+    extra = nn.Parameter(torch.zeros(2))
+    optimizer.add_param_group({"params": [extra], "lr": 0.05})  # half the largest group's LR at the start
+    resumed = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.01}, {"params": model[2].parameters(), "lr": 0.1}], lr=0.5
+    )
+    again = dsd.DSD(model, resumed, recipe, steps_per_epoch=2)
+    resumed.load_state_dict(saved[0])
+    again.load_state_dict(saved[1])
+    assert [g["lr"] for g in resumed.param_groups] == pytest.approx([0.004, 0.04])  # step 3: sparse
+    run.global_step, run.index = 4, 2
+    run._set_lr()
+    assert optimizer.param_groups[2]["lr"] == pytest.approx(0.002)  # a tenth of the sparse LR, halved

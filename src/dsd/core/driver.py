@@ -13,10 +13,11 @@
             if dsd_run.done:
                 break
 
-It sets each step's learning rate (the phase's own LR and schedule), chooses the masks when a sparse phase
-starts, re-applies them (and zeroes the optimizer state at pruned entries) after every step, drops them when
-a re-dense phase starts, and says which phase it is in. Iterative DSD and Skinny-DNN / IHT are recipes too
-(`dsd.Recipe.iht`). Its state dict resumes exactly: step count and masks (bit-packed).
+It sets each step's learning rate (the phase's own LR and schedule; param groups built with different LRs keep
+their ratios, the largest getting the recipe's), chooses the masks when a sparse phase starts, re-applies them
+(and zeroes the optimizer state at pruned entries) after every step, drops them when a re-dense phase starts,
+and says which phase it is in. Iterative DSD and Skinny-DNN / IHT are recipes too (`dsd.Recipe.iht`). Its
+state dict resumes exactly: step count and masks (bit-packed).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from torch import nn
 
 from dsd.core.masks import Pruner, check_patterns, prunable_parameters, shaped_state
 from dsd.core.schedule import Phase, Recipe, lr_at, phase_steps
+
+LR_SCALE = "dsd_lr_scale"  # a param group's LR as a fraction of the recipe's
 
 
 class DSD:
@@ -50,6 +53,9 @@ class DSD:
         self.exclude, self.include = tuple(exclude or ()), None if include is None else tuple(include)
         self.lengths = [phase_steps(p.epochs, steps_per_epoch) for p in self.recipe.phases]
         self.global_step, self.index, self.pruner = 0, 0, None
+        # layer-wise LRs keep their ratios: the recipe's LR is the largest group's (a group's ratio is kept
+        # in it, LR_SCALE, so the optimizer's state dict resumes it)
+        self._lr_base = max((float(g["lr"]) for g in optimizer.param_groups), default=0.0) or 1.0
         self._skip_empty()
         self._before_entry = self._snapshot() if self.phase is not None and self.phase.prunes else None
         self._enter()
@@ -138,10 +144,11 @@ class DSD:
     def _set_lr(self) -> None:
         if not self.done:
             for group in self.optimizer.param_groups:
+                lr = self.lr * group.setdefault(LR_SCALE, float(group["lr"]) / self._lr_base)
                 if torch.is_tensor(group["lr"]):  # in place: a captured CUDA graph or compiled step reads it
-                    group["lr"].fill_(self.lr)
+                    group["lr"].fill_(lr)
                 else:
-                    group["lr"] = self.lr
+                    group["lr"] = lr
 
     # --------------------------------------------------------------------------------------- checkpoints
 
