@@ -303,3 +303,19 @@ def test_prune_pattern_names_cache_does_not_outlive_an_install(tmp_path, monkeyp
     before = tracks._code_stamp("vision")
     (site_packages / "torchvision-99.dist-info").mkdir()
     assert tracks._code_stamp("vision") != before
+
+
+def test_a_home_folder_in_paths_is_expanded_as_the_shell_would(tmp_path, monkeypatch):
+    """`output_dir: ~/runs` and `data: {imagenet: ~/imagenet}` name folders under the home folder; kept as
+    written they became a folder called `~` under the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    raw = tiny_vision_config(tmp_path)
+    raw.update(output_dir="~/runs", data_root="~/data")
+    raw["experiments"]["resnet18"]["dataset"] = "imagenet"
+    raw["data"] = {"imagenet": "~/imagenet"}
+    config = parse_config(raw, check_models=False)
+    assert (config.options.output_dir, config.options.data_root) == (
+        str(tmp_path / "runs"),
+        str(tmp_path / "data"),
+    )
+    assert config.row("resnet18").data_path == str(tmp_path / "imagenet")

@@ -183,7 +183,7 @@ def load_config(
 def parse_config(raw: Mapping, check_models: bool = True) -> Config:
     raw = _resolve_auto_cpus(raw)
     top = hparams.parse(ConfigKeys, {k: v for k, v in raw.items() if not str(k).startswith("_")}, "config")
-    options = RunOptions(**{f.name: getattr(top, f.name) for f in fields(RunOptions)})
+    options = RunOptions(**{f.name: _expand_home(f.name, getattr(top, f.name)) for f in fields(RunOptions)})
     experiments = {}
     for name, entry in top.experiments.items():
         # `2019:` is a number to YAML: run folders and Snakemake's wildcards want text
@@ -196,7 +196,9 @@ def parse_config(raw: Mapping, check_models: bool = True) -> Config:
             raise ConfigError(f"config.experiments.{name}: a row name is letters, digits, '-' and '_'")
         dataset = entry.get("dataset") if isinstance(entry, Mapping) else None
         path = top.data.get(dataset) if isinstance(dataset, str) else None
-        experiments[name] = parse_row(name, entry, os.path.abspath(path) if path else None)
+        experiments[name] = parse_row(
+            name, entry, os.path.abspath(os.path.expanduser(path)) if path else None
+        )
     rows = top.rows if top.rows is not None else tuple(experiments)
     for i, name in enumerate(rows):
         if name not in experiments:
@@ -210,6 +212,14 @@ def parse_config(raw: Mapping, check_models: bool = True) -> Config:
     if check_models:
         check_patterns(config)
     return config
+
+
+def _expand_home(key: str, value):
+    """`~/runs` as the shell reads it: the folder options and data paths are written as on a command line (kept
+    as written, `~` became a folder of that name under the working directory)."""
+    return (
+        os.path.expanduser(value) if key in ("output_dir", "data_root") and isinstance(value, str) else value
+    )
 
 
 def _check_shared_data(config: Config) -> None:
