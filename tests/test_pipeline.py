@@ -148,6 +148,18 @@ def test_dsd_run_encodes_the_images_again_after_the_encoder_is_retrained(tmp_pat
     assert trained == [f"neuraltalk seed 0 {p}" for p in ("dense", "sparse1", "redense1", "control")]
 
 
+def test_image_features_on_a_gpu_take_a_gpu_no_other_job_holds(tmp_path):
+    """Encoding the images runs on cuda where there is one: the job must ask Snakemake for its GPU and lock it
+    (dsd.gpus), as training and evaluation do, or it shares GPU 0 with the phase training there."""
+    config = _tiny_neuraltalk(tmp_path) | {"device": "cuda"}
+    plan = snakemake(tmp_path, write_config(tmp_path, config), "-n", "-p")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    job = plan.stdout.split("rule image_features_neuraltalk:")[1].split("\n\n")[0]
+    assert "gpu=1" in job, job
+    command = job.split("Shell command:")[1].split()
+    assert command[1].endswith("dsd/gpus.py") and command[2:4] == ["1", "--"], command[:6]
+
+
 def test_a_stale_encoder_run_outside_the_tables_rows_is_retrained(tmp_path):
     """rows: [neuraltalk] reads resnet18's dense run without tabulating it: a dense run there that records
     another spec (written by `dsd run`, or copied, so Snakemake has no record of it) is retrained, not fed to

@@ -57,7 +57,10 @@ for _path, _row in FEATURES.items():
             # the file's name changes with the data set, encoder and image size; the row's dense spec covers the rest
             spec=phase_spec(_row, 0, "dense"),
             encoder=encoder_args(_row),
+        resources:
+            gpu=0 if OPTIONS.device == "cpu" else 1,  # a GPU of its own (dsd.gpus), counted as the others are
         log:
             str(paths.logs_dir(OUT) / f"features_{_row}.log"),
         shell:
-            "{PYTHON} -m dsd features --spec {params.spec:q} {params.encoder} --options {RUN} 2> {log:q}"
+            "{GPUS} {resources.gpu} -- {PYTHON} -m dsd features --spec {params.spec:q} {params.encoder}"
+            " --options {RUN} 2> {log:q}"
