@@ -271,3 +271,14 @@ def test_auto_threads_and_workers_share_the_node_among_its_gpu_jobs(monkeypatch)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     config = load_config(REPO / "configs" / "paper.yaml", sets=["workers=2"], check_models=False)
     assert (config.options.threads, config.options.workers) == (1, 2)
+
+
+def test_auto_threads_inside_a_slurm_job_stay_within_its_cpus(monkeypatch):
+    """A SLURM job without CPU pinning (TaskPlugin=task/none) sees the whole node: `auto` must share the CPUs
+    the job was given (--cpus-per-task), not the node's, or the GPU jobs packed on a node oversubscribe it."""
+    from dsd.gpus import cpus_per_job
+
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert cpus_per_job(1, gpus=1) == (1, 0)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(10**6))  # more than this machine has: its own cores count
+    assert cpus_per_job(1, gpus=1) == (len(os.sched_getaffinity(0)), len(os.sched_getaffinity(0)) - 1)

@@ -258,12 +258,20 @@ def cpus_per_job(gpus_per_job: int, cores: int | None = None, gpus: int | None =
     """(threads, DataLoader workers per process) for `threads: auto` / `workers: auto`: this node's cores shared
     by the GPU jobs that run on it at once (one per `gpus_per_job` GPUs), a core per process kept for its main
     thread. Without a GPU: one thread, no workers (the embedded jobs are many and short; cores run jobs)."""
-    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    cores = cores if cores is not None else _cores()
     gpus = gpus if gpus is not None else len(visible_devices())
     if gpus == 0:
         return 1, 0
     threads = max(1, cores // max(1, gpus // gpus_per_job))
     return threads, max(0, threads // gpus_per_job - 1)
+
+
+def _cores() -> int:
+    """This process's cores, and inside a SLURM job no more than its --cpus-per-task: SLURM pins a job to its
+    CPUs only with an affinity or cgroup task plugin (with task/none a job sees the whole node's)."""
+    cores = len(os.sched_getaffinity(0))
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cores, int(allocated)) if allocated.isdigit() and int(allocated) > 0 else cores
 
 
 def _die_with(parent: int) -> None:
