@@ -6,6 +6,7 @@ jobs in five rounds, each ~30-45 s, mostly the two Snakemake start-ups (and torc
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +52,23 @@ def test_profile_dry_run(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train_phase" in result.stdout + result.stderr
+
+
+def test_gpu_jobs_planned_on_a_login_node_get_more_than_one_cpu(tmp_path):
+    """Snakemake plans on the login node, where no GPU is visible: `threads: auto` (the paper config's) is 1
+    there, and cpus_per_task: threads asked SLURM for one CPU per ImageNet job, its loaders starved."""
+    config = tiny_vision_config(tmp_path, seeds=[0], device="cuda", threads="auto", workers="auto")
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
+         "--configfile", str(write_config(tmp_path, config)), "--profile", str(REPO / "profiles" / "slurm")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=os.environ | {"CUDA_VISIBLE_DEVICES": "-1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = (result.stdout + result.stderr).split("rule ")[1:]
+    cpus = {
+        job.split(":")[0]: re.search(r"cpus_per_task=(\d+)", job).group(1) for job in jobs if "gpu=1" in job
+    }
+    assert {"train_phase", "evaluate_phase"} <= set(cpus) and "1" not in cpus.values(), cpus
 
 
 def _test_profile(folder: Path) -> Path:
