@@ -117,6 +117,31 @@ def test_cli_timeout_is_one_line_and_status_2(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_jobs_with_different_tmpdirs_lock_in_one_folder(tmp_path, monkeypatch):
+    """TMPDIR differs between users and between Snakemake jobs (its `tmpdir` resource): the default lock
+    folder must not follow it, or two jobs each lock "their" GPU 0 in their own folder and share it."""
+    monkeypatch.delenv("DSD_GPU_LOCK_DIR", raising=False)
+    device = f"dsd-test-{os.getpid()}"  # a name no real job locks, in the machine-wide folder
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", device)
+    release = tmp_path / "release"
+    cmd = [sys.executable, SCRIPT, "1", "--quiet"]
+    holder = subprocess.Popen(
+        [*cmd, "--", sys.executable, "-c", HOLDER, str(release)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        assert read_line(holder, 30) == device
+        other = subprocess.run(
+            [*cmd, "--timeout", "0.5", "--", "true"], capture_output=True, text=True, timeout=30,
+            env=os.environ | {"TMPDIR": str(tmp_path / "elsewhere")},
+        )  # fmt: skip
+        assert other.returncode == 2 and "did not become free" in other.stderr, other.stderr
+    finally:
+        release.touch()
+        holder.wait(30)
+        (gpus.lock_folder() / f"gpu-{device}.lock").unlink(missing_ok=True)
+
+
 def test_existing_cuda_visible_devices_are_shared_by_their_ids(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,GPU-1b2c")
     assert gpus.acquire(2, lock_dir=tmp_path) == [0, 1]

@@ -21,7 +21,8 @@ locked while any rank lives.
 On a machine without GPUs (or with `n` = 0) nothing is locked and nothing is changed. This module imports
 only the standard library (torch only as a last resort to count devices), so the prefix costs milliseconds.
 
-Where the locks live: `--lock-dir`, else `$DSD_GPU_LOCK_DIR`, else `<tmp>/dsd-gpu-locks`; inside a SLURM job
+Where the locks live: `--lock-dir`, else `$DSD_GPU_LOCK_DIR`, else `/tmp/dsd-gpu-locks` (not $TMPDIR: users, and
+Snakemake jobs with their `tmpdir` resource, set it apart, and jobs locking in two folders share GPUs); inside a SLURM job
 a subfolder per job id, since SLURM already gives each job its own GPUs (the indices a job sees may be
 renumbered from 0, so jobs must not compete for "GPU 0" across allocations), while the processes inside one
 allocation (a Snakemake run under `salloc`) share its folder and get distinct devices of it.
@@ -77,7 +78,7 @@ class GPUTimeoutError(TimeoutError):
 def lock_folder(path: str | os.PathLike | None = None) -> Path:
     """The folder of the lock files (see the module docstring); created if missing."""
     if path is None:
-        path = Path(os.environ.get("DSD_GPU_LOCK_DIR") or Path(tempfile.gettempdir()) / "dsd-gpu-locks")
+        path = Path(os.environ.get("DSD_GPU_LOCK_DIR") or _machine_tmp() / "dsd-gpu-locks")
         job = os.environ.get("SLURM_JOB_ID")
         if job:
             path = path / f"slurm-{job}"
@@ -87,6 +88,11 @@ def lock_folder(path: str | os.PathLike | None = None) -> Path:
         with contextlib.suppress(OSError):  # shared by every user of the machine, like /tmp
             path.chmod(0o1777)
     return path
+
+
+def _machine_tmp() -> Path:
+    """The machine's temporary folder, the same for every process whatever its TMPDIR."""
+    return Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
 
 
 def _count_devices() -> int:
@@ -399,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("n", type=int, help="how many GPUs the command needs (0: run it unchanged)")
     parser.add_argument("--total", type=int, help="share only the first T visible devices")
     parser.add_argument(
-        "--lock-dir", help="folder of the lock files (default: $DSD_GPU_LOCK_DIR or <tmp>/dsd-gpu-locks)"
+        "--lock-dir", help="folder of the lock files (default: $DSD_GPU_LOCK_DIR or /tmp/dsd-gpu-locks)"
     )
     parser.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait)")
     parser.add_argument("--quiet", action="store_true", help="do not print the devices chosen")
