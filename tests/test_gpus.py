@@ -142,6 +142,30 @@ def test_jobs_with_different_tmpdirs_lock_in_one_folder(tmp_path, monkeypatch):
         (gpus.lock_folder() / f"gpu-{device}.lock").unlink(missing_ok=True)
 
 
+def test_a_dsd_job_on_the_cpu_locks_no_gpu(tmp_path, monkeypatch):
+    """`device: cpu` on a GPU machine: the training rule's prefix still asks for gpus_per_job GPUs (they are
+    its ranks), but locking them made the CPU jobs wait for each other, one per GPU, with the cores idle."""
+    from conftest import parse, tiny_vision_config
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    locks = tmp_path / "locks"
+    assert gpus.acquire(1, lock_dir=locks) == [0]  # another job holds the only GPU
+    config = parse(tiny_vision_config(tmp_path, device="cpu"))
+    job = [
+        "prepare",
+        "--spec",
+        config.row("resnet18").data_spec().to_json(),
+        "--options",
+        config.options.to_json(),
+    ]
+    cmd = [sys.executable, SCRIPT, "1", "--lock-dir", str(locks), "--timeout", "1", "--dsd", "--", *job]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env=os.environ | {"CUDA_VISIBLE_DEVICES": "0"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "prepared shapes" in result.stdout
+
+
 def test_existing_cuda_visible_devices_are_shared_by_their_ids(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,GPU-1b2c")
     assert gpus.acquire(2, lock_dir=tmp_path) == [0, 1]

@@ -16,7 +16,7 @@ With `--dsd` and N > 1 the prefix does not exec: it stays the parent of N ranks 
 `run_ranks`), forwards SIGTERM / SIGUSR1 to them and exits with their status. torchrun would not do: it turns
 a signal into its own non-zero exit (Snakemake then deletes a phase its ranks finished) and leaves its ranks
 running when it is killed. Each rank dies with the prefix and holds the lock files too, so the devices stay
-locked while any rank lives.
+locked while any rank lives. A `--dsd` command whose `--options` say `device: cpu` locks no GPU.
 
 On a machine without GPUs (or with `n` = 0) nothing is locked and nothing is changed. This module imports
 only the standard library (torch only as a last resort to count devices), so the prefix costs milliseconds.
@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import random
 import re
@@ -388,6 +389,18 @@ def _wait_for(ranks: list[subprocess.Popen]) -> int:
     return failed
 
 
+def _options_say_cpu(dsd_args: list[str]) -> bool:
+    """Whether a dsd command's run options (`--options JSON`, as the rules pass them) say `device: cpu`: its
+    job trains on the CPU, and a GPU it locked would only keep other jobs waiting (one at a time per GPU)."""
+    if "--options" not in dsd_args[:-1]:
+        return False
+    try:
+        options = json.loads(dsd_args[dsd_args.index("--options") + 1])
+    except ValueError:
+        return False
+    return isinstance(options, dict) and options.get("device") == "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m dsd.gpus N [--timeout S] [--total T] [--lock-dir D] -- command ...`: lock, then exec."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -418,10 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("give the command after --")
     ranks = max(args.n, 1) if args.dsd else 1
+    devices = 0 if args.dsd and _options_say_cpu(command) else args.n  # CPU ranks (gloo) lock no GPU
     if args.dsd and ranks == 1:
         command = [sys.executable, "-m", "dsd", *command]
     try:
-        chosen = acquire(args.n, total=args.total, lock_dir=args.lock_dir, timeout=args.timeout)
+        chosen = acquire(devices, total=args.total, lock_dir=args.lock_dir, timeout=args.timeout)
     except (GPUTimeoutError, ValueError, RuntimeError, OSError) as err:
         print(f"dsd: error: {err}", file=sys.stderr)
         return 2
