@@ -91,6 +91,25 @@ def test_exit_status_and_error_line_pass_through(tmp_path, sockets):
     assert len(served_jobs(sockets)) == 2
 
 
+def test_the_warm_job_runs_the_code_a_fresh_one_would(tmp_path, sockets):
+    """Another checkout of dsd found the way a fresh `python -m dsd` finds it (here PYTHONPATH=src, relative to
+    the job's folder): the server imports that one too, not the one installed in the environment."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(
+        REPO / "src" / "dsd", checkout / "src" / "dsd", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    cli = checkout / "src" / "dsd" / "cli.py"
+    cli.write_text(
+        cli.read_text().replace(": ok ({len(config.rows)}", ": ok in the checkout ({len(config.rows)}")
+    )
+    config = shutil.copy(REPO / "configs" / "default.yaml", checkout / "default.yaml")
+    env = os.environ | {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets), "PYTHONPATH": "src"}
+    result = dsd_command("check-config", config, env=env, cwd=checkout)
+    assert result.returncode == 0, result.stderr
+    assert "ok in the checkout" in result.stdout, result.stdout
+    assert len(served_jobs(sockets)) == 1
+
+
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
 def test_signals_reach_the_job_and_its_status_comes_back(tmp_path, sockets, sig):
     """A signal to the client lands in the forked child; a job a signal kills reports 128 + N, as a shell does

@@ -204,8 +204,7 @@ def _start_server(path: Path) -> None:
             stdout=log,
             stderr=log,
             start_new_session=True,  # not in the job's process group: a job's Ctrl-C is forwarded, not broadcast
-            cwd="/",
-        )
+        )  # in the job's folder: it imports the dsd a fresh `python -m dsd` there would (PYTHONPATH=src, say)
 
 
 def _send_request(conn: socket.socket, argv: list[str], status_fd: int) -> None:
@@ -227,6 +226,10 @@ def _is_open(fd: int) -> bool:
 
 
 def serve(path: Path) -> None:
+    # the folder it started in resolved the path as the first job's would; kept absolute, it holds no folder
+    sys.path[:] = [os.path.abspath(entry) for entry in sys.path]
+    path = path.absolute()
+    os.chdir("/")
     lock = open(f"{path}.lock", "w")  # noqa: SIM115 - held for the server's lifetime
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
