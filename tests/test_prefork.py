@@ -110,6 +110,26 @@ def test_the_warm_job_runs_the_code_a_fresh_one_would(tmp_path, sockets):
     assert len(served_jobs(sockets)) == 1
 
 
+def test_the_warm_job_creates_files_with_its_own_umask(tmp_path, sockets):
+    """The server was started by an earlier job, with that job's umask: a job's files get the job's own."""
+    config = parse(tiny_vision_config(tmp_path))
+    env = os.environ | {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets)}
+    first = dsd_command("check-config", str(REPO / "configs" / "default.yaml"), env=env, umask=0o022)
+    assert first.returncode == 0, first.stderr
+    job = [
+        "prepare",
+        "--spec",
+        config.row("resnet18").data_spec().to_json(),
+        "--options",
+        config.options.to_json(),
+    ]
+    result = dsd_command(*job, env=env, umask=0o077)
+    assert result.returncode == 0, result.stderr
+    assert len(served_jobs(sockets)) == 2
+    marker = paths.prepared(config.options.data_root, "shapes")
+    assert stat.S_IMODE(marker.stat().st_mode) == 0o600
+
+
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
 def test_signals_reach_the_job_and_its_status_comes_back(tmp_path, sockets, sig):
     """A signal to the client lands in the forked child; a job a signal kills reports 128 + N, as a shell does

@@ -210,8 +210,15 @@ def _start_server(path: Path) -> None:
 def _send_request(conn: socket.socket, argv: list[str], status_fd: int) -> None:
     fds = [fd if _is_open(fd) else os.open(os.devnull, os.O_RDWR) for fd in (0, 1, 2)]
     socket.send_fds(conn, [b"F"], [*fds, status_fd])
-    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask()}
+    payload = json.dumps(request).encode()
     conn.sendall(struct.pack("!I", len(payload)) + payload)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it is setting it
+    os.umask(mask)
+    return mask
 
 
 def _is_open(fd: int) -> bool:
@@ -348,6 +355,7 @@ def _child(request: dict, fds: list[int], conn: socket.socket, resources: tuple,
         status_fd = fds[3]
         os.set_inheritable(status_fd, False)
         os.chdir(request["cwd"])
+        os.umask(request["umask"])  # the job's, not that of the job that started the server
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = [sys.argv[0], *request["argv"]]
