@@ -3,6 +3,7 @@
 import os
 import selectors
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -164,6 +165,24 @@ def test_a_dsd_job_on_the_cpu_locks_no_gpu(tmp_path, monkeypatch):
     )
     assert result.returncode == 0, result.stderr
     assert "prepared shapes" in result.stdout
+
+
+def test_the_lock_folders_and_files_stay_usable_by_other_users(tmp_path, monkeypatch):
+    """The first job on a machine creates the shared folder and its lock files: whatever its umask, another
+    user's job must still open the files (flock needs read access) and add its SLURM job's folder (it was
+    0755 under the default umask: every other user's GPU job on that node failed with Permission denied)."""
+    base = tmp_path / "shared"
+    monkeypatch.setenv("DSD_GPU_LOCK_DIR", str(base))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    old = os.umask(0o077)
+    try:
+        assert gpus.acquire(1, total=1) == [0]
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(base.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((base / "slurm-42").stat().st_mode) == 0o1777
+    for lock in (base / "slurm-42").iterdir():
+        assert stat.S_IMODE(lock.stat().st_mode) & 0o044 == 0o044, lock
 
 
 def test_existing_cuda_visible_devices_are_shared_by_their_ids(tmp_path, monkeypatch):

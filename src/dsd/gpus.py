@@ -78,15 +78,19 @@ class GPUTimeoutError(TimeoutError):
 
 def lock_folder(path: str | os.PathLike | None = None) -> Path:
     """The folder of the lock files (see the module docstring); created if missing."""
-    if path is None:
-        path = Path(os.environ.get("DSD_GPU_LOCK_DIR") or _machine_tmp() / "dsd-gpu-locks")
-        job = os.environ.get("SLURM_JOB_ID")
-        if job:
-            path = path / f"slurm-{job}"
-    path = Path(path)
+    if path is not None:
+        return _shared_folder(Path(path))
+    path = _shared_folder(Path(os.environ.get("DSD_GPU_LOCK_DIR") or _machine_tmp() / "dsd-gpu-locks"))
+    job = os.environ.get("SLURM_JOB_ID")
+    return _shared_folder(path / f"slurm-{job}") if job else path
+
+
+def _shared_folder(path: Path) -> Path:
+    """`path`, created if missing as /tmp is (sticky, every user may add files): another user's jobs on this
+    machine create their lock files and SLURM job folders in it."""
     if not path.is_dir():
         path.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):  # shared by every user of the machine, like /tmp
+        with contextlib.suppress(OSError):  # mkdir's mode is cut by the umask
             path.chmod(0o1777)
     return path
 
@@ -133,6 +137,7 @@ def _open(path: Path) -> int:
     except FileNotFoundError:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            os.fchmod(fd, 0o644)  # readable by every user whatever this one's umask: their flock needs it
         except FileExistsError:  # another job created it in between
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     os.set_inheritable(fd, True)  # the locks must survive exec into the training command
