@@ -408,3 +408,40 @@ def test_image_features_refuse_an_encoder_checkpoint_of_another_spec(tmp_path):
     result = dsd_cli("features", "--config", str(write_config(tmp_path, raw)), "--row", "neuraltalk")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "not resnet18 seed 0's dense run of this config (phases[0].lr: 0.05 -> 0.04)" in result.stderr
+
+
+def test_a_phase_resumed_with_loader_workers_replays_dropout_exactly(tmp_path, monkeypatch):
+    """With DataLoader workers (a persistent loader) a mid-epoch resume starts the workers afresh: their base
+    seed must not come from torch's global generator, or every dropout mask after the resume is another one
+    (mini VGG-16 has dropout; SIGTERM sent to this process in the first step, resumed in-process)."""
+    import os
+
+    from dsd.errors import Preempted
+    from dsd.tracks.vision import metric
+
+    raw = tiny_vision_config(tmp_path, seeds=[0], workers=1)
+    exp = raw["experiments"]["resnet18"]
+    exp["model"] |= {"arch": "vgg16", "dropout": 0.5}
+    exp["prune"]["exclude"] = ["first_conv"]
+    exp["train"]["max_steps_per_epoch"] = 3
+    exp["phases"][0]["epochs"] = 2
+    exp["data"]["generate"] = {"per_class": {"train": 5, "val": 1, "test": 1}}
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    reference = train(config, "resnet18", 0, "dense", out=tmp_path / "reference")
+    real_loss, calls = metric.loss, []
+
+    def loss_then_sigterm(*args):
+        calls.append(None)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args)
+
+    monkeypatch.setattr(metric, "loss", loss_then_sigterm)
+    out = tmp_path / "preempted"
+    with pytest.raises(Preempted, match="at epoch 0, step 1"):
+        train(config, "resnet18", 0, "dense", out=out)
+    monkeypatch.setattr(metric, "loss", real_loss)
+    assert strip(train(config, "resnet18", 0, "dense", out=out)) == strip(reference)
+    a, b = (checkpoint.load(paths.checkpoint(d)) for d in (out, tmp_path / "reference"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -106,6 +106,9 @@ def persistent_loader(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        # the workers' base seed from a generator of its own: drawn from torch's global one, it would shift
+        # dropout's draws by one in an epoch that a resumed job starts its workers in (not bitwise resumable)
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
