@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
+from dsd.core.masks import unwrapped
 from dsd.engine import distributed
 from dsd.spec import Experiment
 from dsd.tracks.vision.data import eval_loader, to_model_input
@@ -16,8 +17,8 @@ def loss(model: nn.Module, batch, device: torch.device) -> torch.Tensor:
     images, labels = to_model_input(batch[0], device), batch[1].to(device, non_blocking=True)
     out = model(in_layout_of(model, images))
     if isinstance(out, models.GoogLeNetOutputs):
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        weight = getattr(inner, "aux_loss_weight", 0.3)  # the config's, set on the network (DDP hides it)
+        # the config's, set on the network: DDP hides it, also inside torch.compile's wrapper
+        weight = getattr(unwrapped(model), "aux_loss_weight", 0.3)
         return F.cross_entropy(out.logits, labels) + weight * (
             F.cross_entropy(out.aux_logits1, labels) + F.cross_entropy(out.aux_logits2, labels)
         )
