@@ -235,6 +235,28 @@ def test_non_finite_loss_stops_with_step_number(tmp_path):
     assert not paths.metrics(out).exists() and not paths.checkpoint(out).exists()
 
 
+def test_max_bad_batches_counts_the_non_finite_steps_of_the_whole_phase(tmp_path, monkeypatch):
+    """`train.max_bad_batches: 1` skips one non-finite step in the phase: a second one, in the next epoch, stops
+    it (the count started again at every epoch, so a long phase skipped one per epoch)."""
+    from dsd.tracks.vision import metric
+
+    raw = tiny_vision_config(tmp_path, seeds=[0])
+    raw["experiments"]["resnet18"]["train"]["max_bad_batches"] = 1
+    raw["experiments"]["resnet18"]["phases"][0]["epochs"] = 2
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    real_loss, calls = metric.loss, []
+
+    def loss_nan_at_each_epochs_first_step(*args):
+        calls.append(None)
+        value = real_loss(*args)
+        return value * float("nan") if len(calls) in (1, 3) else value  # two steps per epoch
+
+    monkeypatch.setattr(metric, "loss", loss_nan_at_each_epochs_first_step)
+    with pytest.raises(NonFiniteLoss, match=r"at epoch 1, step 0"):
+        train(config, "resnet18", 0, "dense", out=tmp_path / "run")
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_a_loss_read_one_step_late_skips_a_non_finite_step_as_the_waiting_read_does(
     tmp_path, monkeypatch, optimizer

@@ -30,7 +30,9 @@ def train_epoch(
     if skip:  # mid-epoch resume: continue the random streams exactly where the signal stopped them
         resume.set_rng_state(partial["rng"])
     counted = (partial.get(k, 0) for k in ("loss_sum", "count", "bad")) if skip else (0.0, 0, 0)
-    tally = Tally(loop, epoch, *counted)
+    # the phase's earlier epochs (the control job's history holds each phase it stands in for)
+    earlier_bad = sum(h["bad_batches"] for h in state.history if h["phase"] == current.name)
+    tally = Tally(loop, epoch, *counted, earlier_bad=earlier_bad)
     pending = None  # the last step's loss, read one step late (defers_loss_read)
     seconds_before = partial.get("seconds", 0.0) if skip else 0.0
     loop.trained.train()
@@ -153,11 +155,13 @@ class LossRead:
 
 
 class Tally:
-    """An epoch's loss sum, finite steps and non-finite ones; stops the phase past `train.max_bad_batches`."""
+    """An epoch's loss sum, finite steps and non-finite ones; stops the phase past `train.max_bad_batches`
+    non-finite steps in the whole phase (`earlier_bad`: those of its earlier epochs), not in each epoch."""
 
-    def __init__(self, loop, epoch: int, loss_sum: float, count: int, bad: int):
+    def __init__(self, loop, epoch: int, loss_sum: float, count: int, bad: int, earlier_bad: int = 0):
         self.loop, self.epoch = loop, epoch
         self.loss_sum, self.count, self.bad = loss_sum, count, bad
+        self.earlier_bad = earlier_bad
         self.stopping = False  # some rank was signalled: every rank reads this at the same step
 
     def add(self, read: LossRead | None) -> bool:
@@ -172,7 +176,7 @@ class Tally:
             loop.global_step += 1
             return True
         self.bad += 1
-        if self.bad > loop.exp.train.max_bad_batches:
+        if self.earlier_bad + self.bad > loop.exp.train.max_bad_batches:
             where = (
                 "" if loop.world == 1 else f" on rank {torch.distributed.get_rank()}; non-finite on some rank"
             )
