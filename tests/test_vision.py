@@ -456,3 +456,20 @@ def test_googlenet_auxiliary_weight_is_the_configs_under_compiled_ddp(tmp_path):
     finally:
         torch.distributed.destroy_process_group()
     assert wrapped.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_training_without_loader_workers_gives_the_weights_of_training_with_them(tmp_path):
+    """`workers` is a run option, outside every fingerprint: 0 workers (crops drawn in the main process) must
+    train the same weights as 1 worker does."""
+    from conftest import prepare_data, tiny_vision_config, train
+
+    from dsd import paths
+
+    weights = {}
+    for workers in (0, 1):
+        config = parse(tiny_vision_config(tmp_path, seeds=[0], workers=workers))
+        prepare_data(config, "resnet18")
+        train(config, "resnet18", 0, "dense", out=tmp_path / f"workers{workers}")
+        saved = torch.load(paths.checkpoint(tmp_path / f"workers{workers}"), weights_only=True)
+        weights[workers] = saved["model"]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

@@ -427,19 +427,11 @@ _PERSISTENT: dict = {}
 
 
 def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0, first: bool = False):
-    """With worker processes, one loader per phase (workers start once), set to each epoch's order."""
+    """One loader per phase (workers start once), set to each epoch's order. Also without worker processes:
+    each sample's crop is then seeded as the workers seed it, so `workers` (a run option) changes no result;
+    drawn from the global generator instead, 0 workers trained on other crops than 1 or more."""
     data, workers = dataset(exp, "train"), exp.options.workers
     collate = collate_encoded if exp.data.decode == "device" else None
-    if workers == 0:
-        return loaders.loader(
-            data,
-            exp.train.batch_size,
-            train=True,
-            seed=seed,
-            epoch=epoch,
-            skip_batches=skip_batches,
-            collate_fn=collate,
-        )
     key = (id(data), seed, exp.train.batch_size, workers)
     if _PERSISTENT.get("key") != key:
         _PERSISTENT.clear()  # the previous phase's workers stop with their loader
