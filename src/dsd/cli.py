@@ -182,9 +182,8 @@ def cmd_evaluate(args) -> None:
             Path(args.out), result
         )  # written whole, last: its presence means evaluation finished
         shown = "test" if "test" in result else "val"  # `--split val` evaluates no test split
-        print(
-            f"{spec.row} seed {spec.seed} {spec.phase}: {shown} {result['metric']} = {result[shown][result['metric']]:.2f}"
-        )
+        value = result[shown][result["metric"]]
+        print(f"{spec.row} seed {spec.seed} {spec.phase}: {shown} {result['metric']} = {value:.2f}")
     else:  # the per-item outcomes (thousands of numbers) belong in the file, not on the terminal
         print(json.dumps({k: v for k, v in result.items() if k != "test_items"}, indent=1))
 

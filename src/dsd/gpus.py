@@ -21,11 +21,11 @@ locked while any rank lives. A `--dsd` command whose `--options` say `device: cp
 On a machine without GPUs (or with `n` = 0) nothing is locked and nothing is changed. This module imports
 only the standard library (torch only as a last resort to count devices), so the prefix costs milliseconds.
 
-Where the locks live: `--lock-dir`, else `$DSD_GPU_LOCK_DIR`, else `/tmp/dsd-gpu-locks` (not $TMPDIR: users, and
-Snakemake jobs with their `tmpdir` resource, set it apart, and jobs locking in two folders share GPUs); inside a SLURM job
-a subfolder per job id, since SLURM already gives each job its own GPUs (the indices a job sees may be
-renumbered from 0, so jobs must not compete for "GPU 0" across allocations), while the processes inside one
-allocation (a Snakemake run under `salloc`) share its folder and get distinct devices of it.
+Where the locks live: `--lock-dir`, else `$DSD_GPU_LOCK_DIR`, else `/tmp/dsd-gpu-locks` (not $TMPDIR: users,
+and Snakemake jobs with their `tmpdir` resource, set it apart, and jobs locking in two folders share GPUs);
+inside a SLURM job a subfolder per job id, since SLURM already gives each job its own GPUs (the indices a job
+sees may be renumbered from 0, so jobs must not compete for "GPU 0" across allocations), while the processes
+inside one allocation (a Snakemake run under `salloc`) share its folder and get distinct devices of it.
 """
 
 from __future__ import annotations
