@@ -386,29 +386,32 @@ def test_recipe_rejects_bad_order(phases, message):
 def test_masks_hold_under_torch_compile_and_training_matches_eager(tmp_path):
     """`compile: true` trains the compiled module, whose parameters are the model's own: the pruner's in-place
     masking after every step must still zero them (exactly), and the phase must end where eager training
-    does, up to the float reassociation of compiled kernels."""
+    does, up to the float reassociation of compiled kernels. Both sparse phases start from one dense checkpoint,
+    so their masks are the same (two dense phases, each trained compiled or not, can part at a mask's edge)."""
+    import shutil
+
     import torch
     from conftest import parse, prepare_data, tiny_vision_config, train
 
     from dsd import paths
     from dsd.engine import checkpoint
 
-    results = {}
+    results, dense_dir = {}, None
     for compiled in (False, True):
         raw = tiny_vision_config(tmp_path / str(compiled), seeds=[0], compile=compiled)
         raw["experiments"]["resnet18"]["model"]["width"] = 8  # inductor's CPU backward crashes on 4 channels
         config = parse(raw)
         prepare_data(config, "resnet18")
-        for phase in ("dense", "sparse1"):
-            metrics = train(config, "resnet18", 0, phase)
+        here = paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")
+        if dense_dir is None:  # eager: trains the dense phase both sparse phases start from (the same masks)
+            train(config, "resnet18", 0, "dense")
+            dense_dir, dense = here, checkpoint.load(paths.checkpoint(here))
+        else:  # `compile` is a run option: the same spec, so eager's dense checkpoint is this run's too
+            shutil.copytree(dense_dir, here)
+        metrics = train(config, "resnet18", 0, "sparse1")
         assert metrics["measured_sparsity"] == pytest.approx(0.3, abs=0.01)
         run = paths.run_dir(config.options.output_dir, "resnet18", 0, "sparse1")
-        saved = checkpoint.load(paths.checkpoint(run))
-        results[compiled] = saved
-        if not compiled:  # where the sparse phase started
-            dense = checkpoint.load(
-                paths.checkpoint(paths.run_dir(config.options.output_dir, "resnet18", 0, "dense"))
-            )
+        results[compiled] = checkpoint.load(paths.checkpoint(run))
     eager, compiled = (results[k]["model"] for k in (False, True))
     masks = results[True]["pruner"]["masks"]
     assert masks, "the sparse phase saved no masks"
