@@ -111,6 +111,14 @@ def test_dsd_run_retrains_the_phases_after_one_it_retrains(tmp_path):
     assert trained == [f"resnet18 seed 0 {p}" for p in ("dense", "sparse1", "redense1", "control")]
 
 
+def _mark_prepared(parsed, row: str) -> None:
+    """The row's data set marked as prepared with these settings (no data: the test plans, it trains nothing)."""
+    spec = parsed.row(row).data_spec()
+    marker = paths.prepared(parsed.options.data_root, spec.dataset)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"spec": json.loads(spec.to_json()), "fingerprint": "x"}))
+
+
 def _tiny_neuraltalk(tmp_path) -> dict:
     config = tiny_vision_config(tmp_path, seeds=[0], rows=["neuraltalk"])
     config["experiments"]["neuraltalk"] = {
@@ -169,10 +177,7 @@ def test_a_stale_encoder_run_outside_the_tables_rows_is_retrained(tmp_path):
     config = _tiny_neuraltalk(tmp_path)
     parsed = parse_config(config)
     for row in ("resnet18", "neuraltalk"):  # both data sets prepared with these settings, before the run
-        spec = parsed.row(row).data_spec()
-        marker = paths.prepared(parsed.options.data_root, spec.dataset)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"spec": json.loads(spec.to_json()), "fingerprint": "x"}))
+        _mark_prepared(parsed, row)
     encoder = paths.run_dir(parsed.options.output_dir, "resnet18", 0, "dense")
     encoder.mkdir(parents=True)
     paths.checkpoint(encoder).write_bytes(b"an older dense run")
@@ -195,10 +200,7 @@ def test_a_newer_local_weights_file_retrains_the_dense_phase_that_starts_from_it
     row["phases"][1]["lr"] = 0.05
     configfile = write_config(tmp_path, config)
     parsed = parse_config(config)
-    spec = parsed.row("resnet18").data_spec()
-    marker = paths.prepared(parsed.options.data_root, spec.dataset)
-    marker.parent.mkdir(parents=True)
-    marker.write_text(json.dumps({"spec": json.loads(spec.to_json()), "fingerprint": "x"}))
+    _mark_prepared(parsed, "resnet18")
     dense = paths.run_dir(parsed.options.output_dir, "resnet18", 0, "dense")
     dense.mkdir(parents=True)
     paths.checkpoint(dense).write_bytes(b"trained from the first weights")
@@ -254,10 +256,7 @@ def test_a_newer_language_model_file_reruns_the_evaluation_that_reads_it(tmp_pat
     config |= {"wandb": {"mode": "disabled"}, "experiments": {"ds": row}}
     configfile = write_config(tmp_path, config)
     parsed = parse_config(config)
-    spec = parsed.row("ds").data_spec()
-    marker = paths.prepared(parsed.options.data_root, spec.dataset)
-    marker.parent.mkdir(parents=True)
-    marker.write_text(json.dumps({"spec": json.loads(spec.to_json()), "fingerprint": "x"}))
+    _mark_prepared(parsed, "ds")
     run = paths.run_dir(parsed.options.output_dir, "ds", 0, "dense")
     run.mkdir(parents=True)
     dense = parsed.phase("ds", 0, "dense")
