@@ -410,9 +410,11 @@ def test_googlenet_without_auxiliary_heads_loads_weights_that_carry_them(tmp_pat
     assert plain(torch.randn(2, 3, 64, 64)).shape == (2, 10)  # logits alone: no auxiliary losses
 
 
-def test_googlenet_auxiliary_weight_is_the_configs_under_ddp(tmp_path):
-    """DDP does not pass plain attributes on: the loss read GoogLeNet's auxiliary weight off the wrapper and
-    fell back to 0.3 whatever the config said."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["ddp", "compiled-ddp"])
+def test_googlenet_auxiliary_weight_is_the_configs_under_ddp(tmp_path, compiled):
+    """DDP does not pass plain attributes on, and `compile: true` with several GPUs per job wraps DDP in
+    torch.compile's module, which passes them on to DDP: the loss read GoogLeNet's auxiliary weight off a wrapper
+    and fell back to 0.3 whatever the config said (the eager backend: the same wrapper, without compile time)."""
     from torchvision import models
 
     from dsd.tracks.vision import metric as vision_metric
@@ -425,34 +427,11 @@ def test_googlenet_auxiliary_weight_is_the_configs_under_ddp(tmp_path):
     try:
         torch.manual_seed(1)  # the same dropout draws in both
         plain = vision_metric.loss(net, batch, torch.device("cpu"))
+        wrapper = torch.nn.parallel.DistributedDataParallel(net)
+        if compiled:
+            wrapper = torch.compile(wrapper, backend="eager")
         torch.manual_seed(1)
-        wrapped = vision_metric.loss(
-            torch.nn.parallel.DistributedDataParallel(net), batch, torch.device("cpu")
-        )
-    finally:
-        torch.distributed.destroy_process_group()
-    assert wrapped.item() == pytest.approx(plain.item(), rel=1e-6)
-
-
-def test_googlenet_auxiliary_weight_is_the_configs_under_compiled_ddp(tmp_path):
-    """`compile: true` with several GPUs per job wraps DDP in torch.compile's module, which passes attributes on
-    to DDP, which does not: the loss fell back to the auxiliary weight 0.3 whatever the config said (the
-    eager backend: the same wrapper, without the compile time)."""
-    from torchvision import models
-
-    from dsd.tracks.vision import metric as vision_metric
-
-    torch.manual_seed(0)
-    net = models.googlenet(weights=None, aux_logits=True, init_weights=False, num_classes=4)
-    net.aux_loss_weight = 1.0
-    batch = (torch.rand(2, 3, 64, 64), torch.tensor([0, 3]))
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        torch.manual_seed(1)  # the same dropout draws in both
-        plain = vision_metric.loss(net, batch, torch.device("cpu"))
-        compiled = torch.compile(torch.nn.parallel.DistributedDataParallel(net), backend="eager")
-        torch.manual_seed(1)
-        wrapped = vision_metric.loss(compiled, batch, torch.device("cpu"))
+        wrapped = vision_metric.loss(wrapper, batch, torch.device("cpu"))
     finally:
         torch.distributed.destroy_process_group()
     assert wrapped.item() == pytest.approx(plain.item(), rel=1e-6)
