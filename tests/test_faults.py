@@ -299,6 +299,48 @@ def test_featurising_workers_die_with_a_job_killed_while_they_work(tmp_path):
                 worker.kill()
 
 
+@pytest.mark.parametrize("persistent", [True, False], ids=["training loader", "evaluation loader"])
+def test_loader_workers_die_with_a_job_that_exits_before_they_start(tmp_path, persistent):
+    """A job failing on its first batch exits at once (os._exit): a worker that started late under load, when
+    its parent was already gone, waited forever for work and held the job's stdout pipe open (a hung CI test)."""
+    import psutil
+
+    script = (
+        "import os, time, psutil, torch\n"
+        "from torch.utils.data._utils import worker\n"
+        "from dsd.engine import loaders\n"
+        "start = worker.ManagerWatchdog.__init__\n"
+        "def late(self):\n"
+        "    time.sleep(1.0)  # scheduled late: the parent has exited when the worker notes its pid\n"
+        "    start(self)\n"
+        "worker.ManagerWatchdog.__init__ = late\n"
+        "class Items(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 8\n"
+        "    def __getitem__(self, key): return torch.zeros(1)\n"
+        f"if {persistent}:\n"
+        "    loader = loaders.persistent_loader(Items(), 2, seed=0, workers=2)\n"
+        "    loader.sampler.set_epoch(0)\n"
+        "else:\n"
+        "    loader = loaders.loader(Items(), 2, train=False, workers=2)\n"
+        "batches = iter(loader)\n"
+        "print(*(child.pid for child in psutil.Process().children()), flush=True)\n"
+        "os._exit(2)\n"
+    )
+    printed = tmp_path / "workers.txt"
+    with open(printed, "w") as out:  # a file, not a pipe: workers left running would hold a pipe open
+        job = subprocess.run([sys.executable, "-c", script], stdout=out, timeout=60)
+    workers = [psutil.Process(int(pid)) for pid in printed.read_text().split()]
+    assert job.returncode == 2 and len(workers) == 2
+    try:
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"workers left running: {alive}"
+    finally:
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+
+
 def test_a_split_cache_half_built_by_a_killed_job_is_removed(tmp_path):
     """kill -9 while a split's speech features are built leaves `.NAME.PID.tmp`, up to the split's features in
     size: the next build of that cache deletes it, and keeps a live builder's."""

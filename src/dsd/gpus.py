@@ -287,12 +287,13 @@ def _cores() -> int:
 
 
 def _die_with(parent: int) -> None:
-    """In a rank, before exec: SIGKILL when the prefix dies (also by kill -9), as no rank may outlive it."""
+    """In a child (a rank before exec, a featurising or loader worker): SIGKILL when `parent` dies (also by
+    kill -9), as none may outlive it."""
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: ranks may outlive a killed prefix
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not Linux: may outlive a killed parent
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the prefix died before prctl
+    if os.getppid() != parent:  # the parent died before prctl
         os.kill(os.getpid(), signal.SIGKILL)
 
 

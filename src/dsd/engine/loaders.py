@@ -6,10 +6,14 @@ what lets every DDP rank agree on the permutation.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+
+from dsd import gpus
 
 
 def epoch_seed(seed: int, *parts: int) -> int:
@@ -31,6 +35,13 @@ class FixedOrderSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.order)
+
+
+def _worker_dies_with(parent: int, worker_id: int) -> None:
+    """A loader worker dies with its job. A job ends with os._exit, so no worker is told to stop; torch's own
+    watchdog compares the parent pid with the one the worker saw at its start, which a worker scheduled late
+    (under load) reads after its parent exited: it then waited for work forever, holding the job's pipes."""
+    gpus._die_with(parent)
 
 
 def distributed() -> tuple[int, int] | None:
@@ -106,6 +117,7 @@ def persistent_loader(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        worker_init_fn=partial(_worker_dies_with, os.getpid()),
         # the workers' base seed from a generator of its own: drawn from torch's global one, it would shift
         # dropout's draws by one in an epoch that a resumed job starts its workers in (not bitwise resumable)
         generator=torch.Generator().manual_seed(seed),
@@ -150,5 +162,6 @@ def loader(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        worker_init_fn=partial(_worker_dies_with, os.getpid()),
         generator=generator,
     )
