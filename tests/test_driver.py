@@ -316,3 +316,31 @@ def test_param_groups_keep_their_learning_rate_ratios_through_the_recipe():
     run.global_step, run.index = 4, 2
     run._set_lr()
     assert optimizer.param_groups[2]["lr"] == pytest.approx(0.002)  # a tenth of the sparse LR, halved
+
+
+def test_a_model_stepped_by_two_optimizers_gets_both_masked_and_both_lrs():
+    """A model split between two optimizers (Adam for one layer, SGD with momentum for the other), passed as a
+    list: each one's LR follows the recipe at its ratio, and each one's state is zero at the pruned entries when
+    the re-dense phase starts (state left there would revive pruned weights at once)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    adam = torch.optim.Adam(model[0].parameters(), lr=0.01)
+    sgd = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
+    driver, lrs = dsd.DSD(model, [adam, sgd], RECIPE[:3], steps_per_epoch=STEPS), []
+    for x, y in batches(25):
+        lrs.append((adam.param_groups[0]["lr"], sgd.param_groups[0]["lr"]))
+        masks = driver.pruner.masks if driver.pruner is not None else None
+        loss = nn.functional.cross_entropy(model(x), y)
+        adam.zero_grad(), sgd.zero_grad()
+        loss.backward()
+        adam.step(), sgd.step()
+        driver.step()
+        if driver.global_step == 20:  # the sparse phase is over: what the re-dense phase starts from
+            params = dict(model.named_parameters())
+            state = [adam.state[params["0.weight"]]["exp_avg"], adam.state[params["0.weight"]]["exp_avg_sq"],
+                     sgd.state[params["2.weight"]]["momentum_buffer"], params["0.weight"], params["2.weight"]]  # fmt: skip
+            first, second = ~masks["0.weight"], ~masks["2.weight"]
+            pruned = [first, first, second, first, second]
+            assert all(t[p].abs().sum() == 0 and p.any() for t, p in zip(state, pruned, strict=True))
+    assert driver.done and lrs[0] == pytest.approx((0.01, 0.1)) and lrs[10] == pytest.approx((0.005, 0.05))
+    assert lrs[-1] == pytest.approx((0.0005, 0.005))  # re-dense: a tenth of the sparse LR, for both

@@ -16,7 +16,8 @@
 It sets each step's learning rate (the phase's own LR and schedule; param groups built with different LRs keep
 their ratios, the largest getting the recipe's), chooses the masks when a sparse phase starts, re-applies them
 (and zeroes the optimizer state at pruned entries) after every step, drops them when a re-dense phase starts,
-and says which phase it is in. Iterative DSD and Skinny-DNN / IHT are recipes too (`dsd.Recipe.iht`). Its
+and says which phase it is in. A model stepped by several optimizers passes a list of them: each gets its
+LR and its state masked. Iterative DSD and Skinny-DNN / IHT are recipes too (`dsd.Recipe.iht`). Its
 state dict resumes exactly: step count and masks (bit-packed).
 """
 
@@ -27,7 +28,14 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from dsd.core.masks import Pruner, check_patterns, prunable_parameters, shaped_state
+from dsd.core.masks import (
+    Optimizers,
+    Pruner,
+    check_patterns,
+    optimizer_list,
+    prunable_parameters,
+    shaped_state,
+)
 from dsd.core.schedule import Phase, Recipe, lr_at, phase_steps
 
 LR_SCALE = "dsd_lr_scale"  # a param group's LR as a fraction of the recipe's
@@ -37,7 +45,7 @@ class DSD:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizers,
         recipe: Recipe | Iterable[Mapping],
         steps_per_epoch: int,
         lr_schedule: str = "constant",
@@ -46,7 +54,8 @@ class DSD:
     ):
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
-        self.model, self.optimizer = model, optimizer
+        # a model stepped by several optimizers (sparse embeddings and the rest, say): a list of them all
+        self.model, self.optimizer, self._optimizers = model, optimizer, optimizer_list(optimizer)
         self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
         self.steps_per_epoch, self.lr_schedule = steps_per_epoch, lr_schedule
         check_patterns(model, exclude, include)  # now, not when the first sparse phase starts
@@ -55,7 +64,7 @@ class DSD:
         self.global_step, self.index, self.pruner = 0, 0, None
         # layer-wise LRs keep their ratios: the recipe's LR is the largest group's (a group's ratio is kept
         # in it, LR_SCALE, so the optimizer's state dict resumes it)
-        self._lr_base = max((float(g["lr"]) for g in optimizer.param_groups), default=0.0) or 1.0
+        self._lr_base = max((float(g["lr"]) for g in self._param_groups()), default=0.0) or 1.0
         self._skip_empty()
         self._before_entry = self._snapshot() if self.phase is not None and self.phase.prunes else None
         self._enter()
@@ -129,7 +138,8 @@ class DSD:
         what that pruning overwrote is put back: these copies, dropped at the first step."""
         saved = []
         for name, param in prunable_parameters(self.model, self.exclude, self.include).items():
-            saved += [(name, t, t.clone()) for t in (param, *shaped_state(self.optimizer, param))]
+            state = [t for optimizer in self._optimizers for t in shaped_state(optimizer, param)]
+            saved += [(name, t, t.clone()) for t in (param, *state)]
         return saved
 
     @torch.no_grad()
@@ -141,9 +151,12 @@ class DSD:
             if torch.equal(tensor, value * masks[name].to(value.device)):
                 tensor.copy_(value)
 
+    def _param_groups(self) -> list[dict]:
+        return [group for optimizer in self._optimizers for group in optimizer.param_groups]
+
     def _set_lr(self) -> None:
         if not self.done:
-            for group in self.optimizer.param_groups:
+            for group in self._param_groups():
                 lr = self.lr * group.setdefault(LR_SCALE, float(group["lr"]) / self._lr_base)
                 if torch.is_tensor(group["lr"]):  # in place: a captured CUDA graph or compiled step reads it
                     group["lr"].fill_(lr)

@@ -8,7 +8,7 @@ cannot revive them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -183,6 +183,16 @@ def in_layout_of(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
 
 
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
+
+
+def optimizer_list(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
+    """One optimizer, a list or tuple of them (a model split between two: sparse embeddings and the rest), or none."""
+    if optimizer is None:
+        return []
+    return list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+
+
 def shaped_state(optimizer: torch.optim.Optimizer, param: torch.Tensor):
     """The optimizer's state tensors shaped like `param` (momentum, Adam's moments): what masking also zeroes."""
     for value in optimizer.state.get(param, {}).values():
@@ -252,9 +262,7 @@ class Pruner:
             self._refresh_lists()
 
     @torch.no_grad()
-    def _mask_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:
-        if optimizer is None:
-            return
+    def _mask_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         tensors, masks = [], []
         for param, mask in zip(self._param_list, self._mask_list, strict=True):
             for value in shaped_state(optimizer, param):
@@ -279,18 +287,21 @@ class Pruner:
                     if torch.is_tensor(value) and value.shape == param.shape:
                         value.masked_fill_(mask_of[param].to(value.device) == 0, group[option])
 
-    def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Call after every optimizer step (also when a GradScaler skipped it): re-zero weights and state."""
+    def step(self, optimizer: Optimizers = None) -> None:
+        """Call after every optimizer step (also when a GradScaler skipped it): re-zero weights and state.
+        `optimizer`: one, or a list of all those that step the model's weights."""
         if not self.active:
             return
         self.apply()
-        self._mask_optimizer_state(optimizer)
+        for each in optimizer_list(optimizer):
+            self._mask_optimizer_state(each)
 
-    def remove(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def remove(self, optimizer: Optimizers = None) -> None:
         """Re-dense: clear the optimizer state at pruned entries once more, then stop masking."""
         if self.active:
             self.apply()
-            self._mask_optimizer_state(optimizer)
+            for each in optimizer_list(optimizer):
+                self._mask_optimizer_state(each)
         self.active = False
         self.masks, self._params = {}, {}
         self._refresh_lists()
