@@ -171,12 +171,13 @@ def slow_dense_config(tmp, epochs=2, val_per_class=3, steps=8):
 
 
 def start_job(config, out, *prefix) -> subprocess.Popen:
-    """The dense phase as `train_phase` runs it with gpus_per_job: 2 (`dsd.gpus 2 --dsd -- train ...`)."""
+    """The dense phase as `train_phase` runs it with gpus_per_job: 2 (`dsd.gpus 2 --dsd -- train ...`), in a
+    process group of its own (as a terminal's foreground job)."""
     spec = config.phase("resnet18", 0, "dense")
     train = ["train", "--spec", spec.to_json(), "--options", config.options.to_json(), "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     command = [sys.executable, gpus.__file__, "2", *prefix, "--dsd", "--", *train]
-    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
 
 def wait_for_line(process: subprocess.Popen, text: str) -> list[str]:
@@ -261,6 +262,22 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoin
     log = job.communicate(timeout=300)[1]
     assert job.returncode == 2, log[-3000:]
     assert "Traceback" not in log and log.count("checkpointed") == 1, log[-3000:]
+    assert torch.load(paths.resume(out), weights_only=True)["position"] == stopped_at(log)
+
+
+def test_ctrl_c_to_a_ddp_job_checkpoints_every_rank_at_one_step(tmp_path):
+    """A terminal's Ctrl-C reaches the job's whole process group. The prefix forwards it to its ranks, so a
+    rank in that group got it twice, and took the second for the "again: stop at once" Ctrl-C: no checkpoint.
+    Ranks have a process group of their own: one Ctrl-C, one checkpoint, exit status 130."""
+    out = tmp_path / "run"
+    job = start_job(slow_dense_config(tmp_path, epochs=3, steps=24), out)
+    wait_for_line(job, "dense epoch 1/3")
+    while not paths.resume(out).exists():  # epoch 2 under way
+        time.sleep(0.005)
+    os.killpg(job.pid, signal.SIGINT)
+    log = job.communicate(timeout=300)[1]
+    assert job.returncode == 130, log[-3000:]
+    assert "Traceback" not in log and log.count("SIGINT: checkpointed dense") == 1, log[-3000:]
     assert torch.load(paths.resume(out), weights_only=True)["position"] == stopped_at(log)
 
 

@@ -341,6 +341,34 @@ def test_loader_workers_die_with_a_job_that_exits_before_they_start(tmp_path, pe
                 worker.kill()
 
 
+def test_loader_workers_keep_working_through_a_ctrl_c_to_the_process_group():
+    """A terminal's Ctrl-C reaches the job's whole process group, loader workers included. The job announces
+    once that it checkpoints at its next step (the workers, forked with its handler, each announced it too)
+    and its workers go on loading the batches it may still need."""
+    script = (
+        "import os, signal, time, torch\n"
+        "from dsd.engine import loaders, resume\n"
+        "class Slow(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 8\n"
+        "    def __getitem__(self, key):\n"
+        "        time.sleep(0.3)  # a worker is decoding when the signal lands\n"
+        "        return torch.zeros(1)\n"
+        "loader = loaders.persistent_loader(Slow(), 2, seed=0, workers=2)\n"
+        "loader.sampler.set_epoch(0)\n"
+        "with resume.StopSignal() as stop:\n"
+        "    batches = iter(loader)\n"
+        "    first = next(batches)\n"
+        "    os.killpg(0, signal.SIGINT)\n"
+        "    rest = list(batches)\n"
+        "print(1 + len(rest), stop.received)\n"
+    )
+    job = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, start_new_session=True
+    )
+    assert job.returncode == 0 and job.stdout.split() == ["4", "SIGINT"], job.stderr[-2000:]
+    assert job.stderr.count("dsd: Ctrl-C: checkpointing at the next step") == 1, job.stderr[-2000:]
+
+
 def test_a_split_cache_half_built_by_a_killed_job_is_removed(tmp_path):
     """kill -9 while a split's speech features are built leaves `.NAME.PID.tmp`, up to the split's features in
     size: the next build of that cache deletes it, and keeps a live builder's."""

@@ -4,6 +4,7 @@ import argparse
 import copy
 import functools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -53,8 +54,15 @@ def assert_same_run(dir_a, dir_b, row, seed, phases):
             assert torch.equal(model_a[name], model_b[name]), f"{phase}: {name} differs"
 
 
-def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(tmp_path):
-    config = parse(slow_sparse_config(tmp_path))
+@pytest.mark.parametrize("interrupt", ["SIGTERM", "Ctrl-C, 2 loader workers"])
+def test_a_signal_checkpoints_mid_epoch_and_resume_is_exact(tmp_path, interrupt):
+    """SIGTERM (SLURM, Snakemake), or Ctrl-C, which a terminal sends the job's whole process group, loader
+    workers included (they died with a KeyboardInterrupt of their own): a checkpoint at the next step, then an
+    exact resume. Ctrl-C exits 130, as an interrupted command does."""
+    raw = slow_sparse_config(tmp_path)
+    ctrl_c = interrupt.startswith("Ctrl-C")
+    raw["workers"] = 2 if ctrl_c else 0
+    config = parse(raw)
     prepare_data(config, "resnet18")
     train(config, "resnet18", 0, "dense")
     reference = train(config, "resnet18", 0, "sparse1", out=tmp_path / "reference")
@@ -73,13 +81,18 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(tmp_path):
         config.options.to_json(),
     ]
     cmd += ["--init", str(dense), "--out", str(out)]
-    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     while not paths.resume(out).exists() and process.poll() is None:
         time.sleep(0.005)
     time.sleep(0.15)  # somewhere inside a later epoch
-    process.send_signal(signal.SIGTERM)
+    if ctrl_c:
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 2 and "SIGTERM: checkpointed sparse1" in stderr, stderr
+    name, code = ("SIGINT", 130) if ctrl_c else ("SIGTERM", 2)
+    assert process.returncode == code and f"{name}: checkpointed sparse1" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
     assert not paths.metrics(out).exists()
     resumed = train(config, "resnet18", 0, "sparse1", out=out)
     assert strip(resumed) == strip(reference)

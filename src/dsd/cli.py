@@ -494,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except EXPECTED as err:
         print(f"dsd: error: {one_line(err)}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one anywhere else
+        print("dsd: interrupted", file=sys.stderr)
+        return 130
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

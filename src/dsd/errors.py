@@ -1,4 +1,5 @@
-"""The failures a user can cause or meet; the CLI prints each as one line and exits with status 2."""
+"""The failures a user can cause or meet; the CLI prints each as one line and exits with status 2 (130 for a
+Ctrl-C, as an interrupted command)."""
 
 
 class DSDError(Exception):
@@ -22,4 +23,8 @@ class NonFiniteLoss(DSDError, RuntimeError):
 
 
 class Preempted(DSDError, RuntimeError):
-    """SIGTERM / SIGUSR1 arrived; a resume checkpoint was written."""
+    """SIGTERM / SIGUSR1 or a Ctrl-C (SIGINT) arrived; a resume checkpoint was written."""
+
+    def __init__(self, message: str, signal_name: str = ""):
+        super().__init__(message)
+        self.exit_code = 130 if signal_name == "SIGINT" else 2

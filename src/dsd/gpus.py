@@ -297,6 +297,14 @@ def _die_with(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _start_rank(parent: int) -> None:
+    """In a rank, before exec: a process group of its own, so that a terminal's Ctrl-C (sent to the prefix's
+    group) reaches it once, forwarded, not twice (a second Ctrl-C means "stop at once"); it dies with the
+    prefix."""
+    os.setpgid(0, 0)
+    _die_with(parent)
+
+
 def _rank_env(rank: int, n: int, rendezvous: str) -> dict[str, str]:
     """What torchrun would set, with a file store for the rendezvous: no port to collide with another job."""
     world = str(n)
@@ -313,8 +321,9 @@ def _exit_status(status: int) -> int:
 def run_ranks(n: int, args: list[str], python: str = sys.executable) -> int:
     """Run `python -m dsd ARGS` as ranks 0 .. n-1 and return their exit status (the first failure's).
 
-    SIGTERM, SIGUSR1, SIGINT and SIGHUP go on to every rank (a rank that also got one directly just sees it
-    twice). The ranks inherit the lock files and die with this process, whatever ends it."""
+    SIGTERM, SIGUSR1, SIGINT and SIGHUP go on to every rank (a rank that also got one directly, from a
+    scheduler signalling every process of the job, just sees it twice). The ranks inherit the lock files and
+    die with this process, whatever ends it."""
     ranks: list[subprocess.Popen] = []
 
     def forward(signum, frame):
@@ -334,7 +343,7 @@ def run_ranks(n: int, args: list[str], python: str = sys.executable) -> int:
                     [python, "-m", "dsd", *args],
                     env=_rank_env(rank, n, f"file://{folder}/store"),
                     pass_fds=tuple(_held.values()),
-                    preexec_fn=lambda: _die_with(parent),
+                    preexec_fn=lambda: _start_rank(parent),
                 )
             )
         return _wait_for(ranks)

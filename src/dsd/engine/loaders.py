@@ -7,6 +7,7 @@ what lets every DDP rank agree on the permutation.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -37,11 +38,14 @@ class FixedOrderSampler(Sampler[int]):
         return len(self.order)
 
 
-def _worker_dies_with(parent: int, worker_id: int) -> None:
+def _worker_init(parent: int, worker_id: int) -> None:
     """A loader worker dies with its job. A job ends with os._exit, so no worker is told to stop; torch's own
     watchdog compares the parent pid with the one the worker saw at its start, which a worker scheduled late
-    (under load) reads after its parent exited: it then waited for work forever, holding the job's pipes."""
+    (under load) reads after its parent exited: it then waited for work forever, holding the job's pipes.
+    It ignores Ctrl-C, which a terminal sends its whole process group: the job alone decides (it checkpoints at
+    the next step, resume.StopSignal, whose handler the worker would otherwise have inherited)."""
     gpus._die_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def distributed() -> tuple[int, int] | None:
@@ -117,7 +121,7 @@ def persistent_loader(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
-        worker_init_fn=partial(_worker_dies_with, os.getpid()),
+        worker_init_fn=partial(_worker_init, os.getpid()),
         # the workers' base seed from a generator of its own: drawn from torch's global one, it would shift
         # dropout's draws by one in an epoch that a resumed job starts its workers in (not bitwise resumable)
         generator=torch.Generator().manual_seed(seed),
@@ -162,6 +166,6 @@ def loader(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
-        worker_init_fn=partial(_worker_dies_with, os.getpid()),
+        worker_init_fn=partial(_worker_init, os.getpid()),
         generator=generator,
     )

@@ -11,6 +11,7 @@ of another spec is refused.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -89,20 +90,29 @@ def set_rng_state(state: dict) -> None:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption) ask the loop to checkpoint at the next step and exit."""
+    """SIGTERM / SIGUSR1 (SLURM preemption) and a first Ctrl-C (SIGINT) ask the loop to checkpoint at the next
+    step and exit: an interrupted phase loses a step, not its epoch. A second Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.received = None
 
     def __enter__(self):
         self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signals = [signal.SIGTERM, signal.SIGUSR1]
+        if (
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):  # not where it is ignored (nohup, &)
+            signals.append(signal.SIGINT)
+        for sig in signals:
             with contextlib.suppress(ValueError):  # not the main thread: no signal handling
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C raises KeyboardInterrupt; os.write: safe in a handler
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
+            os.write(2, b"dsd: Ctrl-C: checkpointing at the next step (Ctrl-C again to stop at once)\n")
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

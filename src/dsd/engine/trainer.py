@@ -340,9 +340,10 @@ class _Loop:
     def preempted(self, stop, where: str) -> Preempted:
         """The error every rank stops with, at the same step; only rank 0 wrote the checkpoint."""
         if self.rank == 0:
-            return Preempted(f"{_signal_name(stop)}: checkpointed {self.spec.phase} {where}")
+            return Preempted(f"{_signal_name(stop)}: checkpointed {self.spec.phase} {where}", stop.received)
         return Preempted(
-            f"{_signal_name(stop)}: rank {self.rank} stopped {self.spec.phase} {where} with rank 0"
+            f"{_signal_name(stop)}: rank {self.rank} stopped {self.spec.phase} {where} with rank 0",
+            stop.received,
         )
 
     def _log(self, record: dict, current: Phase, sub: int) -> None:
