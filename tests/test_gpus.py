@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -106,6 +107,33 @@ def test_killed_job_releases_its_devices_and_timeout_is_clear(tmp_path):
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_a_rank_that_exits_as_a_signal_is_forwarded_still_fails_the_job(monkeypatch):
+    """A signal the prefix forwards (SLURM's SIGTERM reaches every process at once) may land after a rank
+    exited and before the prefix reaped it: forwarding it must not reap the rank unseen, or the prefix
+    reports success for a job whose rank failed."""
+    waitpid, others = os.waitpid, _children()
+
+    def late_waitpid(pid, options):  # the signal comes once the rank has exited, before it is reaped
+        while not any(_state(child) == "Z" for child in _children() - others):
+            time.sleep(0.01)
+        monkeypatch.setattr(os, "waitpid", waitpid)
+        os.kill(os.getpid(), signal.SIGUSR1)  # its handler runs here, before the call below
+        return waitpid(pid, options)
+
+    monkeypatch.setattr(os, "waitpid", late_waitpid)
+    assert gpus.run_ranks(1, [], python="false") == 1  # `false -m dsd`: a rank failing at once
+
+
+def _children() -> set[str]:
+    me = os.getpid()
+    return set(Path(f"/proc/{me}/task/{me}/children").read_text().split())
+
+
+def _state(pid: str) -> str:
+    """R, S, ... and Z for a process that has exited and is not reaped yet."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def test_cli_timeout_is_one_line_and_status_2(tmp_path):

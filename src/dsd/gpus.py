@@ -328,9 +328,11 @@ def run_ranks(n: int, args: list[str], python: str = sys.executable) -> int:
 
     def forward(signum, frame):
         for rank in ranks:
-            if rank.returncode is None:
+            if rank.returncode is None:  # not reaped by _wait_for, so its pid is still its own
                 with contextlib.suppress(ProcessLookupError):
-                    rank.send_signal(signum)
+                    # not rank.send_signal: its poll() reaps a rank that has just exited, whose status
+                    # _wait_for then never sees (the ranks failed, the prefix reported success)
+                    os.kill(rank.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     remove_stale_rendezvous()
