@@ -6,7 +6,11 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -349,6 +353,26 @@ def test_features_of_other_images_are_never_read(tmp_path):
         cap_data.load_features(exp)
     other = _exp(tmp_path, dataset="scenes", data=data | {"image_size": 24})
     assert cap_data.features_path(other) != cap_data.features_path(exp)  # another encoder input size
+
+
+def test_a_features_cache_half_written_by_a_killed_job_is_removed(tmp_path):
+    """kill -9 while the features cache is saved leaves its temporary file, as large as the cache (GBs for
+    COCO): the next extraction deletes it, and keeps a live writer's."""
+    data = {"scenes_splits": [6, 2, 2], "scenes_image_size": 32, "image_size": 32, "min_count": 1}
+    exp = _exp(tmp_path, dataset="scenes", data=data)
+    prepare.prepare(exp)
+    path = cap_data.features_path(exp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    killed_mid_save = (
+        "import os, signal, sys; open(f'.{sys.argv[1]}.tmp{os.getpid()}', 'wb').write(bytes(4096)); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    killed = subprocess.run([sys.executable, "-c", killed_mid_save, path.name], cwd=path.parent)
+    assert killed.returncode == -signal.SIGKILL and list(path.parent.glob(".*.tmp*"))
+    live = path.parent / f".{path.name}.tmp{os.getppid()}"  # a live process, not this writer
+    live.write_bytes(b"")
+    cap_data.extract_features(exp, cap_model.encoder_from_module(TinyCNN()))
+    assert path.is_file() and [p.name for p in path.parent.glob(".*.tmp*")] == [live.name]
 
 
 def test_a_damaged_features_cache_is_named(tmp_path):

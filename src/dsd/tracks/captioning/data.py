@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dsd import paths
 from dsd.engine import loaders
 from dsd.engine import prepare as prepared
 from dsd.errors import DataError
@@ -365,7 +366,10 @@ def extract_features(exp: Experiment, encoder: nn.Module, batch_size: int = 64) 
         "features": torch.cat(chunks),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    # a job killed while saving (kill -9, SIGTERM) left its temporary file, as large as the cache: GBs of fc7
+    # features for COCO. Named as paths.write_atomically names them, so that the sweep finds a dead one
+    paths.remove_stale_temporaries(out_path.parent)
+    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     try:
         torch.save(payload, tmp)
     except (OSError, RuntimeError) as err:  # a full disk surfaces as torch's RuntimeError, naming no file
