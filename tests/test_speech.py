@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +272,22 @@ def test_synthesiser_is_deterministic_for_a_seed():
     for (_, x), (_, y) in zip(a, b, strict=True):
         assert x.dtype == np.float32 and len(x) > 8000 and np.abs(x).max() <= 1.0
         assert np.array_equal(x, y)  # bit-identical samples, not merely similar
+
+
+def test_a_job_killed_while_a_speaker_is_synthesised_leaves_no_temporary_files(tmp_path):
+    """kill -9 of a prepare job while eSpeak's worker runs (it synthesises a speaker at a time): its requests
+    and up to a speaker's audio (6 MB) were left in a folder of the machine's tmp, which nothing removes."""
+    script = (
+        "import os, signal, subprocess\n"
+        "from dsd.tracks.speech import synthetic\n"
+        "subprocess.run = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # while the worker runs\n"
+        "synthetic.speak([('one two', 'en-us', 'm3', 150, 50)])\n"
+    )
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    killed = subprocess.run([sys.executable, "-c", script], env=os.environ | {"TMPDIR": str(tmp)}, timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert not list(tmp.iterdir())
 
 
 def test_end_to_end_tiny_corpus(tiny):

@@ -14,11 +14,12 @@ random choice comes from a generator seeded by (seed, split, speaker): a fixed s
 from __future__ import annotations
 
 import ctypes
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -159,15 +160,14 @@ class _Espeak:
 def speak(requests: list[tuple[str, str, str, int, int]]) -> list[np.ndarray]:
     """int16 audio at eSpeak's rate for (text, voice, variant, rate, pitch) requests, in a fresh process.
 
-    A fresh process starts eSpeak from its initial state, so the result depends only on `requests`.
+    A fresh process starts eSpeak from its initial state, so the result depends only on `requests`. Requests
+    and audio go through its pipes: a temporary folder was left behind by a job killed meanwhile.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        job, out = Path(tmp) / "job.json", Path(tmp) / "out.npz"
-        job.write_text(json.dumps(requests))
-        # run as a plain script (-P: no script folder on sys.path), so the worker never imports torch
-        subprocess.run([sys.executable, "-P", __file__, str(job), str(out)], check=True)
-        with np.load(out) as audio:
-            return [audio[f"a{i}"] for i in range(len(requests))]
+    # run as a plain script (-P: no script folder on sys.path), so the worker never imports torch
+    worker = [sys.executable, "-P", __file__]
+    done = subprocess.run(worker, input=json.dumps(requests).encode(), stdout=subprocess.PIPE, check=True)
+    with np.load(io.BytesIO(done.stdout)) as audio:
+        return [audio[f"a{i}"] for i in range(len(requests))]
 
 
 def _trim(wav: np.ndarray, threshold: float = 1e-3, margin: int = 1600) -> np.ndarray:
@@ -252,13 +252,19 @@ def write_flac(path: Path, wav: np.ndarray) -> None:
         raise DataError(f"{path}: cannot write the audio ({reason})") from None
 
 
-def _worker(job: str, out: str) -> None:
+def _worker() -> None:
+    """`speak`'s requests from stdin, their audio (npz) to stdout; whatever else writes to fd 1 (eSpeak's C
+    code, say) goes to stderr."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
     engine = _Espeak.get()
     if engine.sample_rate != ESPEAK_RATE:
         raise RuntimeError(f"eSpeak NG reports {engine.sample_rate} Hz, expected {ESPEAK_RATE}")
-    requests = json.loads(Path(job).read_text())
-    np.savez(out, **{f"a{i}": engine.say(*r) for i, r in enumerate(requests)})
+    audio = io.BytesIO()
+    np.savez(audio, **{f"a{i}": engine.say(*r) for i, r in enumerate(json.loads(sys.stdin.buffer.read()))})
+    with out:
+        out.write(audio.getbuffer())
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:3])
+    _worker()
