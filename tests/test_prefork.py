@@ -1,5 +1,6 @@
 """The warm interpreter (dsd.prefork): a job run in a forked child must be the job a fresh process runs."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,9 +28,13 @@ def dsd_command(*args, env, **kwargs):
 
 @pytest.fixture
 def sockets():
-    """A short folder of its own: a unix socket path must stay under 108 bytes (pytest's tmp paths are long)."""
+    """A short folder of its own: a unix socket path must stay under 108 bytes (pytest's tmp paths are long).
+    The servers the test started stop with it: each would idle on for a minute, torch imported."""
     folder = Path(tempfile.mkdtemp(prefix="dsd-pf-"))
     yield folder
+    for pid in _server_pids(folder):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -168,11 +173,25 @@ def test_it_stays_out_of_torchrun_slurm_and_when_switched_off():
     assert not prefork.enabled({"SLURM_JOB_ID": "12"})
 
 
+def _logged_servers(sockets) -> list[int]:
+    lines = (line for log in sockets.glob("*.log") for line in log.read_text().splitlines())
+    return [int(line.split("[", 1)[1].split("]", 1)[0]) for line in lines if "] serving " in line]
+
+
 def _server_pid(sockets) -> int:
-    for line in (line for log in sockets.glob("*.log") for line in log.read_text().splitlines()):
-        if "] serving " in line:
-            return int(line.split("[", 1)[1].split("]", 1)[0])
-    raise AssertionError("no server log")
+    pids = _logged_servers(sockets)
+    assert pids, "no server log"
+    return pids[0]
+
+
+def _server_pids(sockets) -> list[int]:
+    """The servers of this folder still running (a pid whose server went idle may name another process now)."""
+    pids = []
+    for pid in _logged_servers(sockets):
+        with contextlib.suppress(OSError):
+            if str(sockets).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+    return pids
 
 
 def test_a_server_that_dies_cannot_fail_a_job_that_finishes(tmp_path, sockets):
