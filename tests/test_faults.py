@@ -299,6 +299,27 @@ def test_featurising_workers_die_with_a_job_killed_while_they_work(tmp_path):
                 worker.kill()
 
 
+def test_featurising_workers_compute_after_the_job_ran_a_parallel_op(tmp_path):
+    """A forked worker has none of its job's OpenMP threads: after a parallel op in the job (prepare sums a
+    split's utterance lengths, over 32k of them for WSJ's si284), the workers' first parallel op (a long
+    utterance's spectrum) waited for those threads forever, and so did the job."""
+    script = (
+        "import torch\n"
+        "from dsd.tracks.speech import data\n"
+        "from dsd.tracks.speech.config import Data\n"
+        "torch.set_num_threads(2)\n"
+        "torch.zeros(40_000, dtype=torch.long).sum()  # large enough for torch to run it on OpenMP's threads\n"
+        "with data.feature_pool(2) as pool:\n"
+        "    print(*pool.submit(data.features, torch.rand(16_000 * 5), Data()).result().shape)\n"
+    )
+    try:
+        job = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the featurising worker hung in its first parallel op")
+    assert job.returncode == 0, job.stderr
+    assert job.stdout.split()[0] == "501"  # 5 s of 10 ms frames
+
+
 @pytest.mark.parametrize("persistent", [True, False], ids=["training loader", "evaluation loader"])
 def test_loader_workers_die_with_a_job_that_exits_before_they_start(tmp_path, persistent):
     """A job failing on its first batch exits at once (os._exit): a worker that started late under load, when

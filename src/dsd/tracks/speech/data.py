@@ -293,11 +293,20 @@ def feature_pool(workers: int):
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
+    return ProcessPoolExecutor(
+        workers, mp_context=get_context("fork"), initializer=_feature_worker, initargs=(os.getpid(),)
+    )
+
+
+def _feature_worker(parent: int) -> None:
+    """A featurising worker dies with its job and computes on one thread (the workers are the parallelism).
+    A forked process has none of its parent's OpenMP threads: once the job had run a parallel op (summing a
+    split of 40k utterance lengths, loading weights), a worker's first parallel op waited for them forever.
+    With one thread torch runs no OpenMP region; the features are the same bits."""
     from dsd import gpus
 
-    return ProcessPoolExecutor(
-        workers, mp_context=get_context("fork"), initializer=gpus._die_with, initargs=(os.getpid(),)
-    )
+    gpus._die_with(parent)
+    torch.set_num_threads(1)
 
 
 def _write_features(jobs: list, workers: int, tmp: Path, exp: Experiment, split: str) -> None:
