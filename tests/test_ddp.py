@@ -1,4 +1,4 @@
-"""DSD under DistributedDataParallel: two gloo processes on the CPU against one process, same global batch."""
+"""DSD under DistributedDataParallel (and FSDP): two gloo processes on the CPU against one process, same global batch."""
 
 import json
 import os
@@ -19,6 +19,7 @@ from torch import nn
 
 import dsd
 from dsd import gpus, paths
+from dsd.core.masks import shaped_state
 
 STEPS, GLOBAL_BATCH = 12, 16
 
@@ -79,6 +80,100 @@ def test_two_rank_ddp_matches_single_process(tmp_path):
         torch.testing.assert_close(result["model"][name], value, atol=1e-5, rtol=0)
     for name, mask in pruner.masks.items():
         assert torch.all(result["model"][name][~mask] == 0)
+
+
+def make_odd_model():
+    """Its middle layer's 7 rows shard 4 + 3 over two ranks, as FSDP2 does with an uneven dim 0."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 7), nn.Tanh(), nn.Linear(7, 4))
+
+
+FSDP_OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01, weight_decay=1e-3),
+}
+
+
+def fsdp2_main(rank, world, init_file, out_file):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    mesh, result = init_device_mesh("cpu", (world,)), {}
+    for kind, make_optimizer in FSDP_OPTIMIZERS.items():
+        model = make_odd_model()
+        for layer in model[::2]:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = make_optimizer(model.parameters())
+        pruner = dsd.Pruner(model, 0.5)
+        train(model, optimizer, pruner, [(x[rank::world], y[rank::world]) for x, y in batches()])
+        state = pruner.state_dict()
+        resumed, params = dsd.Pruner.from_state_dict(model, state), dict(model.named_parameters())
+        result[kind] = {
+            "masks": {n: m.full_tensor() for n, m in pruner.masks.items()},
+            "weights": {n: p.full_tensor() for n, p in params.items()},
+            "state": {n: [t.full_tensor() for t in shaped_state(optimizer, params[n])] for n in pruner.masks},
+            "state_dict": state,
+            "resumed": {n: m.full_tensor() for n, m in resumed.masks.items()},
+            "sparsity": pruner.sparsity(),
+        }
+    if rank == 0:
+        torch.save(result, out_file)
+    dist.destroy_process_group()
+
+
+def test_an_fsdp2_model_gets_the_unsharded_models_masks(tmp_path):
+    """fully_shard (FSDP2) shards each weight on dim 0: the masks rank each whole weight, as the unsharded
+    model's do (ranking per shard would keep each shard's own largest entries), pruned weights and optimizer
+    state stay exactly zero, and the state dict holds whole masks that resume sharded or not."""
+    mp.spawn(fsdp2_main, args=(2, str(tmp_path / "init"), str(tmp_path / "fsdp2.pt")), nprocs=2, join=True)
+    result = torch.load(tmp_path / "fsdp2.pt", weights_only=True)
+    unsharded = dsd.Pruner(make_odd_model(), 0.5)
+    for kind, run in result.items():
+        assert run["masks"].keys() == unsharded.masks.keys() == {"0.weight", "2.weight", "4.weight"}
+        for name, mask in unsharded.masks.items():
+            assert torch.equal(run["masks"][name], mask) and torch.equal(run["resumed"][name], mask), kind
+            assert run["weights"][name][~mask].eq(0).all() and run["weights"][name][mask].ne(0).all(), kind
+            assert run["state"][name] and all(t[~mask].eq(0).all() for t in run["state"][name]), kind
+            assert run["sparsity"][name] == (~mask).sum() / mask.numel(), kind
+        saved, expected = run["state_dict"], unsharded.state_dict()
+        assert saved["shapes"] == expected["shapes"]
+        assert all(torch.equal(saved["masks"][n], packed) for n, packed in expected["masks"].items()), kind
+        portable = dsd.Pruner.from_state_dict(make_odd_model(), saved)
+        assert all(torch.equal(portable.masks[n], m) for n, m in unsharded.masks.items()), kind
+
+
+def old_fsdp_main(rank, world, init_file, out_file):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    recipe = [
+        {"kind": "dense", "epochs": 1, "lr": 0.1},
+        {"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 0.5},
+    ]
+    errors = []
+    for use_orig_params in (False, True):
+        model = FullyShardedDataParallel(make_odd_model(), use_orig_params=use_orig_params, device_id="cpu")
+        for prune, args in ((dsd.Pruner, (model, 0.5)), (dsd.DSD, (model, None, recipe, 1))):
+            try:
+                prune(*args)
+                errors.append(None)
+            except ValueError as error:
+                errors.append(str(error))
+    torch.save(errors, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_the_older_fully_sharded_data_parallel_is_refused(tmp_path):
+    """FullyShardedDataParallel's flat parameters hide each weight's shape (every weight was silently left
+    dense): the Pruner and the driver refuse it, naming fully_shard instead."""
+    mp.spawn(old_fsdp_main, args=(1, str(tmp_path / "init"), str(tmp_path / "errors")), nprocs=1, join=True)
+    errors = torch.load(tmp_path / "errors.0")
+    assert len(errors) == 4 and all(
+        e and "FullyShardedDataParallel" in e and "fully_shard" in e for e in errors
+    )
 
 
 LOSSES = {0: [float("nan"), 0.5, 2.0], 1: [1.5, float("inf"), 3.0]}  # per rank, step by step

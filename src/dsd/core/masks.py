@@ -4,10 +4,14 @@ Masking is done in place on the parameters themselves (no reparametrisation), so
 flat weights and checkpoints keep plain state dicts. After every optimizer step the pruned weights and the
 optimizer state at pruned entries are set back to exactly zero, so momentum, weight decay and Adam moments
 cannot revive them.
+
+A model sharded with FSDP2 (`fully_shard`: DTensor parameters) is ranked per whole tensor, so its masks are those
+of the same model unsharded; the older FullyShardedDataParallel is refused (see `sharding_checked`).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -40,6 +44,49 @@ def unwrapped(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor: an FSDP2 parameter, or optimizer state of one. Checked without importing
+    torch.distributed.tensor (0.6 s): no tensor can be a DTensor until something has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of `tensor` this rank holds (all of a plain tensor): masking works on it in place, as the
+    optimizer's own update does, with no collective. Fetched at each use: FSDP2 re-creates a parameter's local
+    tensor (its lazy init, `.to()`)."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded tensor, gathered from every rank (a collective: every rank must call it)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def sharded_like(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """A whole `tensor` (a mask) sharded as `param` is. Every rank holds the same whole tensor, so each takes
+    its own shard without communication (src_data_rank=None)."""
+    if not is_sharded(param) or is_sharded(tensor):
+        return tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def sharding_checked(model: nn.Module) -> nn.Module:
+    """`unwrapped(model)`, refusing the older FullyShardedDataParallel: it flattens weights into shards of one
+    flat parameter (`use_orig_params` exposes 1-D slices of them), so no rank sees a weight's shape or all its
+    magnitudes and every weight would silently stay dense."""
+    model = unwrapped(model)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and any(isinstance(m, fsdp.FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "dsd cannot prune a FullyShardedDataParallel model: its flat, sharded parameters hide each weight's "
+            "shape and magnitudes; shard it with torch.distributed.fsdp.fully_shard (FSDP2) instead"
+        )
+    return model
+
+
 def aliases(model: nn.Module) -> dict[str, str]:
     """Names a pattern may use instead of a parameter name: `first_conv`, the weight of the first convolution
     (in registration order, the forward order of torchvision's models), which the DSD paper keeps dense."""
@@ -69,7 +116,7 @@ def prunable_parameters(
     prunes only fully connected and recurrent weights, say). Names are those of the unwrapped model's
     `named_parameters()` (see `unwrapped`).
     """
-    model = unwrapped(model)
+    model = sharding_checked(model)
     exclude = expand_aliases(_patterns(exclude, "exclude"), model)
     include = expand_aliases(_patterns(include, "include"), model)
     names_of: dict[nn.Parameter, list[str]] = {}
@@ -129,7 +176,7 @@ def check_patterns(
 ) -> None:
     """A pattern that matches no parameter is almost always a typo, which would silently prune a layer; an
     `include` that leaves nothing to prune is one too."""
-    model = unwrapped(model)
+    model = sharding_checked(model)
     exclude, include = _patterns(exclude, "exclude"), _patterns(include, "include")
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     typos = unmatched(names, (*expand_aliases(exclude, model), *(expand_aliases(include, model) or ())))
@@ -145,7 +192,12 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
 
     Ties at the threshold are broken by flat index (lower index pruned first), so the mask is a pure function
     of the weights. A selection (not a full sort) keeps this linear in the tensor size.
+
+    A sharded weight (FSDP2's DTensor) is ranked whole, gathered on every rank: ranking each shard would keep
+    each shard's own largest entries. Its mask comes back sharded as the weight is.
     """
+    if is_sharded(weight):
+        return sharded_like(weight, magnitude_mask(weight.full_tensor(), sparsity))
     n = weight.numel()
     k = int(round(check_sparsity(sparsity) * n))
     if k == 0:
@@ -195,9 +247,14 @@ def optimizer_list(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
 
 def shaped_state(optimizer: torch.optim.Optimizer, param: torch.Tensor):
     """The optimizer's state tensors shaped like `param` (momentum, Adam's moments): what masking also zeroes."""
-    for value in optimizer.state.get(param, {}).values():
+    for value in optimizer.state.get(param, {}).values():  # a sharded parameter's state is sharded alike
         if torch.is_tensor(value) and value.shape == param.shape:
             yield value
+
+
+def zeros(param: torch.Tensor) -> int:
+    """Exact zeros in the whole of `param`: a sharded one's are summed over its shards."""
+    return int(full((param == 0).sum()))
 
 
 def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
@@ -213,7 +270,9 @@ class Pruner:
 
     A DistributedDataParallel, DataParallel or torch.compile'd model is pruned as the module it wraps (names
     without `module.` / `_orig_mod.`): masks are a function of the weights, which DDP keeps identical on every
-    rank, so every rank chooses the same masks.
+    rank, so every rank chooses the same masks. An FSDP2 model's masks are DTensors sharded as its weights, chosen
+    from the whole weights; building the pruner, `sparsity()`, `overall_sparsity()` and `state_dict()` are then
+    collectives, which every rank calls.
     """
 
     def __init__(
@@ -225,7 +284,7 @@ class Pruner:
         *,
         _masks: Mapping[str, torch.Tensor] | None = None,
     ):
-        self.model = model = unwrapped(model)
+        self.model = model = sharding_checked(model)
         self.target_sparsity = check_sparsity(sparsity)
         self.exclude, self.include = _patterns(exclude, "exclude"), _patterns(include, "include")
         if _masks is None:
@@ -235,7 +294,7 @@ class Pruner:
         else:
             named = dict(model.named_parameters())
             self._params = {n: named[n] for n in _masks}
-            masks = _masks
+            masks = {n: sharded_like(self._params[n], m) for n, m in _masks.items()}
         self.masks = {n: in_layout_of(self._params[n], m) for n, m in masks.items()}
         self.active = True
         self._refresh_lists()
@@ -245,14 +304,18 @@ class Pruner:
         """The lists the masking multiplies. Bool masks enter as uint8 views of the same bytes (no copy): the
         same products, and the CPU's multiply by uint8 is faster than by bool (`make bench` section 2)."""
         self._param_list = list(self._params.values())
-        self._mask_list = [_as_uint8(self.masks[n]) for n in self._params]
+        self._mask_list = [_as_uint8(local(self.masks[n])) for n in self._params]
+        self._sharded = any(is_sharded(p) for p in self._param_list)
+
+    def _local_params(self) -> list[torch.Tensor]:
+        return [local(p) for p in self._param_list] if self._sharded else self._param_list
 
     @torch.no_grad()
     def apply(self) -> None:
         """Set every pruned weight to exactly zero (one fused pass over all masked tensors)."""
         if self.active and self._param_list:
             self._follow_moved_parameters()
-            torch._foreach_mul_(self._param_list, self._mask_list)
+            torch._foreach_mul_(self._local_params(), self._mask_list)
 
     def _follow_moved_parameters(self) -> None:
         """A model moved after its masks were chosen (`model.to("cuda")`): the masks move with it, once. The
@@ -266,6 +329,7 @@ class Pruner:
         tensors, masks = [], []
         for param, mask in zip(self._param_list, self._mask_list, strict=True):
             for value in shaped_state(optimizer, param):
+                value = local(value) if self._sharded else value  # a plain model's step skips the check
                 tensors.append(value)
                 masks.append(mask if value.device == mask.device else mask.to(value.device))
         if tensors:
@@ -278,14 +342,14 @@ class Pruner:
         restarts = [(key, option) for kind, key, option in RESTART_AT if isinstance(inner, kind)]
         if not restarts:
             return
-        mask_of = dict(zip(self._param_list, self._mask_list, strict=True))
+        mask_of = dict(zip(self._param_list, self._mask_list, strict=True))  # local shards
         for group in inner.param_groups:
             for param in group["params"]:
                 state = inner.state.get(param, {}) if param in mask_of else {}
                 for key, option in restarts:
                     value = state.get(key)
                     if torch.is_tensor(value) and value.shape == param.shape:
-                        value.masked_fill_(mask_of[param].to(value.device) == 0, group[option])
+                        local(value).masked_fill_(mask_of[param].to(value.device) == 0, group[option])
 
     def step(self, optimizer: Optimizers = None) -> None:
         """Call after every optimizer step (also when a GradScaler skipped it): re-zero weights and state.
@@ -309,15 +373,15 @@ class Pruner:
     @torch.no_grad()
     def sparsity(self) -> dict[str, float]:
         """Measured fraction of exact zeros per masked tensor (not the target)."""
-        return {n: float((p == 0).sum()) / p.numel() for n, p in self._params.items() if n in self.masks}
+        return {n: zeros(p) / p.numel() for n, p in self._params.items() if n in self.masks}
 
     @torch.no_grad()
     def overall_sparsity(self) -> float:
         """Measured fraction of zeros over all masked tensors together."""
         if not self.masks:
             return 0.0
-        zeros = sum(int((self._params[n] == 0).sum()) for n in self.masks)
-        return zeros / sum(self._params[n].numel() for n in self.masks)
+        params = [self._params[n] for n in self.masks]
+        return sum(zeros(p) for p in params) / sum(p.numel() for p in params)
 
     def state_dict(self) -> dict:
         """Masks bit-packed (1 bit per weight); loadable with torch.load(weights_only=True)."""
@@ -327,7 +391,8 @@ class Pruner:
             "exclude": list(self.exclude),
             "include": None if self.include is None else list(self.include),
             "active": self.active,
-            "masks": {n: pack_mask(m) for n, m in self.masks.items()},
+            # whole masks, also of a sharded model: a checkpoint resumes under any sharding or none
+            "masks": {n: pack_mask(full(m)) for n, m in self.masks.items()},
             "shapes": {n: list(m.shape) for n, m in self.masks.items()},
         }
 
@@ -336,7 +401,7 @@ class Pruner:
         """Resume with exactly the saved masks (never re-chosen from the current weights)."""
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             raise ValueError("not a dsd.Pruner state dict (missing or unknown 'version')")
-        params = dict(unwrapped(model).named_parameters())
+        params = dict(sharding_checked(model).named_parameters())
         masks = {}
         for name, shape in state["shapes"].items():
             if name not in params:
