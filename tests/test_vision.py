@@ -231,6 +231,31 @@ def test_in_memory_batches_are_transformed_per_image(tmp_path):
     assert torch.equal(a[0], b[0]) and torch.equal(a[0], evaluation[0][0])  # deterministic, same as per image
 
 
+def test_the_sample_list_holds_no_object_per_image_for_loader_workers_to_copy():
+    """A forked loader worker writes the reference count of every sample object it reads, so a list of
+    ImageNet's 1.28M (path, label) tuples became a copy of ~250 MB in each worker: the dataset keeps its
+    samples in arrays, the same (path, label) pairs whatever their number."""
+    import gc
+    import types
+
+    def objects(root) -> int:  # the Python objects reachable from `root` (classes and modules not followed)
+        seen, stack = set(), [root]
+        while stack:
+            obj = stack.pop()
+            if id(obj) not in seen and not isinstance(obj, (type, types.ModuleType)):
+                seen.add(id(obj))
+                stack.extend(gc.get_referents(obj))
+        return len(seen)
+
+    counts = []
+    for n in (10, 1000):
+        samples = [(f"/data/train/n{i % 7:08d}/img_{i}_é.JPEG", i % 7) for i in range(n)]
+        data = vision_data.ImageFolderData(samples, Data(), train=True, in_memory=False)
+        assert list(data.samples) == samples and data.samples[-1] == samples[-1] and len(data) == n
+        counts.append(objects(data.samples))
+    assert counts[0] == counts[1]
+
+
 def test_generated_images_do_not_depend_on_the_order_splits_are_listed(tmp_path):
     from dsd.tracks.vision import synthetic
 

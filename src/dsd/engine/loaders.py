@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
@@ -36,6 +37,30 @@ class FixedOrderSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.order)
+
+
+class PackedStrings(Sequence[str]):
+    """Strings held as one array of their UTF-8 bytes and one of offsets: no object per string. A forked loader
+    worker shares its parent's pages until it writes one, and reading a string from a list writes the string's
+    reference count; so a data set's list of a million paths or transcripts, read item by item, became a copy in
+    every worker (ImageNet's 1.28M training paths: ~220 MB per worker). Arrays have nothing to count."""
+
+    def __init__(self, strings):
+        encoded = [s.encode() for s in strings]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"string {index} of {len(self)}")
+        index = index % len(self)
+        return self.data[self.offsets[index] : self.offsets[index + 1]].tobytes().decode()
 
 
 def _worker_init(parent: int, worker_id: int) -> None:

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -36,6 +37,24 @@ def decode(path: str) -> torch.Tensor:
         raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
 
 
+class SampleTable:
+    """(path, label) pairs held as arrays (loaders.PackedStrings and the labels): a list of ImageNet's 1.28M
+    (str, int) tuples was copied into every loader worker, ~220 MB each (see PackedStrings)."""
+
+    def __init__(self, samples):
+        self.paths = loaders.PackedStrings(path for path, _ in samples)
+        self.labels = np.array([label for _, label in samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        return self.paths[index], int(self.labels[index])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 class ImageFolderData(Dataset):
     """Images with labels, one decoder for every image (corrupt files named).
 
@@ -44,7 +63,7 @@ class ImageFolderData(Dataset):
     """
 
     def __init__(self, samples: list[tuple[str, int]], cfg: Data, train: bool, in_memory: bool):
-        self.samples = samples
+        self.samples = SampleTable(samples)
         self.cfg, self.train, self.transform = cfg, train, transforms(cfg, train)
         self.images = None
         if in_memory:
