@@ -157,6 +157,36 @@ def test_preparing_with_verify_lists_every_bad_image(tmp_path):
         prepare.prepare(config.experiment("resnet18"))
 
 
+def test_verifying_images_keeps_a_bounded_number_of_decodes_pending(tmp_path, monkeypatch):
+    """ThreadPoolExecutor.map makes a future for every image before the first is decoded, ~1.6 KB each: 2 GB
+    for ImageNet's 1.33M images. The images go through in chunks; every bad one is still listed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dsd.tracks.vision import data as vision_data
+
+    pending, most, submit = set(), [0], ThreadPoolExecutor.submit
+
+    def counted(self, fn, *args, **kwargs):
+        future = submit(self, fn, *args, **kwargs)
+        pending.add(future)
+        most[0] = max(most[0], len(pending))
+        future.add_done_callback(pending.discard)
+        return future
+
+    def decode(path):
+        if path.endswith("7.JPEG"):
+            raise DataError(f"{path}: cannot decode image")
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", counted)
+    monkeypatch.setattr(vision_data, "decode", decode)
+    monkeypatch.setattr(vision_data, "VERIFY_CHUNK", 5, raising=False)
+    files = [tmp_path / f"{i}.JPEG" for i in range(40)]
+    exp = parse(tiny_vision_config(tmp_path)).experiment("resnet18")
+    with pytest.raises(DataError, match=r"4 of 40 images cannot be decoded: .*/7.JPEG, .*/17.JPEG, .*/27"):
+        vision_data.verify_images(files, exp)
+    assert most[0] <= 5
+
+
 def test_corrupted_and_foreign_checkpoints_are_named(tmp_path):
     config = parse(tiny_vision_config(tmp_path))
     prepare_data(config, "resnet18")

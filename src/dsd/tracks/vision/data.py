@@ -498,6 +498,9 @@ def check_imagefolder(exp: Experiment) -> dict:
     return {"classes": len(names), "splits": summary}
 
 
+VERIFY_CHUNK = 4096  # images decoded per batch of futures
+
+
 def verify_images(files: list[Path], exp: Experiment) -> None:
     """Decode every image in parallel; one error listing every file that fails, not just the first."""
     from concurrent.futures import ThreadPoolExecutor
@@ -511,11 +514,13 @@ def verify_images(files: list[Path], exp: Experiment) -> None:
             return str(path)
         return None
 
-    threads = max(1, exp.options.workers or exp.options.threads)
-    with ThreadPoolExecutor(threads) as pool:
-        failed = [
-            p for p in tqdm(pool.map(bad, files), total=len(files), desc="verify images", unit="img") if p
-        ]
+    threads, failed = max(1, exp.options.workers or exp.options.threads), []
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=len(files), desc="verify images", unit="img") as bar:
+        # in chunks: `map` makes every future at once, ~1.6 KB each (2 GB for ImageNet's 1.33M images)
+        for start in range(0, len(files), VERIFY_CHUNK):
+            for p in pool.map(bad, files[start : start + VERIFY_CHUNK]):
+                bar.update()
+                failed += [p] if p else []
     if failed:
         shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
         raise DataError(f"{len(failed)} of {len(files)} images cannot be decoded: {shown}")
