@@ -538,3 +538,42 @@ def test_cached_features_are_read_from_disk_as_computed(tiny):
     item = next(i for i in speech_data.read_librispeech(base / "spoken" / "test") if i["id"] == ds.ids[3])
     direct = speech_data.features(speech_data.load_audio(item["audio"]), exp.data)
     assert torch.equal(ds[3][0], direct)
+
+
+def test_a_features_cache_index_holds_no_object_per_utterance(tmp_path):
+    """LibriSpeech's 281k training utterances: a tensor of character ids each cost ~500 MB in every process,
+    and lists of ids and transcripts were copied into each loader worker as it read them. The index is held
+    in arrays (no more objects for more utterances); the items are what they were."""
+    import gc
+    import types
+
+    def objects(root) -> int:  # the Python objects reachable from `root` (classes and modules not followed)
+        seen, stack = set(), [root]
+        while stack:
+            obj = stack.pop()
+            if id(obj) not in seen and not isinstance(obj, (type, types.ModuleType)):
+                seen.add(id(obj))
+                stack.extend(gc.get_referents(obj))
+        return len(seen)
+
+    counts = []
+    for n in (5, 500):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        texts, lengths = (
+            [f"utterance {'ab' * (i % 7)} number {'x' * (i % 11)} it's" for i in range(n)],
+            [i % 5 + 1 for i in range(n)],
+        )
+        index = {"format": speech_data.FEATURES_FORMAT, "bins": 3, "ids": [f"spk-{i}" for i in range(n)],
+                 "texts": texts, "lengths": lengths}  # fmt: skip
+        (folder / "index.json").write_text(json.dumps(index))
+        frames = np.arange(sum(lengths) * 3, dtype=np.float32)
+        frames.tofile(folder / "frames.f32")
+        ds = speech_data.SpeechSet(folder)
+        start = 3 * sum(lengths[: n - 1])
+        features, target, uid, text = ds[n - 1]
+        assert torch.equal(features, torch.from_numpy(frames[start : start + 3 * lengths[-1]]).view(-1, 3))
+        assert torch.equal(target, torch.tensor(speech_data.encode(texts[-1], "")))  # int64, as before
+        assert (uid, text, len(ds)) == (f"spk-{n - 1}", texts[-1], n)
+        counts.append(sum(objects(getattr(ds, name)) for name in vars(ds)))
+    assert counts[0] == counts[1]
