@@ -133,3 +133,18 @@ def evaluate(config, row: str, seed: int, phase: str, checkpoint=None, splits=("
     checkpoint = checkpoint or paths.checkpoint(paths.run_dir(config.options.output_dir, row, seed, phase))
     spec = config.phase(row, seed, phase)
     return evaluate_checkpoint(spec, config.row(row).eval, checkpoint, config.options, splits)
+
+
+def reachable_objects(root) -> int:
+    """The Python objects reachable from `root` (classes and modules not followed): a data set's index that
+    holds an object per item grows with the items, and a forked loader worker copies every object it reads."""
+    import gc
+    import types
+
+    seen, stack = set(), [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) not in seen and not isinstance(obj, (type, types.ModuleType)):
+            seen.add(id(obj))
+            stack.extend(gc.get_referents(obj))
+    return len(seen)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import reachable_objects
 
 from dsd.core.masks import Pruner
 from dsd.engine import prepare
@@ -544,18 +545,6 @@ def test_a_features_cache_index_holds_no_object_per_utterance(tmp_path):
     """LibriSpeech's 281k training utterances: a tensor of character ids each cost ~500 MB in every process,
     and lists of ids and transcripts were copied into each loader worker as it read them. The index is held
     in arrays (no more objects for more utterances); the items are what they were."""
-    import gc
-    import types
-
-    def objects(root) -> int:  # the Python objects reachable from `root` (classes and modules not followed)
-        seen, stack = set(), [root]
-        while stack:
-            obj = stack.pop()
-            if id(obj) not in seen and not isinstance(obj, (type, types.ModuleType)):
-                seen.add(id(obj))
-                stack.extend(gc.get_referents(obj))
-        return len(seen)
-
     counts = []
     for n in (5, 500):
         folder = tmp_path / str(n)
@@ -575,5 +564,5 @@ def test_a_features_cache_index_holds_no_object_per_utterance(tmp_path):
         assert torch.equal(features, torch.from_numpy(frames[start : start + 3 * lengths[-1]]).view(-1, 3))
         assert torch.equal(target, torch.tensor(speech_data.encode(texts[-1], "")))  # int64, as before
         assert (uid, text, len(ds)) == (f"spk-{n - 1}", texts[-1], n)
-        counts.append(sum(objects(getattr(ds, name)) for name in vars(ds)))
+        counts.append(sum(reachable_objects(getattr(ds, name)) for name in vars(ds)))
     assert counts[0] == counts[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import dsd_cli, parse, snakemake, tiny_vision_config, write_config
+from conftest import dsd_cli, parse, reachable_objects, snakemake, tiny_vision_config, write_config
 from PIL import Image
 
 from dsd.errors import DataError
@@ -235,24 +235,12 @@ def test_the_sample_list_holds_no_object_per_image_for_loader_workers_to_copy():
     """A forked loader worker writes the reference count of every sample object it reads, so a list of
     ImageNet's 1.28M (path, label) tuples became a copy of ~250 MB in each worker: the dataset keeps its
     samples in arrays, the same (path, label) pairs whatever their number."""
-    import gc
-    import types
-
-    def objects(root) -> int:  # the Python objects reachable from `root` (classes and modules not followed)
-        seen, stack = set(), [root]
-        while stack:
-            obj = stack.pop()
-            if id(obj) not in seen and not isinstance(obj, (type, types.ModuleType)):
-                seen.add(id(obj))
-                stack.extend(gc.get_referents(obj))
-        return len(seen)
-
     counts = []
     for n in (10, 1000):
         samples = [(f"/data/train/n{i % 7:08d}/img_{i}_é.JPEG", i % 7) for i in range(n)]
         data = vision_data.ImageFolderData(samples, Data(), train=True, in_memory=False)
         assert list(data.samples) == samples and data.samples[-1] == samples[-1] and len(data) == n
-        counts.append(objects(data.samples))
+        counts.append(reachable_objects(data.samples))
     assert counts[0] == counts[1]
 
 

@@ -99,9 +99,8 @@ class StopSignal:
     def __enter__(self):
         self.previous = {}
         signals = [signal.SIGTERM, signal.SIGUSR1]
-        if (
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        ):  # not where it is ignored (nohup, &)
+        # Ctrl-C only where Python's own handler has it: an ignored SIGINT (nohup, `&`) stays ignored
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signals.append(signal.SIGINT)
         for sig in signals:
             with contextlib.suppress(ValueError):  # not the main thread: no signal handling
