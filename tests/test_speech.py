@@ -526,6 +526,38 @@ def test_wsj_evaluation_indices_without_the_suffix_and_converted_audio(tmp_path)
     assert speech_data.load_audio(items[0]["audio"]).shape == (3200,)
 
 
+def test_the_corpus_fingerprint_covers_what_an_index_or_manifest_names(tmp_path):
+    """The fingerprint that keys the features cache and every run's identity covered the WSJ index and manifest
+    files alone: a .dot transcript edited, a `.wav` converted beside a `.wv1`, or an audio file a manifest names
+    replaced, and the old features were read as this corpus's."""
+    from dsd.engine.prepare import content_fingerprint
+
+    def fingerprint(dataset, split_file):
+        entry = {"track": "speech", "dataset": dataset, "model": {"arch": "deepspeech"},
+                 "data": {"train": split_file, "val": split_file, "test": split_file},
+                 "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}  # fmt: skip
+        return content_fingerprint(
+            parse_row("ds", entry, None).experiment(RunOptions(data_root=str(tmp_path)))
+        )
+
+    write_wsj(tmp_path / "wsj", [("011c0201", "HELLO"), ("011c0202", "WORLD")])
+    index = "wsj0/doc/indices/train/tr_s_wv1.ndx"
+    seen = [fingerprint("wsj", index)]
+    dot = next((tmp_path / "wsj").rglob("*.dot"))
+    dot.write_text(dot.read_text().replace("HELLO", "HALLO"))
+    seen.append(fingerprint("wsj", index))
+    sf.write(tmp_path / "wsj" / "wsj0" / "si_tr_s" / "011" / "011c0202.wav", np.zeros(3200), 16000)
+    seen.append(fingerprint("wsj", index))
+    corpus = tmp_path / "librispeech"
+    corpus.mkdir()
+    sf.write(corpus / "a.flac", np.zeros(1600), 16000)
+    (corpus / "train.jsonl").write_text(json.dumps({"audio": "a.flac", "transcript": "a cat"}) + "\n")
+    seen.append(fingerprint("librispeech", "train.jsonl"))
+    sf.write(corpus / "a.flac", np.zeros(3200), 16000)
+    seen.append(fingerprint("librispeech", "train.jsonl"))
+    assert len(set(seen)) == len(seen), seen
+
+
 def test_a_shorten_compressed_sphere_file_says_how_to_convert_it(tmp_path):
     write_wsj(tmp_path, [("011c0201", "HELLO")], shorten=True)
     with pytest.raises(DataError, match=r"011c0201.wv1: shorten-compressed SPHERE .*sph2pipe"):

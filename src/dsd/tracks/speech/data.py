@@ -458,12 +458,22 @@ def write_lexicon(transcripts, path: str | Path) -> int:
 
 
 def sources(exp: Experiment) -> list[Path]:
-    """What the corpus is read from: the split folders or manifests."""
+    """What the corpus is read from, for its fingerprint (prepare.content_fingerprint): LibriSpeech's split
+    folders; a JSON-lines manifest and every audio file it names; for WSJ's indices the whole data folder (the
+    .dot transcripts below it, the audio, a `.wav` converted beside a `.wv1`). A transcript edited or an audio
+    file replaced under an unchanged manifest or index is another corpus: features cached from the old one
+    must not be read."""
     out = []
     for split in SPLITS:
         names = getattr(exp.data, split)
-        out += [Path(exp.data_dir) / n for n in ([names] if isinstance(names, str) else names)]
-    return out
+        for path in (Path(exp.data_dir) / n for n in ([names] if isinstance(names, str) else names)):
+            if path.suffix == ".ndx":
+                out.append(Path(exp.data_dir))
+            elif path.suffix in (".jsonl", ".json") and path.is_file():
+                out += [path, *(Path(item["audio"]) for item in read_manifest(path))]
+            else:
+                out.append(path)
+    return list(dict.fromkeys(out))
 
 
 def prepare(exp: Experiment, data_fingerprint: str) -> dict:
