@@ -201,6 +201,22 @@ def test_kaggle_labels_saved_again_by_a_spreadsheet_read_the_same(tmp_path):
     assert vision_data.samples(exp, "val") == plain
 
 
+@pytest.mark.parametrize("layout", ["kaggle", "devkit"])
+def test_corrected_validation_labels_change_the_data_sets_fingerprint(tmp_path, layout):
+    """The fingerprint (the data set's identity in every run) listed the split folders only: ImageNet's
+    validation labels, a file beside them, could be corrected and every evaluation kept as current."""
+    from dsd.engine.prepare import content_fingerprint
+
+    config = {"experiments": {"r": {"track": "vision", "dataset": "imagenet", "model": {"num_classes": 1000},
+                                    "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}}}  # fmt: skip
+    root = fake_imagenet(tmp_path / "imagenet", labels=layout)
+    exp = parse_config(config | {"data": {"imagenet": str(root)}}, check_models=False).experiment("r")
+    before = content_fingerprint(exp)
+    labels = vision_data.labels_file(exp)
+    labels.write_text(labels.read_text().replace("450", "449").replace(WNIDS[1], WNIDS[0]))
+    assert vision_data.samples(exp, "val") != [] and content_fingerprint(exp) != before
+
+
 @pytest.mark.parametrize(
     "problem", ["no labels", "unknown synset", "count mismatch", "devkit without meta", "devkit not UTF-8"]
 )

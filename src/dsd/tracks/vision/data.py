@@ -469,9 +469,16 @@ def eval_loader(exp: Experiment, split: str, batch_size: int, shard: bool = Fals
 
 
 def sources(exp: Experiment) -> list[Path]:
-    """What the data set is read from: its split folders."""
+    """What the data set is read from, for its fingerprint: its split folders, and the labels of a flat
+    validation folder (with the devkit's meta.mat): corrected labels are another data set."""
     cfg = exp.data
-    return [Path(exp.data_dir) / d for d in dict.fromkeys((cfg.train_dir, cfg.val_dir, cfg.test_dir))]
+    out = [Path(exp.data_dir) / d for d in dict.fromkeys((cfg.train_dir, cfg.val_dir, cfg.test_dir))]
+    labels = labels_file(exp)
+    if labels is not None:
+        out.append(labels)
+        if labels.name == DEVKIT_LABELS:
+            out.append(Path(exp.data_dir) / cfg.val_meta if cfg.val_meta else labels.parent / "meta.mat")
+    return out
 
 
 def prepare(exp: Experiment, data_fingerprint: str) -> dict:
