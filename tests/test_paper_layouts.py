@@ -174,6 +174,33 @@ def test_the_paper_config_runs_on_the_real_layouts(tmp_path, weights):
     assert fidelity.loc[("deepspeech", "pruned"), "verdict"] == "same"
 
 
+def test_dsd_run_encodes_the_images_again_after_the_weights_file_is_replaced(tmp_path, weights):
+    """`dsd run` rebuilt the captioning features when the encoder's dense run was retrained, not when the
+    `data.encoder_weights` file was replaced (Caffe's VGG-16 converted over torchvision's, say): the captioning
+    phases went on with the old weights' features. Snakemake reruns them (the file is an input); so does it."""
+    from dsd import cli
+    from dsd.engine import prepare
+
+    raw = small_paper_config(
+        tmp_path, {"flickr8k": fake_flickr8k(tmp_path / "flickr8k", weights["vgg16"])}, weights
+    )
+    configfile = tmp_path / "paper_small.json"
+    configfile.write_text(json.dumps(raw | {"rows": ["neuraltalk"]}))
+    args = cli.build_parser().parse_args(["run", "--config", str(configfile), "--row", "neuraltalk"])
+    config = cli._config(args)
+    prepare.prepare(config.row("neuraltalk").data_spec().experiment(config.options))
+    path = cli._current_features(args, config, config.row("neuraltalk"))
+    first, written = torch.load(path)["features"], path.stat().st_mtime_ns
+    assert cli._current_features(args, config, config.row("neuraltalk")) == path
+    assert path.stat().st_mtime_ns == written  # current: not encoded again
+    replaced = tmp_path / "flickr8k" / "weights" / "vgg16-397923af.pth"
+    replaced.unlink()  # a hard link to the module's weights: another file in its place
+    torch.manual_seed(1)
+    torch.save(models.vgg16().state_dict(), replaced)
+    cli._current_features(args, config, config.row("neuraltalk"))
+    assert not torch.equal(torch.load(path)["features"], first)
+
+
 def test_the_devkit_layout_reads_the_same_labels_as_kaggle(tmp_path):
     config = {"experiments": {"r": {"track": "vision", "dataset": "imagenet", "model": {"num_classes": 1000},
                                     "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}}}  # fmt: skip

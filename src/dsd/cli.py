@@ -227,26 +227,31 @@ def cmd_run(args) -> None:
 
 
 def _current_features(args, config: Config, row) -> Path | None:
-    """Captioning's image features for `dsd run`, built when missing or older than the encoder's dense
-    checkpoint (retrained since under the same spec, it encodes differently): as Snakemake decides."""
+    """Captioning's image features for `dsd run`, built when missing or older than what encodes the images (the
+    encoder's dense checkpoint, retrained since under the same spec, or a weights file replaced since: either
+    encodes differently): as Snakemake decides."""
     import argparse
 
     from dsd import tracks
 
-    features = getattr(tracks.get(row.track).config, "features_path", None)
+    captioning = tracks.get(row.track).config
+    features = getattr(captioning, "features_path", None)
     if features is None:
         return None
-    path, encoder = Path(features(config.experiment(row.name))), None
-    if row.data.encoder_row:
+    path = Path(features(config.experiment(row.name)))
+    if row.data.encoder_weights:
+        encoder = Path(captioning.encoder_weights(config.experiment(row.name)))
+    else:
         options = config.options
-        encoder = paths.run_dir(options.output_dir, row.data.encoder_row, row.data.encoder_seed, "dense")
+        run = paths.run_dir(options.output_dir, row.data.encoder_row, row.data.encoder_seed, "dense")
         current = config.phase(row.data.encoder_row, row.data.encoder_seed, "dense").fingerprint
-        if paths.recorded(paths.metrics(encoder), "fingerprint") != current:
+        if paths.recorded(paths.metrics(run), "fingerprint") != current:
             raise ConfigError(
                 f"{row.name} encodes its images with {row.data.encoder_row}'s dense run: "
                 f"dsd run --row {row.data.encoder_row} --seed {row.data.encoder_seed} first"
             )
-    if not path.is_file() or (encoder is not None and _newer(paths.checkpoint(encoder), path)):
+        encoder = paths.checkpoint(run)
+    if not path.is_file() or _newer(encoder, path):
         cmd_features(
             argparse.Namespace(
                 **vars(args) | {"spec": None, "encoder_spec": None, "encoder_checkpoint": None}
