@@ -148,3 +148,11 @@ def reachable_objects(root) -> int:
             seen.add(id(obj))
             stack.extend(gc.get_referents(obj))
     return len(seen)
+
+
+def sigint_as(disposition):
+    """A Popen preexec_fn giving the child this SIGINT disposition: SIG_DFL as a terminal's foreground job has
+    it (the suite itself may run with SIGINT ignored, as a background job does: CI), SIG_IGN as under nohup."""
+    import signal
+
+    return lambda: signal.signal(signal.SIGINT, disposition)

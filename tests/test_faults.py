@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import parse, prepare_data, tiny_vision_config, train
+from conftest import parse, prepare_data, sigint_as, tiny_vision_config, train
 from test_reliability import strip
 
 from dsd import paths
@@ -392,10 +392,12 @@ def test_loader_workers_die_with_a_job_that_exits_before_they_start(tmp_path, pe
                 worker.kill()
 
 
-def test_loader_workers_keep_working_through_a_ctrl_c_to_the_process_group():
+@pytest.mark.parametrize("started", ["from a terminal", "with SIGINT ignored (nohup, &)"])
+def test_loader_workers_keep_working_through_a_ctrl_c_to_the_process_group(started):
     """A terminal's Ctrl-C reaches the job's whole process group, loader workers included. The job announces
     once that it checkpoints at its next step (the workers, forked with its handler, each announced it too)
-    and its workers go on loading the batches it may still need."""
+    and its workers go on loading the batches it may still need. A job started with SIGINT ignored ignores
+    it."""
     script = (
         "import os, signal, time, torch\n"
         "from dsd.engine import loaders, resume\n"
@@ -413,11 +415,13 @@ def test_loader_workers_keep_working_through_a_ctrl_c_to_the_process_group():
         "    rest = list(batches)\n"
         "print(1 + len(rest), stop.received)\n"
     )
-    job = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, start_new_session=True
-    )
-    assert job.returncode == 0 and job.stdout.split() == ["4", "SIGINT"], job.stderr[-2000:]
-    assert job.stderr.count("dsd: Ctrl-C: checkpointing at the next step") == 1, job.stderr[-2000:]
+    terminal = started == "from a terminal"
+    disposition = signal.SIG_DFL if terminal else signal.SIG_IGN
+    job = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         start_new_session=True, preexec_fn=sigint_as(disposition))  # fmt: skip
+    expected = ["4", "SIGINT"] if terminal else ["4", "None"]
+    assert job.returncode == 0 and job.stdout.split() == expected, job.stderr[-2000:]
+    assert job.stderr.count("dsd: Ctrl-C: checkpointing at the next step") == terminal, job.stderr[-2000:]
 
 
 def test_a_split_cache_half_built_by_a_killed_job_is_removed(tmp_path):

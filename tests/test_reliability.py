@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, parse, prepare_data, tiny_vision_config, train
+from conftest import REPO, parse, prepare_data, sigint_as, tiny_vision_config, train
 
 from dsd import paths
 from dsd.engine import checkpoint
@@ -81,7 +81,9 @@ def test_a_signal_checkpoints_mid_epoch_and_resume_is_exact(tmp_path, interrupt)
         config.options.to_json(),
     ]
     cmd += ["--init", str(dense), "--out", str(out)]
-    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=sigint_as(signal.SIG_DFL)
+    )
     while not paths.resume(out).exists() and process.poll() is None:
         time.sleep(0.005)
     time.sleep(0.15)  # somewhere inside a later epoch
