@@ -350,10 +350,16 @@ def test_featurising_workers_compute_after_the_job_ran_a_parallel_op(tmp_path):
     assert job.stdout.split()[0] == "501"  # 5 s of 10 ms frames
 
 
-@pytest.mark.parametrize("persistent", [True, False], ids=["training loader", "evaluation loader"])
-def test_loader_workers_die_with_a_job_that_exits_before_they_start(tmp_path, persistent):
+@pytest.mark.parametrize(
+    "persistent, late",
+    [(True, True), (False, True), (True, False)],
+    ids=["training loader, late start", "evaluation loader, late start", "training loader, after batches"],
+)
+def test_loader_workers_die_with_a_job_that_exits_and_leave_no_temporary_folder(tmp_path, persistent, late):
     """A job failing on its first batch exits at once (os._exit): a worker that started late under load, when
-    its parent was already gone, waited forever for work and held the job's stdout pipe open (a hung CI test)."""
+    its parent was already gone, waited forever for work and held the job's stdout pipe open (a hung CI test).
+    Workers that die with their job leave nothing in the temporary folder (a batch's shared memory needs a
+    folder there: killed outright, each worker left one)."""
     import psutil
 
     script = (
@@ -364,28 +370,35 @@ def test_loader_workers_die_with_a_job_that_exits_before_they_start(tmp_path, pe
         "def late(self):\n"
         "    time.sleep(1.0)  # scheduled late: the parent has exited when the worker notes its pid\n"
         "    start(self)\n"
-        "worker.ManagerWatchdog.__init__ = late\n"
+        f"if {late}:\n"
+        "    worker.ManagerWatchdog.__init__ = late\n"
         "class Items(torch.utils.data.Dataset):\n"
         "    def __len__(self): return 8\n"
-        "    def __getitem__(self, key): return torch.zeros(1)\n"
+        "    def __getitem__(self, key): return torch.zeros(1000)\n"
         f"if {persistent}:\n"
         "    loader = loaders.persistent_loader(Items(), 2, seed=0, workers=2)\n"
         "    loader.sampler.set_epoch(0)\n"
         "else:\n"
         "    loader = loaders.loader(Items(), 2, train=False, workers=2)\n"
         "batches = iter(loader)\n"
+        f"if not {late}:\n"
+        "    next(batches), next(batches)\n"
         "print(*(child.pid for child in psutil.Process().children()), flush=True)\n"
         "os._exit(2)\n"
     )
-    printed = tmp_path / "workers.txt"
+    printed, tmp = tmp_path / "workers.txt", tmp_path / "tmp"
+    tmp.mkdir()
     with open(printed, "w") as out:  # a file, not a pipe: workers left running would hold a pipe open
-        job = subprocess.run([sys.executable, "-c", script], stdout=out, timeout=60)
+        job = subprocess.run(
+            [sys.executable, "-c", script], stdout=out, timeout=60, env=os.environ | {"TMPDIR": str(tmp)}
+        )
     workers = [psutil.Process(int(pid)) for pid in printed.read_text().split()]
     assert job.returncode == 2 and len(workers) == 2
     try:
         _, alive = psutil.wait_procs(workers, timeout=10)
         alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
         assert not alive, f"workers left running: {alive}"
+        assert not list(tmp.iterdir())
     finally:
         for worker in workers:
             with contextlib.suppress(psutil.NoSuchProcess):

@@ -286,15 +286,15 @@ def _cores() -> int:
     return min(cores, int(allocated)) if allocated.isdigit() and int(allocated) > 0 else cores
 
 
-def _die_with(parent: int) -> None:
-    """In a child (a rank before exec, a featurising or loader worker): SIGKILL when `parent` dies (also by
+def _die_with(parent: int, sig: int = signal.SIGKILL) -> None:
+    """In a child (a rank before exec, a featurising or loader worker): `sig` when `parent` dies (also by
     kill -9), as none may outlive it."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError, TypeError):  # not Linux: may outlive a killed parent
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent:  # the parent died before prctl
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
 
 
 def _start_rank(parent: int) -> None:

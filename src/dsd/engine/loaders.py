@@ -6,7 +6,9 @@ what lets every DDP rank agree on the permutation.
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
+import shutil
 import signal
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -63,14 +65,27 @@ class PackedStrings(Sequence[str]):
         return self.data[self.offsets[index] : self.offsets[index + 1]].tobytes().decode()
 
 
+_temp_dir = None  # in a loader worker: multiprocessing's temporary folder (sharing a batch's memory needs it)
+
+
 def _worker_init(parent: int, worker_id: int) -> None:
     """A loader worker dies with its job. A job ends with os._exit, so no worker is told to stop; torch's own
     watchdog compares the parent pid with the one the worker saw at its start, which a worker scheduled late
     (under load) reads after its parent exited: it then waited for work forever, holding the job's pipes.
     It ignores Ctrl-C, which a terminal sends its whole process group: the job alone decides (it checkpoints at
     the next step, resume.StopSignal, whose handler the worker would otherwise have inherited)."""
-    gpus._die_with(parent)
+    global _temp_dir
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _temp_dir = multiprocessing.util.get_temp_dir()
+    signal.signal(signal.SIGHUP, _leave)
+    gpus._die_with(parent, signal.SIGHUP)
+
+
+def _leave(signum, frame) -> None:
+    """The job is gone: exit now, removing the temporary folder (a SIGKILL left one /tmp/pymp-* per worker),
+    without the normal exit's joining of queues to a parent that reads no more."""
+    shutil.rmtree(_temp_dir, ignore_errors=True)
+    os._exit(0)
 
 
 def distributed() -> tuple[int, int] | None:
