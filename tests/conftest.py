@@ -156,3 +156,13 @@ def sigint_as(disposition):
     import signal
 
     return lambda: signal.signal(signal.SIGINT, disposition)
+
+
+def killed_while_writing(folder: Path, write: str, name: str) -> None:
+    """A process that runs `write` (Python; `sys.argv[1]` is `name`) in `folder`, then is killed with kill -9
+    before it can clean up: what a job killed mid-write leaves."""
+    import signal
+
+    script = f"import os, signal, sys; {write}; os.kill(os.getpid(), signal.SIGKILL)"
+    killed = subprocess.run([sys.executable, "-c", script, name], cwd=folder)
+    assert killed.returncode == -signal.SIGKILL

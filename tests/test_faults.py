@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import parse, prepare_data, sigint_as, tiny_vision_config, train
+from conftest import killed_while_writing, parse, prepare_data, sigint_as, tiny_vision_config, train
 from test_reliability import strip
 
 from dsd import paths
@@ -449,12 +449,9 @@ def test_a_split_cache_half_built_by_a_killed_job_is_removed(tmp_path):
     exp = config.row("ds").data_spec().experiment(config.options)
     out = speech_data._cache_dir(exp, "train", prepare.content_fingerprint(exp))
     out.parent.mkdir(parents=True)
-    killed_mid_build = (
-        "import os, signal, sys; tmp = f'.{sys.argv[1]}.{os.getpid()}.tmp'; os.mkdir(tmp); "
-        "open(f'{tmp}/frames.f32', 'wb').write(bytes(4096)); os.kill(os.getpid(), signal.SIGKILL)"
-    )
-    killed = subprocess.run([sys.executable, "-c", killed_mid_build, out.name], cwd=out.parent)
-    assert killed.returncode == -signal.SIGKILL and list(out.parent.glob(".*.tmp"))
+    build = "tmp = f'.{sys.argv[1]}.{os.getpid()}.tmp'; os.mkdir(tmp); open(f'{tmp}/frames.f32', 'wb').write(bytes(4096))"
+    killed_while_writing(out.parent, build, out.name)
+    assert list(out.parent.glob(".*.tmp"))
     live = out.parent / f".{out.name}.{os.getppid()}.tmp"  # a live process, not this builder
     live.mkdir()
     prepare.prepare(exp)
