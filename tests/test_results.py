@@ -224,7 +224,12 @@ def test_the_result_sentences_come_from_the_table(tmp_path):
     text = claims.paragraph(table)
     assert "criterion (the least-squares trend of the seeds' mean validation curve" in text
     assert "on 2 of the 3 rows (resnet18 and deepspeech); single seeds' trends" in text
-    assert "met it in 5 of 9 dense runs" in text
+    assert "met it in 5 of 9 dense runs" in text and "points of chance" not in text
+    table["dense_converged"] = ["at chance", "no", "yes"]
+    text = claims.paragraph(table)
+    assert "on 1 of the 3 rows (deepspeech)" in text
+    assert "The dense baseline of resnet18 ended within 5 points of chance" in text
+    table["dense_converged"] = ["yes", "no", "yes"]
     table.loc[0, "verdict"] = "DSD better than control"  # a value changes: so does the sentence
     changed = claims.paragraph(table)
     assert "in DSD's favour on 1 row (resnet18)" in changed and "extra epochs at this power" not in changed
@@ -319,12 +324,19 @@ def test_the_study_block_of_the_readme_is_filled_from_its_own_table(tmp_path):
 def test_convergence_is_the_trend_of_the_seeds_mean_validation_curve(tmp_path):
     """A plateau that jitters by a point epoch to epoch is converged; a mean curve still falling 0.6 points per
     epoch is not; seeds whose noise alone tilts their own trends, averaging out, are converged (and counted as
-    not flat themselves); a dense phase with no epochs (a pretrained start) is converged by its own training."""
+    not flat themselves); a dense phase with no epochs (a pretrained start) is converged by its own training;
+    a plateau at chance (vision: a guess among the classes; speech: an empty transcript) is not converged."""
     from dsd import paths
     from dsd.report.tables import dense_convergence
 
-    def write(seed, values, row="r"):
-        record = {"metric": "top1_error_pct", "history": [{"val": {"top1_error_pct": v}} for v in values]}
+    def write(seed, values, row="r", track="vision", metric="top1_error_pct", higher=False):
+        record = {
+            "track": track,
+            "metric": metric,
+            "higher_is_better": higher,
+            "spec": {"model": {"num_classes": 10}},
+            "history": [{"val": {metric: v}} for v in values],
+        }
         paths.write_json(paths.metrics(paths.run_dir(str(tmp_path), row, seed, "dense")), record)
 
     write(0, [60.0, 30.0, 12.0, 11.0, 12.0, 11.0])  # last epochs jitter by 1 point (9% relative), no trend
@@ -336,6 +348,15 @@ def test_convergence_is_the_trend_of_the_seeds_mean_validation_curve(tmp_path):
     assert dense_convergence(str(tmp_path), "noisy", [0, 1]) == (pytest.approx(-0.05), "yes", "0/2")
     write(0, [], row="pretrained")
     assert dense_convergence(str(tmp_path), "pretrained", [0])[1] == "pretrained"
+    # flat, but at a guess's level: 10 classes, a chance top-1 error of 90%
+    write(0, [90.4, 89.6, 90.2, 89.8, 90.0, 90.2], row="stuck")
+    assert dense_convergence(str(tmp_path), "stuck", [0]) == (pytest.approx(0.02), "at chance", "1/1")
+    write(0, [90.4, 89.6, 85.0, 84.9, 85.1, 84.8], row="learned")  # 5 points better than chance: it learned
+    assert dense_convergence(str(tmp_path), "learned", [0])[1] == "yes"
+    write(0, [100.0] * 6, row="blanks", track="speech", metric="wer_pct")  # a CTC model emitting only blanks
+    assert dense_convergence(str(tmp_path), "blanks", [0])[1] == "at chance"
+    write(0, [2.0] * 6, row="bleu", track="captioning", metric="bleu4", higher=True)  # BLEU: no chance level
+    assert dense_convergence(str(tmp_path), "bleu", [0])[1] == "yes"
 
 
 # Comparison tables of real runs (the publication of 3cc905a: its 3-seed table and the 10-seed second study),
@@ -404,6 +425,7 @@ def _neuraltalk_records(output_dir, seeds=(0, 1)):
             val = 30.0 if phase == "redense1_s50" else 20.0 + k
             record = {
                 "kind": phase.rstrip("0123456789_s") or phase, "metric": "bleu4", "dataset": "scenes",
+                "track": "captioning", "higher_is_better": True, "spec": {"model": {}},
                 "target_sparsity": 0.0, "measured_sparsity": 0.0, "epochs": 2, "lr": 1e-3, "wall_seconds": 1.0,
                 "history": [{"val": {"bleu4": val}, "train_loss": 1.0}] * 12,  # enough for any phase
             }  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dsd.report.tables import CONVERGED_POINTS_PER_EPOCH, CONVERGED_WINDOW
+from dsd.report.tables import CLEAR_OF_CHANCE_POINTS, CONVERGED_POINTS_PER_EPOCH, CONVERGED_WINDOW
 
 
 def _rows(frame: pd.DataFrame, mask) -> list[str]:
@@ -157,6 +157,12 @@ def paragraph(comparison: pd.DataFrame) -> str:
             + _flat_seeds(comparison)
             + "."
         )
+        stuck = _rows(comparison, comparison["dense_converged"] == "at chance")
+        if stuck:
+            text.append(
+                f"The dense baseline of {_names(stuck)} ended within {CLEAR_OF_CHANCE_POINTS:g} points of chance "
+                "(a model that guesses): it did not learn, so DSD's verdict there says nothing about DSD."
+            )
     greedy = [c for c in ("baseline_greedy_wer_pct_mean",) if c in comparison]
     speech = comparison[comparison["metric"] == "wer_pct"]
     if greedy and not speech.empty and speech[greedy[0]].notna().any():

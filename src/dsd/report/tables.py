@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from dsd import paths
+from dsd import paths, tracks
 from dsd.core.schedule import CONTROL
 
 
@@ -198,6 +198,10 @@ def chosen_final_phase(row, seeds, output_dir: str) -> tuple[str, float | None]:
 # epoch to epoch (measured on the embedded rows), which puts up to ~0.7 points per epoch of chance into one seed's
 # 4-epoch trend and 1/sqrt(seeds) of that into the mean's. The seeds whose own trend is that flat are counted beside.
 CONVERGED_WINDOW, CONVERGED_POINTS_PER_EPOCH = 4, 0.5
+# A flat curve is no sign of convergence when it is flat at chance (a model that never learned): a dense model
+# whose seeds' mean final validation value is not this many points better than a guess is "at chance". Far above
+# the epoch-to-epoch scatter, far below what any trained row gains over chance.
+CLEAR_OF_CHANCE_POINTS = 5.0
 
 
 def _trend(values) -> float:
@@ -218,8 +222,22 @@ def dense_convergence(output_dir: str, row: str, seeds) -> tuple[float, str, str
         return float("nan"), "too few epochs", ""
     last = np.array([c[-CONVERGED_WINDOW:] for c in curves], dtype=float)
     trend = _trend(last.mean(axis=0))
-    flat = sum(abs(_trend(c)) < CONVERGED_POINTS_PER_EPOCH for c in last)
-    return trend, "yes" if abs(trend) < CONVERGED_POINTS_PER_EPOCH else "no", f"{flat}/{len(curves)}"
+    flat = f"{sum(abs(_trend(c)) < CONVERGED_POINTS_PER_EPOCH for c in last)}/{len(curves)}"
+    if _at_chance(read_metrics(output_dir, row, seeds[0], "dense"), float(last[:, -1].mean())):
+        return trend, "at chance", flat
+    return trend, "yes" if abs(trend) < CONVERGED_POINTS_PER_EPOCH else "no", flat
+
+
+def _at_chance(record: dict, final: float) -> bool:
+    """Whether the dense model's final validation value is within CLEAR_OF_CHANCE_POINTS of its track's chance
+    level (rows whose metric has one: not BLEU)."""
+    if record["metric"] != tracks.get(record["track"]).config.METRIC:
+        return False
+    chance = tracks.get(record["track"]).config.chance_level(record["spec"]["model"])
+    if chance is None:
+        return False
+    better = final - chance if record["higher_is_better"] else chance - final
+    return better < CLEAR_OF_CHANCE_POINTS
 
 
 def comparison_row(output_dir: str, row: str, seeds, final_phase: str, rows_in_table: int = 1) -> dict:

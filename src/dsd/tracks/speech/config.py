@@ -25,6 +25,12 @@ SOURCE_KEYS = (
 )  # fmt: skip
 
 
+def chance_level(model: dict) -> float:
+    """METRIC of a model that has learned nothing: a CTC model stuck on blanks transcribes nothing, and deleting
+    every reference word is a WER of 100%."""
+    return 100.0
+
+
 @dataclass(frozen=True)
 class Model:
     arch: Literal["deepspeech", "deepspeech2"] = option("deepspeech", "Deep Speech 1 or 2")

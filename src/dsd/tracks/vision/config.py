@@ -31,6 +31,11 @@ SOURCE_KEYS = (
 )  # what preparing the data set reads
 
 
+def chance_level(model: dict) -> float:
+    """METRIC of a model that guesses: top-1 error when one of num_classes is picked at random."""
+    return 100.0 * (1.0 - 1.0 / model["num_classes"])
+
+
 @dataclass(frozen=True)
 class Model:
     arch: str = option(
