@@ -101,6 +101,55 @@ def test_lightning_resume_mid_sparse_matches_an_uninterrupted_run(tmp_path):
     assert [lr for lr, _ in resumed.seen] == pytest.approx(EXPECTED_LR[15:])
 
 
+class TwoOptimizers(Module):
+    """Each linear layer stepped by its own optimizer (manual optimization, as Lightning requires for two)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, _):
+        x, y = batch
+        first, second = self.optimizers()
+        self.seen.append((first.param_groups[0]["lr"], second.param_groups[0]["lr"],
+                          zero_fraction(self.net[0].weight), zero_fraction(self.net[2].weight)))  # fmt: skip
+        first.zero_grad(), second.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self.net(x), y))
+        first.step(), second.step()
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.net[0].parameters(), lr=1.0, momentum=0.9),
+                torch.optim.Adam(self.net[2].parameters(), lr=1.0))  # fmt: skip
+
+
+def two_optimizer_fit(max_epochs, ckpt_path=None):
+    module = TwoOptimizers()
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[DSDCallback(RECIPE)])  # fmt: skip
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def test_lightning_with_two_optimizers_steps_the_recipe_per_batch_and_masks_both(tmp_path):
+    """Lightning's global_step counts both optimizers' steps (50 for 25 batches): the recipe still ends after
+    25 batches, both optimizers follow its LRs, both layers are pruned, and both optimizers' state is masked
+    (else re-dense starts from momentum that revives pruned weights). A resume mid-sparse is exact."""
+    module, trainer = two_optimizer_fit(max_epochs=50)
+    assert trainer.global_step == 50 and len(module.seen) == 25
+    assert [a for a, *_ in module.seen] == pytest.approx(EXPECTED_LR) == [b for _, b, *_ in module.seen]
+    assert [z for *_, z, _ in module.seen][11:20] == [0.5] * 9 == [z for *_, z in module.seen][11:20]
+    with pytest.warns(UserWarning, match=STOPPED_MID_SPARSE):
+        _, trainer = two_optimizer_fit(max_epochs=3)  # one epoch into the sparse phase
+    for optimizer, buffer in zip(trainer.optimizers, ("momentum_buffer", "exp_avg"), strict=True):
+        for weight in (p for p in optimizer.param_groups[0]["params"] if p.dim() == 2):
+            assert torch.equal(optimizer.state[weight][buffer] == 0, weight == 0) and (weight == 0).any()
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed, _ = two_optimizer_fit(max_epochs=50, ckpt_path=tmp_path / "mid.ckpt")
+    for a, b in zip(module.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------------- Hugging Face
 
 

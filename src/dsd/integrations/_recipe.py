@@ -25,7 +25,7 @@ class RecipeCallback:
         self.options = {"lr_schedule": lr_schedule, "exclude": exclude, "include": include}
         self.driver: DSD | None = None
 
-    def start(self, model: nn.Module, optimizer: Optimizer, steps_per_epoch: int) -> DSD:
+    def start(self, model: nn.Module, optimizer: Optimizer | list[Optimizer], steps_per_epoch: int) -> DSD:
         self.driver = DSD(model, optimizer, self.recipe, steps_per_epoch, **self.options)
         return self.driver
 

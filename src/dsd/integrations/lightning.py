@@ -10,6 +10,10 @@ The callback owns the learning rate (configure the optimizer without a scheduler
 recipe is done, saves its step count and masks in Lightning's checkpoints (`ckpt_path=` resumes them) and logs
 `dsd/lr`, `dsd/sparsity` (measured) and `dsd/phase` (the phase's index in the recipe) of the step about to
 be taken, every `log_every_n_steps`.
+
+A module with several optimizers (manual optimization: `self.automatic_optimization = False`) has every
+optimizer's LR set and state masked; its recipe counts training batches (Lightning's `global_step` counts each
+optimizer's steps), and the masks are re-applied after every batch.
 """
 
 from __future__ import annotations
@@ -40,28 +44,34 @@ class DSDCallback(RecipeCallback, Callback):
         self._restored: Mapping | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if len(trainer.optimizers) != 1:
-            raise ValueError(
-                f"DSDCallback drives one optimizer; the module configured {len(trainer.optimizers)}"
-            )
-        steps = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        self.start(pl_module, trainer.optimizers[0], steps)
+        optimizers = list(trainer.optimizers)
+        if not optimizers:
+            raise ValueError("DSDCallback needs an optimizer; the module configured none")
+        self._per_batch = len(optimizers) > 1
+        if self._per_batch:
+            self.start(pl_module, optimizers, trainer.num_training_batches)
+        else:
+            steps = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+            self.start(pl_module, optimizers[0], steps)
         if self._restored is not None:
             self.driver.load_state_dict(self._restored)
         self._done_steps = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         driver, every = self.driver, trainer.log_every_n_steps
-        if self.log and not driver.done and trainer.global_step % every == 0:  # the step about to be taken
+        if self.log and not driver.done and driver.global_step % every == 0:  # the step about to be taken
             pl_module.log_dict(
                 {"dsd/lr": driver.lr, "dsd/sparsity": driver.sparsity(), "dsd/phase": float(driver.index)},
                 on_step=True, on_epoch=False,
             )  # fmt: skip
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        while self._done_steps < trainer.global_step:  # once per optimizer step, also with accumulation
+        if self._per_batch:
             self.driver.step()
-            self._done_steps += 1
+        else:
+            while self._done_steps < trainer.global_step:  # once per optimizer step, also with accumulation
+                self.driver.step()
+                self._done_steps += 1
         if self.driver.done:
             trainer.should_stop = True
 
