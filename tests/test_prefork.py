@@ -159,6 +159,25 @@ def test_signals_reach_the_job_and_its_status_comes_back(tmp_path, sockets, sig)
     assert len(served_jobs(sockets)) == 1
 
 
+def test_the_warm_up_starts_no_openmp_threads_that_a_forked_job_would_wait_for():
+    """The server forks every job after its warm-up: had the warm-up run a parallel op, OpenMP's thread pool would
+    exist in the server only, and each job's first parallel op would hang. So a parallel op after the warm-up
+    must still start the pool (a thread more)."""
+    probe = (
+        "import os, torch\n"
+        "from dsd import prefork\n"
+        "torch.set_num_threads(2)\n"
+        "prefork.warm_up()\n"
+        "warm = len(os.listdir('/proc/self/task'))\n"
+        "torch.ones(1 << 20).sum()  # above torch's grain size: runs on the pool\n"
+        "print(len(os.listdir('/proc/self/task')) - warm)\n"
+    )
+    started = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert int(started.stdout) >= 1, started.stderr
+
+
 def test_the_server_key_follows_import_time_environment_only():
     base = {"PATH": "/usr/bin", "HOME": "/root"}
     assert prefork.server_key(base) == prefork.server_key(base | {"SNAKEMAKE_JOB": "7", "HOME": "/tmp"})

@@ -251,11 +251,7 @@ def serve(path: Path) -> None:
         os.umask(old_mask)
     listener.listen(128)  # clients queue here while the imports below run
     started = time.monotonic()
-    for name in WARM_MODULES:
-        try:
-            __import__(name)
-        except Exception as err:  # an optional module missing: the job imports what it needs itself
-            _log(f"warm-up: {name} not imported ({type(err).__name__}: {err})")
+    warm_up()
     _log(f"serving {path} (imports took {time.monotonic() - started:.1f} s)")
 
     wake_r, wake_w = os.pipe()
@@ -281,6 +277,16 @@ def serve(path: Path) -> None:
         _reap(children)
     path.unlink(missing_ok=True)  # we hold the lock, so the socket file is ours
     _log("idle, exiting")
+
+
+def warm_up() -> None:
+    """Import WARM_MODULES, and nothing more: a parallel torch op here would start OpenMP's threads, which a forked
+    child lacks, and the child's first parallel op would wait for them forever."""
+    for name in WARM_MODULES:
+        try:
+            __import__(name)
+        except Exception as err:  # an optional module missing: the job imports what it needs itself
+            _log(f"warm-up: {name} not imported ({type(err).__name__}: {err})")
 
 
 def _accept(listener: socket.socket, children: dict, resources: tuple) -> None:
