@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -266,6 +267,36 @@ def test_a_phase_removes_the_temporary_files_of_a_writer_killed_mid_write(tmp_pa
     live.write_text("{}")
     train(config, "resnet18", 0, "dense", out=out)
     assert [p.name for p in out.glob(".*.tmp*")] == [live.name]
+
+
+def test_a_temporary_file_of_another_machine_is_removed_only_once_it_is_a_day_old(tmp_path):
+    """On a shared file system (a cluster's results or cache folder) another node's live writer has a pid that
+    may be free here: its temporary file stays until it has not changed for a day. This machine's dead
+    writer's goes at once, as do the files and folders (speech's half-built caches) of both sweeps."""
+    import socket
+
+    from dsd.tracks.speech import data as speech_data
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead, here = int(done.stdout), socket.gethostname()
+    day_old = time.time() - paths.OTHER_MACHINES_WRITER_STALE_SECONDS - 60
+    names = {"here": f"{dead}@{here}", "other": f"{dead}@other-node", "old": f"{dead + 1}@other-node"}
+    for tag in names.values():
+        (tmp_path / f".eval.json.tmp{tag}").write_text("{}")
+        (tmp_path / f".train.feats.{tag}.tmp").mkdir()
+        (tmp_path / f".train.feats.{tag}.tmp" / "frames").write_bytes(b"")
+    for old in (tmp_path / f".eval.json.tmp{names['old']}", tmp_path / f".train.feats.{names['old']}.tmp"):
+        for entry in (old, *(old.iterdir() if old.is_dir() else ())):
+            os.utime(entry, (day_old, day_old))
+    paths.remove_stale_temporaries(tmp_path)
+    speech_data.remove_dead_builds(tmp_path / "train.feats")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".eval.json.tmp{names['other']}",
+        f".train.feats.{names['other']}.tmp",
+    ]
+    assert paths.temporary_for(tmp_path / "x.pt").name == f".x.pt.tmp{os.getpid()}@{here}"
 
 
 def test_a_damaged_prepared_marker_is_named_and_prepared_again(tmp_path):

@@ -125,7 +125,7 @@ def write_atomically(path: Path, data) -> None:
     presence means "finished" is not there empty. On an OSError the temporary file is removed."""
     import os
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_for(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -143,15 +143,53 @@ def write_atomically(path: Path, data) -> None:
         raise
 
 
+def temporary_for(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: `.NAME.tmp<writer>`, which names the writer, so
+    that `remove_stale_temporaries` can tell a killed writer's file from a live one's."""
+    return Path(path).with_name(f".{Path(path).name}.tmp{writer_tag()}")
+
+
 def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the temporary files (`.NAME.tmpPID`, of `write_json` and checkpoints) that a writer killed
-    mid-write left in `folder`: a checkpoint's is as large as the checkpoint. Those of a live process stay."""
+    """Delete the temporary files (`temporary_for`, of `write_json` and checkpoints) that a writer killed
+    mid-write left in `folder`: a checkpoint's is as large as the checkpoint. Those of a live writer stay."""
     import re
 
     for tmp in Path(folder).glob(".*.tmp*"):
-        match = re.fullmatch(r"\..+\.tmp(\d+)", tmp.name)
-        if match and not _alive(int(match.group(1))):
+        match = re.fullmatch(r"\..+\.tmp(\d+(?:@.+)?)", tmp.name)
+        if match and writer_gone(match.group(1), tmp):
             tmp.unlink(missing_ok=True)
+
+
+# Another machine's writer (a shared file system) cannot be asked whether it runs; a temporary file it has not
+# touched for this long is taken as left by a writer that died.
+OTHER_MACHINES_WRITER_STALE_SECONDS = 24 * 3600
+
+
+def writer_tag() -> str:
+    """PID@host: process ids are per machine, and on a shared file system (a cluster's results or cache folder)
+    another node's live writer may have a pid that is free here."""
+    import os
+    import socket
+
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def writer_gone(tag: str, path: Path) -> bool:
+    """Whether the writer of `path`, named by `tag` (`writer_tag`; a bare pid: this machine), has ended: here,
+    its process is gone; on another machine, `path` has not changed for OTHER_MACHINES_WRITER_STALE_SECONDS."""
+    import socket
+    import time
+
+    pid, _, host = tag.partition("@")
+    if not pid.isdigit():
+        return False
+    if not host or host == socket.gethostname():
+        return not _alive(int(pid))
+    try:
+        changed = max(entry.stat().st_mtime for entry in (path, *(path.iterdir() if path.is_dir() else ())))
+    except FileNotFoundError:  # removed meanwhile
+        return False
+    return time.time() - changed > OTHER_MACHINES_WRITER_STALE_SECONDS
 
 
 def _alive(pid: int) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import string
 from collections import Counter
 from dataclasses import dataclass
@@ -369,7 +368,7 @@ def extract_features(exp: Experiment, encoder: nn.Module, batch_size: int = 64) 
     # a job killed while saving (kill -9, SIGTERM) left its temporary file, as large as the cache: GBs of fc7
     # features for COCO. Named as paths.write_atomically names them, so that the sweep finds a dead one
     paths.remove_stale_temporaries(out_path.parent)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    tmp = paths.temporary_for(out_path)
     try:
         torch.save(payload, tmp)
     except (OSError, RuntimeError) as err:  # a full disk surfaces as torch's RuntimeError, naming no file

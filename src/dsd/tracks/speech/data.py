@@ -262,7 +262,7 @@ def build_features(exp: Experiment, split: str, out: Path) -> Path:
     jobs = [(item, exp.data, max_seconds) for item in items]
     workers = exp.options.workers or os.cpu_count() or 1
     remove_dead_builds(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # parallel jobs may build the same split
+    tmp = out.with_name(f".{out.name}.{paths.writer_tag()}.tmp")  # parallel jobs may build the same split
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         _write_features(jobs, workers, tmp, exp, split)
@@ -277,11 +277,10 @@ def build_features(exp: Experiment, split: str, out: Path) -> Path:
 
 
 def remove_dead_builds(out: Path) -> None:
-    """Delete the half-built caches of `out` (`.NAME.PID.tmp`) whose job was killed (SIGTERM, kill -9: no
-    cleanup ran); each is up to a split's features in size. A live job's stays."""
+    """Delete the half-built caches of `out` (`.NAME.PID@HOST.tmp`) whose job was killed (SIGTERM, kill -9: no
+    cleanup ran); each is up to a split's features in size. A live job's stays, on this machine or another."""
     for tmp in out.parent.glob(f".{out.name}.*.tmp"):
-        pid = tmp.name[len(out.name) + 2 : -len(".tmp")]
-        if pid.isdigit() and not paths._alive(int(pid)):
+        if paths.writer_gone(tmp.name[len(out.name) + 2 : -len(".tmp")], tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
