@@ -174,6 +174,31 @@ def test_a_resume_point_from_another_checkpoint_of_the_previous_phase_is_discard
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_an_unreadable_resume_point_is_named_and_the_phase_starts_afresh(tmp_path, capfd, damage):
+    """resume.pt is written atomically, so a damaged one is a disk's doing: it costs the phase's progress (one
+    line says so), not the run, which before failed on it until someone deleted the file."""
+    config = parse(tiny_vision_config(tmp_path, seeds=[0]))
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    train(config, "resnet18", 0, "sparse1", out=tmp_path / "fresh")
+    out = paths.run_dir(config.options.output_dir, "resnet18", 0, "sparse1")
+    out.mkdir(parents=True)
+    data = bytearray(paths.checkpoint(tmp_path / "fresh").read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    paths.resume(out).write_bytes(bytes(data))
+    train(config, "resnet18", 0, "sparse1")
+    said = [line for line in capfd.readouterr().err.splitlines() if "resume.pt" in line]
+    assert len(said) == 1 and said[0].endswith("; starting the phase afresh"), said
+    assert not paths.resume(out).exists()  # the finished phase removed it
+    a = torch.load(paths.checkpoint(out), weights_only=True)["model"]
+    b = torch.load(paths.checkpoint(tmp_path / "fresh"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_an_init_checkpoint_of_another_spec_is_refused(tmp_path):
     raw = tiny_vision_config(tmp_path)
     config = parse(raw)

@@ -4,8 +4,9 @@ A checkpoint (`resume.pt` mid-phase, `model.pt` at the end) holds the weights, o
 the masks (bit-packed), the per-epoch history, the position in the phase, the RNG state, and the phase's
 identity: its spec fingerprint, the spec itself (so a mismatch can be named key by key) and the data set's
 content fingerprint. `resume.pt` of another spec or other data, or started from another `--init` file (the
-previous phase retrained since), is discarded with one line (the phase starts afresh); an `--init` checkpoint
-of another spec is refused.
+previous phase retrained since), or unreadable (a disk error: written atomically, it is never torn), is
+discarded with one line (the phase starts afresh, and its first checkpoint replaces the file); an `--init`
+checkpoint of another spec is refused.
 """
 
 from __future__ import annotations
@@ -42,17 +43,21 @@ def mismatch(saved: dict, expected: dict) -> str | None:
 def load_resume(path: Path, expected: dict, init: str | None = None) -> dict | None:
     """The resume state when it belongs to this phase and data, and continues from the same previous
     checkpoint (`init`, its digest: one retrained since, on another machine say, has other weights under the
-    same spec); otherwise None, after saying why."""
+    same spec); otherwise None, after saying why. The file stays (every DDP rank reads it) until the phase's
+    first checkpoint replaces it."""
     if not path.exists():
         return None
-    state = checkpoint.load(path)
+    try:
+        state = checkpoint.load(path)
+    except CheckpointError as err:  # the progress is lost, not the run
+        print(f"dsd: {err}; starting the phase afresh", file=sys.stderr, flush=True)
+        return None
     why = mismatch(state.get("identity") or {}, expected)
     if why is None and state.get("init") != init:
         why = f"started from another checkpoint of the previous phase ({state.get('init')} -> {init})"
     if why is None:
         return state
     print(f"dsd: {path} is from another spec ({why}); starting the phase afresh", file=sys.stderr, flush=True)
-    path.unlink()
     return None
 
 
