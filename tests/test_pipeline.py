@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -166,6 +167,25 @@ def test_image_features_on_a_gpu_take_a_gpu_no_other_job_holds(tmp_path):
     assert "gpu=1" in job, job
     command = job.split("Shell command:")[1].split()
     assert command[1].endswith("dsd/gpus.py") and command[2:4] == ["1", "--"], command[:6]
+
+
+def test_cpu_training_jobs_ask_for_no_gpu_and_still_run_their_ranks(tmp_path):
+    """`device: cpu`: a training job asked Snakemake for gpus_per_job GPUs of `--resources gpu=N`, so CPU jobs
+    took GPU jobs' tokens (and waited for them). It asks for none; the prefix, given 0, still starts
+    gpus_per_job CPU ranks (from the run options): the same training as before."""
+    config = tiny_vision_config(tmp_path, device="cpu", gpus_per_job=2, seeds=[0])
+    plan = snakemake(tmp_path, write_config(tmp_path, config), "-n", "-p")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    job = plan.stdout.split("rule train_phase:")[1].split("\n\n")[0]
+    assert "gpu=0" in job, job
+    command = shlex.split(job.split("Shell command:")[1].split(" 2> ")[0])
+    assert command[1].endswith("dsd/gpus.py") and command[2:5] == ["0", "--dsd", "--"], command[:6]
+    options = command[command.index("--options") + 1]
+    ranks = subprocess.run(
+        [*command[:5], "--help", "--options", options], capture_output=True, text=True, timeout=120
+    )  # each rank prints dsd's usage instead of training
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    assert ranks.stdout.count("usage:") == 2, ranks.stdout
 
 
 def test_a_stale_encoder_run_outside_the_tables_rows_is_retrained(tmp_path):

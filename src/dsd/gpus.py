@@ -16,7 +16,8 @@ With `--dsd` and N > 1 the prefix does not exec: it stays the parent of N ranks 
 `run_ranks`), forwards SIGTERM / SIGUSR1 to them and exits with their status. torchrun would not do: it turns
 a signal into its own non-zero exit (Snakemake then deletes a phase its ranks finished) and leaves its ranks
 running when it is killed. Each rank dies with the prefix and holds the lock files too, so the devices stay
-locked while any rank lives. A `--dsd` command whose `--options` say `device: cpu` locks no GPU.
+locked while any rank lives. A `--dsd` command whose `--options` say `device: cpu` locks no GPU and runs
+`gpus_per_job` ranks whatever N (the rules ask Snakemake for 0 GPUs for it).
 
 On a machine without GPUs (or with `n` = 0) nothing is locked and nothing is changed. This module imports
 only the standard library (torch only as a last resort to count devices), so the prefix costs milliseconds.
@@ -406,16 +407,26 @@ def _wait_for(ranks: list[subprocess.Popen]) -> int:
     return failed
 
 
-def _options_say_cpu(dsd_args: list[str]) -> bool:
-    """Whether a dsd command's run options (`--options JSON`, as the rules pass them) say `device: cpu`: its
-    job trains on the CPU, and a GPU it locked would only keep other jobs waiting (one at a time per GPU)."""
+def _run_options(dsd_args: list[str]) -> dict:
+    """A dsd command's run options (`--options JSON`, as the rules pass them); {} where it gives none."""
     if "--options" not in dsd_args[:-1]:
-        return False
+        return {}
     try:
         options = json.loads(dsd_args[dsd_args.index("--options") + 1])
     except ValueError:
-        return False
-    return isinstance(options, dict) and options.get("device") == "cpu"
+        return {}
+    return options if isinstance(options, dict) else {}
+
+
+def _dsd_ranks_and_devices(n: int, dsd_args: list[str]) -> tuple[int, int]:
+    """(ranks, GPUs to lock) of a `--dsd` command. With `device: cpu` it locks no GPU (one would only keep other
+    jobs waiting, one at a time per GPU) and the rules ask Snakemake for none (N = 0), so its ranks (gloo) are
+    the options' `gpus_per_job`."""
+    options = _run_options(dsd_args)
+    if options.get("device") == "cpu":
+        per_job = options.get("gpus_per_job")
+        return (per_job if isinstance(per_job, int) and per_job > 0 else max(n, 1)), 0
+    return max(n, 1), n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not command:
         parser.error("give the command after --")
-    ranks = max(args.n, 1) if args.dsd else 1
-    devices = 0 if args.dsd and _options_say_cpu(command) else args.n  # CPU ranks (gloo) lock no GPU
+    ranks, devices = _dsd_ranks_and_devices(args.n, command) if args.dsd else (1, args.n)
     if args.dsd and ranks == 1:
         command = [sys.executable, "-m", "dsd", *command]
     try:

@@ -17,7 +17,8 @@ rule train_phase:
         out=lambda w: run_dir(w.row, w.seed, w.phase),
     threads: OPTIONS.threads
     resources:
-        gpu=OPTIONS.gpus_per_job,
+        # none on the CPU: GPU tokens are for GPU jobs (dsd.gpus still starts gpus_per_job ranks, from the options)
+        gpu=0 if OPTIONS.device == "cpu" else OPTIONS.gpus_per_job,
     log:
         str(paths.logs_dir(OUT) / "{row}" / "seed{seed}" / "{phase}.log"),
     benchmark:
