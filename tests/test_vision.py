@@ -465,3 +465,27 @@ def test_training_without_loader_workers_gives_the_weights_of_training_with_them
         saved = torch.load(paths.checkpoint(tmp_path / f"workers{workers}"), weights_only=True)
         weights[workers] = saved["model"]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_evaluation_reads_no_pretrained_weights_the_checkpoint_replaces(tmp_path):
+    """Evaluation built the model with its pretrained `model.weights`, then loaded the checkpoint over every
+    weight: a wasted read of a possibly large file, and a failure where it is not on the evaluation node. A
+    replaced or removed weights file leaves the evaluation as it was."""
+    from conftest import evaluate, prepare_data, train
+
+    from dsd.tracks.vision import model as vision_model
+
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    config["experiments"]["resnet18"]["phases"] = [{"kind": "dense", "epochs": 1, "lr": 0.05}]
+    torch.manual_seed(0)
+    weights = tmp_path / "pretrained.pth"
+    torch.save(vision_model.build(parse(config).experiment("resnet18")).state_dict(), weights)
+    config["experiments"]["resnet18"]["model"]["weights"] = str(weights)
+    parsed = parse(config)
+    prepare_data(parsed, "resnet18")
+    train(parsed, "resnet18", 0, "dense")
+    before = evaluate(parsed, "resnet18", 0, "dense")
+    weights.write_text("replaced since")
+    assert evaluate(parsed, "resnet18", 0, "dense") == before
+    weights.unlink()
+    assert evaluate(parsed, "resnet18", 0, "dense") == before

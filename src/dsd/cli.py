@@ -129,7 +129,7 @@ def cmd_features(args) -> None:
                 f"{ckpt}: not {encoder_spec.row} seed {encoder_spec.seed}'s dense run of this config ({why}); "
                 f"train it first (dsd run --row {encoder_spec.row} --seed {encoder_spec.seed})"
             )
-        vision = tracks.get(encoder_exp.track).model.build(encoder_exp)
+        vision = tracks.get(encoder_exp.track).model.build(encoder_exp, pretrained=False)  # the checkpoint's
         checkpoint.load_model(vision, state, ckpt)
         encoder = model.encoder_from_module(vision)
     else:

@@ -43,7 +43,7 @@ def evaluate_checkpoint(
     device = distributed.resolve_device(options.device)
     if device.type == "cpu":
         torch.set_num_threads(options.threads)
-    model = track.model.build(exp)
+    model = track.model.build(exp, pretrained=False)  # the checkpoint holds every weight: no pretrained read
     checkpoint.load_model(model, state, path)
     model.to(device)
     if distributed.prefers_channels_last(model, device):  # the layout it trained in

@@ -2,7 +2,8 @@
 
     config.py     typed model / data / eval sections, METRIC, HIGHER_IS_BETTER, FIXED_SHAPES, DATASETS,
                   chance_level(model section) (plain Python)
-    model.py      build(exp) -> nn.Module; meta_model(model section): the model on the meta device
+    model.py      build(exp, pretrained=True) -> nn.Module (pretrained=False: no pretrained weights read,
+                  for a checkpoint to load); meta_model(model section): the model on the meta device
     data.py       prepare(exp), sources(exp), train_loader(exp, seed, epoch, skip_batches), eval_loader(exp, split)
     metric.py     loss(model, batch, device); evaluate(model, exp, split, device, samples) -> (metrics, samples);
                   monitor(model, exp, device) -> the per-epoch validation metrics; check(exp)

@@ -50,7 +50,8 @@ class ShowAndTell(nn.Module):
         return logits.log_softmax(-1), state
 
 
-def build(exp: Experiment) -> ShowAndTell:
+def build(exp: Experiment, pretrained: bool = True) -> ShowAndTell:
+    """Nothing pretrained: the frozen encoder is not part of it (its features are read from their cache)."""
     cfg = exp.model
     return ShowAndTell(feature_dim(exp), len(vocabulary(exp)), cfg.embed_dim, cfg.hidden_dim, cfg.dropout)
 

@@ -147,7 +147,8 @@ def _norm_frames(norm: nn.BatchNorm1d, x: torch.Tensor, lengths: torch.Tensor) -
     return out.permute(0, 2, 3, 1)
 
 
-def build(exp: Experiment) -> nn.Module:
+def build(exp: Experiment, pretrained: bool = True) -> nn.Module:
+    """Nothing pretrained: `pretrained` is the tracks' common signature."""
     cls = DeepSpeech if exp.model.arch == "deepspeech" else DeepSpeech2
     return cls(n_features(exp.data), exp.model)
 
