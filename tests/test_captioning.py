@@ -478,3 +478,49 @@ def test_a_feature_constant_over_the_training_images_is_centred_not_blown_up(tmp
     _, val = cap_data._split_features(exp, "val")
     assert val[:, 0].tolist() == [5.0, 5.0]
     assert val[:, 1:].abs().max() < 1e3  # the other features standardised as before
+
+
+def test_a_resume_point_of_replaced_encoder_weights_is_discarded(tmp_path, monkeypatch, capfd):
+    """The spec names `data.encoder_weights` by path: a file replaced mid-phase (its images encoded again)
+    resumed the phase trained on the old encoder's features, mixing two encoders. resume.pt records the
+    file's content digest: another content starts the phase afresh, with one line naming the key."""
+    from conftest import parse, prepare_data, tiny_vision_config, train
+
+    from dsd import paths
+    from dsd.engine import resume
+    from dsd.errors import Preempted
+
+    weights = tmp_path / "vgg16.pth"
+    torch.save({"fc7": torch.zeros(2)}, weights)  # only its content is read here: the features are given
+    config = tiny_vision_config(tmp_path, seeds=[0], rows=["nt"])
+    config["experiments"] = {
+        "nt": {
+            "track": "captioning", "dataset": "scenes", "model": {"embed_dim": 8, "hidden_dim": 8},
+            "data": {"min_count": 1, "image_size": 32, "scenes_splits": [8, 2, 2], "encoder_weights": str(weights)},
+            "phases": [{"kind": "dense", "epochs": 4, "lr": 0.005}],  # a SIGTERM in the last epoch finishes it
+        }
+    }  # fmt: skip
+    config = parse(config)
+    prepare_data(config, "nt")
+    torch.manual_seed(0)
+    cap_data.extract_features(config.experiment("nt"), cap_model.encoder_from_module(TinyCNN()))
+
+    def interrupted():
+        with monkeypatch.context() as patch:  # a SIGTERM as the phase starts: it leaves resume.pt
+            patch.setattr(resume.StopSignal, "received", "SIGTERM", raising=False)
+            patch.setattr(resume.StopSignal, "__init__", lambda self: None)
+            with pytest.raises(Preempted):
+                train(config, "nt", 0, "dense")
+
+    interrupted()
+    weights.write_bytes(weights.read_bytes())  # the same content, written again: still the same encoder
+    interrupted()
+    assert "resume.pt is from another spec" not in capfd.readouterr().err
+    assert paths.resume(paths.run_dir(config.options.output_dir, "nt", 0, "dense")).exists()
+    torch.save({"fc7": torch.ones(2)}, weights)  # another encoder under the same path
+
+    train(config, "nt", 0, "dense")
+    message = [
+        line for line in capfd.readouterr().err.splitlines() if "resume.pt is from another spec" in line
+    ]
+    assert message and "data.encoder_weights replaced since" in message[0], message

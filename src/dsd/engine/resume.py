@@ -4,9 +4,9 @@ A checkpoint (`resume.pt` mid-phase, `model.pt` at the end) holds the weights, o
 the masks (bit-packed), the per-epoch history, the position in the phase, the RNG state, and the phase's
 identity: its spec fingerprint, the spec itself (so a mismatch can be named key by key) and the data set's
 content fingerprint. `resume.pt` of another spec or other data, or started from another `--init` file (the
-previous phase retrained since), or unreadable (a disk error: written atomically, it is never torn), is
-discarded with one line (the phase starts afresh, and its first checkpoint replaces the file); an `--init`
-checkpoint of another spec is refused.
+previous phase retrained since), or (captioning) from another `data.encoder_weights` file's content, or
+unreadable (a disk error: written atomically, it is never torn), is discarded with one line (the phase starts
+afresh, and its first checkpoint replaces the file); an `--init` checkpoint of another spec is refused.
 """
 
 from __future__ import annotations
@@ -40,11 +40,15 @@ def mismatch(saved: dict, expected: dict) -> str | None:
     return "; ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
 
 
-def load_resume(path: Path, expected: dict, init: str | None = None) -> dict | None:
+def load_resume(
+    path: Path, expected: dict, init: str | None = None, encoder: str | None = None
+) -> dict | None:
     """The resume state when it belongs to this phase and data, and continues from the same previous
     checkpoint (`init`, its digest: one retrained since, on another machine say, has other weights under the
-    same spec); otherwise None, after saying why. The file stays (every DDP rank reads it) until the phase's
-    first checkpoint replaces it."""
+    same spec) and, where given, the same encoder weights (`encoder`, the digest of captioning's
+    `data.encoder_weights`: the spec names that file by path, so one replaced since is another encoder);
+    otherwise None, after saying why. The file stays (every DDP rank reads it) until the phase's first
+    checkpoint replaces it."""
     if not path.exists():
         return None
     try:
@@ -55,6 +59,8 @@ def load_resume(path: Path, expected: dict, init: str | None = None) -> dict | N
     why = mismatch(state.get("identity") or {}, expected)
     if why is None and state.get("init") != init:
         why = f"started from another checkpoint of the previous phase ({state.get('init')} -> {init})"
+    if why is None and encoder is not None and state.get("encoder") != encoder:
+        why = f"data.encoder_weights replaced since ({state.get('encoder')} -> {encoder})"
     if why is None:
         return state
     print(f"dsd: {path} is from another spec ({why}); starting the phase afresh", file=sys.stderr, flush=True)

@@ -152,10 +152,11 @@ def restore(
     spec: PhaseSpec,
     identity: dict,
     started_from: str | None = None,
+    encoder: str | None = None,
 ) -> None:
-    """Continue from this phase's resume point (one written from the same `init`, by its digest `started_from`),
-    else start from the previous phase's final checkpoint."""
-    saved = resume.load_resume(resume_path, identity, started_from)
+    """Continue from this phase's resume point (one written from the same `init`, by its digest `started_from`,
+    and with the same `encoder` weights digest), else start from the previous phase's final checkpoint."""
+    saved = resume.load_resume(resume_path, identity, started_from, encoder)
     if saved is not None:
         checkpoint.load_model(state.model, saved, resume_path)
         load_optimizer(state.optimizer, saved["optimizer"])
@@ -178,6 +179,15 @@ def restore(
 
 def init_digest(init: str | Path | None) -> str | None:
     return None if init is None else checkpoint.digest(init)
+
+
+def encoder_digest(exp: Experiment) -> str | None:
+    """Captioning's `data.encoder_weights` file by content (None where it has none, or it is not here): the spec
+    names it by path, so a file replaced mid-phase (its images encoded again) must not continue the old
+    encoder's resume point."""
+    weights = getattr(tracks.get(exp.track).config, "encoder_weights", None)
+    path = weights(exp) if weights is not None else None
+    return checkpoint.digest(path) if path and Path(path).is_file() else None
 
 
 def run_phase(
@@ -213,7 +223,8 @@ def run_phase(
     checkpoint.check_space(out_dir, state.model)
     resume_path = paths.resume(out_dir)
     started_from = init_digest(init)  # recorded in resume points: they continue only from this checkpoint
-    restore(state, resume_path, init, spec, identity, started_from)
+    encoder = encoder_digest(exp)  # and only with these encoder weights
+    restore(state, resume_path, init, spec, identity, started_from, encoder)
     trained = state.model
     if world > 1:
         ids = [device] if device.type == "cuda" else None
@@ -238,7 +249,12 @@ def run_phase(
 
     def save_resume(position: dict, partial: dict | None = None) -> None:
         if rank == 0:
-            extra = {"partial": partial or {}, "wandb_id": tracker.run_id, "init": started_from}
+            extra = {
+                "partial": partial or {},
+                "wandb_id": tracker.run_id,
+                "init": started_from,
+                "encoder": encoder,
+            }
             payload = state.checkpoint(exp, spec, identity, position) | extra
             checkpoint.save(payload, resume_path)
         distributed.barrier(world)  # no rank stops (and ends the job) while rank 0 is still writing
