@@ -1,5 +1,6 @@
 """dsd.gpus: distinct devices for concurrent jobs, checked with real processes on a CPU machine (total=4)."""
 
+import fcntl
 import os
 import selectors
 import signal
@@ -378,3 +379,68 @@ def test_auto_threads_inside_a_slurm_job_stay_within_its_cpus(monkeypatch):
     assert cpus_per_job(1, gpus=1) == (1, 0)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(10**6))  # more than this machine has: its own cores count
     assert cpus_per_job(1, gpus=1) == (len(os.sched_getaffinity(0)), len(os.sched_getaffinity(0)) - 1)
+
+
+def test_a_slurm_jobs_lock_folder_is_removed_once_no_process_of_it_uses_it(tmp_path, monkeypatch):
+    """`slurm-<id>` folders were never removed: one per GPU job ever run on the node. A folder stays while any
+    process of its job uses it (two here, sharing it), and goes with its `.users` file once none does."""
+    locks = tmp_path / "locks"
+    monkeypatch.setenv("DSD_GPU_LOCK_DIR", str(locks))
+    env = os.environ | {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "0,1"}
+    holders = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                SCRIPT,
+                "1",
+                "--quiet",
+                "--",
+                sys.executable,
+                "-c",
+                HOLDER,
+                str(tmp_path / f"done{i}"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    assert {read_line(holder, 60) for holder in holders} == {"0", "1"}  # job 7's two processes, both running
+    (tmp_path / "done0").touch()
+    holders[0].communicate(timeout=30)
+    monkeypatch.setenv("SLURM_JOB_ID", "8")  # another job's process looks for its folder: sweeps unused ones
+    assert gpus.lock_folder() == locks / "slurm-8"
+    assert (locks / "slurm-7").is_dir()  # job 7's second process still uses it
+    (tmp_path / "done1").touch()
+    holders[1].communicate(timeout=30)
+    gpus.lock_folder()
+    assert sorted(p.name for p in locks.iterdir()) == ["slurm-8", "slurm-8.users"]  # this process uses it
+    gpus.release()
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert gpus.lock_folder() == locks
+    assert list(locks.iterdir()) == []
+
+
+def test_a_process_joining_a_job_folder_as_it_is_swept_gets_a_new_one(tmp_path, monkeypatch):
+    """A process that opened the `.users` file while a sweeper held it (removing the folder) must not keep the
+    unlinked file: the folder it then uses would look unused, and be swept under its GPU locks."""
+    import threading
+
+    monkeypatch.setenv("DSD_GPU_LOCK_DIR", str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    users = tmp_path / "slurm-9.users"
+    users.touch()
+    sweeper = os.open(users, os.O_RDONLY)
+    fcntl.flock(sweeper, fcntl.LOCK_EX)
+    joined = []
+    joiner = threading.Thread(target=lambda: joined.append(gpus.lock_folder()))
+    joiner.start()
+    time.sleep(0.5)  # the joiner has opened the file and waits for its shared lock
+    users.unlink()  # what the sweep does, under its exclusive lock
+    os.close(sweeper)
+    joiner.join(30)
+    assert joined == [tmp_path / "slurm-9"] and joined[0].is_dir()
+    held = os.fstat(gpus._job_users["9"])
+    assert (held.st_dev, held.st_ino) == (users.stat().st_dev, users.stat().st_ino)  # the new file's

@@ -26,7 +26,9 @@ Where the locks live: `--lock-dir`, else `$DSD_GPU_LOCK_DIR`, else `/tmp/dsd-gpu
 and Snakemake jobs with their `tmpdir` resource, set it apart, and jobs locking in two folders share GPUs);
 inside a SLURM job a subfolder per job id, since SLURM already gives each job its own GPUs (the indices a job
 sees may be renumbered from 0, so jobs must not compete for "GPU 0" across allocations), while the processes
-inside one allocation (a Snakemake run under `salloc`) share its folder and get distinct devices of it.
+inside one allocation (a Snakemake run under `salloc`) share its folder and get distinct devices of it. Each
+of them holds a shared flock on `slurm-<id>.users` beside the folder; a folder whose file no process holds
+(its job's processes ended) is removed by the next process on the machine that looks for its lock folder.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ RENDEZVOUS_PREFIX = "dsd-rendezvous-"  # + the prefix's pid: a folder of a prefi
 
 _held: dict[str, int] = {}  # device id (as in CUDA_VISIBLE_DEVICES) -> open, flocked fd
 _saved_env: list[str | None] = []  # CUDA_VISIBLE_DEVICES before acquire(), restored by release()
+_job_users: dict[str, int] = {}  # SLURM job id -> open fd of its folder's `.users` file, flocked shared
 
 
 class GPUTimeoutError(TimeoutError):
@@ -78,12 +81,62 @@ class GPUTimeoutError(TimeoutError):
 
 
 def lock_folder(path: str | os.PathLike | None = None) -> Path:
-    """The folder of the lock files (see the module docstring); created if missing."""
+    """The folder of the lock files (see the module docstring); created if missing. Inside a SLURM job, this
+    process uses its job's folder until `release()` or its end; folders of jobs no process uses are removed."""
     if path is not None:
         return _shared_folder(Path(path))
     path = _shared_folder(Path(os.environ.get("DSD_GPU_LOCK_DIR") or _machine_tmp() / "dsd-gpu-locks"))
+    _sweep_job_folders(path)
     job = os.environ.get("SLURM_JOB_ID")
-    return _shared_folder(path / f"slurm-{job}") if job else path
+    return _join_job_folder(path, job) if job else path
+
+
+def _join_job_folder(parent: Path, job: str) -> Path:
+    """`parent/slurm-<job>`, marked in use by a shared flock on `slurm-<job>.users` beside it, held as the GPU
+    locks are (through exec, until release() or the process's end): the kernel drops it when the last process
+    of the job using the folder ends, also on kill -9, and the folder can then be swept."""
+    if job not in _job_users:
+        _job_users[job] = _hold_shared(parent / f"slurm-{job}.users")
+    return _shared_folder(parent / f"slurm-{job}")
+
+
+def _hold_shared(path: Path) -> int:
+    """A shared flock on the file at `path`, still that file once held: a sweeper unlinks it while holding it
+    exclusively, and a lock on an unlinked file would keep nothing from being swept."""
+    while True:
+        fd = _open(path)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if _is_file_at(fd, path):
+            return fd
+        os.close(fd)
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    try:
+        here = path.stat()
+    except FileNotFoundError:
+        return False
+    held_file = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (held_file.st_dev, held_file.st_ino)
+
+
+def _sweep_job_folders(parent: Path) -> None:
+    """Remove the SLURM job folders whose `.users` file no process holds (the job's processes using it ended),
+    the folder first, then the file, under its exclusive lock: a process joining meanwhile waits for it, then
+    finds the file gone and starts a new one. Another user's folder may not be removable (sticky): kept."""
+    for users in parent.glob("slurm-*.users"):
+        try:
+            fd = os.open(users, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if _try_lock(fd) and _is_file_at(fd, users):
+                folder = parent / users.name.removesuffix(".users")
+                shutil.rmtree(folder, ignore_errors=True)
+                if not folder.exists():
+                    users.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # drops the exclusive lock
 
 
 def _shared_folder(path: Path) -> Path:
@@ -247,6 +300,9 @@ def release() -> None:
     while _held:
         _, fd = _held.popitem()
         os.close(fd)  # closing the last descriptor of the open file releases its flock
+    while _job_users:  # this process no longer uses its SLURM job's folder
+        _, fd = _job_users.popitem()
+        os.close(fd)
     if _saved_env:
         previous = _saved_env.pop()
         if previous is None:
