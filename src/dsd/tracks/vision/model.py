@@ -124,9 +124,9 @@ def build(exp: Experiment, pretrained: bool = True) -> nn.Module:
     """The row's network; with `model.weights`, the pretrained model it starts from. `pretrained=False`: the
     bare architecture, for a checkpoint that replaces every weight and buffer (no read of the weights file)."""
     model = _network(exp.model)  # as pretrained (GoogLeNet's input transform): not in the checkpoint
-    unused = _unused_heads(model)
     if not pretrained:
         return model
+    unused = _unused_heads(model)
     if weights_file(exp.model):
         key = f"config.experiments.{exp.row}.model.weights"
         checkpoint.load_weights(model, exp.model.weights, key, unused=unused)
