@@ -166,6 +166,24 @@ def test_the_readmes_own_model_config_reads_as_written(tmp_path):
     assert row.recipe["redense1"].lr == pytest.approx(5e-4)  # 1/10 of the sparse LR
 
 
+@pytest.mark.parametrize(
+    ("arch", "args", "typo"),
+    [("mobilenet_v3_small", {"dropout": 0.1, "width_mult": 0.5}, "dropuot"), ("convnext_tiny", {"layer_scale": 1e-6}, "layer_scael")],
+)  # fmt: skip
+def test_a_misspelt_constructor_argument_is_refused_where_torchvision_would_ignore_it(
+    tmp_path, arch, args, typo
+):
+    """MobileNetV3 and ConvNeXt take **kwargs and drop unknown ones: `args: {dropuot: 0.1}` built the default
+    model without a word, though the README says the config check names an argument the model does not take."""
+    raw = tiny_vision_config(tmp_path)
+    raw["experiments"]["resnet18"]["model"] = {"arch": arch, "num_classes": 10, "args": args}
+    raw["experiments"]["resnet18"]["prune"] = {"exclude": ["first_conv"]}
+    parse_config(raw)  # the real arguments pass
+    raw["experiments"]["resnet18"]["model"]["args"] = {typo: 0.1}
+    with pytest.raises(ConfigError, match=f"model: args: {arch} does not take '{typo}'"):
+        parse_config(raw)
+
+
 def test_sweep_values_travel_as_numbers_not_through_phase_names(tmp_path):
     raw = tiny_vision_config(tmp_path)
     raw["experiments"]["resnet18"]["sweep"] = [0.825, 0.501, 0.504]

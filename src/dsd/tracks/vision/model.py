@@ -9,6 +9,8 @@ name at both scales, so one `exclude` pattern keeps it dense.
 from __future__ import annotations
 
 import difflib
+import inspect
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -192,9 +194,33 @@ def _network(cfg: Model) -> nn.Module:
         model = models.get_model(cfg.arch, num_classes=cfg.num_classes, **(extra | cfg.args))
     except TypeError as err:
         raise ConfigError(f"args: {cfg.arch} does not take {cfg.args} ({err})") from None
+    ignored = _ignored_args(model, cfg.args)
+    if ignored:
+        raise ConfigError(f"args: {cfg.arch} does not take {ignored[0]!r} (it would be ignored)")
     if cfg.arch == "googlenet":
         model.aux_loss_weight = cfg.aux_loss_weight
     return model
+
+
+def _ignored_args(model: nn.Module, args: dict) -> list[str]:
+    """Keys of `args` that nothing on the way to `model` names. Some torchvision constructors (MobileNetV3,
+    ConvNeXt) take **kwargs and drop what they do not know, so a misspelt argument would build the default
+    model without an error; a key is taken as read when a function or method of the model's module, or its
+    class's constructor, has a parameter of that name (the builders pass their arguments on through these)."""
+    if not args or not any(
+        p.kind is p.VAR_KEYWORD for p in inspect.signature(type(model).__init__).parameters.values()
+    ):
+        return []  # the constructor refuses an unknown keyword itself (the TypeError above)
+    functions = [c.__init__ for c in type(model).__mro__ if "__init__" in vars(c)]
+    for value in vars(sys.modules[type(model).__module__]).values():
+        members = vars(value).values() if isinstance(value, type) else (value,)
+        functions += [inspect.unwrap(getattr(m, "__func__", m)) for m in members]
+    named = set()
+    for fn in functions:
+        if inspect.isfunction(fn):
+            kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            named |= {n for n, p in inspect.signature(fn).parameters.items() if p.kind in kinds}
+    return [key for key in args if key not in named]
 
 
 def _timm_network(cfg: Model) -> nn.Module:
