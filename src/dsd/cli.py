@@ -394,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check-config", help="validate config file(s) in depth, without running anything")
-    p.add_argument("file", nargs="+")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("file", nargs="+", help="config file(s), later ones win")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("readme", help="write a run's results table and sentences into the README")
@@ -423,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-checkpoint")
     p.set_defaults(func=cmd_features)
 
-    p = sub.add_parser("train", help="train one phase (dense, sparseN, redenseN or control)")
+    p = sub.add_parser(
+        "train", help="train one phase (dense, sparseN, redenseN, control or a sweep's sparse1_s50, ...)"
+    )
     _add_source(p)
     p.add_argument("--seed", type=int)
     p.add_argument("--phase")
