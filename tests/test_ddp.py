@@ -176,6 +176,33 @@ def test_the_older_fully_sharded_data_parallel_is_refused(tmp_path):
     )
 
 
+def zero_main(rank, world, init_file, out_file):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = ZeroRedundancyOptimizer(model.parameters(), torch.optim.Adam, lr=0.01)
+    dense = dsd.Pruner(model, 0.0)  # masks nothing: dense steps give Adam state at every entry
+    train(model, optimizer, dense, batches()[:3], wrapped=ddp)
+    pruner = dsd.Pruner(model, 0.5)
+    train(model, optimizer, pruner, batches()[3:], wrapped=ddp)
+    params = dict(model.named_parameters())
+    moments = {n: optimizer.optim.state[params[n]] for n in pruner.masks}  # this rank's shard: all of them
+    state = {n: [moments[n][k].clone() for k in ("exp_avg", "exp_avg_sq")] for n in pruner.masks}
+    torch.save(({n: m.clone() for n, m in pruner.masks.items()}, state), out_file)
+    dist.destroy_process_group()
+
+
+def test_the_state_a_zero_redundancy_optimizer_holds_is_masked(tmp_path):
+    """ZeroRedundancyOptimizer keeps each rank's state in the optimizer it wraps (`.optim`), its own `.state`
+    empty: Adam's moments at pruned entries were never zeroed, so re-dense did not restart them from zero."""
+    mp.spawn(zero_main, args=(1, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=1, join=True)
+    masks, state = torch.load(tmp_path / "out")
+    for name, mask in masks.items():
+        assert all(torch.all(t[~mask] == 0) for t in state[name]), name
+
+
 LOSSES = {0: [float("nan"), 0.5, 2.0], 1: [1.5, float("inf"), 3.0]}  # per rank, step by step
 
 

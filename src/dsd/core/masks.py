@@ -245,9 +245,20 @@ def optimizer_list(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
     return list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
 
 
+def holder(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds the state: the one inside accelerate's AcceleratedOptimizer (`.optimizer`) or
+    ZeroRedundancyOptimizer (`.optim`, with this rank's shard of the state; its own `.state` stays empty)."""
+    for attribute in ("optimizer", "optim"):
+        inner = getattr(optimizer, attribute, None)
+        if isinstance(inner, torch.optim.Optimizer):
+            return holder(inner)
+    return optimizer
+
+
 def shaped_state(optimizer: torch.optim.Optimizer, param: torch.Tensor):
     """The optimizer's state tensors shaped like `param` (momentum, Adam's moments): what masking also zeroes."""
-    for value in optimizer.state.get(param, {}).values():  # a sharded parameter's state is sharded alike
+    state = holder(optimizer).state.get(param, {})  # a sharded parameter's state is sharded alike
+    for value in state.values():
         if torch.is_tensor(value) and value.shape == param.shape:
             yield value
 
@@ -338,7 +349,7 @@ class Pruner:
 
     @torch.no_grad()
     def _restart_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
+        inner = holder(optimizer)
         restarts = [(key, option) for kind, key, option in RESTART_AT if isinstance(inner, kind)]
         if not restarts:
             return
