@@ -219,6 +219,32 @@ def test_weight_norm_magnitudes_are_norm_parameters_never_pruned():
     assert (old_style.weight.abs().sum(1) > 0).all() and (new_style.weight.abs().sum((1, 2)) > 0).all()
 
 
+def test_a_parametrization_that_does_not_keep_zeros_is_refused():
+    """orthogonal's weight is the matrix exponential of its original: pruning the original left the weight the
+    model uses dense while sparsity() counted the original's zeros. weight_norm's and spectral_norm's weights
+    are zero where their originals are: pruned as before."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.orthogonal(nn.Linear(6, 6)), nn.Linear(6, 2))
+    with pytest.raises(
+        ValueError, match=r"^0\.parametrizations\.weight\.original: the original of a _Orthogonal"
+    ):
+        dsd.Pruner(model, 0.5)
+    recipe = [
+        {"kind": "dense", "epochs": 1, "lr": 0.1},
+        {"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 0.5},
+    ]
+    # refused when the driver is built, not when it starts pruning
+    with pytest.raises(ValueError, match="exclude it"):
+        dsd.DSD(model, torch.optim.SGD(model.parameters()), recipe, 1)
+    assert list(dsd.Pruner(model, 0.5, exclude=("0.parametrizations.*",)).masks) == ["1.weight"]
+    for parametrize in (parametrizations.spectral_norm, parametrizations.weight_norm):
+        layer = parametrize(nn.Linear(6, 6))
+        dsd.Pruner(nn.Sequential(layer), 0.5)
+        assert (layer.weight == 0).float().mean() == 0.5, parametrize.__name__
+
+
 def test_a_layer_norm_over_several_dims_is_never_pruned():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(144, 2))
     assert list(dsd.Pruner(model, 0.5).masks) == ["0.weight", "3.weight"]

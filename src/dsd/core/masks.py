@@ -123,6 +123,7 @@ def prunable_parameters(
     for name, param in model.named_parameters(remove_duplicate=False):  # a tied weight answers to every name
         names_of.setdefault(param, []).append(name)
     chosen, norms = {}, weight_norm_magnitudes(model) | layer_norm_parameters(model)
+    opaque = opaque_originals(model)
     for name, param in model.named_parameters():  # shared parameters are listed once, under their first name
         if param.dim() < 2 or is_bias(name) or param in norms:  # biases and norm parameters never
             continue
@@ -130,8 +131,31 @@ def prunable_parameters(
             continue
         if include is not None and not any(matches(n, include) for n in names_of[param]):
             continue
+        if param in opaque:
+            raise ValueError(
+                f"{name}: the original of a {opaque[param]} parametrization, not known to keep its weight zero "
+                "where the original is zero (pruned, the weight the model uses could stay dense); exclude it"
+            )
         chosen[name] = param
     return chosen
+
+
+# Parametrizations whose weight is zero wherever the (pruned) original is: weight_norm's g * v / |v| and
+# spectral_norm's W / sigma. The weight of any other (orthogonal's, a user's) would stay dense.
+KEEPS_ZEROS = ("_WeightNorm", "_SpectralNorm")
+
+
+def opaque_originals(model: nn.Module) -> dict[nn.Parameter, str]:
+    """Originals of parametrizations not known to keep zeros, each with the kind of one that does not."""
+    found = {}
+    for module in model.modules():
+        if not torch.nn.utils.parametrize.is_parametrized(module):
+            continue
+        for chain in module.parametrizations.values():  # the originals are the chain's own parameters
+            kinds = [type(p).__name__ for p in chain if type(p).__name__ not in KEEPS_ZEROS]
+            if kinds:
+                found |= dict.fromkeys(chain.parameters(recurse=False), kinds[0])
+    return found
 
 
 def weight_norm_magnitudes(model: nn.Module) -> set[nn.Parameter]:
@@ -182,7 +206,8 @@ def check_patterns(
     typos = unmatched(names, (*expand_aliases(exclude, model), *(expand_aliases(include, model) or ())))
     if typos:
         raise ValueError(f"pattern {typos[0]!r} (exclude/include) matches no parameter of the model")
-    if include is not None and not prunable_parameters(model, exclude, include):
+    chosen = prunable_parameters(model, exclude, include)  # refuses a weight it cannot prune, now
+    if include is not None and not chosen:
         raise ValueError(f"include {list(include)}: no weight of 2+ dimensions left to prune")
 
 
