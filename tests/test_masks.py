@@ -148,6 +148,18 @@ def test_state_that_starts_nonzero_restarts_there_at_pruned_entries(make_optimiz
         assert torch.allclose(moved[moved != 0], torch.tensor(0.01))
 
 
+def test_lbfgs_is_refused():
+    """LBFGS evaluates its closure up to max_iter times in one step, moving pruned weights off zero between the
+    evaluations (all 18 pruned entries of a 6x6 weight, from the second on): it trained the dense network."""
+    model = ConvNet()
+    optimizer = torch.optim.LBFGS(model.parameters())
+    with pytest.raises(ValueError, match="^optimizer: LBFGS re-evaluates the loss"):
+        dsd.Pruner(model, 0.5).step(optimizer)
+    recipe = [{"kind": "dense", "epochs": 1, "lr": 0.1}]
+    with pytest.raises(ValueError, match="^optimizer: LBFGS"):
+        dsd.DSD(model, [torch.optim.SGD(model.parameters()), optimizer], recipe, 1)
+
+
 def test_resume_is_bitwise_identical():
     torch.manual_seed(0)
     model = RecurrentNet(nn.LSTM)

@@ -267,7 +267,13 @@ def optimizer_list(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
     """One optimizer, a list or tuple of them (a model split between two: sparse embeddings and the rest), or none."""
     if optimizer is None:
         return []
-    return list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+    optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+    if any(isinstance(holder(each), torch.optim.LBFGS) for each in optimizers):
+        raise ValueError(
+            "optimizer: LBFGS re-evaluates the loss within one step with pruned weights moved off zero (masks "
+            "apply between steps); use an optimizer that updates once per step"
+        )
+    return optimizers
 
 
 def holder(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
