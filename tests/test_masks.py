@@ -160,6 +160,14 @@ def test_lbfgs_is_refused():
         dsd.DSD(model, [torch.optim.SGD(model.parameters()), optimizer], recipe, 1)
 
 
+def test_a_model_on_the_meta_device_is_refused_naming_its_weight():
+    """Its weights have no values to rank: the error was torch's 'Tensor.item() cannot be called on meta tensors'."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).to("meta")
+    with pytest.raises(ValueError, match="^0.weight: on the meta device"):
+        dsd.Pruner(model, 0.5)
+    assert list(dsd.prunable_parameters(model)) == ["0.weight", "1.weight"]  # names of a meta model still
+
+
 def test_resume_is_bitwise_identical():
     torch.manual_seed(0)
     model = RecurrentNet(nn.LSTM)

@@ -332,6 +332,11 @@ class Pruner:
         if _masks is None:
             check_patterns(model, self.exclude, self.include)
             self._params = prunable_parameters(model, self.exclude, self.include)
+            on_meta = [n for n, p in self._params.items() if p.is_meta]
+            if on_meta:
+                raise ValueError(
+                    f"{on_meta[0]}: on the meta device, no values to rank; load the weights first"
+                )
             masks = {n: magnitude_mask(p, self.target_sparsity) for n, p in self._params.items()}
         else:
             named = dict(model.named_parameters())
