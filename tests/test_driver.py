@@ -3,6 +3,7 @@ tenth of the LR, iterative DSD and IHT, exact resume; and the README's quick sta
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
@@ -165,6 +166,22 @@ def test_a_fractional_phase_has_the_steps_its_epochs_say():
     ]
     driver = dsd.DSD(model, optimizer, recipe, steps_per_epoch=50)
     assert driver.lengths == [7, 14]  # not ceil(0.14 * 50) = ceil(7.000000000000001) = 8
+
+
+@pytest.mark.parametrize("steps", [2.5, float("inf"), True, 0])
+def test_steps_per_epoch_must_be_a_whole_number(steps):
+    """2.5 was taken (each phase of 1 epoch ran 3 steps), inf (an unsized loader) failed in math.ceil."""
+    model, optimizer = make()
+    with pytest.raises(
+        ValueError, match=f"^steps_per_epoch must be a whole number of at least 1, got {steps!r}"
+    ):
+        dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=steps)
+
+
+def test_steps_per_epoch_may_be_a_numpy_integer():
+    model, optimizer = make()
+    driver = dsd.DSD(model, optimizer, RECIPE, steps_per_epoch=np.int64(STEPS))
+    assert type(driver.state_dict()["steps_per_epoch"]) is int  # loadable with weights_only=True
 
 
 def test_a_state_of_another_steps_per_epoch_is_refused():

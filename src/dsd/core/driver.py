@@ -23,6 +23,7 @@ state dict resumes exactly: step count and masks (bit-packed).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -41,6 +42,13 @@ from dsd.core.schedule import Phase, Recipe, lr_at, phase_steps
 LR_SCALE = "dsd_lr_scale"  # a param group's LR as a fraction of the recipe's
 
 
+def check_steps_per_epoch(steps: int) -> int:
+    """A whole number (numpy's too): 2.5 made every phase round up, an unsized loader's inf failed in math.ceil."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps_per_epoch must be a whole number of at least 1, got {steps!r}")
+    return int(steps)
+
+
 class DSD:
     def __init__(
         self,
@@ -52,8 +60,7 @@ class DSD:
         exclude: Iterable[str] = (),
         include: Iterable[str] | None = None,
     ):
-        if steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        steps_per_epoch = check_steps_per_epoch(steps_per_epoch)
         # a model stepped by several optimizers (sparse embeddings and the rest, say): a list of them all
         self.model, self.optimizer, self._optimizers = model, optimizer, optimizer_list(optimizer)
         self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
