@@ -290,6 +290,23 @@ def test_a_wrapped_model_is_pruned_under_its_own_names():
         assert list(dsd.Pruner.from_state_dict(wrapped, back.state_dict()).masks) == ["2.weight"]
 
 
+def test_a_model_left_with_no_weight_to_prune_is_refused():
+    """An exclude of every weight (or a model of norms only) made every sparse phase silently dense."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    recipe = [
+        {"kind": "dense", "epochs": 1, "lr": 0.1},
+        {"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 0.5},
+    ]
+    with pytest.raises(
+        ValueError, match=r"^exclude \['\*\.weight'\]: no weight of 2\+ dimensions left to prune"
+    ):
+        dsd.Pruner(model, 0.5, exclude=["*.weight"])
+    with pytest.raises(ValueError, match="no weight of 2"):
+        dsd.DSD(model, torch.optim.SGD(model.parameters()), recipe, 1, exclude=["0.weight", "2.weight"])
+    with pytest.raises(ValueError, match=r"^exclude \[\]: no weight"):
+        dsd.Pruner(model[1], 0.5)
+
+
 def test_exclude_none_excludes_nothing():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))

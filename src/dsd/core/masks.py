@@ -199,7 +199,7 @@ def check_patterns(
     model: nn.Module, exclude: Iterable[str] = (), include: Iterable[str] | None = None
 ) -> None:
     """A pattern that matches no parameter is almost always a typo, which would silently prune a layer; an
-    `include` that leaves nothing to prune is one too."""
+    `include` or `exclude` that leaves nothing to prune is one too (every sparse phase would run dense)."""
     model = sharding_checked(model)
     exclude, include = _patterns(exclude, "exclude"), _patterns(include, "include")
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
@@ -209,6 +209,8 @@ def check_patterns(
     chosen = prunable_parameters(model, exclude, include)  # refuses a weight it cannot prune, now
     if include is not None and not chosen:
         raise ValueError(f"include {list(include)}: no weight of 2+ dimensions left to prune")
+    if not chosen:
+        raise ValueError(f"exclude {list(exclude)}: no weight of 2+ dimensions left to prune")
 
 
 @torch.no_grad()
