@@ -131,6 +131,25 @@ def two_optimizer_fit(max_epochs, ckpt_path=None):
     return module, trainer
 
 
+class Unsized(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return zip(*dataset(), strict=True)
+
+
+def test_lightning_without_batches_per_epoch_says_so(tmp_path):
+    """A loader without a length (an IterableDataset) gives Lightning an infinite epoch: the callback failed in
+    math.ceil with 'cannot convert float infinity to integer'. limit_train_batches gives the epoch its length."""
+    loader = torch.utils.data.DataLoader(Unsized(), batch_size=BATCH)
+    options = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+               "enable_checkpointing": False, "callbacks": [DSDCallback(RECIPE)]}  # fmt: skip
+    with pytest.raises(ValueError, match="no length; set the Trainer's limit_train_batches"):
+        L.Trainer(max_epochs=1, **options).fit(Module(), loader)
+    trainer = L.Trainer(max_epochs=50, limit_train_batches=4, **options)
+    trainer.fit(Module(), loader)
+    driver = trainer.callbacks[0].driver
+    assert driver.done and driver.lengths == [8, 8, 4] and trainer.global_step == 20
+
+
 def test_lightning_with_two_optimizers_steps_the_recipe_per_batch_and_masks_both(tmp_path):
     """Lightning's global_step counts both optimizers' steps (50 for 25 batches): the recipe still ends after
     25 batches, both optimizers follow its LRs, both layers are pruned, and both optimizers' state is masked

@@ -47,6 +47,11 @@ class DSDCallback(RecipeCallback, Callback):
         optimizers = list(trainer.optimizers)
         if not optimizers:
             raise ValueError("DSDCallback needs an optimizer; the module configured none")
+        if math.isinf(trainer.num_training_batches):  # a loader without a length (an IterableDataset)
+            raise ValueError(
+                "DSDCallback: the recipe counts epochs, but the train dataloader has no length; "
+                "set the Trainer's limit_train_batches to a whole number of batches per epoch"
+            )
         self._per_batch = len(optimizers) > 1
         if self._per_batch:
             self.start(pl_module, optimizers, trainer.num_training_batches)
