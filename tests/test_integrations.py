@@ -199,6 +199,26 @@ def hf_train(tmp_path, resume=None, max_steps=-1, save_steps=500, resume_in_args
     return model, trainer
 
 
+def test_huggingface_without_batches_per_epoch_says_so(tmp_path):
+    """A dataset without a length (max_steps bounds the run): the callback failed on len() with a TypeError."""
+    transformers = pytest.importorskip("transformers")
+    from dsd.integrations.huggingface import DSDTrainerCallback
+
+    class Rows(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return ({"x": a, "labels": b} for a, b in zip(*dataset(), strict=True))
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=5,
+                                          report_to=[], use_cpu=True, save_strategy="no")  # fmt: skip
+    trainer = transformers.Trainer(
+        Classifier(), args, train_dataset=Rows(), callbacks=[DSDTrainerCallback(RECIPE)]
+    )
+    with pytest.raises(
+        ValueError, match="train dataloader has no length; give the Trainer a dataset with a length"
+    ):
+        trainer.train()
+
+
 def test_huggingface_follows_the_recipe_and_resumes_mid_sparse(tmp_path):
     whole, trainer = hf_train(tmp_path / "a")
     assert trainer.state.global_step == 25  # stopped by the recipe, not num_train_epochs

@@ -48,7 +48,14 @@ class DSDTrainerCallback(RecipeCallback, TrainerCallback):
     logged: dict | None = None  # the values of the step being taken, for the next log
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kw):
-        steps = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        try:
+            batches = len(train_dataloader)
+        except TypeError:  # an IterableDataset without __len__
+            raise ValueError(
+                "DSDTrainerCallback: the recipe counts epochs, but the train dataloader has no length; "
+                "give the Trainer a dataset with a length"
+            ) from None
+        steps = math.ceil(batches / args.gradient_accumulation_steps)
         self.start(model, optimizer, steps)
         if state.global_step > 0:  # resumed: the Trainer loaded checkpoint-<global_step>
             folder = args.resume_from_checkpoint  # the Trainer does not pass on the folder given to train()
