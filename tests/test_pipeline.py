@@ -148,8 +148,10 @@ def test_dsd_run_encodes_the_images_again_after_the_encoder_is_retrained(tmp_pat
     again = dsd_cli(*captions)
     assert "wrote" not in again.stdout and "trained;" not in again.stdout  # nothing changed: nothing done
     dense = paths.checkpoint(tmp_path / "results" / "runs" / "resnet18" / "seed0" / "dense")
-    later = dense.stat().st_mtime + 10
-    os.utime(dense, (later, later))  # the encoder trained again: a newer checkpoint under the same spec
+    # the encoder trained again: a checkpoint under the same spec, newer than anything written so far (on a
+    # busy machine the captioning run ended well after the encoder's)
+    later = max(f.stat().st_mtime for f in tmp_path.rglob("*") if f.is_file()) + 1
+    os.utime(dense, (later, later))
     again = dsd_cli(*captions)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "wrote" in again.stdout
