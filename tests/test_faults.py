@@ -280,7 +280,7 @@ def test_a_temporary_file_of_another_machine_is_removed_only_once_it_is_a_day_ol
     done = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    dead, here = int(done.stdout), socket.gethostname()
+    dead, here = int(done.stdout), socket.gethostname().split(".")[0]
     day_old = time.time() - paths.OTHER_MACHINES_WRITER_STALE_SECONDS - 60
     names = {"here": f"{dead}@{here}", "other": f"{dead}@other-node", "old": f"{dead + 1}@other-node"}
     for tag in names.values():

@@ -169,21 +169,27 @@ def writer_tag() -> str:
     """PID@host: process ids are per machine, and on a shared file system (a cluster's results or cache folder)
     another node's live writer may have a pid that is free here."""
     import os
+
+    return f"{os.getpid()}@{_host()}"
+
+
+def _host() -> str:
+    """This machine's short name: a cluster's fully qualified names can be long enough to push a temporary
+    file's name past the file system's 255 bytes."""
     import socket
 
-    return f"{os.getpid()}@{socket.gethostname()}"
+    return socket.gethostname().split(".")[0][:64]
 
 
 def writer_gone(tag: str, path: Path) -> bool:
     """Whether the writer of `path`, named by `tag` (`writer_tag`; a bare pid: this machine), has ended: here,
     its process is gone; on another machine, `path` has not changed for OTHER_MACHINES_WRITER_STALE_SECONDS."""
-    import socket
     import time
 
     pid, _, host = tag.partition("@")
     if not pid.isdigit():
         return False
-    if not host or host == socket.gethostname():
+    if not host or host == _host():
         return not _alive(int(pid))
     try:
         changed = max(entry.stat().st_mtime for entry in (path, *(path.iterdir() if path.is_dir() else ())))
