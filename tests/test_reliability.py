@@ -507,3 +507,15 @@ def test_a_phase_resumed_with_loader_workers_replays_dropout_exactly(tmp_path, m
     assert strip(train(config, "resnet18", 0, "dense", out=out)) == strip(reference)
     a, b = (checkpoint.load(paths.checkpoint(d)) for d in (out, tmp_path / "reference"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_resume_point_keeps_the_jobs_own_gpu_generator_not_every_visible_ones():
+    """Resume points held one CUDA generator state per visible GPU, restored to as many: one written where 8
+    GPUs were visible failed (IndexError) where its resume saw 1, and a CPU job started CUDA to read them. Now
+    the job's own GPU's state; an older list gives its first (rank 0's own GPU under dsd.gpus)."""
+    from dsd.engine import resume
+
+    assert set(resume.rng_state()) == {"cpu"} and not torch.cuda.is_initialized()  # a CPU job: no CUDA
+    first, second = torch.zeros(816, dtype=torch.uint8), torch.ones(816, dtype=torch.uint8)
+    assert resume.own_gpu_state(first) is first
+    assert resume.own_gpu_state([first, second]) is first

@@ -25,7 +25,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or precision == "fp32":
         return None
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 in hardware (Ampere on); torch's default also counts the slow emulation older GPUs have
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

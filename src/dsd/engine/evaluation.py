@@ -43,6 +43,7 @@ def evaluate_checkpoint(
     device = distributed.resolve_device(options.device)
     if device.type == "cpu":
         torch.set_num_threads(options.threads)
+    distributed.fast_kernels(device, track.config.FIXED_SHAPES)  # the kernels its training validated with
     model = track.model.build(exp, pretrained=False)  # the checkpoint holds every weight: no pretrained read
     checkpoint.load_model(model, state, path)
     model.to(device)

@@ -159,7 +159,7 @@ def persistent_loader(
         sampler=sampler,
         collate_fn=collate_fn,
         num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_initialized(),  # a GPU job's model is there first; a CPU job starts no CUDA
         persistent_workers=workers > 0,
         worker_init_fn=partial(_worker_init, os.getpid()),
         # the workers' base seed from a generator of its own: drawn from torch's global one, it would shift
@@ -204,7 +204,7 @@ def loader(
         drop_last=False,
         collate_fn=collate_fn,
         num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_initialized(),  # a GPU job's model is there first; a CPU job starts no CUDA
         persistent_workers=False,
         worker_init_fn=partial(_worker_init, os.getpid()),
         generator=generator,

@@ -88,16 +88,26 @@ def finished(path: str | Path) -> dict:
 
 
 def rng_state() -> dict:
+    """The CPU generator's state, and the job's own GPU's where it uses one: not every visible GPU's (a resume
+    that sees fewer GPUs failed on them), and not by starting CUDA in a CPU job."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(own_gpu_state(state["cuda"]))
+
+
+def own_gpu_state(saved) -> torch.Tensor:
+    """The saved state for this job's GPU. Resume points written before held a list, one per visible GPU, of
+    rank 0's process: its own GPU's (the first, under dsd.gpus) is the stream every rank draws the same."""
+    if torch.is_tensor(saved):
+        return saved
+    return saved[0]
 
 
 class StopSignal:

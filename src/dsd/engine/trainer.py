@@ -160,7 +160,8 @@ def restore(
     if saved is not None:
         checkpoint.load_model(state.model, saved, resume_path)
         load_optimizer(state.optimizer, saved["optimizer"])
-        state.scaler.load_state_dict(saved["scaler"])
+        if state.scaler.is_enabled() and saved["scaler"]:  # a resume point of a bf16 or CPU job has none
+            state.scaler.load_state_dict(saved["scaler"])
         if saved.get("pruner") is not None:
             state.pruner = Pruner.from_state_dict(state.model, saved["pruner"])
         state.history, state.position = saved["history"], saved["position"]
@@ -275,6 +276,9 @@ def run_phase(
             tracker.histograms(state.model, list(per_layer)[:4], step=loop.global_step)
         if rank == 0:
             checkpoint.save(state.checkpoint(exp, spec, identity, state.position), paths.checkpoint(out_dir))
+        # the last collective: rank 0's uploads below may outlast NCCL's timeout, which would fail the waiting ranks
+        distributed.barrier(world)
+        if rank == 0:
             if options.wandb.checkpoints:
                 name = f"{exp.row}-seed{spec.seed}-{spec.phase}"
                 tracker.artifact(paths.checkpoint(out_dir), name, {"fingerprint": spec.fingerprint})
@@ -282,7 +286,6 @@ def run_phase(
             # last: its presence means the phase is complete
             paths.write_json(paths.metrics(out_dir), metrics)
             resume_path.unlink(missing_ok=True)
-        distributed.barrier(world)
         return metrics
     finally:  # also when a signal or a non-finite loss ends the job: its run's records reach the disk
         tracker.finish()
