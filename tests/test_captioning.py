@@ -446,6 +446,7 @@ def _half_batch_gradients(rank, world, init_file, out_file):
         torch.save(
             {"loss": float(mean) / world, **{n: p.grad for n, p in model.named_parameters()}}, out_file
         )
+    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
     dist.destroy_process_group()
 
 

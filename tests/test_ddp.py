@@ -62,6 +62,7 @@ def rank_main(rank, world, init_file, out_file):
     dist.all_gather_object(masks, {n: m.tolist() for n, m in pruner.masks.items()})
     if rank == 0:
         torch.save({"masks": masks, "model": model.state_dict()}, out_file)
+    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
     dist.destroy_process_group()
 
 
@@ -121,6 +122,7 @@ def fsdp2_main(rank, world, init_file, out_file):
         }
     if rank == 0:
         torch.save(result, out_file)
+    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
     dist.destroy_process_group()
 
 
@@ -163,6 +165,7 @@ def old_fsdp_main(rank, world, init_file, out_file):
             except ValueError as error:
                 errors.append(str(error))
     torch.save(errors, f"{out_file}.{rank}")
+    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
     dist.destroy_process_group()
 
 
@@ -191,6 +194,7 @@ def zero_main(rank, world, init_file, out_file):
     moments = {n: optimizer.optim.state[params[n]] for n in pruner.masks}  # this rank's shard: all of them
     state = {n: [moments[n][k].clone() for k in ("exp_avg", "exp_avg_sq")] for n in pruner.masks}
     torch.save(({n: m.clone() for n, m in pruner.masks.items()}, state), out_file)
+    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
     dist.destroy_process_group()
 
 
@@ -217,6 +221,7 @@ def loss_read_main(rank, world, init_file, out_file):
         LossRead(loss, flag, step).read() for step, (loss, flag) in enumerate(zip(losses, flags, strict=True))
     ]
     torch.save((seen, [float(flag[0]) for flag in flags]), f"{out_file}.{rank}")  # found_inf of the optimizer
+    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
     dist.destroy_process_group()
 
 
@@ -265,6 +270,7 @@ def gather_main(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     merged = gather_strided([f"item{i}" for i in range(rank, 7, world)])  # the eval loader's shard of 7 items
     torch.save(merged, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
     dist.destroy_process_group()
 
 

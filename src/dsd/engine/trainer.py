@@ -276,9 +276,6 @@ def run_phase(
             tracker.histograms(state.model, list(per_layer)[:4], step=loop.global_step)
         if rank == 0:
             checkpoint.save(state.checkpoint(exp, spec, identity, state.position), paths.checkpoint(out_dir))
-        # the last collective: rank 0's uploads below may outlast NCCL's timeout, which would fail the waiting ranks
-        distributed.barrier(world)
-        if rank == 0:
             if options.wandb.checkpoints:
                 name = f"{exp.row}-seed{spec.seed}-{spec.phase}"
                 tracker.artifact(paths.checkpoint(out_dir), name, {"fingerprint": spec.fingerprint})
@@ -286,6 +283,8 @@ def run_phase(
             # last: its presence means the phase is complete
             paths.write_json(paths.metrics(out_dir), metrics)
             resume_path.unlink(missing_ok=True)
+        # every rank ends together: a gloo rank whose peer had already torn its group down can abort at exit
+        distributed.barrier(world)
         return metrics
     finally:  # also when a signal or a non-finite loss ends the job: its run's records reach the disk
         tracker.finish()
