@@ -166,3 +166,12 @@ def killed_while_writing(folder: Path, write: str, name: str) -> None:
     script = f"import os, signal, sys; {write}; os.kill(os.getpid(), signal.SIGKILL)"
     killed = subprocess.run([sys.executable, "-c", script, name], cwd=folder)
     assert killed.returncode == -signal.SIGKILL
+
+
+def leave_process_group() -> None:
+    """A test rank's exit from its gloo group: the ranks leave together, since gloo can abort (SIGABRT) a rank
+    that tears down its group after its peer has."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()

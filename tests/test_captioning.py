@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import sacrebleu
 import torch
-from conftest import killed_while_writing
+from conftest import killed_while_writing, leave_process_group
 from torch import nn
 
 from dsd.core.masks import Pruner
@@ -446,8 +446,7 @@ def _half_batch_gradients(rank, world, init_file, out_file):
         torch.save(
             {"loss": float(mean) / world, **{n: p.grad for n, p in model.named_parameters()}}, out_file
         )
-    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_two_ranks_with_half_batches_optimise_the_loss_of_the_whole_batch(tmp_path):

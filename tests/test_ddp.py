@@ -14,7 +14,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import evaluate, parse, prepare_data, snakemake, tiny_vision_config, write_config
+from conftest import (
+    evaluate,
+    leave_process_group,
+    parse,
+    prepare_data,
+    snakemake,
+    tiny_vision_config,
+    write_config,
+)
 from torch import nn
 
 import dsd
@@ -62,8 +70,7 @@ def rank_main(rank, world, init_file, out_file):
     dist.all_gather_object(masks, {n: m.tolist() for n, m in pruner.masks.items()})
     if rank == 0:
         torch.save({"masks": masks, "model": model.state_dict()}, out_file)
-    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_two_rank_ddp_matches_single_process(tmp_path):
@@ -122,8 +129,7 @@ def fsdp2_main(rank, world, init_file, out_file):
         }
     if rank == 0:
         torch.save(result, out_file)
-    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_an_fsdp2_model_gets_the_unsharded_models_masks(tmp_path):
@@ -165,8 +171,7 @@ def old_fsdp_main(rank, world, init_file, out_file):
             except ValueError as error:
                 errors.append(str(error))
     torch.save(errors, f"{out_file}.{rank}")
-    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_the_older_fully_sharded_data_parallel_is_refused(tmp_path):
@@ -194,8 +199,7 @@ def zero_main(rank, world, init_file, out_file):
     moments = {n: optimizer.optim.state[params[n]] for n in pruner.masks}  # this rank's shard: all of them
     state = {n: [moments[n][k].clone() for k in ("exp_avg", "exp_avg_sq")] for n in pruner.masks}
     torch.save(({n: m.clone() for n, m in pruner.masks.items()}, state), out_file)
-    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_the_state_a_zero_redundancy_optimizer_holds_is_masked(tmp_path):
@@ -221,8 +225,7 @@ def loss_read_main(rank, world, init_file, out_file):
         LossRead(loss, flag, step).read() for step, (loss, flag) in enumerate(zip(losses, flags, strict=True))
     ]
     torch.save((seen, [float(flag[0]) for flag in flags]), f"{out_file}.{rank}")  # found_inf of the optimizer
-    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
@@ -270,8 +273,7 @@ def gather_main(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     merged = gather_strided([f"item{i}" for i in range(rank, 7, world)])  # the eval loader's shard of 7 items
     torch.save(merged, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()  # the ranks leave together: gloo can abort a rank tearing down after its peer has
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_per_item_outcomes_of_a_sharded_evaluation_come_back_in_the_splits_order(tmp_path):

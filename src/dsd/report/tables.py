@@ -212,10 +212,8 @@ def dense_convergence(output_dir: str, row: str, seeds) -> tuple[float, str, str
     """(trend of the seeds' mean validation curve over the dense phase's last epochs, in metric points per epoch;
     whether that meets the criterion; how many seeds' own trends do, "k/S"). A pretrained start (no dense
     epochs) is converged by its own training."""
-    curves = []
-    for seed in seeds:
-        record = read_metrics(output_dir, row, seed, "dense")
-        curves.append([h["val"][record["metric"]] for h in record["history"]])
+    records = [read_metrics(output_dir, row, seed, "dense") for seed in seeds]
+    curves = [[h["val"][r["metric"]] for h in r["history"]] for r in records]
     if not all(curves):
         return float("nan"), "pretrained", ""
     if min(map(len, curves)) < CONVERGED_WINDOW:
@@ -223,7 +221,7 @@ def dense_convergence(output_dir: str, row: str, seeds) -> tuple[float, str, str
     last = np.array([c[-CONVERGED_WINDOW:] for c in curves], dtype=float)
     trend = _trend(last.mean(axis=0))
     flat = f"{sum(abs(_trend(c)) < CONVERGED_POINTS_PER_EPOCH for c in last)}/{len(curves)}"
-    if _at_chance(read_metrics(output_dir, row, seeds[0], "dense"), float(last[:, -1].mean())):
+    if _at_chance(records[0], float(last[:, -1].mean())):
         return trend, "at chance", flat
     return trend, "yes" if abs(trend) < CONVERGED_POINTS_PER_EPOCH else "no", flat
 
@@ -231,9 +229,8 @@ def dense_convergence(output_dir: str, row: str, seeds) -> tuple[float, str, str
 def _at_chance(record: dict, final: float) -> bool:
     """Whether the dense model's final validation value is within CLEAR_OF_CHANCE_POINTS of its track's chance
     level (rows whose metric has one: not BLEU)."""
-    if record["metric"] != tracks.get(record["track"]).config.METRIC:
-        return False
-    chance = tracks.get(record["track"]).config.chance_level(record["spec"]["model"])
+    track = tracks.get(record["track"]).config
+    chance = track.chance_level(record["spec"]["model"]) if record["metric"] == track.METRIC else None
     if chance is None:
         return False
     better = final - chance if record["higher_is_better"] else chance - final
