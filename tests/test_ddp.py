@@ -284,6 +284,29 @@ def test_per_item_outcomes_of_a_sharded_evaluation_come_back_in_the_splits_order
         assert torch.load(tmp_path / f"rank{rank}.pt") == [f"item{i}" for i in range(7)]
 
 
+def test_a_command_other_than_train_started_as_several_ranks_is_refused(tmp_path):
+    """`torchrun -m dsd run` would prepare the data, evaluate and write eval.json in every rank at once: refused
+    in one line, nothing written; `dsd train` is the command that runs as DDP ranks."""
+    config = write_config(tmp_path, tiny_vision_config(tmp_path, seeds=[0]))
+    command = [
+        sys.executable,
+        "-m",
+        "dsd",
+        "run",
+        "--config",
+        str(config),
+        "--row",
+        "resnet18",
+        "--seed",
+        "0",
+    ]
+    env = os.environ | {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    job = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert job.returncode == 2 and job.stderr.count("\n") == 1, job.stderr
+    assert "dsd run runs as one process, not as 2 ranks" in job.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
+
+
 # ------------------------------------------------------------ a phase job's ranks, started as Snakemake does
 
 

@@ -495,9 +495,21 @@ def one_line(err: BaseException) -> str:
 EXPECTED = (DSDError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 
 
+def one_process(command: str) -> None:
+    """Only `train` runs as DDP ranks: another command started as several (torchrun) would do the same work in
+    each of them and write the same files at once."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if command != "train" and world.isdigit() and int(world) > 1:
+        raise ConfigError(
+            f"dsd {command} runs as one process, not as {world} ranks (WORLD_SIZE={world}); several GPUs per "
+            "job: gpus_per_job in the config (Snakemake), or torchrun ... -m dsd train for one phase"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        one_process(args.command)
         args.func(args)
     except EXPECTED as err:
         print(f"dsd: error: {one_line(err)}", file=sys.stderr)
