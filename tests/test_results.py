@@ -136,6 +136,21 @@ def test_verdict_respects_direction_of_metric():
     assert verdict(float("nan"), float("nan"), higher_is_better=True) == "too few seeds"
 
 
+def test_equal_differences_give_no_interval_and_say_why(tmp_path):
+    """Two seeds each one test image (1/15 of a point of 1,500) worse: equal steps of a discrete metric, no
+    measured spread, so no interval (a zero-width one decided "DSD worse" outright); a NaN is no seed count."""
+    from dsd.report.tables import no_interval_reason, write_tables
+
+    assert math.isnan(paired_ci([1 / 15, 1 / 15])[1]) and math.isnan(paired_ci_items(np.full((2, 3), 5.0))[1])
+    assert no_interval_reason([1 / 15, 1 / 15]) == "no spread to test"
+    assert no_interval_reason([0.7]) == "too few seeds"
+    assert no_interval_reason([1.0, float("nan"), 2.0]) == "non-finite values"
+    assert verdict(float("nan"), float("nan"), False, "no spread to test") == "no spread to test"
+    # the NeuralTalk records: DSD - control is +10 BLEU-4 on both seeds, exactly
+    comparison = write_tables([_neuraltalk_records(tmp_path)], [0, 1], str(tmp_path), tmp_path / "tables")
+    assert comparison[["verdict", "verdict_row_alone"]].iloc[0].tolist() == ["no spread to test"] * 2
+
+
 def test_relative_gain_reproduces_the_papers_column():
     paper = paper_headline()
     for row, entry in paper.iterrows():

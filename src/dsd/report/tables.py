@@ -62,10 +62,12 @@ def rel_gain_pct(reference: float, value: float, higher_is_better: bool) -> floa
 
 
 def paired_ci(differences, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and t-interval of paired differences; (mean, nan, nan) with fewer than two pairs."""
+    """Mean and t-interval of paired differences; (mean, nan, nan) with fewer than two pairs or no spread
+    among them: equal differences (on a metric that moves in steps of one test image, two seeds agree by
+    chance) do not show that the spread is zero, and a zero-width interval would decide the verdict outright."""
     d = np.asarray(differences, dtype=float)
     mean = float(d.mean())
-    if d.size < 2:
+    if d.size < 2 or not d.std(ddof=1) > 0:
         return mean, float("nan"), float("nan")
     half = float(stats.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
     return mean, mean - half, mean + half
@@ -84,8 +86,8 @@ def paired_ci_items(differences, confidence: float = 0.95) -> tuple[float, float
         return mean, float("nan"), float("nan"), float("nan"), float("nan")
     by_seed = d.mean(axis=1).var(ddof=1) / seeds
     by_item = d.mean(axis=0).var(ddof=1) / items
-    if by_seed + by_item == 0:
-        return mean, mean, mean, 0.0, float("nan")
+    if not by_seed + by_item > 0:  # no spread (or a non-finite value): no interval, as in paired_ci
+        return mean, float("nan"), float("nan"), float("nan"), float("nan")
     df = (by_seed + by_item) ** 2 / (by_seed**2 / (seeds - 1) + by_item**2 / (items - 1))
     scale = math.sqrt(by_seed + by_item)
     half = float(stats.t.ppf(0.5 + confidence / 2, df) * scale)
@@ -143,9 +145,20 @@ def detectable_difference(
     return float(optimize.brentq(shortfall, 0.0, high))
 
 
-def verdict(low: float, high: float, higher_is_better: bool) -> str:
-    if not (math.isfinite(low) and math.isfinite(high)):
+def no_interval_reason(differences) -> str:
+    """What the verdict column says where the differences (seeds, or seeds x items) gave no interval."""
+    d = np.asarray(differences, dtype=float)
+    if len(d) < 2:
         return "too few seeds"
+    if not np.isfinite(d).all():
+        return "non-finite values"
+    return "no spread to test"
+
+
+def verdict(low: float, high: float, higher_is_better: bool, none: str = "too few seeds") -> str:
+    """`none`: what to say where there is no interval (`no_interval_reason`)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return none
     better_side = low > 0 if higher_is_better else high < 0
     worse_side = high < 0 if higher_is_better else low > 0
     if better_side:
@@ -249,6 +262,7 @@ def comparison_row(output_dir: str, row: str, seeds, final_phase: str, rows_in_t
     control = [runs[s][CONTROL]["test"][metric] for s in seeds]
     per_item = item_differences([runs[s][final_phase] for s in seeds], [runs[s][CONTROL] for s in seeds])
     joint = joint_confidence(rows_in_table)
+    none = no_interval_reason(per_item if per_item is not None else np.subtract(dsd, control))
     if per_item is not None:
         diff_mean, low, high, scale, df = paired_ci_items(per_item)
         _, joint_low, joint_high, _, _ = paired_ci_items(per_item, joint)
@@ -281,11 +295,11 @@ def comparison_row(output_dir: str, row: str, seeds, final_phase: str, rows_in_t
         "dsd_minus_control_ci95_low": low,
         "dsd_minus_control_ci95_high": high,
         "ci_excludes_zero": bool(math.isfinite(low) and (low > 0 or high < 0)),
-        "verdict_row_alone": verdict(low, high, higher),
+        "verdict_row_alone": verdict(low, high, higher, none),
         "joint_confidence": joint,
         "dsd_minus_control_joint_low": joint_low,
         "dsd_minus_control_joint_high": joint_high,
-        "verdict": verdict(joint_low, joint_high, higher),
+        "verdict": verdict(joint_low, joint_high, higher, none),
         "detectable_difference": detectable,
         "interval_over": "seeds" if per_item is None else "seeds and test items",
         "n_seeds": len(seeds),
