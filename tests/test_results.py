@@ -508,6 +508,17 @@ def test_the_curves_are_labelled_as_the_training_monitor_not_the_tables_metric(t
     assert monitor_label("wer_pct") == "monitor: greedy wer_pct"
 
 
+def test_the_sweep_figure_says_its_bars_are_the_seeds_sd(tmp_path, monkeypatch):
+    """The sweep's error bars are standard deviations over seeds, not the table's intervals: the legend says so."""
+    from dsd.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: figures.append(fig) or [])
+    plots.sweep(_neuraltalk_records(tmp_path), [0, 1], str(tmp_path), tmp_path / "plots")
+    labels = figures[0].axes[0].get_legend_handles_labels()[1]
+    assert "val: mean, bars SD over seeds" in labels and "test: mean, bars SD over seeds" in labels
+
+
 def test_stability_names_rows_missing_from_a_run_and_unequal_seed_counts():
     """A published 3-seed table against a 10-seed study with its resnet18 row dropped."""
     from dsd.report import claims

@@ -249,7 +249,8 @@ def sweep(spec, seeds, output_dir: str, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
     for split, style in (("val", "o-"), ("test", "s--")):
         x, y, err = 100 * rows["sparsity"], rows[f"{split}_mean"], rows[f"{split}_std"]
-        ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=split)
+        # the bars are the seeds' SD, not the comparison table's confidence intervals: say so
+        ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=f"{split}: mean, bars SD over seeds")
     _, chosen = chosen_final_phase(spec, seeds, output_dir)
     ax.axvline(100 * chosen, color="gray", linestyle=":", label=f"chosen on val: {100 * chosen:.0f}%")
     ax.set_xlabel("sparsity of the sparse phase, %")
