@@ -417,6 +417,25 @@ def test_the_extra_epochs_sentence_needs_an_interval_on_every_row_and_no_decided
         assert "extra epochs at this power" not in text and "explained by the extra epochs" not in text
 
 
+def test_an_interval_end_that_rounds_to_zero_is_printed_on_its_side_of_zero():
+    """The ten-seed study's resnet18: own 95% interval 0.0013 to 0.47, "DSD worse"; "0.00 to 0.47" reads as
+    touching zero, so the sentences print enough digits to show the side."""
+    from dsd.report import claims
+
+    table = pd.read_csv(TABLES / "comparison_3seeds.csv").head(2)
+    table = table.assign(
+        verdict="no significant difference",
+        verdict_row_alone=["DSD worse than control", "no significant difference"],
+        dsd_minus_control_ci95_low=[0.001296, -0.2],
+        dsd_minus_control_ci95_high=[0.465371, 0.3],
+    )
+    assert "(googlenet: DSD worse than control, 0.0013 to 0.47)" in claims.paragraph(table)
+    # the same row in a second run where its own interval includes zero: the flip is printed with its ends
+    frame = claims.stability(table, table.assign(verdict_row_alone="no significant difference"))
+    assert "(googlenet: DSD worse than control (DSD - control" in claims.stability_sentence(frame, "x")
+    assert ", 0.0013 to 0.47) -> no significant difference" in claims.stability_sentence(frame, "x")
+
+
 def test_the_baseline_sentence_says_it_compares_point_estimates(tmp_path):
     """No interval of DSD - baseline is computed: the sentence must not read as a tested improvement."""
     from dsd.report import claims

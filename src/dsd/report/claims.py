@@ -54,6 +54,12 @@ def _joint(comparison: pd.DataFrame) -> str:
     return f"at 95% for the {len(comparison)} rows together ({100 * levels.iloc[0]:.1f}% each, Bonferroni)"
 
 
+def _bound(value: float) -> str:
+    """An interval's end to 2 decimals, or to 2 significant digits where 2 decimals would print 0.00: a verdict
+    rests on the end's side of zero, which "0.00 to 0.47" beside "DSD worse" would hide (0.0013 excludes zero)."""
+    return f"{value:.2g}" if value != 0 and round(value, 2) == 0 else f"{value:.2f}"
+
+
 def _rows_alone(comparison: pd.DataFrame) -> str:
     """Where a row's own 95% interval, uncorrected for the table's other rows, would give another verdict."""
     if "verdict_row_alone" not in comparison or len(comparison) == 1:
@@ -62,7 +68,8 @@ def _rows_alone(comparison: pd.DataFrame) -> str:
     if differ.empty:
         return " Each row's own 95% interval gives the same verdicts."
     cases = "; ".join(
-        f"{r.row}: {r.verdict_row_alone}, {r.dsd_minus_control_ci95_low:.2f} to {r.dsd_minus_control_ci95_high:.2f}"
+        f"{r.row}: {r.verdict_row_alone}, {_bound(r.dsd_minus_control_ci95_low)} to "
+        f"{_bound(r.dsd_minus_control_ci95_high)}"
         for r in differ.itertuples()
     )
     return f" Each row's own 95% interval, read alone, would say otherwise on {len(differ)} ({cases})."
@@ -215,7 +222,7 @@ def _difference(row, run: str, interval: str = "joint") -> str:
     low, high = (getattr(row, f"dsd_minus_control_{interval}_{end}_{run}", None) for end in ("low", "high"))
     if mean is None or low is None or high is None:
         return ""
-    return f" (DSD - control {mean:+.2f}, {low:.2f} to {high:.2f})"
+    return f" (DSD - control {mean:+.2f}, {_bound(low)} to {_bound(high)})"
 
 
 def _flips(frame: pd.DataFrame, verdict: str, interval: str) -> str:
