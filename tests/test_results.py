@@ -410,6 +410,13 @@ def test_the_extra_epochs_sentence_needs_an_interval_on_every_row_and_no_decided
 
     table = _published_comparison(tmp_path)  # every row: no significant difference, some gains positive
     assert "not distinguishable from the extra epochs at this power" in claims.paragraph(table)
+    # a gain on some rows only: the sentence names them, not reading as if DSD gained everywhere
+    some = table.assign(rel_gain_vs_baseline_pct=[1.0, -1.0] + [-2.0] * (len(table) - 2))
+    assert f"gain over its baseline (on {table['row'][0]}, where it has one) is not" in claims.paragraph(some)
+    everywhere = table.assign(rel_gain_vs_baseline_pct=1.0)
+    assert "DSD's gain over its baseline is not distinguishable" in claims.paragraph(everywhere)
+    one = claims.paragraph(everywhere.assign(n_seeds=1))
+    assert "DSD - control over 1 seed " in one and "1 seeds" not in one
     few = table.assign(verdict=["too few seeds"] * len(table))
     worse = table.assign(verdict=["DSD worse than control"] + list(table["verdict"][1:]))
     for other in (few, worse):

@@ -117,7 +117,8 @@ def paragraph(comparison: pd.DataFrame) -> str:
     text = [
         _baseline_sentence(comparison),
         f"Against the dense model trained for the same total number of epochs (the equal-epoch control), the paired "
-        f"interval of DSD - control over {'/'.join(map(str, seeds))} seeds{_over_items(comparison)}, "
+        f"interval of DSD - control over {'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}"
+        f"{_over_items(comparison)}, "
         f"{_joint(comparison)}, excludes zero in DSD's favour on "
         f"{len(beat)} row{'s' if len(beat) != 1 else ''}"
         + (f" ({_names(beat)})" if beat else "")
@@ -132,9 +133,10 @@ def paragraph(comparison: pd.DataFrame) -> str:
     # only where every row was tested and none decided: "too few seeds" tests nothing, and a control that beats
     # DSD says more than "not distinguishable"
     if len(tie) == n and better_than_base:
+        where = "" if len(better_than_base) == n else f" (on {_names(better_than_base)}, where it has one)"
         text.append(
-            "So at this scale DSD's gain over its baseline is not distinguishable from the extra epochs at this "
-            "power: on every row the interval of DSD - control includes zero."
+            f"So at this scale DSD's gain over its baseline{where} is not distinguishable from the extra epochs at "
+            "this power: on every row the interval of DSD - control includes zero."
         )
     detectable = comparison.get("detectable_difference")
     if detectable is not None and detectable.notna().any():

@@ -77,8 +77,10 @@ def paired_ci_items(differences, confidence: float = 0.95) -> tuple[float, float
     """Mean of per-item differences (seeds x test items; the metric's difference is each row's mean) and its
     interval with both sources of chance: the seeds and the test set. Every seed is scored on the same test
     items, so the test set's draw is shared by all seeds and the seeds' spread alone does not show it.
-    Var(mean) = var(seed means) / S + var(item means) / n (a slight overestimate: their common residual
-    is counted twice), degrees of freedom by Welch-Satterthwaite. Returns (mean, low, high, scale, df)."""
+    Var(mean) = var(seed means) / S + var(item means) / n, degrees of freedom by Welch-Satterthwaite. Their
+    common residual is counted in both terms: where seeds and items add little of their own, up to twice its
+    share of the variance (an interval up to 1.4x wide), conservative and never negative, where the unbiased
+    two-way ANOVA estimate can be. Returns (mean, low, high, scale, df)."""
     d = np.asarray(differences, dtype=float)
     seeds, items = d.shape
     mean = float(d.mean())
