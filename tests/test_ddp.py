@@ -307,13 +307,31 @@ def test_a_command_other_than_train_started_as_several_ranks_is_refused(tmp_path
     assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
 
 
+def test_each_rank_draws_its_own_dropout_masks_and_one_process_the_stream_it_always_had():
+    """Under DDP the ranks' slices of a global batch get masks of their own (they repeated each other's); one
+    process's epoch seed is unchanged, so no single-process result moves."""
+    from dsd.engine.epoch import seed_dropout
+    from dsd.engine.loaders import epoch_seed
+
+    def masks(rank, world):
+        seed_dropout(3, (0, 1), 2, rank, world)
+        return nn.functional.dropout(torch.ones(256), 0.5)
+
+    assert not torch.equal(masks(0, 2), masks(1, 2)) and not torch.equal(masks(0, 2), masks(0, 1))
+    one_process = masks(0, 1)
+    torch.manual_seed(epoch_seed(3, 0, 1, 2))
+    assert torch.equal(one_process, nn.functional.dropout(torch.ones(256), 0.5))
+
+
 # ------------------------------------------------------------ a phase job's ranks, started as Snakemake does
 
 
-def slow_dense_config(tmp, epochs=2, val_per_class=3, steps=8):
+def slow_dense_config(tmp, epochs=2, val_per_class=3, steps=8, arch="resnet18"):
     """A dense phase of `epochs` epochs of `steps` steps: long enough to be signalled in a chosen epoch."""
     config = tiny_vision_config(tmp, seeds=[0])
     exp = config["experiments"]["resnet18"]
+    exp["model"]["arch"] = arch
+    exp["prune"]["exclude"] = []  # a dense phase: nothing pruned
     train = (steps * 16 + 9) // 10  # images per class: `steps` batches of 16, the last one complete
     exp["data"]["generate"] = {"per_class": {"train": train, "val": val_per_class, "test": 3}}
     exp["train"]["max_steps_per_epoch"] = steps
@@ -436,8 +454,9 @@ def test_ctrl_c_to_a_ddp_job_checkpoints_every_rank_at_one_step(tmp_path):
 
 def test_a_ddp_phase_resumed_mid_epoch_records_the_uninterrupted_runs_epochs(tmp_path):
     """SIGTERM mid-epoch, then a rerun: the weights and every epoch's record, the interrupted epoch's train
-    loss included (the mean over both ranks' steps), are those of the run that was not interrupted."""
-    config = slow_dense_config(tmp_path, epochs=3, steps=24)
+    loss included (the mean over both ranks' steps), are those of the run that was not interrupted. A net with
+    dropout, each rank drawing its own masks: every rank resumes its own generator's stream."""
+    config = slow_dense_config(tmp_path, epochs=3, steps=24, arch="googlenet")
     reference, out = tmp_path / "reference", tmp_path / "run"
     assert start_job(config, reference).wait(timeout=300) == 0
     job = start_job(config, out)

@@ -130,6 +130,15 @@ def gather_strided(local: list) -> list:
     return merged
 
 
+def from_every_rank(value, world: int) -> list:
+    """`value` of each rank, in rank order, on every rank (one process: a list of its own)."""
+    if world == 1:
+        return [value]
+    values: list = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()

@@ -22,13 +22,13 @@ def train_epoch(
     """Train steps `skip` .. `budget` - 1 of one epoch; returns its history record (validation comes after)."""
     exp, spec, state = loop.exp, loop.spec, loop.state
     hp, partial = exp.train, state.partial
-    torch.manual_seed(epoch_seed(spec.seed, *order_key, epoch))  # augmentation and dropout of this epoch
+    seed_dropout(spec.seed, order_key, epoch, loop.rank, loop.world)
     first = tuple(order_key) == (0, 0) and epoch == 0  # training's first epoch (SortaGrad's shortest first)
     batches = loop.track.data.train_loader(
         exp, seed=epoch_seed(spec.seed, *order_key), epoch=epoch, skip_batches=skip, first=first
     )
     if skip:  # mid-epoch resume: continue the random streams exactly where the signal stopped them
-        resume.set_rng_state(partial["rng"])
+        resume.set_rng_state(resume.own_stream(partial["rng"], loop.rank))
     counted = (partial.get(k, 0) for k in ("loss_sum", "count", "bad")) if skip else (0.0, 0, 0)
     # the phase's earlier epochs (the control job's history holds each phase it stands in for)
     earlier_bad = sum(h["bad_batches"] for h in state.history if h["phase"] == current.name)
@@ -75,7 +75,7 @@ def train_epoch(
                 "count": tally.count,
                 "bad": tally.bad,
                 "seconds": elapsed,
-                "rng": resume.rng_state(),
+                "rng": distributed.from_every_rank(resume.rng_state(), loop.world),
             }
             loop.save_resume({"sub": state.position["sub"], "epoch": epoch, "step": step + 1}, partial)
             raise loop.preempted(stop, f"at epoch {epoch}, step {step + 1}")
@@ -93,6 +93,14 @@ def train_epoch(
         "bad_batches": tally.bad,
         "seconds": seconds_before + time.time() - started,
     }
+
+
+def seed_dropout(seed: int, order_key, epoch: int, rank: int, world: int) -> None:
+    """Seed the main process's generator for an epoch: dropout's stream (augmentation draws from each sample's
+    own seed). Each DDP rank gets its own, or the ranks' slices of one global batch would repeat each other's
+    dropout masks; one process keeps the stream it always had."""
+    ranks = (rank,) if world > 1 else ()
+    torch.manual_seed(epoch_seed(seed, *order_key, epoch, *ranks))
 
 
 def _step(state, loss: torch.Tensor, grad_clip: float | None, found_inf: torch.Tensor | None = None) -> None:

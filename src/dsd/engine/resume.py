@@ -96,15 +96,26 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict | None) -> None:
+    if state is None:
+        return
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(own_gpu_state(state["cuda"]))
 
 
+def own_stream(saved, rank: int) -> dict | None:
+    """This rank's generator states in a mid-epoch resume point: one per rank, or (written before each rank had
+    its own stream) one dict for all. None for a rank the point has none for (it was written with fewer ranks):
+    that rank keeps the stream its epoch was seeded with."""
+    if isinstance(saved, dict):
+        return saved
+    return saved[rank] if rank < len(saved) else None
+
+
 def own_gpu_state(saved) -> torch.Tensor:
     """The saved state for this job's GPU. Resume points written before held a list, one per visible GPU, of
-    rank 0's process: its own GPU's (the first, under dsd.gpus) is the stream every rank draws the same."""
+    rank 0's process, whose stream every rank drew then: its own GPU's is the first (under dsd.gpus)."""
     if torch.is_tensor(saved):
         return saved
     return saved[0]
