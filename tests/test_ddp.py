@@ -23,6 +23,7 @@ from conftest import (
     tiny_vision_config,
     write_config,
 )
+from conftest import train as train_phase
 from torch import nn
 
 import dsd
@@ -282,6 +283,35 @@ def test_per_item_outcomes_of_a_sharded_evaluation_come_back_in_the_splits_order
     mp.spawn(gather_main, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
     for rank in range(3):
         assert torch.load(tmp_path / f"rank{rank}.pt") == [f"item{i}" for i in range(7)]
+
+
+def slow_upload_main(rank, world, init_file, config, wait_s):
+    """A phase's rank in a process group whose collectives time out after `wait_s`, rank 0's upload of the
+    checkpoint (`wandb.checkpoints`) taking longer: a network slower than NCCL's 10 minutes."""
+    from datetime import timedelta
+
+    from dsd.tracking import Tracker
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
+    timeout = timedelta(seconds=wait_s)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout
+    )
+    if rank == 0:
+        Tracker.artifact = lambda self, *args, **kwargs: time.sleep(2 * wait_s)
+    torch.set_num_threads(1)
+    train_phase(config, "resnet18", 0, "dense")
+    os._exit(0)  # as `python -m dsd` ends (dsd.__main__)
+
+
+def test_the_other_ranks_wait_out_rank_0s_checkpoint_upload_without_a_timeout(tmp_path):
+    """The ranks end together once rank 0 has written and uploaded its last files, waiting on the rendezvous
+    store: waiting at a barrier, a rank failed the job once the upload outlasted the group's timeout."""
+    config = parse(tiny_vision_config(tmp_path, seeds=[0], wandb={"mode": "disabled", "checkpoints": True}))
+    prepare_data(config, "resnet18")
+    mp.spawn(slow_upload_main, args=(2, str(tmp_path / "init"), config, 5), nprocs=2, join=True)
+    out = paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")
+    assert json.loads(paths.metrics(out).read_text())["world_size"] == 2
 
 
 def test_a_command_other_than_train_started_as_several_ranks_is_refused(tmp_path):

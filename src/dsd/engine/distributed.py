@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 
 import torch
 
@@ -142,3 +143,20 @@ def from_every_rank(value, world: int) -> list:
 def barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
+
+
+PHASE_DONE = "dsd/phase-done"
+
+
+def end_together(rank: int, world: int) -> None:
+    """The ranks end when rank 0 has written its last file (a gloo rank whose peer had already torn its group down
+    can abort at exit). They wait on the rendezvous store, not in a collective: rank 0's last work, a checkpoint's
+    upload say, can outlast a collective's timeout (NCCL's 10 minutes) but not this wait. A rank that fails is
+    not waited for: its launcher (dsd.gpus, torchrun) ends the others."""
+    if world == 1:
+        return
+    store = torch.distributed.distributed_c10d._get_default_store()
+    if rank == 0:
+        store.set(PHASE_DONE, "1")
+    else:
+        store.wait([PHASE_DONE], timedelta(days=7))

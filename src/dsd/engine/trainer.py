@@ -283,8 +283,7 @@ def run_phase(
             # last: its presence means the phase is complete
             paths.write_json(paths.metrics(out_dir), metrics)
             resume_path.unlink(missing_ok=True)
-        # every rank ends together: a gloo rank whose peer had already torn its group down can abort at exit
-        distributed.barrier(world)
+        distributed.end_together(rank, world)
         return metrics
     finally:  # also when a signal or a non-finite loss ends the job: its run's records reach the disk
         tracker.finish()
