@@ -314,6 +314,35 @@ def test_the_other_ranks_wait_out_rank_0s_checkpoint_upload_without_a_timeout(tm
     assert json.loads(paths.metrics(out).read_text())["world_size"] == 2
 
 
+def too_large_batch_main(rank, world, init_file, config, out_file):
+    from dsd.errors import ConfigError
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        train_phase(config, "resnet18", 0, "dense")
+        outcome = "trained"
+    except ConfigError as err:
+        outcome = str(err)
+    torch.save(outcome, f"{out_file}.{rank}")
+    leave_process_group()
+
+
+def test_a_training_split_smaller_than_the_global_batch_is_refused_under_ddp(tmp_path):
+    """Under DDP an epoch drops its incomplete last batch; a split smaller than the global batch is nothing but
+    that batch, so the phase trained no step and wrote its untrained weights as model.pt (train loss 0.0)."""
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    config["experiments"]["resnet18"]["train"]["batch_size"] = 64  # 60 training images
+    config = parse(config)
+    prepare_data(config, "resnet18")
+    out = tmp_path / "outcome"
+    mp.spawn(too_large_batch_main, args=(2, str(tmp_path / "init"), config, str(out)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert "fewer items than one global batch of 64" in torch.load(f"{out}.{rank}"), rank
+    assert not paths.checkpoint(paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")).exists()
+
+
 def test_a_command_other_than_train_started_as_several_ranks_is_refused(tmp_path):
     """`torchrun -m dsd run` would prepare the data, evaluate and write eval.json in every rank at once: refused
     in one line, nothing written; `dsd train` is the command that runs as DDP ranks."""

@@ -301,7 +301,7 @@ class _Loop:
         self.recipe_index, self.save_resume, self.progress = recipe_index, save_resume, progress
         self.track = tracks.get(exp.track)
         history, partial = state.history, state.partial
-        self.steps_per_epoch = _steps_per_epoch(self.track, exp)
+        self.steps_per_epoch = _steps_per_epoch(self.track, exp, world)
         # one continuous step per (row, seed) across phases: this job starts after its chain's earlier phases
         earlier = spec.phases[:1] if spec.phase == CONTROL else spec.phases[:-1]
         self.step_offset = sum(phase_steps(p.epochs, self.steps_per_epoch) for p in earlier)
@@ -398,8 +398,15 @@ def _signal_name(stop) -> str:
     return stop.received or "a signal to another rank"
 
 
-def _steps_per_epoch(track, exp) -> int:
+def _steps_per_epoch(track, exp, world: int = 1) -> int:
     steps = len(track.data.train_loader(exp, seed=0, epoch=0))
+    # DDP drops an epoch's incomplete last batch: where it is the only one, no step would train
+    if steps == 0 and world > 1:
+        raise ConfigError(
+            f"{exp.row}: the training split holds fewer items than one global batch of {exp.train.batch_size}, "
+            f"the whole epoch an incomplete batch that {world} DDP ranks drop: no step would train; lower "
+            "train.batch_size"
+        )
     return min(steps, exp.train.max_steps_per_epoch) if exp.train.max_steps_per_epoch else steps
 
 
