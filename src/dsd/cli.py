@@ -154,7 +154,8 @@ def cmd_train(args) -> None:
     metrics = run_phase(spec, out, init=init, options=options, progress=args.progress)
     last = metrics["history"][-1] if metrics["history"] else {"val": {}}
     shown = ", ".join(f"{k} {v:.2f}" for k, v in last["val"].items() if isinstance(v, float))
-    print(f"{spec.row} seed {spec.seed} {spec.phase} [{spec.fingerprint}]: trained; validation {shown}")
+    if os.environ.get("RANK", "0") == "0":  # a DDP job's other ranks hold the same metrics
+        print(f"{spec.row} seed {spec.seed} {spec.phase} [{spec.fingerprint}]: trained; validation {shown}")
 
 
 def cmd_evaluate(args) -> None:

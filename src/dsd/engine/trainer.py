@@ -344,7 +344,8 @@ class _Loop:
             state.partial = {}
             stopping = distributed.any_rank(stop.received is not None, self.device, self.world)
             if sub == len(phases) - 1 and epoch == n_epochs - 1:
-                if stopping:  # nothing left to train: model.pt is written next, the epoch kept
+                # nothing left to train: model.pt is written next, the epoch kept (rank 0 says so for all)
+                if stopping and self.rank == 0:
                     print(
                         f"dsd: {_signal_name(stop)} in the last epoch: finishing {self.spec.phase}",
                         file=sys.stderr,
@@ -373,13 +374,14 @@ class _Loop:
         left = max(self.epochs_total - len(self.state.history), 0)
         eta = elapsed / self.epochs_here * left
         label = current.name if self.spec.phase != CONTROL else f"control:{current.name}"
-        print(
-            f"{self.exp.row} seed {self.spec.seed} {label} epoch {record['epoch'] + 1}/{math.ceil(current.epochs)}: "
-            f"train loss {record['train_loss']:.4f}, val {metric} {value:.2f}, lr {record['lr_last']:.3g}, "
-            f"sparsity {record['sparsity']:.1%}, {elapsed:.0f} s elapsed, ETA {eta:.0f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+        if self.rank == 0:  # one line per epoch: every rank's copy made an N-rank job's log N times as long
+            print(
+                f"{self.exp.row} seed {self.spec.seed} {label} epoch {record['epoch'] + 1}/{math.ceil(current.epochs)}: "
+                f"train loss {record['train_loss']:.4f}, val {metric} {value:.2f}, lr {record['lr_last']:.3g}, "
+                f"sparsity {record['sparsity']:.1%}, {elapsed:.0f} s elapsed, ETA {eta:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         phase_index = self.recipe_index + sub if self.spec.phase != CONTROL else len(self.spec.phases) + sub
         self.tracker.log(
             {
