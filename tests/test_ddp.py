@@ -343,6 +343,30 @@ def test_a_training_split_smaller_than_the_global_batch_is_refused_under_ddp(tmp
     assert not paths.checkpoint(paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")).exists()
 
 
+def end_twice_main(rank, world, init_file, out_file):
+    from dsd.engine.distributed import end_together
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    waited = []
+    for _ in range(2):  # two phases in one process group: rank 0 the slower to finish each
+        start = time.monotonic()
+        if rank == 0:
+            time.sleep(1.0)
+        end_together(rank, world)
+        waited.append(time.monotonic() - start)
+    torch.save(waited, f"{out_file}.{rank}")
+    leave_process_group()
+
+
+def test_the_ranks_wait_for_rank_0_at_the_end_of_every_phase_not_only_the_first(tmp_path):
+    """Each phase's end has keys of its own in the store: a key left set by the first phase let the ranks of a
+    second one leave before rank 0 had written its files."""
+    out = tmp_path / "waited"
+    mp.spawn(end_twice_main, args=(3, str(tmp_path / "init"), str(out)), nprocs=3, join=True)
+    for rank in (1, 2):
+        assert all(seconds >= 0.9 for seconds in torch.load(f"{out}.{rank}")), rank
+
+
 def test_a_command_other_than_train_started_as_several_ranks_is_refused(tmp_path):
     """`torchrun -m dsd run` would prepare the data, evaluate and write eval.json in every rank at once: refused
     in one line, nothing written; `dsd train` is the command that runs as DDP ranks."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from datetime import timedelta
 
@@ -145,18 +146,24 @@ def barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-PHASE_DONE = "dsd/phase-done"
+_phases_ended = itertools.count()  # keys of their own for each phase a process ends (alike on every rank)
 
 
 def end_together(rank: int, world: int) -> None:
     """The ranks end when rank 0 has written its last file (a gloo rank whose peer had already torn its group down
     can abort at exit). They wait on the rendezvous store, not in a collective: rank 0's last work, a checkpoint's
-    upload say, can outlast a collective's timeout (NCCL's 10 minutes) but not this wait. A rank that fails is
-    not waited for: its launcher (dsd.gpus, torchrun) ends the others."""
+    upload say, can outlast a collective's timeout (NCCL's 10 minutes) but not this wait. Rank 0 leaves last,
+    once every rank has seen its word: some launches (env:// without torchrun) host the store in rank 0. A rank
+    that fails is not waited for: its launcher (dsd.gpus, torchrun) ends the others."""
     if world == 1:
         return
-    store = torch.distributed.distributed_c10d._get_default_store()
+    store, n = torch.distributed.distributed_c10d._get_default_store(), next(_phases_ended)
+    done, left = f"dsd/phase-done/{n}", f"dsd/phase-left/{n}"
     if rank == 0:
-        store.set(PHASE_DONE, "1")
-    else:
-        store.wait([PHASE_DONE], timedelta(days=7))
+        store.set(done, "1")
+        with contextlib.suppress(RuntimeError):  # a rank gone meanwhile: rank 0's work is done all the same
+            store.wait([left], timedelta(minutes=10))
+        return
+    store.wait([done], timedelta(days=7))
+    if store.add(f"dsd/phase-leaving/{n}", 1) == world - 1:
+        store.set(left, "1")
