@@ -116,6 +116,19 @@ def test_a_failed_feature_build_leaves_no_partial_cache(tmp_path, tiny):
     assert list(out.parent.iterdir()) == []  # not even the half-written temporary folder
 
 
+def test_a_cache_another_job_finished_first_is_kept_and_the_later_build_dropped(tmp_path, tiny):
+    """Two builds of one split at once (a DDP job's ranks, two jobs sharing a cache): the second to finish found
+    the folder in place between its check and its rename, and failed on the non-empty folder (OSError)."""
+    exp = _exp(tiny[0], utterances_per_speaker=COUNTS)
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        speech_data.build_features(exp, "val", out)
+    second.rename(tmp_path / "cache")  # a finished build ready to move, and a cache already in place
+    first.rename(second)
+    speech_data.move_into_place(tmp_path / "cache", second)
+    assert list(tmp_path.iterdir()) == [second] and sorted(p.name for p in second.iterdir())
+
+
 def test_bad_audio_and_transcripts_are_named(tmp_path):
     folder = _write_librispeech(tmp_path / "dev", [("19-198-0000", "HELLO")])
     bad = folder / "19-198-0000.flac"

@@ -272,8 +272,19 @@ def build_features(exp: Experiment, split: str, out: Path) -> Path:
     except BaseException:  # a bad file, a full disk, a signal: no half-written cache left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)  # another job finished it first
+    move_into_place(tmp, out)
     return out
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """A finished cache folder becomes `out`, unless another job (a DDP job's other rank, say) finished the
+    same one first: a folder holding files is not replaced, so the later build is dropped."""
+    try:
+        tmp.replace(out)
+    except OSError:
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp)
 
 
 def remove_dead_builds(out: Path) -> None:
