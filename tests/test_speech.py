@@ -116,6 +116,20 @@ def test_a_failed_feature_build_leaves_no_partial_cache(tmp_path, tiny):
     assert list(out.parent.iterdir()) == []  # not even the half-written temporary folder
 
 
+def test_every_batch_of_a_bucketed_order_is_one_bucket_also_when_the_last_is_short():
+    """70 utterances of distinct lengths, batches of 16, one window: the buckets are runs of 16 consecutive
+    lengths and the loader's batches must be those. The short remainder shuffled into the middle shifted every
+    later batch across two buckets (up to twice the padding)."""
+    lengths = torch.randperm(70, generator=torch.Generator().manual_seed(0))
+    for seed in range(10):
+        order = speech_data.bucketed_order(lengths, 16, torch.Generator().manual_seed(seed), window=5)
+        assert sorted(order) == list(range(70))
+        spans = [
+            int(lengths[order[b : b + 16]].max() - lengths[order[b : b + 16]].min()) for b in range(0, 64, 16)
+        ]
+        assert spans == [15] * 4 and sorted(lengths[order[64:]].tolist()) == list(range(64, 70)), seed
+
+
 def test_a_cache_another_job_finished_first_is_kept_and_the_later_build_dropped(tmp_path, tiny):
     """Two builds of one split at once (a DDP job's ranks, two jobs sharing a cache): the second to finish found
     the folder in place between its check and its rename, and failed on the non-empty folder (OSError)."""

@@ -410,15 +410,18 @@ def bucketed_order(
     lengths: torch.Tensor, batch_size: int, generator: torch.Generator, window: int
 ) -> list[int]:
     """A shuffled order whose consecutive `batch_size` indices have similar lengths: shuffle, sort each
-    window of `window` batches by length, then shuffle the batches. Less padding, still random."""
+    window of `window` batches by length, then shuffle the batches. Less padding, still random. The one short
+    batch (the last window's remainder) stays last: shuffled in, it shifted every later batch of the loader
+    across two of these, each of other lengths (and DDP drops the epoch's incomplete last batch)."""
     order = torch.randperm(len(lengths), generator=generator).tolist()
     batches = []
     span = batch_size * window
     for start in range(0, len(order), span):
         chunk = sorted(order[start : start + span], key=lambda i: int(lengths[i]))
         batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    short = batches.pop() if batches and len(batches[-1]) < batch_size else []
     shuffled = torch.randperm(len(batches), generator=generator).tolist()
-    return [i for b in shuffled for i in batches[b]]
+    return [i for b in shuffled for i in batches[b]] + short
 
 
 def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0, first: bool = False):
