@@ -456,6 +456,17 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def test_a_ddp_job_says_once_that_its_resume_point_is_unreadable(tmp_path):
+    """Every rank reads the resume point and comes to the same conclusion: rank 0 alone says it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    paths.resume(out).write_bytes(b"not a checkpoint")
+    job = start_job(slow_dense_config(tmp_path, epochs=1, steps=2), out)
+    log = job.communicate(timeout=300)[1]
+    assert job.returncode == 0, log[-3000:]
+    assert log.count("not a checkpoint; starting the phase afresh") == 1, log
+
+
 def test_a_signal_in_the_last_epoch_of_a_ddp_job_finishes_the_phase(tmp_path):
     """SIGTERM to the job (its top process, as Snakemake and SLURM send it) during the last epoch's last step
     or validation: both ranks finish the phase and the job succeeds, so Snakemake keeps model.pt and

@@ -54,7 +54,7 @@ def load_resume(
     try:
         state = checkpoint.load(path)
     except CheckpointError as err:  # the progress is lost, not the run
-        print(f"dsd: {err}; starting the phase afresh", file=sys.stderr, flush=True)
+        say(f"dsd: {err}; starting the phase afresh")
         return None
     why = mismatch(state.get("identity") or {}, expected)
     if why is None and state.get("init") != init:
@@ -63,8 +63,14 @@ def load_resume(
         why = f"data.encoder_weights replaced since ({state.get('encoder')} -> {encoder})"
     if why is None:
         return state
-    print(f"dsd: {path} is from another spec ({why}); starting the phase afresh", file=sys.stderr, flush=True)
+    say(f"dsd: {path} is from another spec ({why}); starting the phase afresh")
     return None
+
+
+def say(message: str) -> None:
+    """A line on stderr from one process of a job: rank 0's (every DDP rank comes to the same conclusion)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def load_init(path: str | Path, expected: dict) -> dict:

@@ -111,10 +111,9 @@ def compile_mode(options: RunOptions, exp: Experiment, world: int) -> str:
     if options.compile_mode != "reduce-overhead":
         return options.compile_mode
     if not tracks.get(exp.track).config.FIXED_SHAPES:
-        print(
+        resume.say(
             f"dsd: {exp.row}: compile_mode reduce-overhead needs fixed batch shapes, this row's change every "
-            "step: compiled in the default mode",
-            file=sys.stderr,
+            "step: compiled in the default mode"
         )
         return "default"
     if world > 1:
