@@ -79,7 +79,7 @@ def paired_ci_items(differences, confidence: float = 0.95) -> tuple[float, float
     items, so the test set's draw is shared by all seeds and the seeds' spread alone does not show it.
     Var(mean) = var(seed means) / S + var(item means) / n, degrees of freedom by Welch-Satterthwaite. Their
     common residual is counted in both terms: where seeds and items add little of their own, up to twice its
-    share of the variance (an interval up to 1.4x wide), conservative and never negative, where the unbiased
+    share of the variance (an interval up to 1.4x as wide), conservative and never negative, where the unbiased
     two-way ANOVA estimate can be. Returns (mean, low, high, scale, df)."""
     d = np.asarray(differences, dtype=float)
     seeds, items = d.shape
