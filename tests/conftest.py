@@ -169,9 +169,13 @@ def killed_while_writing(folder: Path, write: str, name: str) -> None:
 
 
 def leave_process_group() -> None:
-    """A test rank's exit from its gloo group: the ranks leave together, since gloo can abort (SIGABRT) a rank
-    that tears down its group after its peer has."""
+    """A test rank's end, as `python -m dsd` ends (dsd.__main__): the ranks meet at a barrier, then exit without
+    the interpreter's teardown. Tearing a gloo group down can abort a rank whose peer already had (SIGABRT), and
+    a group destroyed while a DDP wrapper still holds it can hang as the wrapper goes (the group's threads joined
+    while holding the GIL, one of them waiting for it)."""
     import torch.distributed as dist
 
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
