@@ -625,3 +625,33 @@ def test_a_features_cache_index_holds_no_object_per_utterance(tmp_path):
         assert (uid, text, len(ds)) == (f"spk-{n - 1}", texts[-1], n)
         counts.append(sum(reachable_objects(getattr(ds, name)) for name in vars(ds)))
     assert counts[0] == counts[1]
+
+
+def test_evaluation_batches_utterances_of_similar_lengths_and_reports_them_in_the_splits_order(tmp_path):
+    """In the corpus' order a batch was padded to its longest utterance (~3.5x the frames for 64 LibriSpeech-like
+    utterances), which every layer outside the packed RNN computes on. Batched by length, the padding goes;
+    the results are each utterance's own, listed in the split's order."""
+    root, t = tmp_path / "ls", np.arange(16000) / 16000
+    for split in ("train", "dev", "test"):
+        folder = _write_librispeech(
+            root / split, [(f"19-198-{i:04d}", "A CAT" if i % 3 else "THE DOG") for i in range(8)]
+        )
+        for i in range(0, 8, 2):  # short and long utterances alternate
+            sf.write(folder / f"19-198-{i:04d}.flac", 0.3 * np.sin(2 * np.pi * (300 + 40 * i) * t), 16000)
+    entry = {"track": "speech", "dataset": "librispeech", "model": {"hidden": 16, "rnn_hidden": 8},
+             "eval": {"batch_size": 4}, "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}  # fmt: skip
+    exp = parse_row("ls", entry, str(root)).experiment(
+        RunOptions(data_root=str(tmp_path), output_dir=str(tmp_path))
+    )
+    prepare.prepare(exp)
+    ds = speech_data.dataset(exp, "test")
+    batches = list(speech_data.eval_loader(exp, "test", 4))
+    assert sum(b["features"].shape[:2].numel() for b in batches) == int(ds.lengths.sum())  # no padding
+    torch.manual_seed(0)
+    model = speech_model.build(exp)
+    with torch.no_grad():
+        model.out.bias[1:] += 3.0  # characters, not blanks: each utterance's hypothesis is its own
+    out = speech_metric._decode(model, exp, "test", "cpu", exp.eval)
+    alone = speech_metric._decode(model, exp, "test", "cpu", speech_config.Eval(batch_size=1))
+    assert out["ids"] == list(ds.ids) == sorted(ds.ids) and out["refs"] == list(ds.texts)
+    assert out["greedy"] == alone["greedy"] and len(set(out["greedy"])) > 1

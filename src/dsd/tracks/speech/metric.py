@@ -106,8 +106,9 @@ def _decode(model: nn.Module, exp: Experiment, split: str, device, cfg: Eval) ->
         beam = _beam_decoder(replace(cfg, **{k: None if f is None else str(f) for k, f in files.items()}))
     model.eval()
     out = {"ids": [], "refs": [], "hyps": [], "greedy": []}
+    loader = eval_loader(exp, split, cfg.batch_size)
     try:
-        for batch in eval_loader(exp, split, cfg.batch_size):
+        for batch in loader:
             log_probs, lengths = model(batch["features"].to(device), batch["lengths"].to(device))
             log_probs, lengths = log_probs.float().cpu(), lengths.cpu()
             best = log_probs.argmax(-1)
@@ -122,6 +123,15 @@ def _decode(model: nn.Module, exp: Experiment, split: str, device, cfg: Eval) ->
             out["refs"] += batch["texts"]
     finally:
         model.train(was_training)
+    return {key: _in_split_order(values, loader.sampler.order) for key, values in out.items()}
+
+
+def _in_split_order(values: list, order: list[int]) -> list:
+    """Results decoded in `order` (batched by length) back in the split's order: the samples shown, and the
+    per-utterance errors that the report resamples, are the same utterances whatever the batching."""
+    out = [None] * len(values)
+    for value, index in zip(values, order, strict=True):
+        out[index] = value
     return out
 
 
