@@ -494,6 +494,24 @@ def test_wsj_transcripts_normalised_by_the_written_rules():
         speech_data.normalise_wsj("ROOM 3", "x.dot:3")
 
 
+def test_wsj_backslash_quoting_and_verbalised_punctuation_marks_are_read_as_spoken():
+    """The LDC's .dot files quote marks inside words with a backslash ("isn\\'t", "I\\. B\\. M\\.", Kaldi's
+    normalize_transcript.pl shows both) and write verbalised punctuation after its mark (",COMMA", "--DASH", the
+    CMU dictionary's words): each was a DataError, so one possessive in si284 stopped the whole corpus."""
+    cases = {
+        "OF COURSE THERE ISN\\'T ANY GUARANTEE THE COMPANY\\'S HOT HAND [misc_noise]": (
+            "of course there isn't any guarantee the company's hot hand"
+        ),
+        "COMPUTERS I\\. B\\. M\\. INTRODUCED": "computers i b m introduced",
+        "RATES \\,COMMA \\(LEFT-PAREN FELL \\)RIGHT-PAREN \\?QUESTION-MARK": (
+            "rates comma left paren fell right paren question mark"
+        ),
+        "HE SAID --DASH \\;SEMI-COLON \\.PERIOD": "he said dash semi colon period",
+    }
+    for line, expected in cases.items():
+        assert speech_data.normalise_wsj(line, "x.dot:1") == expected
+
+
 def write_wsj(root, utterances, seconds=0.4, shorten=False):
     """A tiny WSJ disc layout: SPHERE .wv1 audio (written by soundfile), .dot transcripts, an .ndx index."""
     sr = 16000

@@ -152,23 +152,31 @@ def _sources(exp: Experiment, split: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- WSJ
 
 
+# the mark before a verbalised punctuation word (",comma", "?question-mark", "...ellipsis"): not spoken
+VERBALISED_MARKS = "%&,.;:?!(){}/+#"
+
+
 def normalise_wsj(text: str, where: str) -> str:
     """A WSJ transcript (.dot) in the alphabet, by these rules, in order:
 
-    1. lower case;  2. noise markers in square brackets ("[loud_breath]", "[door_slam]") are dropped;
+    1. lower case, and the backslashes that quote marks inside words removed ("isn\\'t", "i\\. b\\. m\\.": the
+       LDC's dot_spec, as Kaldi's normalize_transcript.pl reads it);
+    2. noise markers in square brackets ("[loud_breath]", "[door_slam]") are dropped;
     3. angle brackets and asterisks around words ("<is>", "*mispronounced*") are removed, the word kept;
-    4. verbalised punctuation and symbols keep their spoken word ("\\period" -> "period", "%percent" ->
-       "percent", "&ampersand" -> "ampersand");
+    4. verbalised punctuation and symbols keep their spoken word (".period" -> "period", ",comma" -> "comma",
+       "(left-paren" -> "left paren", "%percent" -> "percent", "--dash" -> "dash");
     5. word fragments (a hyphen at a word's start or end: "wo-", "-tend") are dropped;
     6. dots ("u.s.") and "~", ":", "!" marks are removed; a hyphen inside a word is a space.
     Anything still outside a-z, space and ' is a DataError naming the line.
     """
     words = []
-    for token in text.lower().split():
+    for token in text.lower().replace("\\", "").split():
         if token.startswith("[") and token.endswith("]"):
             continue
-        token = token.strip("<>*").lstrip("\\%&").replace('"', "")
-        if token.startswith("-") or token.endswith("-"):
+        token = token.strip("<>*").lstrip(VERBALISED_MARKS).replace('"', "")
+        if re.fullmatch(r"-+(dash|hyphen)", token):  # the CMU dictionary's "-dash", "-hyphen"
+            token = token.lstrip("-")
+        elif token.startswith("-") or token.endswith("-"):
             continue
         token = re.sub(r"[.~:!]", "", token).replace("-", " ").replace("_", " ")
         words += token.split()
