@@ -169,8 +169,8 @@ def captioning(row) -> list[dict]:
         _line(row, "phases", paper_phases_text, our_phases, phases_same),
         _line(row, "schedule", facts["schedule"], _schedule(hp), None),
         _line(row, "vocabulary", facts["vocabulary"],
-              f"words seen >= {data.min_count} times, rarer ones as <unk> (a target like any word); training "
-              f"captions cut at {data.max_words} words", None),
+              f"words seen >= {data.min_count} times, rarer ones dropped from the caption (as neuraltalk); "
+              f"training captions cut at {data.max_words} words", None),
         _line(row, "decoding", facts["decoding"],
               f"beam search, width {row.eval.beam_size}, at most {row.eval.max_len} words", None),
         _line(row, "metric", facts["metric"], "BLEU-1..4 (coco-caption) of beam-search captions on test",

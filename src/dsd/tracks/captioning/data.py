@@ -28,7 +28,7 @@ from dsd.tracks.captioning import synthetic
 from dsd.tracks.captioning.config import features_path
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
-SPECIALS = (PAD, START, END, UNK)  # PAD is index 0
+SPECIALS = (PAD, START, END, UNK)  # PAD is index 0; <unk> keeps its index but is no training target (encode)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_DIRS = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images")
 FEATURES_FORMAT = "dsd-caption-features"
@@ -142,9 +142,10 @@ def build_vocabulary(captions, min_count: int) -> dict[str, int]:
 
 
 def encode(caption, vocab: dict[str, int], max_words: int) -> list[int]:
-    """<start> w1 .. wn <end>, at most max_words words, unknown words -> <unk>."""
-    unk = vocab[UNK]
-    return [vocab[START], *(vocab.get(w, unk) for w in caption[:max_words]), vocab[END]]
+    """<start> w1 .. wn <end>: the caption's words in the vocabulary, at most max_words of them. A rare word is
+    dropped, as NeuralTalk drops it: a <unk> target would teach the model to emit a word no reference holds."""
+    known = [vocab[w] for w in caption if w in vocab and w not in SPECIALS]
+    return [vocab[START], *known[:max_words], vocab[END]]
 
 
 def vocabulary(exp: Experiment) -> dict[str, int]:
