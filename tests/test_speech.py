@@ -130,6 +130,24 @@ def test_every_batch_of_a_bucketed_order_is_one_bucket_also_when_the_last_is_sho
         assert spans == [15] * 4 and sorted(lengths[order[64:]].tolist()) == list(range(64, 70)), seed
 
 
+@pytest.mark.parametrize("arch", ["deepspeech", "deepspeech2"])
+def test_training_utterances_ctc_cannot_align_are_counted_and_named_before_training(tiny, arch, capfd):
+    """CTC needs an output frame per character and a blank between two equal ones; with too large a stride an
+    utterance has fewer frames, its loss is zeroed (zero_infinity) and it trains nothing, which nothing said."""
+    exp = _exp(tiny[0], arch, model={"stride": 8}, utterances_per_speaker=COUNTS)
+    ds = speech_data.dataset(exp, "train")
+    needed = []
+    for i in range(len(ds)):
+        text = ds.characters[ds.target_offsets[i] : ds.target_offsets[i + 1]].tolist()
+        needed.append(len(text) + sum(a == b for a, b in zip(text, text[1:], strict=False)))
+    frames = speech_model.output_lengths(exp.model, ds.lengths)
+    short = sum(f < n for f, n in zip(frames.tolist(), needed, strict=True))
+    assert 0 < short < len(ds) and speech_data.unalignable(exp, ds) == short
+    speech_data.check(exp)
+    assert f"{short} of {len(ds)} training utterances have more characters than" in capfd.readouterr().err
+    assert speech_data.unalignable(_exp(tiny[0], arch, utterances_per_speaker=COUNTS), ds) == 0
+
+
 def test_a_cache_another_job_finished_first_is_kept_and_the_later_build_dropped(tmp_path, tiny):
     """Two builds of one split at once (a DDP job's ranks, two jobs sharing a cache): the second to finish found
     the folder in place between its check and its rename, and failed on the non-empty folder (OSError)."""

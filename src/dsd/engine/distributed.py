@@ -6,11 +6,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import sys
 from datetime import timedelta
 
 import torch
 
 from dsd.errors import ConfigError
+
+
+def say(message: str) -> None:
+    """A line on stderr from one process of a job: rank 0's (every DDP rank comes to the same conclusion)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 from pathlib import Path
 
 import torch
 
-from dsd.engine import checkpoint
+from dsd.engine import checkpoint, distributed
 from dsd.errors import CheckpointError
 from dsd.spec import PhaseSpec, differences
 
@@ -54,7 +53,7 @@ def load_resume(
     try:
         state = checkpoint.load(path)
     except CheckpointError as err:  # the progress is lost, not the run
-        say(f"dsd: {err}; starting the phase afresh")
+        distributed.say(f"dsd: {err}; starting the phase afresh")
         return None
     why = mismatch(state.get("identity") or {}, expected)
     if why is None and state.get("init") != init:
@@ -63,14 +62,8 @@ def load_resume(
         why = f"data.encoder_weights replaced since ({state.get('encoder')} -> {encoder})"
     if why is None:
         return state
-    say(f"dsd: {path} is from another spec ({why}); starting the phase afresh")
+    distributed.say(f"dsd: {path} is from another spec ({why}); starting the phase afresh")
     return None
-
-
-def say(message: str) -> None:
-    """A line on stderr from one process of a job: rank 0's (every DDP rank comes to the same conclusion)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
 
 
 def load_init(path: str | Path, expected: dict) -> dict:

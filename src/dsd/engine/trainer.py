@@ -111,7 +111,7 @@ def compile_mode(options: RunOptions, exp: Experiment, world: int) -> str:
     if options.compile_mode != "reduce-overhead":
         return options.compile_mode
     if not tracks.get(exp.track).config.FIXED_SHAPES:
-        resume.say(
+        distributed.say(
             f"dsd: {exp.row}: compile_mode reduce-overhead needs fixed batch shapes, this row's change every "
             "step: compiled in the default mode"
         )

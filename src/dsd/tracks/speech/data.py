@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dsd import paths
-from dsd.engine import loaders
+from dsd.engine import distributed, loaders
 from dsd.engine import prepare as prepared
 from dsd.errors import DataError
 from dsd.spec import Experiment, fingerprint
@@ -543,9 +543,30 @@ def _synthesise(exp: Experiment) -> int:
 
 
 def check(exp: Experiment) -> None:
-    """Before training: the training and validation features (built now if another row's settings differ)."""
+    """Before training: the training and validation features (built now if another row's settings differ), and
+    a word on training utterances that CTC cannot align."""
     for split in ("train", "val"):
         dataset(exp, split)
+    ds = dataset(exp, "train")
+    if short := unalignable(exp, ds):
+        distributed.say(
+            f"dsd: {exp.row}: {short} of {len(ds)} training utterances have more characters than the model's output "
+            f"frames (model.stride {exp.model.stride}): CTC gives them no loss (zero_infinity), so they train nothing"
+        )
+
+
+def unalignable(exp: Experiment, ds: SpeechSet) -> int:
+    """Utterances whose transcript needs more output frames than the model gives them: CTC emits a frame per
+    character and a blank between two equal ones."""
+    from dsd.tracks.speech.model import output_lengths  # the model's module imports this one
+
+    chars, offsets = ds.characters.long(), torch.as_tensor(ds.target_offsets)
+    same = torch.zeros(len(chars), dtype=torch.long)
+    same[1:] = (chars[1:] == chars[:-1]).long()
+    same[offsets[:-1][offsets[:-1] < len(chars)]] = 0  # an utterance's first character repeats nothing
+    counts = torch.cat([torch.zeros(1, dtype=torch.long), same.cumsum(0)])
+    needed = offsets[1:] - offsets[:-1] + counts[offsets[1:]] - counts[offsets[:-1]]
+    return int((output_lengths(exp.model, ds.lengths) < needed).sum())
 
 
 def same_folder(exp: Experiment, a: str, b: str) -> bool:

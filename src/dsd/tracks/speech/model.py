@@ -134,6 +134,17 @@ class DeepSpeech2(nn.Module):
         return self.out(x).log_softmax(-1), lengths
 
 
+def output_lengths(cfg: Model, lengths: torch.Tensor) -> torch.Tensor:
+    """The frames a model of `cfg` outputs for `lengths` input frames (what its forward pass returns): Deep Speech
+    1 strides its context windows, Deep Speech 2 its first convolution in time."""
+    if cfg.arch == "deepspeech":
+        return torch.div(lengths - 1, cfg.stride, rounding_mode="floor") + 1
+    for i, (_, kt) in enumerate(cfg.conv_kernels):
+        stride = cfg.stride if i == 0 else 1
+        lengths = torch.div(lengths + 2 * (kt // 2) - kt, stride, rounding_mode="floor") + 1
+    return lengths
+
+
 def _norm_frames(norm: nn.BatchNorm1d, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Batch norm per (channel, frequency) of a (B, C, F, T) convolution output over its utterances' frames,
     padding excluded, and the padding frames zero: what the next convolution's own zero padding is, so that an
