@@ -183,8 +183,9 @@ def loader(
 ) -> DataLoader:
     """Training loaders shuffle with a generator seeded from (seed, epoch); evaluation loaders keep order.
 
-    `order` fixes the sequence instead (SortaGrad; in evaluation, speech's utterances by length). `skip_batches` drops the first batches of exactly that
-    order (mid-epoch resume). Under torch.distributed, see `train_order`. Pinned memory on CUDA.
+    `order` fixes the sequence instead (SortaGrad; in evaluation, speech's utterances by length).
+    `skip_batches` drops the first batches of exactly that order (mid-epoch resume). Under torch.distributed, see
+    `train_order`. Pinned memory on CUDA.
     `shard` (evaluation): under torch.distributed each rank reads every N-th sample, each sample exactly once
     (no padding), for metrics that the caller sums over ranks.
     """
