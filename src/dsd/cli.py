@@ -142,6 +142,7 @@ def cmd_train(args) -> None:
     config = None if args.spec else _config(args)
     spec = _phase_spec(args, config)
     options = _options(args, config)  # before torch starts: it pins the kernels torch picks then
+    from dsd.engine import distributed
     from dsd.engine.trainer import run_phase
 
     out = Path(args.out) if args.out else paths.run_dir(options.output_dir, spec.row, spec.seed, spec.phase)
@@ -154,7 +155,7 @@ def cmd_train(args) -> None:
     metrics = run_phase(spec, out, init=init, options=options, progress=args.progress)
     last = metrics["history"][-1] if metrics["history"] else {"val": {}}
     shown = ", ".join(f"{k} {v:.2f}" for k, v in last["val"].items() if isinstance(v, float))
-    if os.environ.get("RANK", "0") == "0":  # a DDP job's other ranks hold the same metrics
+    if distributed.rank_zero():  # a DDP job's other ranks hold the same metrics
         print(f"{spec.row} seed {spec.seed} {spec.phase} [{spec.fingerprint}]: trained; validation {shown}")
 
 

@@ -14,9 +14,14 @@ import torch
 from dsd.errors import ConfigError
 
 
+def rank_zero() -> bool:
+    """Whether this process is a job's first (or only) one, from the launcher's environment."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def say(message: str) -> None:
     """A line on stderr from one process of a job: rank 0's (every DDP rank comes to the same conclusion)."""
-    if os.environ.get("RANK", "0") == "0":
+    if rank_zero():
         print(message, file=sys.stderr, flush=True)
 
 
@@ -131,8 +136,7 @@ def gather_strided(local: list) -> list:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return local
     world = torch.distributed.get_world_size()
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, local)
+    parts = from_every_rank(local, world)
     merged: list = [None] * sum(len(part) for part in parts)
     for rank, part in enumerate(parts):
         merged[rank::world] = part
