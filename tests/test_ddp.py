@@ -367,6 +367,29 @@ def test_the_ranks_wait_for_rank_0_at_the_end_of_every_phase_not_only_the_first(
         assert all(seconds >= 0.9 for seconds in torch.load(f"{out}.{rank}")), rank
 
 
+def build_first_main(rank, world, init_file, cache):
+    from dsd.engine.distributed import rank_zero_first
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+    def build():  # a cache: built by whoever finds it missing
+        if not Path(cache).exists():
+            time.sleep(1.0)  # slow enough that ranks starting together would all find it missing
+            with open(cache, "a") as f:
+                f.write(f"built by rank {rank}\n")
+
+    rank_zero_first(build, rank, world)
+    leave_process_group()
+
+
+def test_a_cache_the_training_job_builds_is_built_by_rank_0_alone(tmp_path):
+    """A speech row whose features differ from the prepared ones builds them on first use: every rank used to
+    build the same cache at once (each with a process per core); rank 0 builds it, the others then find it."""
+    cache = tmp_path / "cache"
+    mp.spawn(build_first_main, args=(3, str(tmp_path / "init"), str(cache)), nprocs=3, join=True)
+    assert cache.read_text() == "built by rank 0\n"
+
+
 def test_a_command_other_than_train_started_as_several_ranks_is_refused(tmp_path):
     """`torchrun -m dsd run` would prepare the data, evaluate and write eval.json in every rank at once: refused
     in one line, nothing written; `dsd train` is the command that runs as DDP ranks."""

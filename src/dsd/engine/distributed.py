@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -155,6 +156,26 @@ def from_every_rank(value, world: int) -> list:
 def barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
+
+
+_firsts = itertools.count()  # keys of their own for each `rank_zero_first` (alike on every rank)
+
+
+def rank_zero_first(work: Callable[[], object], rank: int, world: int) -> None:
+    """`work` on rank 0, then on the other ranks: a cache it builds (a speech row's features) is built once, not
+    by every rank at once, each with a process per core. They wait on the rendezvous store, not in a
+    collective, whose timeout (NCCL's 10 minutes) a real corpus's features outlast. If rank 0 fails, its
+    launcher (dsd.gpus, torchrun) ends the others."""
+    if world == 1:
+        work()
+        return
+    store, key = torch.distributed.distributed_c10d._get_default_store(), f"dsd/first-done/{next(_firsts)}"
+    if rank == 0:
+        work()
+        store.set(key, "1")
+    else:
+        store.wait([key], timedelta(days=7))
+        work()
 
 
 _phases_ended = itertools.count()  # keys of their own for each phase a process ends (alike on every rank)

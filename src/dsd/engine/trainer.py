@@ -215,8 +215,8 @@ def run_phase(
             "phases (a pretrained start is model.weights)"
         )
     identity = resume.identity(spec, prepare.data_fingerprint(exp))
-    tracks.get(exp.track).data.check(exp)
     device, rank, world = distributed.setup(options.device)
+    distributed.rank_zero_first(lambda: tracks.get(exp.track).data.check(exp), rank, world)
     if device.type == "cpu":
         torch.set_num_threads(options.threads)
     state = build(exp, spec, device, phases[0].lr)

@@ -256,7 +256,8 @@ def sweep(spec, seeds, output_dir: str, out: Path) -> list[Path]:
     ax.set_xlabel("sparsity of the sparse phase, %")
     ax.set_ylabel(f"{rows['metric'][0]} after re-dense")
     ax.set_title(f"{spec.name}: metric vs sparsity ({len(seeds)} seeds)")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)  # below: no bar hidden
+    # below the axes: no bar hidden
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     return _save(fig, out, f"sweep_{spec.name}")
 
 
