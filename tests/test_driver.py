@@ -335,6 +335,33 @@ def test_param_groups_keep_their_learning_rate_ratios_through_the_recipe():
     assert optimizer.param_groups[2]["lr"] == pytest.approx(0.002)  # a tenth of the sparse LR, halved
 
 
+def test_a_warmup_scheduler_built_before_the_driver_does_not_freeze_training():
+    """A warmup scheduler (the Hugging Face Trainer's `warmup_steps`, a Lightning module's LambdaLR) sets every
+    group's LR to 0 when it is built: the groups' ratios were read from that 0 and held every LR at 0 for the
+    whole recipe. They come from the LRs the groups were built with (`initial_lr`)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    groups = [{"params": model[0].parameters(), "lr": 0.01}, {"params": model[2].parameters(), "lr": 0.1}]
+    optimizer = torch.optim.SGD(groups, lr=0.5)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 3))
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0, 0.0]
+    recipe = [
+        {"kind": "dense", "epochs": 1, "lr": 0.2},
+        {"kind": "sparse", "epochs": 1, "lr": 0.04, "sparsity": 0.5},
+    ]
+    run, seen = dsd.DSD(model, optimizer, recipe, steps_per_epoch=2), []
+    while not run.done:
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        warmup.step()
+        run.step()
+    assert [lr for step in seen for lr in step] == pytest.approx([0.02, 0.2] * 2 + [0.004, 0.04] * 2)
+    everything_at_zero = torch.optim.SGD(model.parameters(), lr=0.0)  # no ratio to keep: all get the recipe's
+    dsd.DSD(model, everything_at_zero, recipe, steps_per_epoch=2)
+    assert everything_at_zero.param_groups[0]["lr"] == 0.2
+
+
 def test_a_model_stepped_by_two_optimizers_gets_both_masked_and_both_lrs():
     """A model split between two optimizers (Adam for one layer, SGD with momentum for the other), passed as a
     list: each one's LR follows the recipe at its ratio, and each one's state is zero at the pruned entries when

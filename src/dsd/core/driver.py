@@ -49,6 +49,13 @@ def check_steps_per_epoch(steps: int) -> int:
     return int(steps)
 
 
+def built_lr(group: dict) -> float:
+    """The LR a param group was built with. An LR scheduler created before the driver (the Hugging Face
+    Trainer's, a Lightning module's) keeps it as `initial_lr` and may have moved `lr` already: a warmup's first
+    LR is 0, which as a ratio would hold every group at 0 for the whole recipe."""
+    return float(group.get("initial_lr", group["lr"]))
+
+
 class DSD:
     def __init__(
         self,
@@ -71,7 +78,7 @@ class DSD:
         self.global_step, self.index, self.pruner = 0, 0, None
         # layer-wise LRs keep their ratios: the recipe's LR is the largest group's (a group's ratio is kept
         # in it, LR_SCALE, so the optimizer's state dict resumes it)
-        self._lr_base = max((float(g["lr"]) for g in self._param_groups()), default=0.0) or 1.0
+        self._lr_base = max((built_lr(g) for g in self._param_groups()), default=0.0)
         self._skip_empty()
         self._before_entry = self._snapshot() if self.phase is not None and self.phase.prunes else None
         self._enter()
@@ -161,10 +168,14 @@ class DSD:
     def _param_groups(self) -> list[dict]:
         return [group for optimizer in self._optimizers for group in optimizer.param_groups]
 
+    def _lr_ratio(self, group: dict) -> float:
+        """A group's LR as a fraction of the largest; all of them 1 when every group was built at 0."""
+        return built_lr(group) / self._lr_base if self._lr_base else 1.0
+
     def _set_lr(self) -> None:
         if not self.done:
             for group in self._param_groups():
-                lr = self.lr * group.setdefault(LR_SCALE, float(group["lr"]) / self._lr_base)
+                lr = self.lr * group.setdefault(LR_SCALE, self._lr_ratio(group))
                 if torch.is_tensor(group["lr"]):  # in place: a captured CUDA graph or compiled step reads it
                     group["lr"].fill_(lr)
                 else:
