@@ -329,6 +329,17 @@ def test_first_conv_names_the_first_convolution_of_any_model():
         assert first not in chosen and len(chosen) == len(dsd.prunable_parameters(model)) - 1
 
 
+def test_an_empty_weight_measures_no_sparsity_instead_of_dividing_by_zero():
+    """A weight with no entries (a head of 0 classes, an embedding of 0 extra tokens) is a candidate with
+    nothing to prune: `sparsity()` divided by its 0 entries, and `overall_sparsity()` too when all were empty."""
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 0))
+    pruner = dsd.Pruner(model, 0.5)
+    assert pruner.sparsity() == {"0.weight": 0.5, "1.weight": 0.0}
+    assert pruner.overall_sparsity() == 0.5
+    assert dsd.Pruner(nn.Linear(4, 0), 0.5).overall_sparsity() == 0.0
+    assert torch.equal(pack_mask(pruner.masks["1.weight"]), torch.zeros(0, dtype=torch.uint8))
+
+
 def test_mask_packing_is_one_bit_per_weight():
     mask = torch.rand(37, 11) > 0.4
     packed = pack_mask(mask)

@@ -421,8 +421,8 @@ class Pruner:
 
     @torch.no_grad()
     def sparsity(self) -> dict[str, float]:
-        """Measured fraction of exact zeros per masked tensor (not the target)."""
-        return {n: zeros(p) / p.numel() for n, p in self._params.items() if n in self.masks}
+        """Measured fraction of exact zeros per masked tensor (not the target); 0 for an empty one."""
+        return {n: zeros(p) / max(p.numel(), 1) for n, p in self._params.items() if n in self.masks}
 
     @torch.no_grad()
     def overall_sparsity(self) -> float:
@@ -430,7 +430,7 @@ class Pruner:
         if not self.masks:
             return 0.0
         params = [self._params[n] for n in self.masks]
-        return sum(zeros(p) for p in params) / sum(p.numel() for p in params)
+        return sum(zeros(p) for p in params) / max(sum(p.numel() for p in params), 1)
 
     def state_dict(self) -> dict:
         """Masks bit-packed (1 bit per weight); loadable with torch.load(weights_only=True)."""
