@@ -150,6 +150,28 @@ def test_lightning_without_batches_per_epoch_says_so(tmp_path):
     assert driver.done and driver.lengths == [8, 8, 4] and trainer.global_step == 20
 
 
+class PlateauModule(Module):
+    """A ReduceLROnPlateau that halves the LR after every epoch (mode max on a loss that does not rise)."""
+
+    def training_step(self, batch, index):
+        loss = super().training_step(batch, index)
+        self.log("train_loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=0, factor=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "train_loss"}}
+
+
+def test_lightning_overrides_a_plateau_scheduler_at_every_step(tmp_path):
+    """A ReduceLROnPlateau steps at the epoch's end, after the callback set the LR: the first step of an epoch
+    ran at the plateau's LR, not the recipe's."""
+    module = PlateauModule()
+    lightning_fit(module, tmp_path, max_epochs=50)
+    assert [lr for lr, _ in module.seen] == pytest.approx(EXPECTED_LR)
+
+
 def test_lightning_with_two_optimizers_steps_the_recipe_per_batch_and_masks_both(tmp_path):
     """Lightning's global_step counts both optimizers' steps (50 for 25 batches): the recipe still ends after
     25 batches, both optimizers follow its LRs, both layers are pruned, and both optimizers' state is masked
@@ -278,6 +300,38 @@ def test_huggingface_with_warmup_steps_trains_at_the_recipes_lr(tmp_path):
     rows = [{"x": a, "labels": b} for a, b in zip(x, y, strict=True)]
     trainer = transformers.Trainer(
         Classifier(), args, train_dataset=rows, callbacks=[LRs(), DSDTrainerCallback(RECIPE)]
+    )
+    trainer.train()
+    assert LRs.seen == pytest.approx(EXPECTED_LR)
+
+
+def test_huggingface_overrides_a_plateau_scheduler_at_every_step(tmp_path):
+    """`reduce_lr_on_plateau` steps after each evaluation, past the callback's on_step_end: the step after an
+    evaluation ran at the plateau's LR, not the recipe's."""
+    transformers = pytest.importorskip("transformers")
+    from dsd.integrations.huggingface import DSDTrainerCallback
+
+    x, y = dataset()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, num_train_epochs=5, optim="sgd",
+        lr_scheduler_type="reduce_lr_on_plateau", lr_scheduler_kwargs={"mode": "max", "patience": 0},
+        eval_strategy="steps", eval_steps=2, metric_for_best_model="loss", report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+
+    class LRs(transformers.TrainerCallback):
+        seen = []
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            self.seen.append(optimizer.param_groups[0]["lr"])
+
+    rows = [{"x": a, "labels": b} for a, b in zip(x, y, strict=True)]
+    trainer = transformers.Trainer(
+        Classifier(),
+        args,
+        train_dataset=rows,
+        eval_dataset=rows,
+        callbacks=[DSDTrainerCallback(RECIPE), LRs()],
     )
     trainer.train()
     assert LRs.seen == pytest.approx(EXPECTED_LR)

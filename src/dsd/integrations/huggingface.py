@@ -7,7 +7,8 @@
     ])])
 
 Set `num_train_epochs` to the recipe's total. The callback sets each step's learning rate after the Trainer's
-scheduler has run (so `lr_scheduler_type` does not matter to training; the Trainer's own `learning_rate` log
+scheduler has run, and again before the next step (so `lr_scheduler_type` does not matter to training,
+`reduce_lr_on_plateau` included; the Trainer's own `learning_rate` log
 column shows its scheduler, `dsd_lr` the rate applied), stops training when the recipe is done, writes its
 step count and masks as `dsd.pt` into every checkpoint folder and reads them back when training resumes from
 one (`output_dir/checkpoint-N`, or the folder `TrainingArguments.resume_from_checkpoint` names: the Trainer does
@@ -75,6 +76,8 @@ class DSDTrainerCallback(RecipeCallback, TrainerCallback):
             self.driver.load_state_dict(saved)
 
     def on_step_begin(self, args, state, control, **kw):
+        # again: a ReduceLROnPlateau scheduler steps after evaluation, past on_step_end's LR
+        self.driver._set_lr()
         every = state.logging_steps or 1
         if args.logging_strategy == "steps" and (state.global_step + 1) % every == 0:  # this step will log
             driver = self.driver

@@ -6,10 +6,10 @@
         {"kind": "redense", "epochs": 4},
     ], exclude=["conv1.weight"])])
 
-The callback owns the learning rate (configure the optimizer without a scheduler), stops the trainer when the
-recipe is done, saves its step count and masks in Lightning's checkpoints (`ckpt_path=` resumes them) and logs
-`dsd/lr`, `dsd/sparsity` (measured) and `dsd/phase` (the phase's index in the recipe) of the step about to
-be taken, every `log_every_n_steps`.
+The callback owns the learning rate (a scheduler configured with the optimizer is overridden before every
+step, ReduceLROnPlateau's too), stops the trainer when the recipe is done, saves its step count and masks in
+Lightning's checkpoints (`ckpt_path=` resumes them) and logs `dsd/lr`, `dsd/sparsity` (measured) and
+`dsd/phase` (the phase's index in the recipe) of the step about to be taken, every `log_every_n_steps`.
 
 A module with several optimizers (manual optimization: `self.automatic_optimization = False`) has every
 optimizer's LR set and state masked; its recipe counts training batches (Lightning's `global_step` counts each
@@ -64,6 +64,8 @@ class DSDCallback(RecipeCallback, Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         driver, every = self.driver, trainer.log_every_n_steps
+        # again: a ReduceLROnPlateau scheduler steps after on_train_batch_end's LR (at the epoch's end)
+        driver._set_lr()
         if self.log and not driver.done and driver.global_step % every == 0:  # the step about to be taken
             pl_module.log_dict(
                 {"dsd/lr": driver.lr, "dsd/sparsity": driver.sparsity(), "dsd/phase": float(driver.index)},
