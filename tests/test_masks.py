@@ -290,6 +290,15 @@ def test_a_wrapped_model_is_pruned_under_its_own_names():
         assert list(dsd.Pruner.from_state_dict(wrapped, back.state_dict()).masks) == ["2.weight"]
 
 
+def test_a_pattern_copied_with_the_wrappers_prefix_says_which_name_to_use():
+    """`ddp.named_parameters()` says `module.0.weight`: the refusal said only that it matches nothing."""
+    wrapped = nn.DataParallel(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    with pytest.raises(ValueError, match=r"without 'module\.': '0\.weight'\)$"):
+        dsd.Pruner(wrapped, 0.5, exclude=("module.0.weight",))
+    with pytest.raises(ValueError, match=r"without '_orig_mod\.': '2\.\*'\)$"):
+        dsd.Pruner(wrapped, 0.5, include=("_orig_mod.2.*",))
+
+
 def test_a_model_left_with_no_weight_to_prune_is_refused():
     """An exclude of every weight (or a model of norms only) made every sparse phase silently dense."""
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))

@@ -205,12 +205,25 @@ def check_patterns(
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     typos = unmatched(names, (*expand_aliases(exclude, model), *(expand_aliases(include, model) or ())))
     if typos:
-        raise ValueError(f"pattern {typos[0]!r} (exclude/include) matches no parameter of the model")
+        raise ValueError(
+            f"pattern {typos[0]!r} (exclude/include) matches no parameter of the model{_wrapper_hint(typos[0])}"
+        )
     chosen = prunable_parameters(model, exclude, include)  # refuses a weight it cannot prune, now
     if include is not None and not chosen:
         raise ValueError(f"include {list(include)}: no weight of 2+ dimensions left to prune")
     if not chosen:
         raise ValueError(f"exclude {list(exclude)}: no weight of 2+ dimensions left to prune")
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel's, torch.compile's
+
+
+def _wrapper_hint(pattern: str) -> str:
+    """A name copied from a wrapped model's named_parameters() carries the wrapper's prefix, which dsd drops."""
+    prefix = next((p for p in WRAPPER_PREFIXES if pattern.startswith(p)), None)
+    if prefix is None:
+        return ""
+    return f" (names are the wrapped module's, without {prefix!r}: {pattern.removeprefix(prefix)!r})"
 
 
 @torch.no_grad()
