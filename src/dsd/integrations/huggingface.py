@@ -92,7 +92,7 @@ class DSDTrainerCallback(RecipeCallback, TrainerCallback):
         self.warn_if_unfinished()
 
     def on_save(self, args, state, control, **kw):
-        if state.is_world_process_zero:
+        if args.should_save:  # the processes the Trainer saves from: one per node with save_on_each_node
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             torch.save(self.driver.state_dict(), os.path.join(folder, STATE_FILE))
 
