@@ -603,3 +603,24 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
         timeout=300,
     )
     assert "config.device is 'cuda' but no CUDA device is available" in error_line(result)
+
+
+def test_an_audio_file_shorter_than_a_spectrum_window_is_one_line_naming_it(tmp_path):
+    """A clipped utterance of under 10 ms (100 samples) stopped `dsd prepare` with torch's padding error from a
+    featurising worker, a traceback naming no file."""
+    import numpy as np
+    import soundfile as sf
+    from test_matrix import _librispeech, _speech_row
+
+    corpus = _librispeech(tmp_path / "LibriSpeech")
+    clipped = corpus / "train" / "19" / "198" / "19-198-0001.flac"
+    sf.write(clipped, np.zeros(100), 16000)
+    config = _speech_row(tmp_path, corpus)
+    spec, options = config.row("ds").data_spec().to_json(), config.options.to_json()
+    result = subprocess.run(
+        [sys.executable, "-m", "dsd", "prepare", "--spec", spec, "--options", options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert f"{clipped}: audio file has 100 samples at 16 kHz, too short" in error_line(result)

@@ -33,6 +33,7 @@ BLANK = "_"
 ALPHABET = BLANK + " '" + "abcdefghijklmnopqrstuvwxyz"  # index 0 is the CTC blank
 CHAR_INDEX = {c: i for i, c in enumerate(ALPHABET)}
 SAMPLE_RATE = 16_000
+WINDOW, HOP = 320, 160  # 20 ms spectrum window, 10 ms hop at 16 kHz
 SPLITS = ("train", "val", "test")
 LEXICON = "lexicon.txt"  # written beside the embedded corpus by prepare
 FEATURES_FORMAT = "dsd-speech-features"
@@ -72,6 +73,11 @@ def load_audio(path: str | Path) -> torch.Tensor:
         import torchaudio.functional as AF
 
         wav = AF.resample(wav, rate, SAMPLE_RATE)
+    # the centred window's reflection padding needs more samples; torch's error for it names no file
+    if len(wav) <= WINDOW // 2:
+        raise DataError(
+            f"{path}: audio file has {len(wav)} samples at 16 kHz, too short for a spectrum (over {WINDOW // 2})"
+        )
     return wav
 
 
@@ -120,7 +126,7 @@ def read_manifest(path: str | Path) -> list[dict]:
 def _transform(feature: str, n_mels: int):
     import torchaudio.transforms as T
 
-    window = dict(n_fft=320, win_length=320, hop_length=160)  # 20 ms window, 10 ms hop at 16 kHz
+    window = dict(n_fft=WINDOW, win_length=WINDOW, hop_length=HOP)
     if feature == "logmel":
         return T.MelSpectrogram(sample_rate=SAMPLE_RATE, n_mels=n_mels, **window)
     return T.Spectrogram(**window)
