@@ -228,6 +228,27 @@ def test_kaggle_labels_saved_again_by_a_spreadsheet_read_the_same(tmp_path):
     assert vision_data.samples(exp, "val") == plain
 
 
+def test_hidden_files_and_folders_are_neither_classes_nor_images(tmp_path):
+    """A Jupyter `.ipynb_checkpoints/` in train/ became class 0, every synset's index shifted by one (a
+    pretrained model then scored as wrong on every image); macOS's `._x.JPEG` files (a copy on an exFAT disk)
+    were listed as images and failed to decode in the middle of training."""
+    config = {"experiments": {"r": {"track": "vision", "dataset": "imagenet", "model": {"num_classes": 1000},
+                                    "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}}}  # fmt: skip
+    root = fake_imagenet(tmp_path / "imagenet")
+    exp = parse_config(config | {"data": {"imagenet": str(root)}}, check_models=False).experiment("r")
+    plain = {split: vision_data.samples(exp, split) for split in ("train", "val")}
+    jpeg = (root / "train" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG").read_bytes()
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / ".ipynb_checkpoints" / "x-checkpoint.JPEG").write_bytes(jpeg)
+    (root / "val" / ".ipynb_checkpoints").mkdir()  # a flat val/ stays flat
+    for image in [*root.glob("train/*/*.JPEG"), *root.glob("val/*.JPEG")]:
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    assert vision_data.classes(exp) == list(WNIDS)
+    assert {split: vision_data.samples(exp, split) for split in ("train", "val")} == plain
+    assert vision_data.check_imagefolder(exp)["classes"] == 2
+
+
 @pytest.mark.parametrize("layout", ["kaggle", "devkit"])
 def test_corrected_validation_labels_change_the_data_sets_fingerprint(tmp_path, layout):
     """The fingerprint (the data set's identity in every run) listed the split folders only: ImageNet's

@@ -319,7 +319,7 @@ def dataset(exp: Experiment, split: str) -> ImageFolderData:
 def classes(exp: Experiment) -> list[str]:
     """The class names (ImageNet: synsets), sorted, from the training split's class folders."""
     root = Path(exp.data_dir) / exp.data.train_dir
-    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    names = [p.name for p in class_folders(root)] if root.is_dir() else []
     if not names:
         raise DataError(f"{root}: no class folders (expected {exp.data.train_dir}/<class>/*.JPEG)")
     return names
@@ -333,13 +333,13 @@ def samples(exp: Experiment, folder: str) -> list[tuple[str, int]]:
         raise DataError(
             f"{root}: image folder not found (expected <class>/*.JPEG, or images and a labels file)"
         )
-    if not any(p.is_dir() for p in root.iterdir()):
+    if not class_folders(root):
         return flat_samples(exp, root)
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        if not any(f.is_file() for f in class_dir.iterdir()):
+    for class_dir in class_folders(root):
+        if not any(f.is_file() and not hidden(f) for f in class_dir.iterdir()):
             raise DataError(f"{class_dir}: class folder is empty")
     try:
-        found = datasets.ImageFolder(root)
+        found = VisibleImageFolder(root)
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f"{root}: {err}") from None
     if folder != exp.data.train_dir and found.classes != classes(exp):
@@ -351,6 +351,33 @@ def samples(exp: Experiment, folder: str) -> list[tuple[str, int]]:
             f"{len(classes(exp))} there; e.g. {example})"
         )
     return found.samples
+
+
+def hidden(path: Path) -> bool:
+    """A dot-file or dot-folder: never a class or an image (macOS's `._x.JPEG` and `.DS_Store`, Jupyter's
+    `.ipynb_checkpoints/`). As a class, such a folder shifted every class index after it."""
+    return path.name.startswith(".")
+
+
+def class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not hidden(p))
+
+
+class VisibleImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder without hidden class folders and files."""
+
+    def __init__(self, root: Path):
+        super().__init__(root, is_valid_file=self._is_image)
+
+    @staticmethod
+    def _is_image(path: str) -> bool:
+        return not hidden(Path(path)) and path.lower().endswith(datasets.folder.IMG_EXTENSIONS)
+
+    def find_classes(self, directory):
+        names = [p.name for p in class_folders(Path(directory))]
+        if not names:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return names, {name: i for i, name in enumerate(names)}
 
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -374,7 +401,7 @@ def labels_file(exp: Experiment) -> Path | None:
 
 
 def flat_samples(exp: Experiment, root: Path) -> list[tuple[str, int]]:
-    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not hidden(p))
     path = labels_file(exp)
     if path is None or not path.is_file():
         raise DataError(
