@@ -366,3 +366,26 @@ def test_the_paper_fidelity_table_covers_every_aspect_and_explains_every_deviati
     assert frame.loc[("googlenet", "parameters"), "ours"] == "6,624,904"  # no auxiliary heads (untrained)
     assert "auxiliary" in frame.loc[("googlenet", "parameters"), "verdict"]
     assert frame.loc[("deepspeech", "metric"), "verdict"] == "same"  # WSJ'93: the paper's headline figure
+
+
+def test_librispeech_converted_to_wav_or_edited_on_windows_reads_the_same(tmp_path):
+    """A chapter converted to `.wav` (its `.flac` gone), its transcript saved again with a byte-order mark and
+    tabs after the ids: every utterance was "missing" (`.flac` looked for; the mark or the tab in its id)."""
+    import soundfile as sf
+
+    from dsd.tracks.speech import data as speech_data
+
+    root = fake_librispeech(tmp_path / "LibriSpeech")
+    plain = speech_data.read_librispeech(root / "dev-clean")
+    chapter = root / "dev-clean" / "84" / "198"
+    for flac in chapter.glob("*.flac"):
+        audio, rate = sf.read(flac)
+        sf.write(flac.with_suffix(".wav"), audio, rate)
+        flac.unlink()
+    trans = chapter / "84-198.trans.txt"
+    edited = "\ufeff" + trans.read_text().replace(" ", "\t", 1).replace("\n84-198-0001 ", "\n84-198-0001\t")
+    trans.write_bytes(edited.replace("\n", "\r\n").encode())
+    read = speech_data.read_librispeech(root / "dev-clean")
+    assert [(u["id"], u["transcript"]) for u in read] == [(u["id"], u["transcript"]) for u in plain]
+    assert [u["audio"] for u in read] == [u["audio"].replace(".flac", ".wav") for u in plain]
+    assert all(len(speech_data.load_audio(u["audio"])) == 4800 for u in read)

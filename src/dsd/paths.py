@@ -43,9 +43,11 @@ def evaluation(run: Path) -> Path:
 
 
 def read_text(path: Path) -> str:
-    """A text file from a data set; one that is not UTF-8 is named (a bare decode error names no file)."""
+    """A text file from a data set; one that is not UTF-8 is named (a bare decode error names no file). A
+    byte-order mark (the file saved again by Notepad or a spreadsheet) is dropped: it would become part of the
+    first line's first word (an utterance id, a column name)."""
     try:
-        return Path(path).read_text()
+        return Path(path).read_text(encoding="utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         from dsd.errors import DataError
 

@@ -82,7 +82,8 @@ def load_audio(path: str | Path) -> torch.Tensor:
 
 
 def read_librispeech(folder: str | Path) -> list[dict]:
-    """Utterances of a LibriSpeech-layout folder: <spk>/<chapter>/<spk>-<chapter>-<utt>.flac + .trans.txt."""
+    """Utterances of a LibriSpeech-layout folder: <spk>/<chapter>/<spk>-<chapter>-<utt>.flac + .trans.txt; an
+    utterance's `.wav` (a converted copy) is read where its `.flac` is not there."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: LibriSpeech folder is missing")
@@ -94,10 +95,18 @@ def read_librispeech(folder: str | Path) -> list[dict]:
         for n, line in enumerate(paths.read_text(trans).splitlines(), 1):
             if not line.strip():
                 continue
-            uid, _, text = line.strip().partition(" ")
+            uid, text = (*line.split(maxsplit=1), "")[:2]  # a tab after the id, as in Kaldi's text files
             encode(text, f"{trans}:{n} ({uid})")
-            items.append({"id": uid, "audio": str(trans.parent / f"{uid}.flac"), "transcript": text.lower()})
+            items.append(
+                {"id": uid, "audio": str(librispeech_audio(trans.parent, uid)), "transcript": text.lower()}
+            )
     return items
+
+
+def librispeech_audio(chapter: Path, uid: str) -> Path:
+    flac = chapter / f"{uid}.flac"
+    wav = flac.with_suffix(".wav")
+    return wav if not flac.exists() and wav.exists() else flac
 
 
 def read_manifest(path: str | Path) -> list[dict]:

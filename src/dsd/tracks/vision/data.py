@@ -432,8 +432,7 @@ def kaggle_labels(path: Path) -> dict[str, tuple[str, int]]:
     import csv
 
     out = {}
-    # a byte-order mark (the file saved again by a spreadsheet) would become part of the first column's name
-    with io.StringIO(read_text(path).removeprefix("\ufeff"), newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:  # read_text drops a spreadsheet's byte-order mark
         for line, row in enumerate(csv.DictReader(f), start=2):
             try:
                 out[row["ImageId"]] = (row["PredictionString"].split()[0], line)
