@@ -624,3 +624,28 @@ def test_an_audio_file_shorter_than_a_spectrum_window_is_one_line_naming_it(tmp_
         timeout=300,
     )
     assert f"{clipped}: audio file has 100 samples at 16 kHz, too short" in error_line(result)
+
+
+def test_more_class_folders_than_model_outputs_stops_before_training(tmp_path):
+    """A folder left in train/ by the extraction made a third class for a two-output model: Snakemake's
+    `dsd train --spec` (the config check sees the count only once prepared) stopped mid-epoch with
+    cross_entropy's `IndexError: Target 2 is out of bounds` (on a GPU a device-side assert)."""
+    import shutil
+
+    from test_paper_layouts import WNIDS, fake_imagenet
+
+    root = fake_imagenet(tmp_path / "imagenet")
+    stray = root / "train" / "ILSVRC2012_img_train"
+    stray.mkdir()
+    shutil.copy(root / "train" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG", stray)
+    raw = tiny_vision_config(tmp_path) | {"data": {"imagenet": str(root)}}
+    row = raw["experiments"]["resnet18"]
+    row["dataset"], row["model"]["num_classes"] = "imagenet", 2
+    row["data"] = {"image_size": 32, "resize": 32, "val_dir": "val", "test_dir": "val", "in_memory": False}
+    config = parse(raw)
+    prepare.prepare(config.experiment("resnet18"))
+    line = error_line(dsd_train(config, "dense", tmp_path / "run"))
+    assert (
+        f"{root / 'train'}: 3 class folders, more than model.num_classes 2 (e.g. 'ILSVRC2012_img_train')"
+        in line
+    )

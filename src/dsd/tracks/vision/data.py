@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -563,6 +564,20 @@ def check(exp: Experiment) -> None:
     """Before training: every split this phase reads can be listed (a missing one fails now, not after an epoch)."""
     for split in ("train", "val"):
         dataset(exp, split)
+    check_class_count(exp)
+
+
+def check_class_count(exp: Experiment) -> None:
+    """More class folders than the model's outputs: a label past them failed mid-training (cross_entropy's
+    IndexError, CUDA's device-side assert) or, evaluating a pretrained model, scored as wrong without a word.
+    The configuration check sees the count only once the data set was prepared, not in a first run."""
+    names, outputs = classes(exp), exp.model.num_classes
+    if len(names) > outputs:
+        odd = [n for n in names if not re.fullmatch(r"n\d{8}", n)] if exp.dataset == "imagenet" else []
+        raise DataError(
+            f"{Path(exp.data_dir) / exp.data.train_dir}: {len(names)} class folders, more than model.num_classes "
+            f"{outputs} (e.g. {(odd or names)[-1]!r})"
+        )
 
 
 def same_folder(exp: Experiment, a: str, b: str) -> bool:
