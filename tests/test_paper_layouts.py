@@ -18,6 +18,7 @@ from torchvision import models
 from dsd import hparams
 from dsd.config import parse_config
 from dsd.errors import DataError
+from dsd.tracks.captioning import data as captioning_data
 from dsd.tracks.vision import data as vision_data
 from dsd.tracks.vision.model import FIRST_CONV
 
@@ -389,3 +390,28 @@ def test_librispeech_converted_to_wav_or_edited_on_windows_reads_the_same(tmp_pa
     assert [(u["id"], u["transcript"]) for u in read] == [(u["id"], u["transcript"]) for u in plain]
     assert [u["audio"] for u in read] == [u["audio"].replace(".flac", ".wav") for u in plain]
     assert all(len(speech_data.load_audio(u["audio"])) == 4800 for u in read)
+
+
+def test_a_misnamed_flickr8k_image_folder_is_named_as_the_folder(tmp_path):
+    """paper.yaml's `data.images: Flicker8k_Dataset` (as distributed) on a copy that calls it `Images/` (Kaggle's):
+    the error named the first image as missing, as if one file were lost rather than the folder misnamed."""
+    (tmp_path / "vgg.pth").write_bytes(b"")
+    root = fake_flickr8k(tmp_path / "flickr8k", tmp_path / "vgg.pth")
+    paper = hparams.load_yaml(REPO / "configs" / "paper.yaml")["experiments"]["neuraltalk"]
+    config = {"data": {"flickr8k": str(root)}, "data_root": str(tmp_path / "data"), "experiments": {"nt": {
+        "track": "captioning", "dataset": "flickr8k", "data": paper["data"],
+        "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}}}  # fmt: skip
+    exp = parse_config(config, check_models=False).experiment("nt")
+    (root / "Flicker8k_Dataset").rename(root / "Images")
+    with pytest.raises(DataError) as caught:
+        captioning_data.prepare(exp, "")
+    assert (
+        str(caught.value)
+        == f"{root / 'Flicker8k_Dataset'}: image folder not found (data.images; Images/ is there)"
+    )
+    (root / "Images").rename(root / "Flicker8k_Dataset")
+    (root / "Flicker8k_Dataset" / "1003_abc.jpg").unlink()
+    with pytest.raises(
+        DataError, match=r"1003_abc.jpg: image listed in dataset_flickr8k.json is missing \(1 of 12"
+    ):
+        captioning_data.prepare(exp, "")

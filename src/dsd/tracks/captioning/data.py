@@ -300,9 +300,7 @@ def prepare(exp: Experiment, data_fingerprint: str) -> dict:
                 json_name=json_path.name, image_dir=cfg.images or "images",
             )  # fmt: skip
     else:
-        for im in images(exp):
-            if not im.path.is_file():
-                raise DataError(f"{im.path}: image listed in {json_path.name} is missing")
+        check_images_present(exp)
         if exp.options.verify_data:  # the same parallel decode as the vision rows' (one error listing all)
             from dsd.tracks.vision.data import verify_images
 
@@ -319,6 +317,22 @@ def prepare(exp: Experiment, data_fingerprint: str) -> dict:
         "images": {s: counts.get(s, 0) for s in ("train", "val", "test")},
         "captions": sum(len(im.captions) for im in every),
     }
+
+
+def check_images_present(exp: Experiment) -> None:
+    """Every image of the caption file on disk. A misnamed image folder (data.images: Flicker8k_Dataset, as
+    distributed, where a copy calls it Images) is named as such, not as the first of every image missing."""
+    json_path, image_dir = _paths(exp)
+    if not image_dir.is_dir():
+        present = [name for name in IMAGE_DIRS if (image_dir.parent / name).is_dir()]
+        hint = f"; {present[0]}/ is there" if present else ""
+        raise DataError(f"{image_dir}: image folder not found (data.images{hint})")
+    every = images(exp)
+    missing = [im.path for im in every if not im.path.is_file()]
+    if missing:
+        raise DataError(
+            f"{missing[0]}: image listed in {json_path.name} is missing ({len(missing)} of {len(every)} are)"
+        )
 
 
 def _generator_of(json_path: Path) -> dict | None:
