@@ -649,3 +649,31 @@ def test_more_class_folders_than_model_outputs_stops_before_training(tmp_path):
         f"{root / 'train'}: 3 class folders, more than model.num_classes 2 (e.g. 'ILSVRC2012_img_train')"
         in line
     )
+
+
+def test_training_utterances_left_out_as_too_long_are_counted(tmp_path, capsys):
+    """data.max_seconds drops longer training utterances without a word: all of them (a limit in another unit)
+    ended as "split 'train' has no utterances", a corpus that has them."""
+    import numpy as np
+    import soundfile as sf
+    from test_matrix import _librispeech
+
+    corpus = _librispeech(tmp_path / "LibriSpeech")  # 0.3 s utterances
+    sf.write(corpus / "train" / "19" / "198" / "19-198-0001.flac", np.zeros(16000), 16000)
+
+    def prepared(limit):
+        raw = {"data": {"librispeech": str(corpus)}, "data_root": str(tmp_path / f"data{limit}"),
+               "experiments": {"ds": {"track": "speech", "dataset": "librispeech",
+                                      "data": {"train": "train", "val": "dev", "test": "test", "max_seconds": limit},
+                                      "phases": [{"kind": "dense", "epochs": 1, "lr": 0.01}]}}}  # fmt: skip
+        prepare.prepare(parse(raw).experiment("ds"))
+
+    prepared(0.5)
+    assert (
+        "split 'train': 1 of 2 utterances longer than data.max_seconds 0.5 left out"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(
+        DataError, match=r"'train' has no utterances \(2 of 2 utterances longer than data.max_"
+    ):
+        prepared(0.2)

@@ -345,18 +345,26 @@ def _write_features(jobs: list, workers: int, tmp: Path, exp: Experiment, split:
     from tqdm import tqdm
 
     index = {"format": FEATURES_FORMAT, "bins": n_features(exp.data), "ids": [], "texts": [], "lengths": []}
+    too_long = 0
     with open(tmp / "frames.f32", "wb") as frames, feature_pool(workers) as pool:
         done = pool.map(_featurise, jobs, chunksize=16) if workers > 1 else map(_featurise, jobs)
         for result in tqdm(done, total=len(jobs), desc=f"features {split}", unit="utt", disable=None):
             if result is None:
+                too_long += 1
                 continue
             uid, text, feats = result
             frames.write(feats.astype("float32").tobytes())
             index["ids"].append(uid)
             index["texts"].append(text)
             index["lengths"].append(int(feats.shape[0]))
+    # counted, as the untranscribed are: a max_seconds in another unit left out every utterance without a word
+    dropped = f"{too_long} of {len(jobs)} utterances longer than data.max_seconds {exp.data.max_seconds}"
     if not index["ids"]:
-        raise DataError(f"{exp.data_dir}: split {split!r} has no utterances")
+        raise DataError(
+            f"{exp.data_dir}: split {split!r} has no utterances" + (f" ({dropped})" if too_long else "")
+        )
+    if too_long:
+        print(f"{exp.data_dir}: split {split!r}: {dropped} left out", file=sys.stderr)
     (tmp / "index.json").write_text(json.dumps(index))
 
 
