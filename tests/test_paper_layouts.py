@@ -415,3 +415,22 @@ def test_a_misnamed_flickr8k_image_folder_is_named_as_the_folder(tmp_path):
         DataError, match=r"1003_abc.jpg: image listed in dataset_flickr8k.json is missing \(1 of 12"
     ):
         captioning_data.prepare(exp, "")
+
+
+def test_hidden_files_beside_the_data_leave_its_fingerprint_as_it_was(tmp_path):
+    """A `.DS_Store` that Finder rewrites, or a Jupyter `.ipynb_checkpoints/`, changed the data set's content
+    fingerprint: `dsd run` prepared it again and trained every phase again, as if on other images."""
+    from dsd.engine import prepare
+
+    config = {"experiments": {"r": {"track": "vision", "dataset": "imagenet", "model": {"num_classes": 1000},
+                                    "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}}}  # fmt: skip
+    root = fake_imagenet(tmp_path / "imagenet")
+    config |= {"data": {"imagenet": str(root)}, "data_root": str(tmp_path / "data")}
+    exp = parse_config(config, check_models=False).experiment("r")
+    prepare.prepare(exp)
+    (root / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "val" / ".ipynb_checkpoints").mkdir()
+    (root / "val" / ".ipynb_checkpoints" / "notes-checkpoint.txt").write_text("x")
+    assert prepare.is_current(exp)
+    (root / "train" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG").unlink()  # a real change still counts
+    assert not prepare.is_current(exp)

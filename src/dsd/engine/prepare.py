@@ -53,7 +53,8 @@ def is_current(exp: Experiment) -> bool:
 
 
 def content_fingerprint(exp: Experiment) -> str:
-    """Generated data: its settings. Real data: every source file's relative path, size and mtime."""
+    """Generated data: its settings. Real data: every source file's relative path, size and mtime (hidden
+    files and folders left out)."""
     spec = exp.data_spec()
     if exp.generated:
         return fingerprint({"generated": spec.fingerprint})
@@ -78,6 +79,8 @@ def _listing(root: Path):
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
         for entry in entries:
+            if entry.name.startswith("."):  # not data (the readers skip them): a Finder-rewritten .DS_Store
+                continue  # or a Jupyter .ipynb_checkpoints/ made every run of the data set stale
             if entry.is_dir():
                 stack.append(Path(entry.path))
             else:
