@@ -677,3 +677,18 @@ def test_training_utterances_left_out_as_too_long_are_counted(tmp_path, capsys):
         DataError, match=r"'train' has no utterances \(2 of 2 utterances longer than data.max_"
     ):
         prepared(0.2)
+
+
+def test_an_audio_file_with_a_nan_sample_is_named(tmp_path):
+    """A float WAV with one NaN sample (a broken conversion) made every feature of its utterance NaN, cached as
+    they were: training stopped at a non-finite loss naming no file, evaluation decoded garbage without a word."""
+    import numpy as np
+    import soundfile as sf
+
+    from dsd.tracks.speech import data as speech_data
+
+    audio = 0.3 * np.sin(np.arange(4800) / 10.0)
+    audio[1000] = np.nan
+    sf.write(tmp_path / "u.wav", audio, 16000, subtype="FLOAT")
+    with pytest.raises(DataError, match=r"u.wav: audio file has non-finite samples"):
+        speech_data.load_audio(tmp_path / "u.wav")
