@@ -69,9 +69,7 @@ def load_audio(path: str | Path) -> torch.Tensor:
     if wav.shape[0] == 0:
         raise DataError(f"{path}: audio file has no samples")
     wav = torch.from_numpy(wav.mean(axis=1))
-    if not torch.isfinite(
-        wav
-    ).all():  # one NaN made every feature of the utterance NaN, cached without a word
+    if not torch.isfinite(wav).all():  # one NaN made every feature of its utterance NaN, cached silently
         raise DataError(f"{path}: audio file has non-finite samples (NaN or infinity)")
     if rate != SAMPLE_RATE:
         import torchaudio.functional as AF
