@@ -337,3 +337,17 @@ def test_a_home_folder_in_paths_is_expanded_as_the_shell_would(tmp_path, monkeyp
         str(tmp_path / "data"),
     )
     assert config.row("resnet18").data_path == str(tmp_path / "imagenet")
+
+
+def test_table_plots_and_fidelity_by_hand_take_only_the_row_asked_for(tmp_path):
+    """`--row NAME` was accepted by `dsd table`, `plots` and `fidelity` and ignored: every row was read."""
+    default = str(REPO / "configs" / "default.yaml")
+    fidelity = dsd_cli("fidelity", "--config", default, "--row", "resnet18")
+    assert fidelity.returncode == 0, fidelity.stderr[-2000:]
+    rows = {line.split("|")[1].strip() for line in fidelity.stdout.splitlines()[2:]}
+    assert rows == {"resnet18"}
+    for command in ("table", "plots"):  # no runs yet: the first run it needs is named, and it is resnet18's
+        result = dsd_cli(command, "--config", default, "--set", f"output_dir={tmp_path}", "--row", "resnet18")
+        assert "runs/resnet18/seed0/dense/metrics.json: missing" in one_error_line(result)
+    unknown = dsd_cli("fidelity", "--config", default, "--row", "resnet19")
+    assert "no experiment 'resnet19'" in one_error_line(unknown)

@@ -273,19 +273,33 @@ def _rows_and_seeds(args, seeds_needed: bool = True) -> tuple[list[RowSpec], lis
     if args.spec:
         if seeds_needed and not args.seeds:
             raise ConfigError("with --spec, give --seeds")
-        return [_from_json(RowSpec, text) for text in args.spec], args.seeds, _options(args)
+        rows = [_from_json(RowSpec, text) for text in args.spec]
+        return _only_row(rows, args.row), args.seeds, _options(args)
     config = _config(args)
     seeds = args.seeds or list(config.seeds)
+    rows = _only_row([config.row(r) for r in config.rows], args.row, config)
     if seeds_needed:  # tables and plots read the runs: by hand, no Snakemake has checked them
-        _check_runs_current(config, seeds)
-    return [config.row(r) for r in config.rows], seeds, config.options
+        _check_runs_current(config, [row.name for row in rows], seeds)
+    return rows, seeds, config.options
 
 
-def _check_runs_current(config: Config, seeds: list[int]) -> None:
+def _only_row(rows: list[RowSpec], name: str | None, config: Config | None = None) -> list[RowSpec]:
+    """`--row NAME`: that row alone (it was accepted and ignored: every row was tabulated)."""
+    if name is None:
+        return rows
+    chosen = [row for row in rows if row.name == name]
+    if not chosen:
+        if config is not None:
+            return [config.row(name)]  # an experiment left out of `rows:`, or one line naming the known ones
+        raise ConfigError(f"--row: no row {name!r} among the specs (have: {', '.join(r.name for r in rows)})")
+    return chosen
+
+
+def _check_runs_current(config: Config, names: list[str], seeds: list[int]) -> None:
     """Every run the tables read records this config's spec (training) and eval settings (evaluation)."""
     from dsd.spec import eval_fingerprint
 
-    for name in config.rows:
+    for name in names:
         for seed in seeds:
             for phase in config.row(name).phase_names:
                 spec = config.phase(name, seed, phase)
@@ -382,13 +396,16 @@ def cmd_keys(args) -> None:
 
 
 def _add_source(
-    parser: argparse.ArgumentParser, what: str = "the job's spec as JSON (what the rules pass)", repeat=False
+    parser: argparse.ArgumentParser,
+    what: str = "the job's spec as JSON (what the rules pass)",
+    repeat=False,
+    row: str = "experiment name in the config, e.g. resnet18",
 ) -> None:
     parser.add_argument("--spec", help=what, action="append" if repeat else "store")
     parser.add_argument("--options", help="run options as JSON (what the rules pass)")
     parser.add_argument("--config", nargs="+", help="config file(s), instead of --spec (later ones win)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
-    parser.add_argument("--row", help="experiment name in the config, e.g. resnet18")
+    parser.add_argument("--row", help=row)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -463,7 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("fidelity", cmd_fidelity, "the paper vs this config, aspect by aspect (also written by table)"),
     ):
         p = sub.add_parser(name, help=what)
-        _add_source(p, "a row's spec as JSON (repeatable)", repeat=True)
+        _add_source(
+            p,
+            "a row's spec as JSON (repeatable)",
+            repeat=True,
+            row="only this row (default: the config's rows)",
+        )
         p.add_argument("--seeds", type=int, nargs="+")
         p.add_argument(
             "--out",
