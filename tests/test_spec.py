@@ -351,3 +351,10 @@ def test_table_plots_and_fidelity_by_hand_take_only_the_row_asked_for(tmp_path):
         assert "runs/resnet18/seed0/dense/metrics.json: missing" in one_error_line(result)
     unknown = dsd_cli("fidelity", "--config", default, "--row", "resnet19")
     assert "no experiment 'resnet19'" in one_error_line(unknown)
+
+
+@pytest.mark.parametrize("command", [["prepare"], ["features"], ["evaluate", "--checkpoint", "model.pt"]])
+def test_a_by_hand_command_without_its_row_says_to_give_one(command):
+    """With --config and no --row the line read "config.experiments: no experiment None"."""
+    result = dsd_cli(*command, "--config", str(REPO / "configs" / "default.yaml"))
+    assert one_error_line(result) == "dsd: error: with --config, give --row NAME"

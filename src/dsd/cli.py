@@ -27,6 +27,13 @@ def _config(args) -> Config:
     return load_config(args.config, sets=args.set or ())
 
 
+def _row(args) -> str:
+    """The row a by-hand command works on (without it the message was "no experiment None")."""
+    if args.row is None:
+        raise ConfigError("with --config, give --row NAME")
+    return args.row
+
+
 def _options(args, config: Config | None = None) -> RunOptions:
     options = RunOptions.from_json(args.options) if getattr(args, "options", None) else None
     options = options or (config.options if config is not None else RunOptions())
@@ -96,7 +103,7 @@ def cmd_prepare(args) -> None:
         exp = _from_json(DataSpec, args.spec).experiment(_options(args))
     else:
         config = _config(args)
-        exp = config.row(args.row).data_spec().experiment(_options(args, config))
+        exp = config.row(_row(args)).data_spec().experiment(_options(args, config))
     record = prepare.prepare(exp)
     print(f"prepared {exp.dataset} at {exp.data_dir} (content {record['fingerprint']})")
 
@@ -104,7 +111,7 @@ def cmd_prepare(args) -> None:
 def cmd_features(args) -> None:
     """Captioning: encode every image once with the frozen CNN (a trained vision run, or local VGG-16 weights)."""
     config = None if args.spec else _config(args)
-    spec = _from_json(PhaseSpec, args.spec) if args.spec else config.phase(args.row, 0, "dense")
+    spec = _from_json(PhaseSpec, args.spec) if args.spec else config.phase(_row(args), 0, "dense")
     options = _options(args, config)  # before torch starts: it pins the kernels torch picks then
     from dsd import tracks
     from dsd.engine import checkpoint, distributed, prepare, resume
@@ -173,10 +180,11 @@ def cmd_evaluate(args) -> None:
     else:
         from dsd.engine import checkpoint
 
+        row = _row(args)
         saved = checkpoint.load(args.checkpoint).get("identity", {}).get("spec", {})
         seed = args.seed if args.seed is not None else saved.get("seed", 0)
-        spec = config.phase(args.row, seed, args.phase or saved.get("phase", "dense"))
-        eval_section = config.row(args.row).eval
+        spec = config.phase(row, seed, args.phase or saved.get("phase", "dense"))
+        eval_section = config.row(row).eval
     splits = tuple(args.split) if args.split else ("val", "test")
     result = evaluate_checkpoint(spec, eval_section, args.checkpoint, options, splits, args.any_spec)
     if args.out:
