@@ -358,3 +358,16 @@ def test_a_by_hand_command_without_its_row_says_to_give_one(command):
     """With --config and no --row the line read "config.experiments: no experiment None"."""
     result = dsd_cli(*command, "--config", str(REPO / "configs" / "default.yaml"))
     assert one_error_line(result) == "dsd: error: with --config, give --row NAME"
+
+
+def test_output_into_a_pipe_its_reader_closed_ends_quietly():
+    """`dsd keys | head`: the reader left before the end of the output; that was a BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # `head` has read its lines and gone
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "dsd", "keys"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == 141 and result.stderr == "", result.stderr[-2000:]

@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import os
+import select
 import sys
 from pathlib import Path
 
@@ -538,6 +539,21 @@ def one_process(command: str) -> None:
         )
 
 
+def _reader_gone() -> bool:
+    """Whether the pipe that broke is our stdout's (`dsd keys | head`), not one of a job's own: then what is
+    left to print goes to /dev/null, so that the interpreter's last flush does not fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):  # a pipe with no reader left
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -549,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C in training, or one anywhere else
         print("dsd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _reader_gone():
+            raise
+        return 141  # as a command that SIGPIPE ended: the reader of its output (head, less) stopped reading
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
