@@ -371,3 +371,15 @@ def test_output_into_a_pipe_its_reader_closed_ends_quietly():
     finally:
         os.close(write)
     assert result.returncode == 141 and result.stderr == "", result.stderr[-2000:]
+
+
+def test_options_that_are_not_json_are_one_line_naming_the_flag():
+    """`--options` by hand: a JSON error was the line alone ("Expecting value: line 1 column 1 (char 0)")."""
+    default = str(REPO / "configs" / "default.yaml")
+    result = dsd_cli("prepare", "--config", default, "--row", "resnet18", "--options", "threads=2")
+    assert one_error_line(result).startswith("dsd: error: --options: not a RunOptions as the rules pass it")
+    spec = json.loads(
+        dsd_cli("spec", "--config", default, "--row", "resnet18", "--seed", "0", "--phase", "dense").stdout
+    )["spec"]
+    result = dsd_cli("evaluate", "--spec", json.dumps(spec), "--eval", "batch_size=8", "--checkpoint", "x.pt")
+    assert one_error_line(result).startswith("dsd: error: --eval: not JSON (Expecting value")

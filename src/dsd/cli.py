@@ -36,7 +36,7 @@ def _row(args) -> str:
 
 
 def _options(args, config: Config | None = None) -> RunOptions:
-    options = RunOptions.from_json(args.options) if getattr(args, "options", None) else None
+    options = _from_json(RunOptions, args.options, "--options") if getattr(args, "options", None) else None
     options = options or (config.options if config is not None else RunOptions())
     from dsd.gpus import cpu_isa_env
 
@@ -175,9 +175,11 @@ def cmd_evaluate(args) -> None:
 
     if args.spec:
         spec = _from_json(PhaseSpec, args.spec)
-        eval_section = hparams.parse(
-            tracks.get(spec.track).config.Eval, json.loads(args.eval or "{}"), "eval"
-        )
+        try:
+            raw_eval = json.loads(args.eval or "{}")
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--eval: not JSON ({err})") from None
+        eval_section = hparams.parse(tracks.get(spec.track).config.Eval, raw_eval, "eval")
     else:
         from dsd.engine import checkpoint
 
