@@ -383,3 +383,9 @@ def test_options_that_are_not_json_are_one_line_naming_the_flag():
     )["spec"]
     result = dsd_cli("evaluate", "--spec", json.dumps(spec), "--eval", "batch_size=8", "--checkpoint", "x.pt")
     assert one_error_line(result).startswith("dsd: error: --eval: not JSON (Expecting value")
+
+
+def test_a_folder_given_as_the_config_file_is_named_as_a_folder():
+    """`dsd check-config configs/` said "configs: config file not found" of a folder that is there."""
+    line = one_error_line(dsd_cli("check-config", "configs"))
+    assert line == "dsd: error: configs: a folder, not a config file (e.g. configs/default.yaml)"

@@ -273,6 +273,8 @@ def load_yaml_text(text: str, name: str):
 
 def load_yaml(path: str | Path):
     path = Path(path)
+    if path.is_dir():  # `dsd check-config configs/`: there, but not a file
+        raise ConfigError(f"{path}: a folder, not a config file (e.g. {path / 'default.yaml'})")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
