@@ -328,7 +328,7 @@ def test_dry_run_plans_every_phase_and_control(tmp_path):
         ({"experiments.resnet18.prune.include": []}, "prune.include: an empty list prunes nothing"),
         (
             {"experiments.resnet18.data.generate.per_class": {"train": 6, "val": 2}},
-            "data.generate.per_class.test: must be >= 1, got None",
+            "data.generate.per_class.test: missing (per_class replaces the default",
         ),
         (
             {"experiments.resnet18.phases": [{"kind": "sparse", "epochs": 1, "lr": 0.1, "sparsity": 0.5}]},

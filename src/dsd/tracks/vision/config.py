@@ -78,7 +78,8 @@ class Generate:
     size: int = option(32, "image side in pixels", min=8)
     per_class: dict[str, int] = option(
         factory=lambda: {"train": 200, "val": 50, "test": 150},
-        help="images per class and split (the test set is shared by every seed: its draw is in the interval)",
+        help="images per class and split, every split the row reads (a mapping given replaces this one whole; "
+        "the test set is shared by every seed: its draw is in the interval)",
     )
 
 
@@ -133,9 +134,14 @@ def check(row, where: str) -> None:
     if row.dataset == "shapes":  # the generated splits must be the folders the row reads, each non-empty
         counts, data = row.data.generate.per_class, row.data
         for split in dict.fromkeys((data.train_dir, data.val_dir, data.test_dir)):
-            if counts.get(split, 0) < 1:
+            if split not in counts:  # `per_class: {test: 1000}` replaces the default mapping whole
                 raise ConfigError(
-                    f"{where}.data.generate.per_class.{split}: must be >= 1, got {counts.get(split)}"
+                    f"{where}.data.generate.per_class.{split}: missing (per_class replaces the default "
+                    f"{Generate().per_class} whole: give every split the row reads)"
+                )
+            if counts[split] < 1:
+                raise ConfigError(
+                    f"{where}.data.generate.per_class.{split}: must be >= 1, got {counts[split]}"
                 )
     if row.dataset == "shapes" and row.model.num_classes < 10:
         raise ConfigError(
