@@ -85,10 +85,23 @@ def _phase_spec(args, config: Config | None) -> PhaseSpec:
 
 def cmd_check_config(args) -> None:
     config = load_config(args.file, sets=args.set or ())
-    jobs = sum(len(config.row(r).phase_names) for r in config.rows) * len(config.seeds)
+    jobs = len(_trained_runs(config))
     print(
         f"{', '.join(map(str, args.file))}: ok ({len(config.rows)} rows, {len(config.seeds)} seeds, {jobs} training jobs)"
     )
+
+
+def _trained_runs(config: Config) -> set[tuple[str, int, str]]:
+    """(row, seed, phase) of every phase the pipeline trains: the rows' own and the dense runs they read (a
+    NeuralTalk row's encoder, also when its vision row is not one of `rows:`)."""
+    from dsd import tracks
+
+    runs = {(r, s, p) for r in config.rows for s in config.seeds for p in config.row(r).phase_names}
+    for name in config.rows:
+        row = config.row(name)
+        sources = tracks.get(row.track).config.upstream(row).values()
+        runs |= {tuple(source) for source in sources if not isinstance(source, str)}
+    return runs
 
 
 def cmd_spec(args) -> None:
