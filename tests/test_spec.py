@@ -155,6 +155,7 @@ def test_the_readmes_own_model_config_reads_as_written(tmp_path):
     readme = (REPO / "README.md").read_text()
     block = re.search(r"```yaml\n(# my\.yaml.*?)```", readme, re.S).group(1)
     assert "--config 'data={imagefolder: /data/flowers}'" in block.splitlines()[0]
+    assert "snakemake --cores all " in block.splitlines()[0]  # without --cores Snakemake 9 runs nothing
     (tmp_path / "my.yaml").write_text(block)
     config = load_config(tmp_path / "my.yaml", overrides={"data": {"imagefolder": str(tmp_path / "flowers")}})
     row = config.row("flowers")
