@@ -526,6 +526,55 @@ def test_a_resume_point_of_replaced_encoder_weights_is_discarded(tmp_path, monke
     assert message and "data.encoder_weights replaced since" in message[0], message
 
 
+def test_a_resume_point_of_images_encoded_again_is_discarded(tmp_path, monkeypatch, capfd):
+    """`encoder_row`: the features are named by the encoder run's spec, so a dense encoder retrained under it
+    (a code fix, another GPU) encodes them again under the same name. The phase resumed on the new features
+    the resume point trained on the old ones, silently; resume.pt records the features' digest now, and the
+    phase ends as a fresh one on the new features does."""
+    from conftest import parse, prepare_data, tiny_vision_config, train
+
+    from dsd import paths
+    from dsd.engine import resume
+    from dsd.errors import Preempted
+
+    config = tiny_vision_config(tmp_path, seeds=[0], rows=["nt"])
+    config["experiments"]["nt"] = {
+        "track": "captioning", "dataset": "scenes", "model": {"embed_dim": 8, "hidden_dim": 8},
+        "data": {"min_count": 1, "image_size": 32, "scenes_splits": [8, 2, 2], "encoder_row": "resnet18"},
+        "phases": [{"kind": "dense", "epochs": 4, "lr": 0.005}],  # a SIGTERM in the last epoch finishes it
+    }  # fmt: skip
+    config = parse(config)
+    prepare_data(config, "nt")
+
+    def encoded(seed):
+        torch.manual_seed(seed)
+        cap_data.extract_features(config.experiment("nt"), cap_model.encoder_from_module(TinyCNN()))
+
+    def interrupted():
+        with monkeypatch.context() as patch:  # a SIGTERM as the phase starts: it leaves resume.pt
+            patch.setattr(resume.StopSignal, "received", "SIGTERM", raising=False)
+            patch.setattr(resume.StopSignal, "__init__", lambda self: None)
+            with pytest.raises(Preempted):
+                train(config, "nt", 0, "dense")
+
+    encoded(0)
+    interrupted()
+    encoded(0)  # encoded again by the same encoder: the same features, the resume point continues
+    interrupted()
+    assert "resume.pt is from another spec" not in capfd.readouterr().err
+    encoded(1)  # the encoder retrained under the same spec: other features under the same name
+
+    train(config, "nt", 0, "dense")
+    message = [
+        line for line in capfd.readouterr().err.splitlines() if "resume.pt is from another spec" in line
+    ]
+    assert message and "the image features replaced since" in message[0], message
+    train(config, "nt", 0, "dense", out=tmp_path / "fresh")
+    runs = paths.run_dir(config.options.output_dir, "nt", 0, "dense"), tmp_path / "fresh"
+    a, b = (torch.load(paths.checkpoint(run), weights_only=True)["model"] for run in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_images_are_decoded_for_the_encoder_by_the_runs_loader_workers(tmp_path, monkeypatch):
     """The frozen CNN encodes every image once; their decoding ran in the job's own process (~6 ms a Flickr8k
     JPEG: ~10x VGG-16's time on a GPU), whatever the run's `workers`. The features are the same."""

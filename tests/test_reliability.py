@@ -174,6 +174,41 @@ def test_a_resume_point_from_another_checkpoint_of_the_previous_phase_is_discard
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_point_of_a_replaced_local_weights_file_is_discarded(tmp_path, monkeypatch, capfd):
+    """A dense phase fine-tuned from `model.weights: start.pth` (epochs > 0): the spec names the file by path,
+    so one replaced mid-phase (Snakemake reruns the phase for its newer time) resumed from the old file's
+    resume point. resume.pt records the file's digest: the phase starts afresh from the new weights."""
+    from dsd.engine import resume
+    from dsd.errors import Preempted
+    from dsd.tracks.vision import model as vision_model
+
+    raw = tiny_vision_config(tmp_path, seeds=[0])
+    weights = tmp_path / "start.pth"
+    raw["experiments"]["resnet18"]["model"]["weights"] = str(weights)
+    raw["experiments"]["resnet18"]["phases"][0]["epochs"] = 3  # a SIGTERM in the last epoch finishes it
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    exp = config.experiment("resnet18")
+    torch.manual_seed(0)
+    torch.save(vision_model.build(exp, pretrained=False).state_dict(), weights)
+    with monkeypatch.context() as patch:  # a SIGTERM as the phase starts: it leaves resume.pt
+        patch.setattr(resume.StopSignal, "received", "SIGTERM", raising=False)
+        patch.setattr(resume.StopSignal, "__init__", lambda self: None)
+        with pytest.raises(Preempted):
+            train(config, "resnet18", 0, "dense")
+    torch.manual_seed(1)
+    torch.save(vision_model.build(exp, pretrained=False).state_dict(), weights)  # other weights, same path
+
+    train(config, "resnet18", 0, "dense")
+    assert "model.weights replaced since" in capfd.readouterr().err
+    train(config, "resnet18", 0, "dense", out=tmp_path / "fresh")
+    out = paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")
+    a, b = (
+        torch.load(paths.checkpoint(run), weights_only=True)["model"] for run in (out, tmp_path / "fresh")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
 def test_an_unreadable_resume_point_is_named_and_the_phase_starts_afresh(tmp_path, capfd, damage):
     """resume.pt is written atomically, so a damaged one is a disk's doing: it costs the phase's progress (one

@@ -4,7 +4,8 @@ A checkpoint (`resume.pt` mid-phase, `model.pt` at the end) holds the weights, o
 the masks (bit-packed), the per-epoch history, the position in the phase, the RNG state, and the phase's
 identity: its spec fingerprint, the spec itself (so a mismatch can be named key by key) and the data set's
 content fingerprint. `resume.pt` of another spec or other data, or started from another `--init` file (the
-previous phase retrained since), or (captioning) from another `data.encoder_weights` file's content, or
+previous phase retrained since), or from another content of a file the phase reads that no spec names by
+content (captioning's image features and `data.encoder_weights`, a vision row's `model.weights` file), or
 unreadable (a disk error: written atomically, it is never torn), is discarded with one line (the phase starts
 afresh, and its first checkpoint replaces the file); an `--init` checkpoint of another spec is refused.
 """
@@ -40,14 +41,14 @@ def mismatch(saved: dict, expected: dict) -> str | None:
 
 
 def load_resume(
-    path: Path, expected: dict, init: str | None = None, encoder: str | None = None
+    path: Path, expected: dict, init: str | None = None, inputs: dict[str, str] | None = None
 ) -> dict | None:
     """The resume state when it belongs to this phase and data, and continues from the same previous
     checkpoint (`init`, its digest: one retrained since, on another machine say, has other weights under the
-    same spec) and, where given, the same encoder weights (`encoder`, the digest of captioning's
-    `data.encoder_weights`: the spec names that file by path, so one replaced since is another encoder);
-    otherwise None, after saying why. The file stays (every DDP rank reads it) until the phase's first
-    checkpoint replaces it."""
+    same spec) and the same `inputs` (what names a file -> its content digest: files the spec names by path
+    or by the run that writes them, such as captioning's image features, encoded again when their encoder was
+    retrained); otherwise None, after saying why. The file stays (every DDP rank reads it) until the phase's
+    first checkpoint replaces it."""
     if not path.exists():
         return None
     try:
@@ -58,8 +59,9 @@ def load_resume(
     why = mismatch(state.get("identity") or {}, expected)
     if why is None and state.get("init") != init:
         why = f"started from another checkpoint of the previous phase ({state.get('init')} -> {init})"
-    if why is None and encoder is not None and state.get("encoder") != encoder:
-        why = f"data.encoder_weights replaced since ({state.get('encoder')} -> {encoder})"
+    for name, digest in (inputs or {}).items():
+        if why is None and (state.get("inputs") or {}).get(name) != digest:
+            why = f"{name} replaced since ({(state.get('inputs') or {}).get(name)} -> {digest})"
     if why is None:
         return state
     distributed.say(f"dsd: {path} is from another spec ({why}); starting the phase afresh")

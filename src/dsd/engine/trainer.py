@@ -151,11 +151,11 @@ def restore(
     spec: PhaseSpec,
     identity: dict,
     started_from: str | None = None,
-    encoder: str | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> None:
     """Continue from this phase's resume point (one written from the same `init`, by its digest `started_from`,
-    and with the same `encoder` weights digest), else start from the previous phase's final checkpoint."""
-    saved = resume.load_resume(resume_path, identity, started_from, encoder)
+    and with the same `inputs` digests), else start from the previous phase's final checkpoint."""
+    saved = resume.load_resume(resume_path, identity, started_from, inputs)
     if saved is not None:
         checkpoint.load_model(state.model, saved, resume_path)
         load_optimizer(state.optimizer, saved["optimizer"])
@@ -181,13 +181,13 @@ def init_digest(init: str | Path | None) -> str | None:
     return None if init is None else checkpoint.digest(init)
 
 
-def encoder_digest(exp: Experiment) -> str | None:
-    """Captioning's `data.encoder_weights` file by content (None where it has none, or it is not here): the spec
-    names it by path, so a file replaced mid-phase (its images encoded again) must not continue the old
-    encoder's resume point."""
-    weights = getattr(tracks.get(exp.track).config, "encoder_weights", None)
-    path = weights(exp) if weights is not None else None
-    return checkpoint.digest(path) if path and Path(path).is_file() else None
+def input_digests(exp: Experiment) -> dict[str, str]:
+    """The files the phase reads whose content no spec holds, by content digest (those that are here): the
+    spec names them by path (`data.encoder_weights`, `model.weights`) or by the run that writes them
+    (captioning's image features, encoded again under the same name when the encoder row's dense run is
+    retrained), so a file replaced mid-phase must not continue the resume point trained on the old one."""
+    files = tracks.get(exp.track).config.content_inputs(exp)
+    return {name: checkpoint.digest(path) for name, path in files.items() if path and Path(path).is_file()}
 
 
 def run_phase(
@@ -223,8 +223,8 @@ def run_phase(
     checkpoint.check_space(out_dir, state.model)
     resume_path = paths.resume(out_dir)
     started_from = init_digest(init)  # recorded in resume points: they continue only from this checkpoint
-    encoder = encoder_digest(exp)  # and only with these encoder weights
-    restore(state, resume_path, init, spec, identity, started_from, encoder)
+    inputs = input_digests(exp)  # and only with these weights and features
+    restore(state, resume_path, init, spec, identity, started_from, inputs)
     trained = state.model
     if world > 1:
         ids = [device] if device.type == "cuda" else None
@@ -253,7 +253,7 @@ def run_phase(
                 "partial": partial or {},
                 "wandb_id": tracker.run_id,
                 "init": started_from,
-                "encoder": encoder,
+                "inputs": inputs,
             }
             payload = state.checkpoint(exp, spec, identity, position) | extra
             checkpoint.save(payload, resume_path)

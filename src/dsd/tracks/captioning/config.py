@@ -114,6 +114,13 @@ def features_path(exp) -> Path:
     return exp.cache_dir / f"features-{fingerprint(key)}.pt"
 
 
+def content_inputs(exp) -> dict:
+    """Files a phase reads whose content no spec holds (dsd.engine.trainer.input_digests): the image features,
+    named by their encoder's spec (a dense run retrained under it encodes them again under the same name), and
+    the encoder weights file they may come from, named by its path."""
+    return {"data.encoder_weights": encoder_weights(exp), "the image features": str(features_path(exp))}
+
+
 def upstream(row) -> dict:
     """What the captions' features come from: a vision row's dense run, or a weights file."""
     data = row.data

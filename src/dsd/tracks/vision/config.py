@@ -168,3 +168,9 @@ def check_config(row, config, where: str) -> None:
 
 def upstream(row) -> dict:
     return {}
+
+
+def content_inputs(exp) -> dict:
+    """Files a phase reads whose content no spec holds (dsd.engine.trainer.input_digests): a local
+    `model.weights` file, named by its path."""
+    return {"model.weights": weights_file(exp.model)}
