@@ -240,6 +240,30 @@ def test_a_newer_local_weights_file_retrains_the_dense_phase_that_starts_from_it
     assert "rule train_phase" in plan()
 
 
+def test_dsd_run_retrains_what_starts_from_a_replaced_local_weights_file(tmp_path):
+    """`dsd run` kept every phase trained from a `model.weights` file replaced since (its content is in no
+    spec), where Snakemake reruns them by the file's time; it decides as Snakemake does now."""
+    import torch
+
+    from dsd.config import parse_config
+    from dsd.tracks.vision import model as vision_model
+
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    weights = tmp_path / "start.pth"
+    config["experiments"]["resnet18"]["model"]["weights"] = str(weights)
+    config["experiments"]["resnet18"]["phases"][0] = {"kind": "dense", "epochs": 0}
+    configfile = write_config(tmp_path, config)
+    exp = parse_config(config).experiment("resnet18")
+    command = ["run", "--config", str(configfile), "--row", "resnet18", "--seed", "0"]
+    for seed in (0, 1):  # the first weights, then others under the same path
+        torch.manual_seed(seed)
+        torch.save(vision_model.build(exp, pretrained=False).state_dict(), weights)
+        result = dsd_cli(*command)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.count("trained;") == 4, result.stdout
+    assert "trained;" not in dsd_cli(*command).stdout  # nothing newer: nothing done
+
+
 def test_tables_by_hand_refuse_runs_of_another_config(tmp_path):
     """`dsd table --config` reads the runs Snakemake would have checked: one recording another spec (a changed
     sparsity, the run not redone) is named, not tabulated."""
@@ -295,6 +319,28 @@ def test_a_newer_language_model_file_reruns_the_evaluation_that_reads_it(tmp_pat
     assert "Nothing to be done" in plan()
     os.utime(lm, ns=(paths.evaluation(run).stat().st_mtime_ns + 10**9,) * 2)  # replaced since
     assert "rule evaluate_phase" in plan()
+
+
+def test_dsd_run_evaluates_again_after_the_lexicon_is_replaced(tmp_path):
+    """A beam search's lexicon (or LM) replaced since the evaluation: `dsd run` kept the eval.json decoded with
+    the old one, where Snakemake reruns the evaluation by the file's time; it decides as Snakemake does now."""
+    row = {"track": "speech", "dataset": "spoken", "phases": [{"kind": "dense", "epochs": 1, "lr": 0.01}]}
+    row["model"] = {"arch": "deepspeech", "hidden": 16, "rnn_hidden": 8, "rnn_layers": 1}
+    row["data"] = {"utterances_per_speaker": {"train": 2, "dev": 1, "test": 1}}
+    row["train"] = {"batch_size": 8, "max_steps_per_epoch": 1}
+    row["eval"] = {"decoder": "beam", "lexicon": "lexicon.txt", "beam_size": 2}
+    config = {"output_dir": str(tmp_path / "results"), "data_root": str(tmp_path / "data"), "seeds": [0]}
+    config |= {"threads": 1, "wandb": {"mode": "disabled"}, "experiments": {"ds": row}}
+    command = ["run", "--config", str(write_config(tmp_path, config)), "--row", "ds"]
+    assert dsd_cli(*command).returncode == 0
+    evaluation = paths.evaluation(paths.run_dir(str(tmp_path / "results"), "ds", 0, "dense"))
+    evaluated = evaluation.stat().st_mtime_ns
+    assert dsd_cli(*command).returncode == 0 and evaluation.stat().st_mtime_ns == evaluated  # kept
+    lexicon = tmp_path / "data" / "spoken" / "lexicon.txt"
+    os.utime(lexicon, ns=(evaluated + 10**9,) * 2)  # replaced since
+    again = dsd_cli(*command)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "trained;" not in again.stdout and evaluation.stat().st_mtime_ns != evaluated
 
 
 def planned(workdir, configfile) -> dict[str, int]:

@@ -221,13 +221,19 @@ def cmd_run(args) -> None:
 
     config = _config(args)
     options, row = _options(args, config), config.row(args.row)  # before torch starts (the kernels' pin)
+    from dsd import tracks
     from dsd.engine import prepare
     from dsd.engine.evaluation import evaluate_checkpoint
     from dsd.spec import eval_fingerprint
 
     if not prepare.is_current(data := row.data_spec().experiment(options)):
         prepare.prepare(data)
-    features = _current_features(args, config, row)
+    _current_features(args, config, row)
+    # files whose content no spec holds (weights, image features; a lexicon, an LM): a newer one reruns the
+    # phase or evaluation that reads it, as Snakemake decides by their times
+    track = tracks.get(row.track).config
+    exp = config.experiment(row.name)
+    starts_from, evaluation_reads = track.content_inputs(exp).values(), track.eval_inputs(exp)
     trained = set()  # a phase whose starting checkpoint was trained again is trained again too
     for phase in row.phase_names:
         spec = config.phase(args.row, args.seed, phase)
@@ -235,14 +241,17 @@ def cmd_run(args) -> None:
         done = (paths.recorded(paths.metrics(out), k) for k in ("fingerprint", "data_fingerprint"))
         current = (spec.fingerprint, prepare.data_fingerprint(spec.experiment(options)))
         previous = spec.previous()
-        restarted = previous.phase in trained if previous else _newer(features, paths.metrics(out))
+        restarted = previous.phase in trained if previous else _any_newer(starts_from, paths.metrics(out))
         if restarted or tuple(done) != current:
             trained.add(phase)
             cmd_train(
                 argparse.Namespace(**vars(args) | {"spec": None, "phase": phase, "init": None, "out": None})
             )
         # an eval.json that cannot be read is evaluated again, as a metrics.json that cannot be is trained again
-        if paths.recorded(paths.evaluation(out), "eval_fingerprint") == eval_fingerprint(spec, row.eval):
+        evaluated = paths.recorded(paths.evaluation(out), "eval_fingerprint") == eval_fingerprint(
+            spec, row.eval
+        )
+        if evaluated and not _any_newer(evaluation_reads, paths.evaluation(out)):
             result = paths.read_json(paths.evaluation(out))
         else:
             result = evaluate_checkpoint(spec, row.eval, paths.checkpoint(out), options)
@@ -284,6 +293,10 @@ def _current_features(args, config: Config, row) -> Path | None:
             )
         )
     return path
+
+
+def _any_newer(sources, target: Path) -> bool:
+    return any(_newer(Path(source), target) for source in sources if source)
 
 
 def _newer(source: Path | None, target: Path) -> bool:

@@ -77,9 +77,7 @@ def eval_files(w):
     """A speech row's lexicon and language model (relative: inside the data folder): their content is in no
     eval setting, so a newer file reruns the row's evaluations."""
     exp = CONFIG.experiment(w.row)
-    if exp.track != "speech" or exp.eval.decoder != "beam":
-        return []
-    return [f for name in (exp.eval.lexicon, exp.eval.lm) if name for f in existing(os.path.join(exp.data_dir, name))]
+    return [f for path in tracks.get(exp.track).config.eval_inputs(exp) for f in existing(path)]
 
 
 def existing(path):

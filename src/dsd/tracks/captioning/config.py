@@ -121,6 +121,11 @@ def content_inputs(exp) -> dict:
     return {"data.encoder_weights": encoder_weights(exp), "the image features": str(features_path(exp))}
 
 
+def eval_inputs(exp) -> list[str]:
+    """Files an evaluation reads whose content no eval setting holds: none."""
+    return []
+
+
 def upstream(row) -> dict:
     """What the captions' features come from: a vision row's dense run, or a weights file."""
     data = row.data

@@ -5,6 +5,7 @@ Plain Python (no torch): read when a config is checked.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,6 +118,14 @@ def content_inputs(exp) -> dict:
     """Files a phase reads whose content no spec holds (dsd.engine.trainer.input_digests): none, the features
     cache is named by the corpus' content."""
     return {}
+
+
+def eval_inputs(exp) -> list[str]:
+    """Files an evaluation reads whose content no eval setting holds: a beam search's lexicon and language
+    model (relative: inside the data folder). A newer one reruns the evaluations (Snakemake, dsd run)."""
+    if exp.eval.decoder != "beam":
+        return []
+    return [os.path.join(exp.data_dir, name) for name in (exp.eval.lexicon, exp.eval.lm) if name]
 
 
 def n_features(data: Data) -> int:
