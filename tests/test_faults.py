@@ -489,6 +489,29 @@ def test_a_split_cache_half_built_by_a_killed_job_is_removed(tmp_path):
     assert out.is_dir() and [p.name for p in out.parent.glob(".*.tmp")] == [live.name]
 
 
+def test_a_speech_features_cache_cut_short_is_named_not_read_as_empty_utterances(tmp_path):
+    """A split's frames file shorter than its index (an interrupted copy of data_root; a machine crash before its
+    blocks reached the disk, which the build now flushes): the utterances past its end were read as zero frames
+    (CTC: no loss; decoding: every word missed), silently. The cache is named, with what to do."""
+    from test_matrix import _librispeech, _speech_row
+
+    from dsd.tracks.speech import data as speech_data
+
+    config = _speech_row(tmp_path, _librispeech(tmp_path / "LibriSpeech"))
+    exp = config.row("ds").data_spec().experiment(config.options)
+    prepare.prepare(exp)
+    ds = speech_data.dataset(exp, "test")
+    os.truncate(ds.frames, int(ds.offsets[-2]) * ds.bins * 4)  # the last utterance's frames are gone
+    speech_data._dataset_at.cache_clear()  # a later job's process
+    with pytest.raises(
+        DataError, match=r"frames.f32: \d+ bytes, its index needs \d+: a damaged features cache"
+    ):
+        speech_data.dataset(exp, "test")
+    (ds.frames.parent / "index.json").write_text('{"format": "dsd-speech-feat')  # an index cut short
+    with pytest.raises(DataError, match=r"index.json: not readable JSON"):
+        speech_data.dataset(exp, "test")
+
+
 def test_a_file_where_a_folder_belongs_is_one_line_naming_it(tmp_path):
     """output_dir or data_root set to a file (a config file's path, say): one line naming the path, not a
     NotADirectoryError traceback."""

@@ -367,7 +367,13 @@ def _write_features(jobs: list, workers: int, tmp: Path, exp: Experiment, split:
         )
     if too_long:
         print(f"{exp.data_dir}: split {split!r}: {dropped} left out", file=sys.stderr)
-    (tmp / "index.json").write_text(json.dumps(index))
+    paths.write_atomically(tmp / "index.json", json.dumps(index).encode())
+    _flush_to_disk(tmp / "frames.f32")  # before the folder's rename: after a machine crash it is whole
+
+
+def _flush_to_disk(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 class SpeechSet(Dataset):
@@ -379,10 +385,17 @@ class SpeechSet(Dataset):
     were copied into each loader worker as it read them (loaders.PackedStrings)."""
 
     def __init__(self, folder: Path):
-        index = json.loads((folder / "index.json").read_text())
+        index = paths.read_json(folder / "index.json")  # one cut short is named
         if index.get("format") != FEATURES_FORMAT:
             raise DataError(f"{folder}: not a features cache of this version (delete it)")
         self.frames, self.bins = folder / "frames.f32", index["bins"]
+        expected = sum(index["lengths"]) * self.bins * 4
+        size = self.frames.stat().st_size if self.frames.is_file() else 0
+        if size != expected:  # a short file reads as utterances cut short or empty, silently
+            raise DataError(
+                f"{self.frames}: {size} bytes, its index needs {expected}: a damaged features cache "
+                f"(a copy cut short, a machine crash while it was written); delete {folder} and run dsd prepare"
+            )
         self.lengths = torch.tensor(index["lengths"])
         self.offsets = np.zeros(len(index["lengths"]) + 1, dtype=np.int64)
         np.cumsum(index["lengths"], out=self.offsets[1:])
