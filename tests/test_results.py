@@ -210,6 +210,18 @@ def test_runtime_table_sums_snakemake_benchmark_files(tmp_path):
     }
 
 
+def test_runtime_table_counts_only_the_phases_of_this_config(tmp_path):
+    """A sweep's sparsity dropped from the config left its jobs' benchmark files: the row's runtime summed them
+    as this config's cost. Only the row's current phases (training and evaluation) count."""
+    folder = tmp_path / "benchmarks" / "rules" / "neuraltalk" / "seed0"
+    folder.mkdir(parents=True)
+    for name, seconds in [("dense", 60), ("dense.eval", 6), ("sparse1_s80", 30), ("sparse1_s50", 600)]:
+        (folder / f"{name}.tsv").write_text(f"s\th:m:s\n{seconds}\t0:00:00\n")
+    phases = {"neuraltalk": ["dense", "sparse1_s80"]}
+    (row,) = runtime_rows(str(tmp_path), ["neuraltalk"], seeds=[0], cores=1, phases=phases)
+    assert (row["jobs"], row["job_minutes"]) == (3, 96 / 60)
+
+
 def test_the_result_sentences_come_from_the_table(tmp_path):
     from dsd.report import claims
 

@@ -376,9 +376,13 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def runtime_rows(output_dir: str, rows, seeds, cores: int | None = None) -> list[dict]:
+def runtime_rows(
+    output_dir: str, rows, seeds, cores: int | None = None, phases: dict | None = None
+) -> list[dict]:
     """What each row cost, from Snakemake's per-job benchmark files: jobs, their summed wall time, and that
-    sum divided by the cores running jobs side by side (a row's share of the pipeline's wall time)."""
+    sum divided by the cores running jobs side by side (a row's share of the pipeline's wall time). With
+    `phases` (row -> its phase names), only those phases' training and evaluation jobs: a phase an earlier
+    config had (a sparsity dropped from a sweep) left its files, which are no cost of this config's runs."""
     cores = cores or available_cores()
     out = []
     for row in rows:
@@ -386,6 +390,7 @@ def runtime_rows(output_dir: str, rows, seeds, cores: int | None = None) -> list
             f
             for seed in seeds
             for f in (paths.benchmarks_dir(output_dir) / "rules" / row / f"seed{seed}").glob("*.tsv")
+            if phases is None or f.name.removesuffix(".tsv").removesuffix(".eval") in phases[row]
         ]
         if not files:
             continue
@@ -447,7 +452,7 @@ def write_tables(specs, seeds, output_dir: str, out_dir: str | Path) -> pd.DataF
     shown_phases = phases.assign(lr=[f"{lr:.3g}" for lr in phases["lr"]])  # most LRs round to 0.00 otherwise
     (out_dir / "phases.md").write_text(_markdown(shown_phases))
     runtime = pd.DataFrame(
-        runtime_rows(output_dir, list(recipes), seeds),
+        runtime_rows(output_dir, list(recipes), seeds, phases={row.name: row.phase_names for row in specs}),
         columns=["row", "jobs", "job_minutes", "cores", "share_of_run_minutes"],
     )  # empty when the runs left no Snakemake benchmark files
     runtime.to_csv(out_dir / "runtime.csv", index=False)
