@@ -112,6 +112,39 @@ def test_dsd_run_retrains_the_phases_after_one_it_retrains(tmp_path):
     assert trained == [f"resnet18 seed 0 {p}" for p in ("dense", "sparse1", "redense1", "control")]
 
 
+def test_dsd_run_waits_for_a_data_set_another_process_is_preparing(tmp_path):
+    """Several `dsd run` at once (a row per GPU) each generated the shared data set, one deleting the images
+    another was writing or reading (`cannot write (No such file or directory)`), and a marker one wrote could
+    stand for images another left half rewritten. One prepares it; the others wait, then use it as it is."""
+    import sys
+    import time
+
+    from dsd.config import parse_config
+    from dsd.engine import prepare
+
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    configfile = write_config(tmp_path, config)
+    data = parse_config(config).row("resnet18").data_spec().experiment(parse_config(config).options)
+    lock = prepare.marker(data).with_suffix(".lock")
+    with prepare.exclusive(data):  # another process preparing it
+        run = subprocess.Popen(
+            [sys.executable, "-m", "dsd", "run", "--config", str(configfile), "--row", "resnet18"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        )  # fmt: skip
+        folder, deadline = Path(f"/proc/{run.pid}/fd"), time.time() + 120
+        while time.time() < deadline and run.poll() is None:  # until the run waits on the lock
+            if any(os.path.realpath(fd) == str(lock.resolve()) for fd in folder.glob("*")):
+                break
+            time.sleep(0.05)
+        assert run.poll() is None, run.communicate()[1][-2000:]  # waiting, not finished
+        prepare._prepare(data)
+        images = {f: f.stat().st_mtime_ns for f in (tmp_path / "data" / "shapes").rglob("*.jpg")}
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-2000:]
+    assert "shapes:" not in err  # it did not generate the images again
+    assert {f: f.stat().st_mtime_ns for f in images} == images
+
+
 def _mark_prepared(parsed, row: str) -> None:
     """The row's data set marked as prepared with these settings (no data: the test plans, it trains nothing)."""
     spec = parsed.row(row).data_spec()

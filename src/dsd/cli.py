@@ -226,8 +226,7 @@ def cmd_run(args) -> None:
     from dsd.engine.evaluation import evaluate_checkpoint
     from dsd.spec import eval_fingerprint
 
-    if not prepare.is_current(data := row.data_spec().experiment(options)):
-        prepare.prepare(data)
+    prepare.ensure(row.data_spec().experiment(options))  # waits for another run preparing it
     _current_features(args, config, row)
     # files whose content no spec holds (weights, image features; a lexicon, an LM): a newer one reruns the
     # phase or evaluation that reads it, as Snakemake decides by their times

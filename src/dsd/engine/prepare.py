@@ -9,6 +9,8 @@ from other data is ever taken for this data's.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -88,8 +90,39 @@ def _listing(root: Path):
                 yield f"{os.path.relpath(entry.path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
 
 
+@contextlib.contextmanager
+def exclusive(exp: Experiment):
+    """One process at a time prepares a data set: several `dsd run` started at once (a row per GPU, say) each
+    generated the same folder, one deleting the images another was writing or reading, and a marker written by
+    one could stand for images another left half rewritten."""
+    path = marker(exp).with_suffix(".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "a")  # noqa: SIM115 - closing it releases the lock, also when the process dies
+    except OSError:  # a read-only data_root: a prepared data set is only read there
+        lock = None
+    with lock or contextlib.nullcontext():
+        # a file system without locks (Lustre mounted noflock): unlocked, as before
+        with contextlib.suppress(OSError, TypeError):
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def ensure(exp: Experiment) -> None:
+    """The data set prepared with these settings and (real data) its current content: prepared here unless it
+    is, or another process prepared it while this one waited for it."""
+    with exclusive(exp):
+        if not is_current(exp):
+            _prepare(exp)
+
+
 def prepare(exp: Experiment) -> dict:
     """Generate or check the data set, build its caches, and write the marker last."""
+    with exclusive(exp):
+        return _prepare(exp)
+
+
+def _prepare(exp: Experiment) -> dict:
     path = marker(exp)
     path.unlink(missing_ok=True)  # a data set being rewritten must not look prepared
     data_fp = content_fingerprint(exp)
