@@ -145,6 +145,21 @@ def test_dsd_run_waits_for_a_data_set_another_process_is_preparing(tmp_path):
     assert {f: f.stat().st_mtime_ns for f in images} == images
 
 
+def test_dsd_run_retrains_the_phases_after_one_trained_again_by_hand(tmp_path):
+    """The dense phase trained again by `dsd train` (here with another thread count: the same spec, other bits
+    possible) between two `dsd run`: the phases that start from its checkpoint were kept, trained from the
+    old one, where Snakemake reruns them by the checkpoint's time; `dsd run` does so too now."""
+    configfile = write_config(tmp_path, tiny_vision_config(tmp_path, seeds=[0]))
+    command = ["run", "--config", str(configfile), "--row", "resnet18", "--seed", "0"]
+    assert dsd_cli(*command).returncode == 0
+    by_hand = dsd_cli("train", *command[1:], "--phase", "dense", "--set", "threads=2")
+    assert by_hand.returncode == 0, by_hand.stderr[-2000:]
+    again = dsd_cli(*command)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trained = [line.split(" [")[0] for line in again.stdout.splitlines() if "trained;" in line]
+    assert trained == [f"resnet18 seed 0 {p}" for p in ("sparse1", "redense1", "control")]
+
+
 def _mark_prepared(parsed, row: str) -> None:
     """The row's data set marked as prepared with these settings (no data: the test plans, it trains nothing)."""
     spec = parsed.row(row).data_spec()

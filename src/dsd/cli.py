@@ -240,7 +240,11 @@ def cmd_run(args) -> None:
         done = (paths.recorded(paths.metrics(out), k) for k in ("fingerprint", "data_fingerprint"))
         current = (spec.fingerprint, prepare.data_fingerprint(spec.experiment(options)))
         previous = spec.previous()
-        restarted = previous.phase in trained if previous else _any_newer(starts_from, paths.metrics(out))
+        if previous:  # its starting checkpoint trained again, here or since (by `dsd train`, say)
+            before = paths.checkpoint(paths.run_dir(options.output_dir, args.row, args.seed, previous.phase))
+            restarted = previous.phase in trained or _newer(before, paths.metrics(out))
+        else:
+            restarted = _any_newer(starts_from, paths.metrics(out))
         if restarted or tuple(done) != current:
             trained.add(phase)
             cmd_train(
