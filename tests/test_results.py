@@ -511,6 +511,21 @@ def test_the_phases_table_has_every_phase_of_every_run_sweep_variants_too(tmp_pa
     assert "redense1_s90" in (tmp_path / "tables" / "phases.md").read_text()
 
 
+def test_a_table_leaves_no_per_row_file_of_an_earlier_config_behind(tmp_path):
+    """A row or sweep since left out of the config: its sweep and samples tables went on lying beside the new
+    table, and `make publish` copied them as this run's."""
+    from dsd.report.tables import write_tables
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    for name in ("sweep_gone.csv", "samples_gone.md", "samples_gone.csv", "notes.txt"):
+        (tables / name).write_text("of an earlier run")
+    write_tables([_neuraltalk_records(tmp_path, seeds=[0])], [0], str(tmp_path), tables)
+    per_row = sorted(p.name for p in tables.glob("s*_*"))
+    assert per_row == ["samples_neuraltalk.csv", "samples_neuraltalk.md", "sweep_neuraltalk.csv"]
+    assert (tables / "notes.txt").exists()  # not a file tables write: left alone
+
+
 def _summary_figures(tmp_path, monkeypatch):
     """The comparison table and the summary figures (by name) of the NeuralTalk records, figures not saved."""
     from dsd import paths

@@ -236,3 +236,12 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise DSDError(f"{folder}: cannot write here ({err.strerror or err})") from None
+
+
+def remove_row_files(folder: Path, patterns: tuple[str, ...]) -> None:
+    """Before a table or figures of some rows are written into `folder`: the per-row files of an earlier one
+    (`sweep_*.csv`, say) go, so that a row or sweep since left out of the config leaves nothing behind for
+    the report, or `make publish`, to pass off as this run's."""
+    for pattern in patterns:
+        for path in Path(folder).glob(pattern):
+            path.unlink(missing_ok=True)

@@ -261,6 +261,9 @@ def sweep(spec, seeds, output_dir: str, out: Path) -> list[Path]:
     return _save(fig, out, f"sweep_{spec.name}")
 
 
+ROW_FIGURES = tuple(f"{kind}_*.{ext}" for kind in ("weights", "captions", "sweep") for ext in ("png", "pdf"))
+
+
 def write_plots(specs, seeds, output_dir: str, out: str | Path, part: str = "all") -> list[Path]:
     """`part`: "summary" (gains, curves), "rows" (each row's weights, captions, sweep) or "all"."""
     out = Path(out)
@@ -271,6 +274,8 @@ def write_plots(specs, seeds, output_dir: str, out: str | Path, part: str = "all
     }
     # a sweep's validation-chosen variant stands for DSD in every figure, as in the tables
     files = []
+    if part in ("rows", "all"):
+        paths.remove_row_files(out, ROW_FIGURES)
     if part in ("summary", "all"):
         files += gains(comparison, out, seed_gains(comparison, output_dir, seeds))
         files += curves(output_dir, seeds, recipes, out, chosen)

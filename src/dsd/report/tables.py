@@ -402,10 +402,14 @@ def runtime_rows(
     return out
 
 
+ROW_TABLES = ("sweep_*.csv", "samples_*.md", "samples_*.csv")  # one per row that has one
+
+
 def write_tables(specs, seeds, output_dir: str, out_dir: str | Path) -> pd.DataFrame:
     """paper_comparison.{csv,md}, phases.{csv,md}, runtime.{csv,md}, sweep_<row>.csv and samples_<row>.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths.remove_row_files(out_dir, ROW_TABLES)
     seeds = list(seeds)
     recipes = {row.name: row.recipe for row in specs}
     rows = []
