@@ -674,6 +674,36 @@ def test_more_class_folders_than_model_outputs_stops_before_training(tmp_path):
     )
 
 
+def test_fewer_class_folders_than_a_pretrained_models_outputs_stops_before_training(tmp_path):
+    """A synset folder lost in extraction: with pretrained weights every later folder's images were labelled as
+    the previous class, and the dense model scored as wrong on them without a word."""
+    import shutil
+
+    import torchvision
+    from test_paper_layouts import WNIDS, fake_imagenet
+
+    root = fake_imagenet(tmp_path / "imagenet")
+    shutil.rmtree(root / "train" / WNIDS[0])  # and its validation images and labels: a consistent subset
+    labels = root / "LOC_val_solution.csv"
+    kept = [line for line in labels.read_text().splitlines() if WNIDS[0] not in line]
+    for image in root.glob("val/*.JPEG"):
+        if f"{image.stem}," not in "\n".join(kept):
+            image.unlink()
+    labels.write_text("\n".join(kept) + "\n")
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), weights)
+    raw = tiny_vision_config(tmp_path) | {"data": {"imagenet": str(root)}}
+    row = raw["experiments"]["resnet18"]
+    row["dataset"], row["model"]["num_classes"], row["model"]["weights"] = "imagenet", 2, str(weights)
+    row["data"] = {"image_size": 32, "resize": 32, "val_dir": "val", "test_dir": "val", "in_memory": False}
+    config = parse(raw)
+    prepare.prepare(config.experiment("resnet18"))
+    line = error_line(dsd_train(config, "dense", tmp_path / "run"))
+    assert (
+        f"{root / 'train'}: 1 class folders, fewer than the 2 outputs of the pretrained model.weights" in line
+    )
+
+
 def test_training_utterances_left_out_as_too_long_are_counted(tmp_path, capsys):
     """data.max_seconds drops longer training utterances without a word: all of them (a limit in another unit)
     ended as "split 'train' has no utterances", a corpus that has them."""
