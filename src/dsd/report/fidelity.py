@@ -206,16 +206,41 @@ def speech(row) -> list[dict]:
               f"{row.data.feature}, {n_features(row.data)} bins of a 20 ms window every 10 ms, normalised per "
               f"utterance{_context(row.model)}; stride {row.model.stride}; training utterances over "
               f"{row.data.max_seconds or 'no'} s dropped", None),
-        _line(row, "batch_size", "not stated", str(hp.batch_size), None),
+        _line(row, "batch_size", _stated_batch(facts), str(hp.batch_size),
+              hp.batch_size == facts["batch_size"] if "batch_size" in facts else None),
         _line(row, "optimizer", facts["optimizer"],
               f"{hp.optimizer}, momentum {hp.momentum:g}{', Nesterov' if hp.nesterov else ''}, weight decay "
-              f"{hp.weight_decay:g}, gradient norm clipped at {hp.grad_clip}", None),
+              f"{hp.weight_decay:g}, gradient norm clipped at {hp.grad_clip}", _speech_optimizer_same(hp, facts)),
         _line(row, "phases", paper_phases_text, our_phases, phases_same),
-        _line(row, "schedule", "the LR lowered at each retraining (the phases' LRs); within a phase not stated",
-              _schedule(hp), None),
+        _line(row, "schedule", facts.get("schedule", SPEECH_SCHEDULE), _schedule(hp),
+              hp.lr_schedule == facts["expect"]["lr_schedule"] if "schedule" in facts else None),
         _line(row, "metric", facts["metric"], f"WER, {row.eval.decoder} decoding, on {_names(row.data.test)}",
               row.dataset == "wsj" and row.data.test in WSJ_EVALUATION_SETS and row.eval.decoder == "greedy"),
     ]  # fmt: skip
+
+
+SPEECH_SCHEDULE = (
+    "the LR lowered at each retraining (the phases' LRs); within a stage \"decayed the same as conventional "
+    "training\", the starting model's decay not stated"
+)
+
+
+def _stated_batch(facts: dict) -> str:
+    return f"{facts['batch_size']} ({facts['batch_size_source']})" if "batch_size" in facts else "not stated"
+
+
+def _speech_optimizer_same(hp, facts: dict) -> bool | None:
+    """Against the starting model's recipe where the row's facts give one (Deep Speech 2: Amodei et al.'s),
+    else a reading."""
+    expect = facts.get("expect")
+    if expect is None:
+        return None
+    return (
+        hp.optimizer == "sgd"
+        and hp.momentum == expect["momentum"]
+        and hp.nesterov == expect["nesterov"]
+        and hp.grad_clip == expect["grad_clip"]
+    )
 
 
 def _context(model) -> str:
