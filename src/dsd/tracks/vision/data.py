@@ -21,7 +21,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from dsd import hparams
-from dsd.engine import loaders
+from dsd.engine import distributed, loaders
 from dsd.errors import DataError
 from dsd.paths import read_text
 from dsd.spec import Experiment
@@ -570,7 +570,8 @@ def check(exp: Experiment) -> None:
 def check_class_count(exp: Experiment) -> None:
     """More class folders than the model's outputs: a label past them failed mid-training (cross_entropy's
     IndexError, CUDA's device-side assert) or, evaluating a pretrained model, scored as wrong without a word.
-    Fewer than a pretrained model's outputs (a synset lost in extraction) shifted the labels after it.
+    Fewer than a pretrained model's outputs (a synset lost in extraction) shift the labels after it: said, as a
+    subset (a miniature of ImageNet's layout) may be meant.
     The configuration check sees the count only once the data set was prepared, not in a first run."""
     names, outputs = classes(exp), exp.model.num_classes
     if len(names) > outputs:
@@ -580,11 +581,10 @@ def check_class_count(exp: Experiment) -> None:
             f"{outputs} (e.g. {(odd or names)[-1]!r})"
         )
     if exp.model.weights and len(names) < outputs:  # a pretrained head's class i is the i-th of them all
-        raise DataError(
-            f"{Path(exp.data_dir) / exp.data.train_dir}: {len(names)} class folders, fewer than the "
-            f"{outputs} outputs of the pretrained model.weights: each folder after a missing one would be "
-            "labelled as its neighbour's class (check the extraction; a subset needs its own num_classes and "
-            "a model trained from scratch)"
+        distributed.say(
+            f"dsd: warning: {Path(exp.data_dir) / exp.data.train_dir}: {len(names)} class folders, fewer than "
+            f"the {outputs} outputs of the pretrained model.weights: a folder's label is its place among these, "
+            "so after a missing class (a synset lost in extraction) every folder counts as its neighbour's class"
         )
 
 
