@@ -385,6 +385,33 @@ def test_deep_speech_2_fidelity_compares_with_the_recipe_its_dense_start_was_tra
     assert frame.loc["schedule", "verdict"].startswith("deviation: constant within each phase")
 
 
+def _paper_fidelity_line(row, aspect: str) -> dict:
+    from dsd.report import fidelity
+
+    return next(line for line in fidelity.table([row]).to_dict("records") if line["aspect"] == aspect)
+
+
+def test_the_resnet_rows_step_with_the_nesterov_momentum_of_fb_resnet_torch():
+    """fb.resnet.torch's train.lua steps SGD with `nesterov = true`, and the paper changes no training
+    hyper-parameter but the LR (Section 4): paper.yaml's ResNet rows had plain momentum, and the fidelity table
+    called that the same as the paper."""
+    from dataclasses import replace
+
+    from dsd.config import load_config
+    from dsd.engine.trainer import make_optimizer
+
+    config = load_config([REPO / "configs" / "paper.yaml"])
+    for name in ("resnet18", "resnet50"):
+        row = config.row(name)
+        line = _paper_fidelity_line(row, "optimizer")
+        assert "Nesterov" in line["paper"] and "Nesterov" in line["ours"], line
+        assert line["verdict"] == "same"
+        plain = replace(row, train=replace(row.train, nesterov=False))
+        assert _paper_fidelity_line(plain, "optimizer")["verdict"].startswith("deviation")
+        optimizer = make_optimizer(torch.nn.Linear(2, 2), row.experiment(), 0.01)
+        assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
+
+
 def test_librispeech_converted_to_wav_or_edited_on_windows_reads_the_same(tmp_path):
     """A chapter converted to `.wav` (its `.flac` gone), its transcript saved again with a byte-order mark and
     tabs after the ids: every utterance was "missing" (`.flac` looked for; the mark or the tab in its id)."""

@@ -120,7 +120,8 @@ def vision(row) -> list[dict]:
               hp.batch_size == facts["batch_size"]),
         _line(row, "optimizer", facts["optimizer"],
               f"{hp.optimizer}, momentum {hp.momentum:g}{', Nesterov' if hp.nesterov else ''}, weight decay {hp.weight_decay:g}",
-              hp.optimizer == "sgd" and hp.momentum == 0.9 and not hp.nesterov and hp.weight_decay == expect["weight_decay"]),
+              hp.optimizer == "sgd" and hp.momentum == 0.9 and hp.nesterov == expect.get("nesterov", False)
+              and hp.weight_decay == expect["weight_decay"]),
         _line(row, "phases", paper_phases_text, our_phases, phases_same),
         _line(row, "schedule", f"{common['schedule']}; {facts['schedule_reading']}", _schedule(hp),
               hp.lr_schedule == expect["lr_schedule"]),
