@@ -412,6 +412,23 @@ def test_the_resnet_rows_step_with_the_nesterov_momentum_of_fb_resnet_torch():
         assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
 
 
+def test_the_vision_rows_keep_the_dropout_of_the_models_the_paper_started_from():
+    """ "Hyper parameters like dropout ratios and weight decay remained unchanged" (Section 2): BVLC's GoogLeNet,
+    and DSD's own GoogleNet/train_val.prototxt, drop 40% before the classifier, torchvision's GoogLeNet 20%;
+    paper.yaml built torchvision's default, and the fidelity table had no dropout line to say so."""
+    from dsd.config import load_config
+    from dsd.tracks.vision.model import _network
+
+    config = load_config([REPO / "configs" / "paper.yaml"])
+    expected = {"googlenet": "0.4", "vgg16": "0.5, 0.5", "resnet18": "none", "resnet50": "none"}
+    for name, ours in expected.items():
+        line = _paper_fidelity_line(config.row(name), "dropout")
+        assert (line["ours"], line["verdict"]) == (ours, "same"), line
+    with torch.device("meta"):
+        googlenet = _network(config.row("googlenet").model)
+    assert [m.p for m in googlenet.modules() if isinstance(m, torch.nn.Dropout)] == [0.4]
+
+
 def test_librispeech_converted_to_wav_or_edited_on_windows_reads_the_same(tmp_path):
     """A chapter converted to `.wav` (its `.flac` gone), its transcript saved again with a byte-order mark and
     tabs after the ids: every utterance was "missing" (`.flac` looked for; the mark or the tab in its id)."""

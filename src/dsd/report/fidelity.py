@@ -2,7 +2,7 @@
 same, a deviation (with the config's reason), or a reading of something the paper leaves unstated.
 
 Aspects: architecture, parameters, pruned (which weight tensors), sparsity, start (pretrained or scratch),
-data, features (captioning), augmentation, batch_size, optimizer, phases (epochs, LR, sparsity), schedule (the
+data, features (captioning), augmentation, dropout (vision), batch_size, optimizer, phases (epochs, LR, sparsity), schedule (the
 LR within a phase), metric (and test set); a row's `fidelity:` section gives its reasons under these names.
 
 Our side is computed from the config and the code: models are built on the meta device to count parameters
@@ -64,6 +64,14 @@ def _built(row):
     return sum(p.numel() for p in named.values()), pruned, dense
 
 
+def _dropout(row) -> list[float]:
+    """The dropout probabilities of the row's vision model as built (torchvision's defaults, `model.dropout`
+    and `model.args` applied), in module order."""
+    with torch.device("meta"):
+        model = tracks.get("vision").model._network(row.model)
+    return [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+
+
 def _phases(row) -> tuple[str, str, bool]:
     """The paper's phases after the starting model against ours (epochs, LR, sparsity)."""
     paper = paper_phases()
@@ -96,6 +104,7 @@ def vision(row) -> list[dict]:
         return []
     common, expect, cfg, hp = paper_rows()["vision"]["common"], facts["expect"], row.model, row.train
     count, pruned, dense = _built(row)
+    dropout = _dropout(row)
     first = tracks.get("vision").model.FIRST_CONV.get(cfg.arch, "first_conv")
     norm = "batch norm" if cfg.arch != "vgg16" else "no batch norm"
     pretrained = bool(cfg.weights) and row.phases[0].epochs == 0
@@ -116,6 +125,8 @@ def vision(row) -> list[dict]:
               row.dataset == "imagenet" and data.test_dir == "val"),
         _line(row, "augmentation", facts["augmentation"],
               f"RandomResizedCrop {data.image_size} ({data.crop_scale_min:g}-1 of the area), horizontal flip", False),
+        _line(row, "dropout", facts["dropout"], ", ".join(f"{p:g}" for p in dropout) or "none",
+              dropout == expect["dropout"]),
         _line(row, "batch_size", f"{facts['batch_size']} ({facts['batch_size_source']})", str(hp.batch_size),
               hp.batch_size == facts["batch_size"]),
         _line(row, "optimizer", facts["optimizer"],
