@@ -429,6 +429,17 @@ def test_the_vision_rows_keep_the_dropout_of_the_models_the_paper_started_from()
     assert [m.p for m in googlenet.modules() if isinstance(m, torch.nn.Dropout)] == [0.4]
 
 
+def test_the_neuraltalk_fidelity_lines_say_the_weight_decay_the_paper_states():
+    """Section 4.4 keeps "the same weight decay and batch size as the original paper" (neuraltalk's L2 of 1e-8):
+    the optimizer line printed no weight decay, so the table was silent on a value the paper states."""
+    from dsd.config import load_config
+
+    row = load_config([REPO / "configs" / "paper.yaml"]).row("neuraltalk")
+    line = _paper_fidelity_line(row, "optimizer")
+    assert "weight decay 0," in line["ours"] and "the same weight decay" in line["paper"], line
+    assert "1e-8" in line["paper"] and "1e-10 per caption" in line["verdict"]
+
+
 def test_librispeech_converted_to_wav_or_edited_on_windows_reads_the_same(tmp_path):
     """A chapter converted to `.wav` (its `.flac` gone), its transcript saved again with a byte-order mark and
     tabs after the ids: every utterance was "missing" (`.flac` looked for; the mark or the tab in its id)."""
