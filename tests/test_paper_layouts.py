@@ -440,6 +440,19 @@ def test_the_neuraltalk_fidelity_lines_say_the_weight_decay_the_paper_states():
     assert "1e-8" in line["paper"] and "1e-10 per caption" in line["verdict"]
 
 
+def test_googlenets_optimizer_line_says_caffes_bias_multipliers_are_not_kept():
+    """DSD's GoogleNet/train_val.prototxt trains every bias at twice the LR and without weight decay; we have one
+    LR and one decay for all parameters, and the fidelity table called GoogLeNet's optimizer the same."""
+    from dsd.config import load_config
+
+    config = load_config([REPO / "configs" / "paper.yaml"])
+    line = _paper_fidelity_line(config.row("googlenet"), "optimizer")
+    assert "twice the LR" in line["paper"] and line["verdict"].startswith("deviation: BVLC's solver"), line
+    assert (
+        _paper_fidelity_line(config.row("vgg16"), "optimizer")["verdict"] == "same"
+    )  # its prototxt has none
+
+
 def test_librispeech_converted_to_wav_or_edited_on_windows_reads_the_same(tmp_path):
     """A chapter converted to `.wav` (its `.flac` gone), its transcript saved again with a byte-order mark and
     tabs after the ids: every utterance was "missing" (`.flac` looked for; the mark or the tab in its id)."""

@@ -132,7 +132,8 @@ def vision(row) -> list[dict]:
         _line(row, "optimizer", facts["optimizer"],
               f"{hp.optimizer}, momentum {hp.momentum:g}{', Nesterov' if hp.nesterov else ''}, weight decay {hp.weight_decay:g}",
               hp.optimizer == "sgd" and hp.momentum == 0.9 and hp.nesterov == expect.get("nesterov", False)
-              and hp.weight_decay == expect["weight_decay"]),
+              and hp.weight_decay == expect["weight_decay"]
+              and not expect.get("bias_multipliers")),  # Caffe's per-blob LR and decay: one of each here
         _line(row, "phases", paper_phases_text, our_phases, phases_same),
         _line(row, "schedule", f"{common['schedule']}; {facts['schedule_reading']}", _schedule(hp),
               hp.lr_schedule == expect["lr_schedule"]),
