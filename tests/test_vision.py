@@ -104,6 +104,38 @@ def test_workers_crop_is_torchvisions_resized_crop_and_flip(tmp_path):
                 assert got.shape == (3, size, size) and torch.equal(got, expected), (size, height, width)
 
 
+def test_normalising_a_batch_on_the_device_builds_no_tensor_from_python_numbers_there():
+    """Each step's `to_model_input` must not make a tensor from Python numbers on the device: on a GPU that is a
+    blocking copy (torch's `memcpy_and_sync`), which waits for all the work queued before it, the last step's
+    backward and optimizer, and so undoes the trainer's late loss read (torchvision's `normalize` made its mean
+    and std so on every call). "meta" stands in for the GPU: the same calls, no GPU needed."""
+    from torch.overrides import TorchFunctionMode
+
+    class FactoryCalls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.on_device = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            device = kwargs.get("device")
+            if (
+                func in (torch.as_tensor, torch.tensor)
+                and device is not None
+                and torch.device(device).type != "cpu"
+            ):
+                self.on_device.append(func.__name__)
+            return func(*args, **kwargs)
+
+    batch = torch.zeros(2, 3, 8, 8, dtype=torch.uint8, device="meta")
+    vision_data.to_model_input(batch, "meta")  # a first call may make what it keeps
+    with FactoryCalls() as calls:
+        for _ in range(3):
+            out = vision_data.to_model_input(batch, "meta")
+    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32
+    assert calls.on_device == []
+
+
 def test_uint8_crops_normalised_on_the_device_give_the_float_path_numbers(tmp_path):
     """Workers hand over uint8 crops (a quarter of the bytes) and `to_model_input` scales and normalises them
     where the model runs: bitwise the float32 crops the workers made before, in training (files) and in

@@ -300,8 +300,24 @@ def to_model_input(images: torch.Tensor, device) -> torch.Tensor:
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         images = v2.functional.to_dtype(images, torch.float32, scale=True)
-        images = v2.functional.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+        mean, std = _normalisation(images.device)
+        images = images.sub(mean).div_(std)  # v2.functional.normalize's arithmetic, bitwise
     return images
+
+
+_NORMALISATION: dict = {}
+
+
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std as (3, 1, 1) float32 tensors on `device`, made once per device. torchvision's
+    `normalize` makes them from Python numbers on every call: on a GPU a blocking copy, which waits for all the
+    work queued before it (the last step's backward and optimizer), every step."""
+    if device not in _NORMALISATION:
+        _NORMALISATION[device] = tuple(
+            torch.as_tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+            for values in (IMAGENET_MEAN, IMAGENET_STD)
+        )
+    return _NORMALISATION[device]
 
 
 _CACHE: dict = {}
