@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import dsd_cli, parse, reachable_objects, snakemake, tiny_vision_config, write_config
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from dsd.errors import DataError
 from dsd.tracks.vision import data as vision_data
@@ -104,29 +105,28 @@ def test_workers_crop_is_torchvisions_resized_crop_and_flip(tmp_path):
                 assert got.shape == (3, size, size) and torch.equal(got, expected), (size, height, width)
 
 
+class FactoryCalls(TorchFunctionMode):
+    """Records the tensors made from Python numbers (`torch.tensor`, `torch.as_tensor`, `Tensor.new_tensor`) on
+    a device other than the CPU: on a GPU each is a blocking copy, a wait for all the work queued before it."""
+
+    FACTORIES = ("tensor", "as_tensor", "new_tensor")
+
+    def __init__(self):
+        super().__init__()
+        self.on_device = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in self.FACTORIES and out.device.type != "cpu":
+            self.on_device.append(func.__name__)
+        return out
+
+
 def test_normalising_a_batch_on_the_device_builds_no_tensor_from_python_numbers_there():
     """Each step's `to_model_input` must not make a tensor from Python numbers on the device: on a GPU that is a
     blocking copy (torch's `memcpy_and_sync`), which waits for all the work queued before it, the last step's
     backward and optimizer, and so undoes the trainer's late loss read (torchvision's `normalize` made its mean
     and std so on every call). "meta" stands in for the GPU: the same calls, no GPU needed."""
-    from torch.overrides import TorchFunctionMode
-
-    class FactoryCalls(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.on_device = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            device = kwargs.get("device")
-            if (
-                func in (torch.as_tensor, torch.tensor)
-                and device is not None
-                and torch.device(device).type != "cpu"
-            ):
-                self.on_device.append(func.__name__)
-            return func(*args, **kwargs)
-
     batch = torch.zeros(2, 3, 8, 8, dtype=torch.uint8, device="meta")
     vision_data.to_model_input(batch, "meta")  # a first call may make what it keeps
     with FactoryCalls() as calls:
@@ -134,6 +134,20 @@ def test_normalising_a_batch_on_the_device_builds_no_tensor_from_python_numbers_
             out = vision_data.to_model_input(batch, "meta")
     assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32
     assert calls.on_device == []
+
+
+def test_counting_a_validation_batch_on_the_device_builds_no_tensor_from_python_numbers_there():
+    """The per-epoch validation keeps its counts on the device until the end (no wait per batch): counting a
+    batch makes no tensor from Python numbers there ("meta" stands in for the GPU)."""
+    from dsd.tracks.vision import metric as vision_metric
+
+    logits, labels = torch.zeros(4, 10, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
+    with FactoryCalls() as calls:
+        counts, hits = vision_metric._batch_counts(logits, labels)
+    assert counts.shape == (4,) and counts.dtype == torch.float64 and hits.shape == (4, 5)
+    assert calls.on_device == []
+    cpu_counts, _ = vision_metric._batch_counts(torch.eye(3, 10), torch.tensor([0, 1, 5]))
+    assert cpu_counts[:3].tolist() == [2.0, 3.0, 3.0]  # top-1 hits, top-5 hits, samples
 
 
 def test_uint8_crops_normalised_on_the_device_give_the_float_path_numbers(tmp_path):

@@ -54,11 +54,8 @@ def _top_k(
     for images, labels in eval_loader(exp, split, batch_size, shard=True):
         images, labels = to_model_input(images, device), labels.to(device, non_blocking=True)
         logits = model(in_layout_of(model, images))
-        k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices == labels[:, None]
-        batch = (hits[:, 0].sum(), hits.any(dim=1).sum(), labels.new_tensor(labels.numel()),
-                 F.cross_entropy(logits.float(), labels, reduction="sum"))  # fmt: skip
-        counts += torch.stack([value.double() for value in batch])
+        batch, hits = _batch_counts(logits, labels)
+        counts += batch
         if per_item:
             errors.append(~hits[:, 0])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -73,6 +70,18 @@ def _top_k(
         return metrics, None
     mine = torch.cat(errors).int().tolist() if errors else []
     return metrics, distributed.gather_strided(mine)
+
+
+def _batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's (top-1 hits, top-5 hits, samples, loss sum) as float64 on the device, and its top-k hits. The
+    sample count is filled in on the device: a tensor made from a Python number there (`new_tensor`) is a
+    blocking copy on a GPU, a wait for the batch's forward pass."""
+    k = min(5, logits.shape[1])
+    hits = logits.topk(k, dim=1).indices == labels[:, None]
+    samples = torch.full((), labels.numel(), dtype=torch.float64, device=labels.device)
+    batch = (hits[:, 0].sum(), hits.any(dim=1).sum(), samples,
+             F.cross_entropy(logits.float(), labels, reduction="sum"))  # fmt: skip
+    return torch.stack([value.double() for value in batch]), hits
 
 
 def evaluate(model, exp: Experiment, split: str, device, n_samples: int = 0) -> tuple[dict, list, dict]:
