@@ -15,6 +15,8 @@ the step compiled with CUDA graphs (`mode="reduce-overhead"`: whether kernel lau
 """
 
 import argparse
+import atexit
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +42,7 @@ parser.add_argument("--no-graphs", action="store_true", help="skip the step comp
 args = parser.parse_args()
 device_name, batch_size, row = args.device, args.batch_size, args.row
 tmp = Path(tempfile.mkdtemp())
+atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the config's data folder: each run left one in /tmp
 gpu_bench.write_jpegs(tmp, 8)
 config = gpu_bench.paper_config(tmp, [row], device_name, batch_size, 1)
 exp, spec = config.experiment(row), config.phase(row, 0, "sparse1")

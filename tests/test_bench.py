@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -62,14 +63,16 @@ def test_gpu_bench_runs_the_paper_rows_data_path_and_step(tmp_path):
     assert "| resnet18 | device | 1 |" in (tmp_path / "summary.md").read_text()
 
 
-def test_gpu_step_profile_prints_every_variant_of_the_step():
+def test_gpu_step_profile_prints_every_variant_of_the_step(tmp_path):
     """The GPU step profile, smoke-tested on the CPU so that a GPU session's device time is not spent on a
-    broken script: each variant of the step is timed (the CUDA-graph one is GPU-only)."""
+    broken script: each variant of the step is timed (the CUDA-graph one is GPU-only). Its JPEGs go into a
+    temporary folder that it removes (every run left one in /tmp)."""
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_step_profile.py"), "cpu", "2", "resnet18"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=os.environ | {"TMPDIR": str(tmp_path)},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(tmp_path.glob("*/train"))  # torch's own caches may stay
     for line in ("step, pruner on:", "step, pruner off:", "step, foreach optimizer instead of fused",
                  "parts ms:", "step, model and batch NCHW instead:", "step, float masks:"):  # fmt: skip
         assert line in done.stdout, line
