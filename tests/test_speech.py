@@ -16,6 +16,8 @@ import pytest
 import soundfile as sf
 import torch
 from conftest import reachable_objects
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsd.core.masks import Pruner
 from dsd.engine import prepare
@@ -691,3 +693,160 @@ def test_evaluation_batches_utterances_of_similar_lengths_and_reports_them_in_th
     alone = speech_metric._decode(model, exp, "test", "cpu", speech_config.Eval(batch_size=1))
     assert out["ids"] == list(ds.ids) == sorted(ds.ids) and out["refs"] == list(ds.texts)
     assert out["greedy"] == alone["greedy"] and len(set(out["greedy"])) > 1
+
+
+class DeviceReads(TorchFunctionMode):
+    """Records the Python-level calls that wait for a GPU and that meta refuses or makes without a copy: reads of
+    a device tensor's values (`.item()`, `.tolist()`, `int()`...) and tensors made from Python numbers on the
+    device (`torch.tensor`, `torch.as_tensor`, `new_tensor`: a blocking copy on a GPU)."""
+
+    READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+    FACTORIES = ("tensor", "as_tensor", "new_tensor")
+
+    def __init__(self, waits: list):
+        super().__init__()
+        self.waits = waits
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if (
+            name in self.READS
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and args[0].device.type == "meta"
+        ):
+            self.waits.append(name)
+        out = func(*args, **(kwargs or {}))
+        if name in self.FACTORIES and out.device.type == "meta":
+            self.waits.append(name)
+        return out
+
+
+class HostWaits(TorchDispatchMode):
+    """Records the operations of a step that make the host wait for a GPU, with the meta device standing in for
+    it (the same calls, no GPU needed): a tensor read back from the device (`.cpu()`, `.item()`, a boolean
+    mask's true count) and a copy to the device that is not queued (`non_blocking`), which torch makes with a
+    wait for all the work queued before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+        self.calls = DeviceReads(self.waits)
+
+    def __enter__(self):
+        self.calls.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.calls.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        on_device = any(t.device.type == "meta" for t in tensors)
+        to = torch.device(kwargs["device"]).type if kwargs.get("device") is not None else None
+        name = func.__name__
+        if on_device and (name.startswith(("_local_scalar_dense", "nonzero")) or to == "cpu"):
+            self.waits.append(name)
+        elif on_device and any(t.dtype == torch.bool for t in tensors) and name.startswith("index"):
+            self.waits.append(f"{name} with a mask")
+        elif self._blocking_copy_to_device(name, args, kwargs, to, on_device):
+            self.waits.append(f"{name} to the device, blocking")
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _blocking_copy_to_device(name, args, kwargs, to, on_device) -> bool:
+        if name.startswith("_to_copy"):
+            return to == "meta" and not on_device and not kwargs.get("non_blocking")
+        if name.startswith("copy_") and args[0].device.type == "meta" and args[1].device.type == "cpu":
+            return not (args[2:] or [kwargs.get("non_blocking")])[0]
+        return False
+
+
+@pytest.mark.parametrize("arch", ["deepspeech", "deepspeech2"])
+@pytest.mark.parametrize("rnn_type", ["gru", "rnn"])
+def test_a_speech_step_and_its_validation_forward_make_the_host_wait_for_no_device_work(
+    tmp_path, arch, rnn_type
+):
+    """The model's forward and backward pass (training and evaluation mode) and the loss's copies of its batch
+    queue their work on the device and read nothing back: the lengths stay on the host, where the batch is
+    packed and the convolutions' frames are picked ("meta" stands in for the GPU). CTC is torch's, which reads
+    the lengths on the host (passed there) and has no meta kernel: the step's loss is taken up to it."""
+    exp = _exp(tmp_path, arch, model={"rnn_type": rnn_type, "stride": 3})
+    torch.manual_seed(0)
+    model = speech_model.build(exp).to("meta")
+    features, lengths = torch.randn(3, 40, speech_config.n_features(exp.data)), torch.tensor([40, 25, 33])
+    batch = {"features": features, "lengths": lengths, "targets": torch.tensor([3, 4, 5, 6, 7, 8]),
+             "target_lengths": torch.tensor([2, 2, 2])}  # fmt: skip
+    with HostWaits() as recorded, pytest.raises(NotImplementedError, match="_ctc_loss"):
+        speech_metric.loss(model, batch, "meta")
+    assert recorded.waits == []
+    for training in (True, False):
+        model.train(training)
+        with HostWaits() as recorded:
+            log_probs, out_lengths = model(features.to("meta", non_blocking=True), lengths)
+            if training:
+                log_probs.sum().backward()
+        assert recorded.waits == [], (training, recorded.waits)
+        assert out_lengths.device.type == "cpu" and log_probs.shape[:2] == (3, int(out_lengths.max()))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(torch.int32)
+
+
+def test_frames_picked_by_host_indices_give_the_boolean_masks_numbers_bitwise():
+    """`_norm_frames` picks an utterance's frames by indices found on the host: the same output, gradients and
+    running statistics, bit for bit, as the boolean mask on the device it replaces."""
+
+    def by_mask(norm, x, lengths):  # the former arithmetic
+        b, c, f, t = x.shape
+        valid = torch.arange(t)[None, :] < lengths[:, None]
+        frames = x.permute(0, 3, 1, 2)
+        normed = norm(frames[valid].reshape(-1, c * f))
+        out = torch.zeros(b, t, c, f, dtype=normed.dtype)
+        out[valid] = normed.reshape(-1, c, f)
+        return out.permute(0, 2, 3, 1)
+
+    torch.manual_seed(0)
+    x, lengths, weight = torch.randn(4, 3, 5, 17), torch.tensor([17, 9, 1, 12]), torch.randn(4, 3, 5, 17)
+    results = []
+    for norm_frames in (by_mask, speech_model._norm_frames):
+        torch.manual_seed(1)
+        norm, leaf = torch.nn.BatchNorm1d(15), x.clone().requires_grad_()
+        with torch.no_grad():
+            norm.weight.normal_(), norm.bias.normal_()
+        out = norm_frames(norm, leaf, lengths)
+        (out * weight).sum().backward()
+        results.append(
+            [out, leaf.grad, norm.weight.grad, norm.bias.grad, norm.running_mean, norm.running_var]
+        )
+    for old, new in zip(*results, strict=True):
+        assert torch.equal(_bits(old), _bits(new))
+
+
+@pytest.mark.parametrize("rnn", [torch.nn.GRU, torch.nn.RNN])
+def test_packing_with_host_lengths_gives_torchs_packing_numbers_bitwise(rnn):
+    """`pack` and `unpack` (the sort's order queued to the device, the lengths never read back) around a
+    recurrent layer: its output and gradients bit for bit those of torch's `pack_padded_sequence`
+    (`enforce_sorted=False`) and `pad_packed_sequence`."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    x, lengths = torch.randn(5, 11, 6), torch.tensor([7, 11, 3, 11, 1])
+    layer, weight = rnn(6, 4, batch_first=True, bidirectional=True), torch.randn(5, 11, 8)
+    results = []
+    for torchs in (True, False):
+        layer.zero_grad()
+        leaf = x.clone().requires_grad_()
+        if torchs:
+            packed = pack_padded_sequence(leaf, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = pad_packed_sequence(layer(packed)[0], batch_first=True, total_length=11)
+        else:
+            packed, restore = speech_model.pack(leaf, lengths)
+            out = speech_model.unpack(layer(packed)[0], restore, 11)
+        (out * weight).sum().backward()
+        results.append([out, leaf.grad, *(p.grad.clone() for p in layer.parameters())])
+    for old, new in zip(*results, strict=True):
+        assert torch.equal(_bits(old), _bits(new))

@@ -18,13 +18,17 @@ from dsd.tracks.speech.data import ALPHABET, eval_loader
 def loss(model: nn.Module, batch: dict, device) -> torch.Tensor:
     """CTC (blank = 0) summed over each utterance and averaged over the batch: the per-utterance loss of
     warp-ctc and the DeepSpeech implementations, whose scale the paper's learning rates assume. (torch's
-    reduction="mean" also divides by each transcript's length: steps about 100x smaller at paper scale.)"""
-    log_probs, out_lengths = model(batch["features"].to(device), batch["lengths"].to(device))
+    reduction="mean" also divides by each transcript's length: steps about 100x smaller at paper scale.)
+
+    The lengths stay on the host, where the model packs its batch and CTC reads them (on the GPU, each would be
+    read back, a wait for the work queued before it); the batch's tensors are copied without waiting (pinned)."""
+    features = batch["features"].to(device, non_blocking=True)
+    log_probs, out_lengths = model(features, batch["lengths"])
     total = F.ctc_loss(
         log_probs.float().transpose(0, 1),
-        batch["targets"].to(device),
+        batch["targets"].to(device, non_blocking=True),
         out_lengths,
-        batch["target_lengths"].to(device),
+        batch["target_lengths"],
         blank=0,
         reduction="sum",
         zero_infinity=True,
@@ -109,7 +113,7 @@ def _decode(model: nn.Module, exp: Experiment, split: str, device, cfg: Eval) ->
     loader = eval_loader(exp, split, cfg.batch_size)
     try:
         for batch in loader:
-            log_probs, lengths = model(batch["features"].to(device), batch["lengths"].to(device))
+            log_probs, lengths = model(batch["features"].to(device, non_blocking=True), batch["lengths"])
             log_probs, lengths = log_probs.float().cpu(), lengths.cpu()
             best = log_probs.argmax(-1)
             greedy = [greedy_decode(best[b, : lengths[b]]) for b in range(len(lengths))]

@@ -8,10 +8,12 @@ and fully connected layers and keeps the convolutions and the output dense (`inc
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, invert_permutation, pack_padded_sequence, pad_packed_sequence
 
 from dsd.spec import Experiment
 from dsd.tracks.speech.config import Model, n_features
@@ -50,10 +52,17 @@ class BiRecurrent(nn.Module):
         if self.shared:
             z = self.input(packed.data)
             packed = packed._replace(data=self.norm(z) if self.norm is not None else z)
-        with torch.autocast(packed.data.device.type, enabled=False):
+        with _without_autocast(packed.data.device.type):
             out, _ = self.rnn(packed._replace(data=packed.data.float()))
         half = out.data.shape[-1] // 2
         return out._replace(data=out.data[:, :half] + out.data[:, half:])
+
+
+def _without_autocast(device_type: str):
+    """Autocast off where the device has it (the meta device, which tests trace the step on, has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class DeepSpeech(nn.Module):
@@ -72,14 +81,15 @@ class DeepSpeech(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, F) -> log-probabilities (B, T', classes) and output lengths T'."""
+        """x (B, T, F) -> log-probabilities (B, T', classes) and output lengths T' (on the host: give the input
+        lengths there, see `pack`)."""
         c = self.context
         x = F.pad(x, (0, 0, c, c)).unfold(1, 2 * c + 1, self.stride).flatten(2)  # (B, T', F*(2c+1))
-        lengths = torch.div(lengths - 1, self.stride, rounding_mode="floor") + 1
+        lengths = torch.div(lengths.cpu() - 1, self.stride, rounding_mode="floor") + 1
         for layer in (self.layer0, self.fc1, self.fc2):
             x = self.dropout(F.hardtanh(layer(x), 0.0, self.clip))
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        x, _ = pad_packed_sequence(self.rnn(packed), batch_first=True, total_length=x.shape[1])
+        packed, restore = pack(x, lengths)
+        x = unpack(self.rnn(packed), restore, x.shape[1])
         x = self.dropout(F.hardtanh(self.fc4(x.to(self.fc4.weight.dtype)), 0.0, self.clip))
         return self.out(x).log_softmax(-1), lengths
 
@@ -118,19 +128,21 @@ class DeepSpeech2(nn.Module):
         self.out = nn.Linear(cfg.rnn_hidden, n_classes)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `DeepSpeech.forward`."""
         x = x.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
+        lengths = lengths.cpu()
         for conv, norm, (kt, st) in zip(self.conv, self.conv_bn, self.time_geometry, strict=True):
             x = conv(x)
             lengths = torch.div(lengths + 2 * (kt // 2) - kt, st, rounding_mode="floor") + 1
             x = F.hardtanh(_norm_frames(norm, x, lengths), 0.0, self.clip)
         x = x.flatten(1, 2).transpose(1, 2)  # (B, T', C*F')
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        packed, restore = pack(x, lengths)
         for i, rnn in enumerate(self.rnn):
             if i > 0 and self.rnn_bn:
                 packed = packed._replace(data=self.rnn_bn[i - 1](packed.data))
             packed = rnn(packed)
         data = F.hardtanh(self.fc_bn(self.fc(packed.data.to(self.fc.weight.dtype))), 0.0, self.clip)
-        x, _ = pad_packed_sequence(packed._replace(data=data), batch_first=True, total_length=x.shape[1])
+        x = unpack(packed._replace(data=data), restore, x.shape[1])
         return self.out(x).log_softmax(-1), lengths
 
 
@@ -148,14 +160,45 @@ def output_lengths(cfg: Model, lengths: torch.Tensor) -> torch.Tensor:
 def _norm_frames(norm: nn.BatchNorm1d, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Batch norm per (channel, frequency) of a (B, C, F, T) convolution output over its utterances' frames,
     padding excluded, and the padding frames zero: what the next convolution's own zero padding is, so that an
-    utterance's output does not depend on the batch it is padded in (training statistics included)."""
+    utterance's output does not depend on the batch it is padded in (training statistics included).
+
+    The frames are picked by their (utterance, frame) indices, found on the host from `lengths` (there): a
+    boolean mask on the GPU makes the host wait for the count of its true elements, forward and backward. The
+    same indexing operations as the mask's, which torch turns into these indices itself."""
     b, c, f, t = x.shape
-    valid = torch.arange(t, device=x.device)[None, :] < lengths.to(x.device)[:, None]  # (B, T)
+    valid = torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
+    where = tuple(to_device(i, x.device) for i in valid.nonzero(as_tuple=True))
     frames = x.permute(0, 3, 1, 2)  # (B, T, C, F)
-    normed = norm(frames[valid].reshape(-1, c * f))
+    normed = norm(frames[where].reshape(-1, c * f))
     out = torch.zeros(b, t, c, f, dtype=normed.dtype, device=x.device)
-    out[valid] = normed.reshape(-1, c, f)
+    out[where] = normed.reshape(-1, c, f)
     return out.permute(0, 2, 3, 1)
+
+
+def pack(x: torch.Tensor, lengths: torch.Tensor) -> tuple[PackedSequence, torch.Tensor]:
+    """`pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)` with `lengths` on the host, and
+    the order that `unpack` restores: the same sort and operations, but the sort's order reaches the GPU without
+    a blocking copy (torch's copies it so: a wait for all the work queued before it)."""
+    lengths, order = torch.sort(lengths, descending=True)
+    order = to_device(order, x.device)
+    return pack_padded_sequence(x.index_select(0, order), lengths, batch_first=True), invert_permutation(
+        order
+    )
+
+
+def unpack(packed: PackedSequence, restore: torch.Tensor, total_length: int) -> torch.Tensor:
+    """`pad_packed_sequence` of what `pack` packed, back in the batch's order (torch's also reorders the lengths,
+    which are known here, on the host: reading its order back from the GPU waits for it)."""
+    x, _ = pad_packed_sequence(packed, batch_first=True, total_length=total_length)
+    return x.index_select(0, restore)
+
+
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor copied to `device` without making the host wait: from pinned memory on a GPU, a copy queued
+    behind the work already there (from pageable memory it waits for that work)."""
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def build(exp: Experiment, pretrained: bool = True) -> nn.Module:
