@@ -118,6 +118,15 @@ def test_a_failed_feature_build_leaves_no_partial_cache(tmp_path, tiny):
     assert list(out.parent.iterdir()) == []  # not even the half-written temporary folder
 
 
+def test_featurising_shows_its_progress_in_a_job_log(tmp_path, tiny, capfd):
+    """A pipeline job's stderr is its log file, not a terminal: featurising a corpus (minutes for LibriSpeech's
+    28k utterances) still says how far it got there."""
+    exp = _exp(tiny[0], utterances_per_speaker=COUNTS)
+    capfd.readouterr()
+    speech_data.build_features(exp, "val", tmp_path / "cache" / "val")
+    assert re.search(r"features val: 100%.*\| (\d+)/\1 ", capfd.readouterr().err)
+
+
 def test_every_batch_of_a_bucketed_order_is_one_bucket_also_when_the_last_is_short():
     """70 utterances of distinct lengths, batches of 16, one window: the buckets are runs of 16 consecutive
     lengths and the loader's batches must be those. The short remainder shuffled into the middle shifted every

@@ -350,7 +350,8 @@ def _write_features(jobs: list, workers: int, tmp: Path, exp: Experiment, split:
     too_long = 0
     with open(tmp / "frames.f32", "wb") as frames, feature_pool(workers) as pool:
         done = pool.map(_featurise, jobs, chunksize=16) if workers > 1 else map(_featurise, jobs)
-        for result in tqdm(done, total=len(jobs), desc=f"features {split}", unit="utt", disable=None):
+        # shown also where stderr is a job's log file, not a terminal: minutes of work at a corpus's size
+        for result in tqdm(done, total=len(jobs), desc=f"features {split}", unit="utt", mininterval=2.0):
             if result is None:
                 too_long += 1
                 continue
