@@ -180,7 +180,7 @@ def test_a_preempted_phase_keeps_its_wandb_records_and_resumes_the_same_run(tmp_
 
 def test_the_eta_of_a_resumed_phase_counts_only_the_epochs_left(tmp_path, monkeypatch, capfd):
     """A phase of three epochs resumed after its first: the ETA is the rate of this job's epochs times the
-    epochs left, not times the epochs this job has not trained yet (the clock ticks 10 s per reading)."""
+    epochs left, not times the epochs this job has not trained yet (the clock moves 10 s per epoch trained)."""
     import types
 
     from test_reliability import slow_sparse_config
@@ -188,9 +188,27 @@ def test_the_eta_of_a_resumed_phase_counts_only_the_epochs_left(tmp_path, monkey
     from dsd.engine import trainer
 
     config = preempt_dense_after_its_first_epoch(slow_sparse_config(tmp_path))
-    clock = iter(range(0, 10**6, 10))
-    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
+    clock = [0.0]
+
+    def ten_seconds_each(*args):
+        clock[0] += 10
+        return train_epoch(*args)
+
+    train_epoch = trainer.train_epoch
+    monkeypatch.setattr(trainer, "train_epoch", ten_seconds_each)
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(time=lambda: clock[0]))
     capfd.readouterr()
     train(config, "resnet18", 0, "dense")
     etas = re.findall(r"dense epoch (\d)/3: .*, (\d+) s elapsed, ETA (\d+) s", capfd.readouterr().err)
     assert etas[-2:] == [("2", "10", "10"), ("3", "20", "0")]
+
+
+def test_the_wall_time_of_a_resumed_phase_counts_the_job_before_it(tmp_path):
+    """The phases table's wall_seconds of a phase preempted after its first epoch and resumed: its three epochs'
+    training time at least, not only the two the second job trained."""
+    from test_reliability import slow_sparse_config
+
+    config = preempt_dense_after_its_first_epoch(slow_sparse_config(tmp_path))
+    metrics = train(config, "resnet18", 0, "dense")
+    epochs = [record["seconds"] for record in metrics["history"]]
+    assert len(epochs) == 3 and metrics["wall_seconds"] >= sum(epochs)

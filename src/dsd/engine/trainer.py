@@ -45,6 +45,7 @@ class State:
     partial: dict = field(default_factory=dict)  # accumulators of an epoch interrupted by a signal
     # the wandb run of the job that wrote the resume point, continued rather than a new one
     wandb_id: str | None = None
+    seconds_before: float = 0.0  # the phase's wall time in the jobs before a resumed one
 
     def checkpoint(self, exp: Experiment, spec: PhaseSpec, identity: dict, position: dict) -> dict:
         return {
@@ -166,6 +167,7 @@ def restore(
         state.history, state.position = saved["history"], saved["position"]
         state.partial = saved.get("partial") or {}
         state.wandb_id = saved.get("wandb_id")
+        state.seconds_before = saved.get("wall_seconds", 0.0)
         return
     if init is None:
         return
@@ -252,6 +254,7 @@ def run_phase(
             extra = {
                 "partial": partial or {},
                 "wandb_id": tracker.run_id,
+                "wall_seconds": state.seconds_before + time.time() - started,
                 "init": started_from,
                 "inputs": inputs,
             }
@@ -268,7 +271,8 @@ def run_phase(
             for sub in range(state.position["sub"], len(phases)):
                 loop.run_phase_part(sub, phases, stop)
                 state.position = {"sub": sub + 1, "epoch": 0, "step": 0}
-        metrics = _metrics(exp, spec, state, phases, identity, world, device, time.time() - started)
+        seconds = state.seconds_before + time.time() - started  # a resumed phase's earlier jobs included
+        metrics = _metrics(exp, spec, state, phases, identity, world, device, seconds)
         if state.pruner is not None:
             per_layer = metrics["sparsity_per_layer"]
             tracker.log({f"sparsity/{n}": s for n, s in per_layer.items()}, step=loop.global_step)
