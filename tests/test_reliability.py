@@ -418,6 +418,24 @@ def test_reduce_overhead_compiles_rows_with_changing_batch_shapes_in_the_default
     assert compile_mode(plain, config.experiment("deepspeech2"), 1) == "default"
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_the_untested_cuda_graphs_under_ddp_warning_is_one_line_per_job(rank):
+    """Every DDP rank decides the same: rank 0 alone says it, as the other lines of a job's log."""
+    code = (
+        "import dataclasses; from dsd.config import load_config; from dsd.engine.trainer import compile_mode; "
+        f"config = load_config({str(REPO / 'configs' / 'default.yaml')!r}, check_models=False); "
+        "options = dataclasses.replace(config.options, compile=True, compile_mode='reduce-overhead'); "
+        "print(compile_mode(options, config.experiment('resnet18'), 2))"
+    )
+    env = os.environ | {"RANK": rank}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.stdout == "reduce-overhead\n", result.stderr
+    said = [line for line in result.stderr.splitlines() if "not been checked under DDP" in line]
+    assert len(said) == (1 if rank == "0" else 0), result.stderr
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_optimizer_state_from_a_channels_last_run_resumes_under_contiguous_weights(kind):
     """A checkpoint written where the weights were channels-last (a GPU) and resumed where they are not (a CPU

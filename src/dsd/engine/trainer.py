@@ -14,7 +14,6 @@ import math
 import platform
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,9 +116,9 @@ def compile_mode(options: RunOptions, exp: Experiment, world: int) -> str:
             "step: compiled in the default mode"
         )
         return "default"
-    if world > 1:
-        warnings.warn(
-            "compile_mode reduce-overhead (CUDA graphs) has not been checked under DDP", stacklevel=2
+    if world > 1:  # one line per job: every rank's warning made an N-rank job's log say it N times
+        distributed.say(
+            "dsd: warning: compile_mode reduce-overhead (CUDA graphs) has not been checked under DDP"
         )
     return "reduce-overhead"
 
