@@ -132,6 +132,34 @@ def test_evaluation_samples_and_checkpoints_reach_wandb(tmp_path, monkeypatch):
     assert [(a.name, a.type) for a in artifacts] == [("ds-seed0-dense", "model")]
 
 
+def test_greedy_monitor_values_are_named_so_in_the_log_and_wandb(tmp_path, monkeypatch, capfd):
+    """Speech's per-epoch validation decodes greedily, its evaluation with the configured decoder (a beam search
+    in the embedded default: 27% WER where greedy says 70%): the training job's line and wandb history say
+    greedy_wer_pct, so that neither reads as the evaluation's val/wer_pct of the same group."""
+    from dsd.cli import main
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    model = {"arch": "deepspeech", "hidden": 32, "rnn_hidden": 24, "rnn_layers": 2, "conv_channels": 4}
+    raw = {
+        "output_dir": str(tmp_path / "results"), "data_root": str(tmp_path / "data"), "seeds": [0], "threads": 1,
+        "wandb": {"mode": "offline", "project": "dsd-test"},
+        "experiments": {"ds": {
+            "track": "speech", "dataset": "spoken", "model": model, "train": {"batch_size": 8},
+            "data": {"utterances_per_speaker": {"train": 6, "dev": 2, "test": 2}}, "eval": {"batch_size": 16},
+            "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}},
+    }  # fmt: skip
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(json.dumps(raw))
+    assert main(["prepare", "--config", str(configfile), "--row", "ds"]) == 0
+    assert main(["train", "--config", str(configfile), "--row", "ds", "--seed", "0", "--phase", "dense"]) == 0
+    out = capfd.readouterr()
+    assert re.search(r"ds seed 0 dense epoch 1/1: .*, val greedy_wer_pct [\d.]+, ", out.err), out.err
+    assert re.search(r"trained; validation greedy_wer_pct [\d.]+, greedy_cer_pct [\d.]+$", out.out), out.out
+    (run,) = (tmp_path / "results" / "wandb" / "wandb").glob("offline-run-*/*.wandb")
+    logged = {key for row in wandb_history(run) for key in row if key.startswith("val/")}
+    assert logged == {"val/greedy_wer_pct", "val/greedy_cer_pct"}
+
+
 def test_system_metrics_and_evaluation_runs_default_to_gpu_jobs_only():
     from dsd.spec import Wandb
 

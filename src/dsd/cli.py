@@ -163,8 +163,9 @@ def cmd_train(args) -> None:
     config = None if args.spec else _config(args)
     spec = _phase_spec(args, config)
     options = _options(args, config)  # before torch starts: it pins the kernels torch picks then
+    from dsd import tracks
     from dsd.engine import distributed
-    from dsd.engine.trainer import run_phase
+    from dsd.engine.trainer import monitor_names, run_phase
 
     out = Path(args.out) if args.out else paths.run_dir(options.output_dir, spec.row, spec.seed, spec.phase)
     init = args.init
@@ -175,7 +176,8 @@ def cmd_train(args) -> None:
         stale.unlink(missing_ok=True)  # never leave a previous result looking current
     metrics = run_phase(spec, out, init=init, options=options, progress=args.progress)
     last = metrics["history"][-1] if metrics["history"] else {"val": {}}
-    shown = ", ".join(f"{k} {v:.2f}" for k, v in last["val"].items() if isinstance(v, float))
+    monitored = monitor_names(tracks.get(spec.track), last["val"])
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in monitored.items() if isinstance(v, float))
     if distributed.rank_zero():  # a DDP job's other ranks hold the same metrics
         print(f"{spec.row} seed {spec.seed} {spec.phase} [{spec.fingerprint}]: trained; validation {shown}")
 

@@ -369,8 +369,9 @@ class _Loop:
     def _log(self, record: dict, current: Phase, sub: int) -> None:
         """One line per epoch in the job's log, and the same values to wandb at the continuous step."""
         self.epochs_here += 1
-        metric = self.track.config.METRIC
-        value = record["val"].get(metric, float("nan"))
+        monitored = monitor_names(self.track, record["val"])
+        metric = self.track.config.MONITOR_PREFIX + self.track.config.METRIC
+        value = monitored.get(metric, float("nan"))
         elapsed = time.time() - self.started
         # a resumed job's history has the epochs of the job before it
         left = max(self.epochs_total - len(self.state.history), 0)
@@ -392,10 +393,16 @@ class _Loop:
                 "phase": label,
                 "phase_index": phase_index,
             }
-            | {f"val/{k}": v for k, v in record["val"].items()}
+            | {f"val/{k}": v for k, v in monitored.items()}
             | {"sparsity/overall": record["sparsity"]},
             step=self.global_step,
         )
+
+
+def monitor_names(track, values: dict) -> dict:
+    """The per-epoch validation's values under the names logs and wandb give them: speech and captioning decode
+    greedily there, so their `wer_pct` is not the evaluation's (a beam search's) `wer_pct` of the same run."""
+    return {f"{track.config.MONITOR_PREFIX}{k}": v for k, v in values.items()}
 
 
 def _signal_name(stop) -> str:

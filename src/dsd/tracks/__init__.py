@@ -1,6 +1,7 @@
 """The paper's three tracks, one subpackage each, with the same files:
 
-    config.py     typed model / data / eval sections, METRIC, HIGHER_IS_BETTER, FIXED_SHAPES, DATASETS,
+    config.py     typed model / data / eval sections, METRIC, HIGHER_IS_BETTER, MONITOR_PREFIX (of the
+                  per-epoch validation's names in logs and wandb), FIXED_SHAPES, DATASETS,
                   chance_level(model section) (plain Python)
     model.py      build(exp, pretrained=True) -> nn.Module (pretrained=False: no pretrained weights read,
                   for a checkpoint to load); meta_model(model section): the model on the meta device

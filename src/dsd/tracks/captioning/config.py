@@ -14,6 +14,8 @@ from dsd.hparams import option
 
 METRIC = "bleu4"
 HIGHER_IS_BETTER = True
+# the per-epoch validation decodes greedily, evaluation by beam search: named apart in logs and wandb
+MONITOR_PREFIX = "greedy_"
 FIXED_SHAPES = False  # caption lengths vary per batch
 # every folder data set is a Karpathy split file (dataset_<name>.json by default) beside its images
 DATASETS = {"scenes": "generated", "flickr8k": "folder", "flickr30k": "folder", "coco": "folder"}

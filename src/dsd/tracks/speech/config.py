@@ -14,6 +14,8 @@ from dsd.hparams import option
 
 METRIC = "wer_pct"
 HIGHER_IS_BETTER = False
+# the per-epoch validation decodes greedily, evaluation with the configured decoder: named apart in logs and wandb
+MONITOR_PREFIX = "greedy_"
 FIXED_SHAPES = False  # utterance lengths vary per batch
 # every folder data set reads LibriSpeech folders, JSON-lines manifests or WSJ index files per split;
 # `manifests` names a corpus of your own

@@ -16,6 +16,7 @@ from dsd.hparams import option
 
 METRIC = "top1_error_pct"
 HIGHER_IS_BETTER = False
+MONITOR_PREFIX = ""  # the per-epoch validation computes what evaluation does
 FIXED_SHAPES = True  # fixed crops: cuDNN's autotuner pays off
 # imagenet and imagefolder read the same layouts (class folders; ImageNet's flat val/ with its labels file too);
 # the name tells the tables and the fidelity check which one it is
