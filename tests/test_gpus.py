@@ -444,3 +444,16 @@ def test_a_process_joining_a_job_folder_as_it_is_swept_gets_a_new_one(tmp_path, 
     assert joined == [tmp_path / "slurm-9"] and joined[0].is_dir()
     held = os.fstat(gpus._job_users["9"])
     assert (held.st_dev, held.st_ino) == (users.stat().st_dev, users.stat().st_ino)  # the new file's
+
+
+def test_a_rank_killed_by_a_signal_is_named_in_the_job_log(tmp_path, monkeypatch, capfd):
+    """A rank the OOM killer ends prints nothing itself: the prefix says which rank and which signal, and that
+    it stopped the ranks left waiting for it, so the job's log does not end without a reason."""
+    rank = tmp_path / "rank"
+    rank.write_text('#!/bin/sh\nif [ "$RANK" = 1 ]; then kill -9 $$; fi\nexec sleep 30\n')
+    rank.chmod(0o755)
+    monkeypatch.setattr(gpus, "FAILED_RANK_GRACE_SECONDS", 0.5)
+    assert gpus.run_ranks(2, [], python=str(rank)) == 137
+    said = capfd.readouterr().err.splitlines()
+    assert "dsd.gpus: rank 1 ended by SIGKILL (exit status 137)" in said, said
+    assert "dsd.gpus: rank 0 still running 0.5 s after rank 1 failed: killed" in said, said

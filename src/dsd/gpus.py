@@ -437,13 +437,18 @@ def _running(pid: int) -> bool:
 
 
 def _wait_for(ranks: list[subprocess.Popen]) -> int:
-    """Wait for every rank; once one failed, give the others FAILED_RANK_GRACE_SECONDS, then kill them."""
-    failed, deadline = 0, None
+    """Wait for every rank; once one failed, give the others FAILED_RANK_GRACE_SECONDS, then kill them. A rank
+    ended by a signal (the OOM killer's SIGKILL) prints nothing itself: said here, in the job's log."""
+    failed, deadline, first = 0, None, None
     running = {rank.pid: rank for rank in ranks}
     while running:
         if deadline is not None and time.monotonic() >= deadline:
             for rank in running.values():
                 rank.kill()
+                _say(
+                    f"rank {ranks.index(rank)} still running {FAILED_RANK_GRACE_SECONDS} s after rank "
+                    f"{ranks.index(first)} failed: killed"
+                )
             deadline = float("inf")
         try:
             pid, status = os.waitpid(-1, 0 if deadline is None else os.WNOHANG)
@@ -458,9 +463,16 @@ def _wait_for(ranks: list[subprocess.Popen]) -> int:
         if rank is None:
             continue
         rank.returncode = code = _exit_status(status)
+        if os.WIFSIGNALED(status) and deadline != float("inf"):  # not one this function killed
+            name = signal.Signals(os.WTERMSIG(status)).name
+            _say(f"rank {ranks.index(rank)} ended by {name} (exit status {code})")
         if code and not failed:
-            failed, deadline = code, time.monotonic() + FAILED_RANK_GRACE_SECONDS
+            failed, deadline, first = code, time.monotonic() + FAILED_RANK_GRACE_SECONDS, rank
     return failed
+
+
+def _say(message: str) -> None:
+    print(f"dsd.gpus: {message}", file=sys.stderr, flush=True)
 
 
 def _run_options(dsd_args: list[str]) -> dict:
