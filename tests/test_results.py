@@ -277,6 +277,25 @@ def test_the_result_sentences_come_from_the_table(tmp_path):
     assert "Each row's own 95% interval gives the same verdicts." in same
 
 
+def test_a_dense_phase_too_short_to_judge_is_not_said_to_have_failed_the_criterion():
+    """dense_converged "too few epochs" (a dense phase shorter than the criterion's window) is no verdict: the
+    sentence names those rows instead of counting them among the rows that did not meet it."""
+    from dsd.report import claims
+
+    table = pd.DataFrame(
+        {
+            "row": ["resnet18", "vgg16"],
+            "metric": ["top1_error_pct"] * 2,
+            "rel_gain_vs_baseline_pct": [4.0, -1.0],
+            "verdict": ["no significant difference"] * 2,
+            "n_seeds": [3, 3],
+            "dense_converged": ["too few epochs", "yes"],
+        }
+    )
+    text = claims.paragraph(table)
+    assert "on 1 of the 2 rows (vgg16); not judged on 1 (resnet18: fewer than 4 dense epochs)." in text
+
+
 def test_verdict_stability_between_two_runs_is_generated():
     from dsd.report import claims
 

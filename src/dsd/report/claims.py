@@ -37,6 +37,14 @@ def _over_items(comparison: pd.DataFrame) -> str:
     return f" (and over the test items{which}, whose draw all seeds share)"
 
 
+def _too_short(comparison: pd.DataFrame) -> str:
+    """The rows whose dense phase is shorter than the criterion's window: not judged, rather than failed."""
+    short = _rows(comparison, comparison["dense_converged"] == "too few epochs")
+    if not short:
+        return ""
+    return f"; not judged on {len(short)} ({_names(short)}: fewer than {CONVERGED_WINDOW} dense epochs)"
+
+
 def _flat_seeds(comparison: pd.DataFrame) -> str:
     """How many single seeds' own trends met the threshold (their validation curves carry more chance)."""
     counts = [c.split("/") for c in comparison.get("dense_flat_seeds", pd.Series(dtype=str)).dropna() if c]
@@ -163,6 +171,7 @@ def paragraph(comparison: pd.DataFrame) -> str:
             f"validation curve over the dense phase's last {CONVERGED_WINDOW} epochs is flatter than "
             f"{CONVERGED_POINTS_PER_EPOCH:g} points per epoch) on {len(converged)} of the {n} rows"
             + (f" ({_names(converged)})" if converged and len(converged) < n else "")
+            + _too_short(comparison)
             + _flat_seeds(comparison)
             + "."
         )
