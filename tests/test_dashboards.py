@@ -240,3 +240,21 @@ def test_the_wall_time_of_a_resumed_phase_counts_the_job_before_it(tmp_path):
     metrics = train(config, "resnet18", 0, "dense")
     epochs = [record["seconds"] for record in metrics["history"]]
     assert len(epochs) == 3 and metrics["wall_seconds"] >= sum(epochs)
+
+
+def test_a_resumed_phase_says_where_it_continues(tmp_path, capfd):
+    """The job that continues a preempted phase (stopped in its second epoch, or just after its first) says so
+    in its log before training (its first epoch line can be an epoch away), as one that cannot continue says it
+    starts afresh."""
+    from test_reliability import slow_sparse_config
+
+    config = preempt_dense_after_its_first_epoch(slow_sparse_config(tmp_path))
+    capfd.readouterr()
+    train(config, "resnet18", 0, "dense")
+    lines = capfd.readouterr().err.splitlines()
+    resumed = [line for line in lines if "resuming" in line]
+    assert len(resumed) == 1 and re.search(
+        r"^dsd: resnet18 seed 0 dense: resuming from \S+resume\.pt after 1 epoch( and \d+ steps)?$",
+        resumed[0],
+    ), lines
+    assert lines.index(resumed[0]) < next(i for i, line in enumerate(lines) if "dense epoch 2/3" in line)

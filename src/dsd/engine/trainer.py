@@ -167,6 +167,7 @@ def restore(
         state.partial = saved.get("partial") or {}
         state.wandb_id = saved.get("wandb_id")
         state.seconds_before = saved.get("wall_seconds", 0.0)
+        say_resumed(spec, resume_path, state)
         return
     if init is None:
         return
@@ -176,6 +177,13 @@ def restore(
     load_optimizer(state.optimizer, saved["optimizer"])  # momentum carries over; LR is set per step
     if saved.get("pruner") is not None:  # coming out of a sparse phase: drop the mask (re-dense)
         Pruner.from_state_dict(state.model, saved["pruner"]).remove(state.optimizer)
+
+
+def say_resumed(spec: PhaseSpec, path: Path, state: State) -> None:
+    """One line before training: a resumed job's first epoch line can be a whole epoch away."""
+    epochs, steps = len(state.history), state.position["step"]
+    where = f"after {epochs} epoch{'s' if epochs != 1 else ''}" + (f" and {steps} steps" if steps else "")
+    distributed.say(f"dsd: {spec.row} seed {spec.seed} {spec.phase}: resuming from {path} {where}")
 
 
 def init_digest(init: str | Path | None) -> str | None:
