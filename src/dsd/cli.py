@@ -119,7 +119,9 @@ def cmd_prepare(args) -> None:
         config = _config(args)
         exp = config.row(_row(args)).data_spec().experiment(_options(args, config))
     record = prepare.prepare(exp)
-    print(f"prepared {exp.dataset} at {exp.data_dir} (content {record['fingerprint']})")
+    # with the counts the marker records: an extraction that lost files or classes shows here
+    counts = json.dumps(record["summary"], sort_keys=True)
+    print(f"prepared {exp.dataset} at {exp.data_dir} (content {record['fingerprint']}): {counts}")
 
 
 def cmd_features(args) -> None:
