@@ -545,6 +545,17 @@ def test_a_table_leaves_no_per_row_file_of_an_earlier_config_behind(tmp_path):
     assert (tables / "notes.txt").exists()  # not a file tables write: left alone
 
 
+def test_the_phases_markdown_shows_each_phases_lr_as_written_not_rounded_to_two_decimals(tmp_path):
+    """A re-dense LR of 0.001 was printed 0.00 (tabulate read the formatted text as a number again)."""
+    from dsd.report.tables import write_tables
+
+    row = _neuraltalk_records(tmp_path, seeds=[0])
+    write_tables([row], [0], str(tmp_path), tmp_path / "tables")
+    lines = (tmp_path / "tables" / "phases.md").read_text().splitlines()
+    lr = [cell.strip() for cell in lines[0].split("|")].index("lr")
+    assert {line.split("|")[lr].strip() for line in lines[2:]} == {"0.001"}
+
+
 def _summary_figures(tmp_path, monkeypatch):
     """The comparison table and the summary figures (by name) of the NeuralTalk records, figures not saved."""
     from dsd import paths

@@ -348,8 +348,11 @@ def phase_rows(output_dir: str, row: str, seeds, phase_names: list[str]) -> list
     return rows
 
 
-def _markdown(frame: pd.DataFrame) -> str:
-    return frame.to_markdown(index=False, floatfmt=".2f") + "\n"
+def _markdown(frame: pd.DataFrame, as_written: tuple[str, ...] = ()) -> str:
+    """Numbers to 2 decimals, but the columns `as_written` (text already formatted: tabulate would read "0.001"
+    as a number and print it as 0.00)."""
+    keep = [list(frame.columns).index(column) for column in as_written]
+    return frame.to_markdown(index=False, floatfmt=".2f", disable_numparse=keep) + "\n"
 
 
 def samples_table(output_dir: str, row: str, seed: int, dsd_phase: str) -> pd.DataFrame | None:
@@ -454,7 +457,7 @@ def write_tables(specs, seeds, output_dir: str, out_dir: str | Path) -> pd.DataF
     ]
     (out_dir / "paper_comparison.md").write_text(_markdown(comparison[shown]))
     shown_phases = phases.assign(lr=[f"{lr:.3g}" for lr in phases["lr"]])  # most LRs round to 0.00 otherwise
-    (out_dir / "phases.md").write_text(_markdown(shown_phases))
+    (out_dir / "phases.md").write_text(_markdown(shown_phases, as_written=("lr",)))
     runtime = pd.DataFrame(
         runtime_rows(output_dir, list(recipes), seeds, phases={row.name: row.phase_names for row in specs}),
         columns=["row", "jobs", "job_minutes", "cores", "share_of_run_minutes"],
