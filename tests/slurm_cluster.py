@@ -75,10 +75,15 @@ def _memory_mb() -> int:
 class SlurmCluster:
     """One node (this machine, all its CPUs, 90% of its memory), one partition `main`, no GPUs."""
 
-    def __init__(self, root: str | os.PathLike | None = None, min_job_age: int = 600):
+    def __init__(
+        self, root: str | os.PathLike | None = None, min_job_age: int = 600, proctrack: str = "linuxproc"
+    ):
         # a short path: the munge socket path must stay under the 108-byte limit of Unix sockets
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="dsd-slurm-"))
         self.min_job_age = min_job_age  # squeue status polling needs finished jobs to stay visible
+        # linuxproc loses a step's processes once their parent dies; pgid, as a real cluster's cgroup, kills
+        # every process a step leaves when its task ends (those of its process group: no cgroups here)
+        self.proctrack = proctrack
         self.node = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge.sock"
@@ -159,7 +164,7 @@ class SlurmCluster:
             f"SlurmdPidFile={self._pidfiles['slurmd']}",
             f"SlurmctldLogFile={root / 'logs' / 'slurmctld.log'}",
             f"SlurmdLogFile={root / 'logs' / 'slurmd.log'}",
-            "ProctrackType=proctrack/linuxproc",  # no cgroups in a container
+            f"ProctrackType=proctrack/{self.proctrack}",  # no cgroups in a container
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core_Memory",

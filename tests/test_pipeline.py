@@ -229,6 +229,8 @@ def test_cpu_training_jobs_ask_for_no_gpu_and_still_run_their_ranks(tmp_path):
     job = plan.stdout.split("rule train_phase:")[1].split("\n\n")[0]
     assert "gpu=0" in job, job
     command = shlex.split(job.split("Shell command:")[1].split(" 2> ")[0])
+    assert command[0] == "exec", command[:2]  # no shell left between Snakemake and the job (SLURM's SIGTERM)
+    command = command[1:]
     assert command[1].endswith("dsd/gpus.py") and command[2:5] == ["0", "--dsd", "--"], command[:6]
     options = command[command.index("--options") + 1]
     ranks = subprocess.run(

@@ -2,7 +2,8 @@
 
 It installs Debian's slurm-wlm and munge with apt and runs daemons as root, so it runs only as root with
 DSD_SLURM_TEST=1, which CI's entry point (.ci/run) sets; deselect with `-m "not slow"` or `-k "not slurm"`. About 3 minutes: six SLURM
-jobs in five rounds, each ~30-45 s, mostly the two Snakemake start-ups (and torch imports) per job.
+jobs in five rounds, each ~30-45 s, mostly the two Snakemake start-ups (and torch imports) per job; then ~50 s
+for one phase signalled as the profile says.
 """
 
 import os
@@ -158,6 +159,83 @@ def test_pipeline_on_slurm(tmp_path):
         slurm_logs = list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))
         assert len(slurm_logs) == 10, slurm_logs  # one per SLURM job (kept: slurm-keep-successful-logs)
         print(f"SLURM pipeline: {elapsed:.0f} s")
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        cluster.stop()
+
+
+def _profile_signal() -> str:
+    """The signal the profile's `--signal=SIG@SECONDS` line (commented out: a user enables it) asks for."""
+    text = (REPO / "profiles" / "slurm" / "config.yaml").read_text()
+    return re.search(r"--signal=(?:R:)?(\w+)@\d+", text).group(1)
+
+
+def _wait_for(predicate, proc, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(1)
+    return False
+
+
+def test_profile_signal_checkpoints_a_phase_on_slurm(tmp_path):
+    """The profile's `--signal` (sent before the time limit to every process of the job's steps) must reach the
+    training job with Snakemake still alive around it: SIGUSR1 killed the Snakemake of the step (no handler), the
+    step ended, and SLURM killed what it left (a cgroup, here a process group) before the phase checkpointed."""
+    if not _enabled():
+        pytest.skip(
+            "SLURM integration test: run as root with DSD_SLURM_TEST=1 (installs slurm-wlm, munge by apt)"
+        )
+    try:
+        install()
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        pytest.skip(f"SLURM integration test: could not install slurm-wlm and munge: {err}")
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    exp = config["experiments"]["resnet18"]
+    exp["model"]["width"] = 64  # epochs of seconds: the signal arrives mid-phase
+    exp["data"]["generate"]["per_class"]["train"] = 100
+    exp["train"]["max_steps_per_epoch"] = 1000
+    exp["phases"] = [
+        {"kind": "dense", "epochs": 8, "lr": 0.05},
+        {"kind": "sparse", "epochs": 1, "lr": 0.005, "sparsity": 0.3},
+    ]
+    configfile = write_config(tmp_path, config)
+    run = Path(config["output_dir"]) / "runs" / "resnet18" / "seed0" / "dense"
+    train_log = Path(config["output_dir"]) / "logs" / "resnet18" / "seed0" / "dense.log"
+    base = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+            "--configfile", str(configfile)]  # fmt: skip
+    prepared = subprocess.run(
+        [*base, "--cores", "1", str(Path(config["data_root"]) / "shapes.prepared.json")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    log = tmp_path / "snakemake.log"
+    cmd = [sys.executable, "-c", FAST_POLL_SNAKEMAKE, *base[1:], "--profile", str(_test_profile(tmp_path / "profile")),
+           str(run / "metrics.json")]  # fmt: skip
+    cluster = SlurmCluster(proctrack="pgid")
+    proc = None
+    try:
+        cluster.start()
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=tmp_path, env=cluster.env() | {"DSD_SLURM_POLL_SECONDS": str(POLL)},
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            trained = _wait_for(lambda: "epoch 1/8" in _tail(train_log), proc, DEADLINE / 2)
+            assert trained, f"no epoch trained\n{_tail(log)}\n{_tail(train_log)}\n{cluster.logs()}"
+            jobs = subprocess.run(
+                ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=cluster.env()
+            )
+            # scancel --signal signals the steps, not the batch shell: what sbatch --signal=SIG@T does
+            subprocess.run(
+                ["scancel", f"--signal={_profile_signal()}", *jobs.stdout.split()], env=cluster.env()
+            )
+            proc.wait(timeout=DEADLINE / 2)
+        assert "checkpointed dense" in _tail(train_log), f"{_tail(train_log)}\n{_tail(log)}"
+        assert (run / "resume.pt").exists()
     finally:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

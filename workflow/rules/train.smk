@@ -24,5 +24,7 @@ rule train_phase:
     benchmark:
         str(paths.benchmarks_dir(OUT) / "rules" / "{row}" / "seed{seed}" / "{phase}.tsv")
     shell:
-        "{GPUS} {resources.gpu} --dsd -- train --spec {params.spec:q} --options {RUN} {params.init}"
+        # exec: no shell between Snakemake and the job, where SIGTERM (SLURM's, to every process) would end the
+        # shell at once and with it Snakemake's wait, the SLURM step, and the job before its checkpoint
+        "exec {GPUS} {resources.gpu} --dsd -- train --spec {params.spec:q} --options {RUN} {params.init}"
         " --out {params.out:q} 2> {log:q}"
