@@ -241,3 +241,15 @@ def test_profile_signal_checkpoints_a_phase_on_slurm(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         cluster.stop()
+
+
+def test_the_min_job_age_the_readme_asks_for_outlasts_the_plugins_longest_poll_interval():
+    """With squeue polling, a job that left squeue's list (MinJobAge after its end) is one the plugin takes for
+    one not yet listed, and waits for forever. The plugin polls up to `max_sleep_time` apart: the README's
+    MinJobAge said 120 s, where 2.8 polls 180 s apart."""
+    import snakemake_executor_plugin_slurm as plugin
+
+    poll = int(re.search(r"max_sleep_time = (\d+)", Path(plugin.__file__).read_text()).group(1))
+    readme = " ".join((REPO / "README.md").read_text().split())
+    asked = int(re.search(r"`MinJobAge` is (\d+) s or more", readme).group(1))
+    assert asked > poll, (asked, poll)
