@@ -480,6 +480,20 @@ def test_a_feature_constant_over_the_training_images_is_centred_not_blown_up(tmp
     assert val[:, 1:].abs().max() < 1e3  # the other features standardised as before
 
 
+def preempted_at_start(monkeypatch, config) -> None:
+    """Row `nt`'s dense phase stopped by a SIGTERM as it starts: it leaves resume.pt."""
+    from conftest import train
+
+    from dsd.engine import resume
+    from dsd.errors import Preempted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume.StopSignal, "received", "SIGTERM", raising=False)
+        patch.setattr(resume.StopSignal, "__init__", lambda self: None)
+        with pytest.raises(Preempted):
+            train(config, "nt", 0, "dense")
+
+
 def test_a_resume_point_of_replaced_encoder_weights_is_discarded(tmp_path, monkeypatch, capfd):
     """The spec names `data.encoder_weights` by path: a file replaced mid-phase (its images encoded again)
     resumed the phase trained on the old encoder's features, mixing two encoders. resume.pt records the
@@ -487,8 +501,6 @@ def test_a_resume_point_of_replaced_encoder_weights_is_discarded(tmp_path, monke
     from conftest import parse, prepare_data, tiny_vision_config, train
 
     from dsd import paths
-    from dsd.engine import resume
-    from dsd.errors import Preempted
 
     weights = tmp_path / "vgg16.pth"
     torch.save({"fc7": torch.zeros(2)}, weights)  # only its content is read here: the features are given
@@ -505,16 +517,9 @@ def test_a_resume_point_of_replaced_encoder_weights_is_discarded(tmp_path, monke
     torch.manual_seed(0)
     cap_data.extract_features(config.experiment("nt"), cap_model.encoder_from_module(TinyCNN()))
 
-    def interrupted():
-        with monkeypatch.context() as patch:  # a SIGTERM as the phase starts: it leaves resume.pt
-            patch.setattr(resume.StopSignal, "received", "SIGTERM", raising=False)
-            patch.setattr(resume.StopSignal, "__init__", lambda self: None)
-            with pytest.raises(Preempted):
-                train(config, "nt", 0, "dense")
-
-    interrupted()
+    preempted_at_start(monkeypatch, config)
     weights.write_bytes(weights.read_bytes())  # the same content, written again: still the same encoder
-    interrupted()
+    preempted_at_start(monkeypatch, config)
     assert "resume.pt is from another spec" not in capfd.readouterr().err
     assert paths.resume(paths.run_dir(config.options.output_dir, "nt", 0, "dense")).exists()
     torch.save({"fc7": torch.ones(2)}, weights)  # another encoder under the same path
@@ -534,8 +539,6 @@ def test_a_resume_point_of_images_encoded_again_is_discarded(tmp_path, monkeypat
     from conftest import parse, prepare_data, tiny_vision_config, train
 
     from dsd import paths
-    from dsd.engine import resume
-    from dsd.errors import Preempted
 
     config = tiny_vision_config(tmp_path, seeds=[0], rows=["nt"])
     config["experiments"]["nt"] = {
@@ -550,17 +553,10 @@ def test_a_resume_point_of_images_encoded_again_is_discarded(tmp_path, monkeypat
         torch.manual_seed(seed)
         cap_data.extract_features(config.experiment("nt"), cap_model.encoder_from_module(TinyCNN()))
 
-    def interrupted():
-        with monkeypatch.context() as patch:  # a SIGTERM as the phase starts: it leaves resume.pt
-            patch.setattr(resume.StopSignal, "received", "SIGTERM", raising=False)
-            patch.setattr(resume.StopSignal, "__init__", lambda self: None)
-            with pytest.raises(Preempted):
-                train(config, "nt", 0, "dense")
-
     encoded(0)
-    interrupted()
+    preempted_at_start(monkeypatch, config)
     encoded(0)  # encoded again by the same encoder: the same features, the resume point continues
-    interrupted()
+    preempted_at_start(monkeypatch, config)
     assert "resume.pt is from another spec" not in capfd.readouterr().err
     encoded(1)  # the encoder retrained under the same spec: other features under the same name
 

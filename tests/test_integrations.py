@@ -279,62 +279,45 @@ def test_huggingface_follows_the_recipe_and_resumes_mid_sparse(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
 
 
-def test_huggingface_with_warmup_steps_trains_at_the_recipes_lr(tmp_path):
-    """`warmup_steps` makes the Trainer's scheduler set the LR to 0 before the callback starts: the callback
-    read that 0 as every group's share of the recipe's LR, and nothing trained."""
+def hf_lrs_seen(**settings) -> list[float]:
+    """The LR of every step of a Trainer run with the callback (its own scheduler per `settings`)."""
     transformers = pytest.importorskip("transformers")
     from dsd.integrations.huggingface import DSDTrainerCallback
 
-    x, y = dataset()
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, num_train_epochs=5, warmup_steps=3,
-        optim="sgd", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-    )  # fmt: skip
+    seen = []
 
     class LRs(transformers.TrainerCallback):
-        seen = []
-
         def on_step_begin(self, args, state, control, optimizer=None, **kw):
-            self.seen.append(optimizer.param_groups[0]["lr"])
+            seen.append(optimizer.param_groups[0]["lr"])
 
+    x, y = dataset()
+    args = transformers.TrainingArguments(
+        per_device_train_batch_size=BATCH, num_train_epochs=5, optim="sgd", report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, **settings,
+    )  # fmt: skip
     rows = [{"x": a, "labels": b} for a, b in zip(x, y, strict=True)]
-    trainer = transformers.Trainer(
-        Classifier(), args, train_dataset=rows, callbacks=[LRs(), DSDTrainerCallback(RECIPE)]
-    )
-    trainer.train()
-    assert LRs.seen == pytest.approx(EXPECTED_LR)
+    callbacks = [DSDTrainerCallback(RECIPE), LRs()]
+    transformers.Trainer(
+        Classifier(), args, train_dataset=rows, eval_dataset=rows, callbacks=callbacks
+    ).train()
+    return seen
+
+
+def test_huggingface_with_warmup_steps_trains_at_the_recipes_lr(tmp_path):
+    """`warmup_steps` makes the Trainer's scheduler set the LR to 0 before the callback starts: the callback
+    read that 0 as every group's share of the recipe's LR, and nothing trained."""
+    assert hf_lrs_seen(output_dir=str(tmp_path), warmup_steps=3) == pytest.approx(EXPECTED_LR)
 
 
 def test_huggingface_overrides_a_plateau_scheduler_at_every_step(tmp_path):
     """`reduce_lr_on_plateau` steps after each evaluation, past the callback's on_step_end: the step after an
     evaluation ran at the plateau's LR, not the recipe's."""
-    transformers = pytest.importorskip("transformers")
-    from dsd.integrations.huggingface import DSDTrainerCallback
-
-    x, y = dataset()
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, num_train_epochs=5, optim="sgd",
-        lr_scheduler_type="reduce_lr_on_plateau", lr_scheduler_kwargs={"mode": "max", "patience": 0},
-        eval_strategy="steps", eval_steps=2, metric_for_best_model="loss", report_to=[], use_cpu=True,
-        save_strategy="no", disable_tqdm=True,
+    seen = hf_lrs_seen(
+        output_dir=str(tmp_path), lr_scheduler_type="reduce_lr_on_plateau",
+        lr_scheduler_kwargs={"mode": "max", "patience": 0}, eval_strategy="steps", eval_steps=2,
+        metric_for_best_model="loss",
     )  # fmt: skip
-
-    class LRs(transformers.TrainerCallback):
-        seen = []
-
-        def on_step_begin(self, args, state, control, optimizer=None, **kw):
-            self.seen.append(optimizer.param_groups[0]["lr"])
-
-    rows = [{"x": a, "labels": b} for a, b in zip(x, y, strict=True)]
-    trainer = transformers.Trainer(
-        Classifier(),
-        args,
-        train_dataset=rows,
-        eval_dataset=rows,
-        callbacks=[DSDTrainerCallback(RECIPE), LRs()],
-    )
-    trainer.train()
-    assert LRs.seen == pytest.approx(EXPECTED_LR)
+    assert seen == pytest.approx(EXPECTED_LR)
 
 
 def test_huggingface_resume_check_reads_a_compiled_model_under_its_own_names():
