@@ -223,6 +223,41 @@ def test_fingerprints_follow_what_a_result_depends_on(tmp_path):
     assert base.phase("resnet18", 1, "dense").fingerprint != fp(base, "dense")  # the seed
 
 
+def test_a_key_added_later_renames_no_run_left_at_its_default(tmp_path):
+    """`lr_anneal` came after runs were named: at its default it is not part of any fingerprint (written out
+    or not), set to another value it is."""
+    raw = tiny_vision_config(tmp_path)
+    train = raw["experiments"]["resnet18"]["train"]
+    base = parse_config(raw).phase("resnet18", 0, "dense")
+    assert "lr_anneal" not in base.identity()["train"]
+    written = parse_config(raw | {"experiments": {"resnet18": raw["experiments"]["resnet18"] | {
+        "train": train | {"lr_anneal": 1.2}}}}).phase("resnet18", 0, "dense")  # fmt: skip
+    assert written.fingerprint == base.fingerprint
+    other = parse_config(raw | {"experiments": {"resnet18": raw["experiments"]["resnet18"] | {
+        "train": train | {"lr_anneal": 1.5}}}}).phase("resnet18", 0, "dense")  # fmt: skip
+    assert other.fingerprint != base.fingerprint and other.identity()["train"]["lr_anneal"] == 1.5
+
+
+def test_the_defaults_of_keys_added_later_never_change():
+    """A key left out of fingerprints at its default must keep that default: changing it would change what a
+    run of an unchanged name trains."""
+    import dataclasses
+
+    from dsd import spec, tracks
+
+    sections = [spec.Train, spec.Prune, spec.PhaseEntry, spec.RunOptions]
+    for name in ("vision", "captioning", "speech"):
+        config = tracks.get(name).config
+        sections += [config.Model, config.Data, config.Eval]
+    added = {
+        f"{cls.__name__}.{f.name}": f.default
+        for cls in sections
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("added")
+    }
+    assert added == {"Train.lr_anneal": 1.2}
+
+
 def test_config_path_imports_no_torch():
     code = (
         "import sys; from dsd import cli, config; "

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -555,3 +556,17 @@ def test_dsd_prepare_says_how_many_images_it_found(tmp_path, capsys):
     said = capsys.readouterr().out
     assert said.startswith(f"prepared imagenet at {folder} (content ") and '"classes": 2' in said
     assert '"train": {"classes": 2, "images": 4}, "val": {"classes": 2, "images": 4}' in said, said
+
+
+def test_anneal_epochs_divides_the_lr_by_lr_anneal_after_every_epoch(tmp_path, capfd):
+    from conftest import prepare_data, train
+
+    raw = tiny_vision_config(tmp_path, seeds=[0])
+    row = raw["experiments"]["resnet18"]
+    row["train"] |= {"lr_schedule": "anneal_epochs", "lr_anneal": 2.0}
+    row["phases"][0]["epochs"] = 3
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    lrs = re.findall(r"resnet18 seed 0 dense epoch \d/3: .*?, lr (\S+),", capfd.readouterr().err)
+    assert [float(lr) for lr in lrs] == pytest.approx([0.05, 0.025, 0.0125])

@@ -29,9 +29,12 @@ _FLOAT = re.compile(
 )
 
 
-def option(default=dataclasses.MISSING, help: str = "", *, factory=None, **checks):
-    """A field with its help text and checks: min / max (inclusive), gt / lt (exclusive), nonempty, unique."""
-    metadata = {"help": help, **checks}
+def option(default=dataclasses.MISSING, help: str = "", *, factory=None, added=False, **checks):
+    """A field with its help text and checks: min / max (inclusive), gt / lt (exclusive), nonempty, unique.
+
+    added: a key added after runs were named; at its default it is left out of `as_dict`, so of every run's
+    fingerprint, and adding it renames no existing run. Its default must never change (a test pins them)."""
+    metadata = {"help": help, "added": added, **checks}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -181,7 +184,11 @@ def _check(value, checks: Mapping, where: str):
 def as_dict(obj) -> Any:
     """A dataclass as plain JSON-able data (tuples as lists), for hashing and for the command line."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {
+            f.name: as_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get("added") and getattr(obj, f.name) == f.default)
+        }
     if isinstance(obj, (list, tuple)):
         return [as_dict(v) for v in obj]
     if isinstance(obj, Mapping):

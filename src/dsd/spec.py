@@ -76,13 +76,17 @@ class Train:
     momentum: float = option(0.9, "SGD / RMSprop momentum", min=0)
     nesterov: bool = option(False, "Nesterov momentum (SGD)")
     weight_decay: float = option(5e-4, "L2 weight decay", min=0)
-    lr_schedule: Literal["constant", "cosine", "step", "step_epochs", "poly"] = option(
+    lr_schedule: Literal["constant", "cosine", "step", "step_epochs", "poly", "anneal_epochs"] = option(
         "cosine",
         "LR within each phase, from the phase's own LR: step /10 at 50% and 75%; step_epochs /10 every "
-        "lr_step_epochs epochs; poly (1 - progress) ** lr_power",
+        "lr_step_epochs epochs; poly (1 - progress) ** lr_power; anneal_epochs /lr_anneal after every epoch",
     )
     lr_step_epochs: float = option(30.0, "step_epochs: epochs between two /10 steps", gt=0)
     lr_power: float = option(0.5, "poly: the power", gt=0)
+    lr_anneal: float = option(
+        1.2, "anneal_epochs: the LR is divided by this after every epoch (Amodei et al.'s Deep Speech 2)",
+        gt=0, added=True,
+    )  # fmt: skip
     precision: Literal["auto", "bf16", "fp16", "fp32"] = option(
         "auto",
         "CUDA autocast (training and evaluation): auto is bf16 where the GPU has it (Ampere and later), else fp16 "

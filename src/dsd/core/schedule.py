@@ -196,11 +196,13 @@ def lr_at(
     steps_per_epoch: int = 1,
     every_epochs: float = 30.0,
     power: float = 0.5,
+    anneal: float = 1.2,
 ) -> float:
     """LR within one phase; every phase restarts from its own base LR (as the paper's phases do).
 
     constant; cosine to zero; step: /10 at 50% and 75% of the phase; step_epochs: /10 every `every_epochs`
-    epochs (fb.resnet.torch's ImageNet schedule); poly: (1 - progress) ** power (Caffe's BVLC GoogLeNet).
+    epochs (fb.resnet.torch's ImageNet schedule); poly: (1 - progress) ** power (Caffe's BVLC GoogLeNet);
+    anneal_epochs: /anneal after every epoch (Amodei et al.'s Deep Speech 2: 1.2).
     """
     if schedule == "constant" or total_steps <= 1:
         return base_lr
@@ -212,6 +214,8 @@ def lr_at(
         return base_lr * 0.1 ** int(step / (every_epochs * steps_per_epoch))
     if schedule == "poly":
         return base_lr * (1.0 - step / total_steps) ** power
+    if schedule == "anneal_epochs":
+        return base_lr / anneal ** (step // steps_per_epoch)
     raise ValueError(
-        f"unknown lr schedule {schedule!r} (expected constant, cosine, step, step_epochs or poly)"
+        f"unknown lr schedule {schedule!r} (expected constant, cosine, step, step_epochs, poly or anneal_epochs)"
     )

@@ -48,7 +48,7 @@ def train_epoch(
         for group in state.optimizer.param_groups:
             group["lr"] = lr_at(
                 current.lr, epoch * steps_per_epoch + step, total, hp.lr_schedule,
-                steps_per_epoch, hp.lr_step_epochs, hp.lr_power,
+                steps_per_epoch, hp.lr_step_epochs, hp.lr_power, hp.lr_anneal,
             )  # fmt: skip
         with distributed.autocast(state.dtype):
             loss = loop.track.metric.loss(loop.trained, batch, loop.device)
