@@ -465,6 +465,60 @@ def test_two_ranks_with_half_batches_optimise_the_loss_of_the_whole_batch(tmp_pa
         torch.testing.assert_close(ddp[name], param.grad, rtol=1e-5, atol=1e-7)
 
 
+def _scenes_to_validate(base):
+    """Seven validation images, in batches of 2 (train.batch_size): 2 + 2 + 2 + 1."""
+    data = {"scenes_splits": [12, 7, 2], "scenes_image_size": 32, "image_size": 32, "min_count": 1}
+    model = {"embed_dim": 16, "hidden_dim": 32, "dropout": 0.0}
+    return _exp(base, dataset="scenes", model=model, data=data, train={"batch_size": 2})
+
+
+def _validated_model(exp):
+    torch.manual_seed(0)
+    model = cap_model.build(exp)
+    with torch.no_grad():
+        model.out.weight *= 10.0  # captions that differ from one image to another
+    images = []  # the images each batch decodes
+    model.image_proj.register_forward_pre_hook(lambda module, args: images.append(len(args[0])))
+    return model, images
+
+
+def _sharded_validation(rank, world, init_file, base, out_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    exp = _scenes_to_validate(base)
+    model, images = _validated_model(exp)
+    bleu = cap_metric.monitor(model, exp, "cpu")
+    greedy = lambda f: cap_model.greedy(model, f, exp.data.max_words + 1)  # noqa: E731
+    _, captions = cap_metric._captions(model, exp, "val", "cpu", greedy, 2, shard=True)
+    torch.save({"bleu": bleu, "captions": captions, "images": images}, f"{out_file}.{rank}")
+    leave_process_group()
+
+
+def test_the_per_epoch_validation_is_sharded_over_ddp_ranks_with_one_processs_bleu(tmp_path):
+    """Under DDP each rank captions its whole batches of the split (each image once, in the batch one process
+    captions it in) and every rank scores all the captions: one process's corpus BLEU to the last bit."""
+    import torch.multiprocessing as mp
+
+    exp = _scenes_to_validate(tmp_path)
+    prepare.prepare(exp)
+    torch.manual_seed(0)
+    cap_data.extract_features(exp, cap_model.encoder_from_module(TinyCNN()))
+    model, images = _validated_model(exp)
+    alone = cap_metric.monitor(model, exp, "cpu")
+    greedy = lambda f: cap_model.greedy(model, f, exp.data.max_words + 1)  # noqa: E731
+    _, whole = cap_metric._captions(model, exp, "val", "cpu", greedy, 2)
+    assert images == [2, 2, 2, 1] * 2 and 0 < alone["bleu1"] < 100 and len({tuple(c) for c in whole}) > 1
+    out = tmp_path / "ranks"
+    mp.spawn(
+        _sharded_validation, args=(3, str(tmp_path / "init"), str(tmp_path), str(out)), nprocs=3, join=True
+    )
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(3)]
+    assert [r["images"] for r in ranks] == [[2, 1] * 2, [2] * 2, [2] * 2]  # batches 0 and 3, 1, 2 of 4
+    for r in ranks:
+        assert r["bleu"] == alone and r["captions"] == whole
+
+
 def test_a_feature_constant_over_the_training_images_is_centred_not_blown_up(tmp_path):
     """A ReLU unit never on in training but on for a val image: divided by ~0 it was 1e5 times its value."""
     data = {"scenes_splits": [6, 2, 2], "scenes_image_size": 32, "image_size": 32, "min_count": 1}

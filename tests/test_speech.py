@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import reachable_objects
+from conftest import leave_process_group, reachable_objects
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -702,6 +702,49 @@ def test_evaluation_batches_utterances_of_similar_lengths_and_reports_them_in_th
     alone = speech_metric._decode(model, exp, "test", "cpu", speech_config.Eval(batch_size=1))
     assert out["ids"] == list(ds.ids) == sorted(ds.ids) and out["refs"] == list(ds.texts)
     assert out["greedy"] == alone["greedy"] and len(set(out["greedy"])) > 1
+
+
+def _talking_model(exp):
+    """A model whose hypotheses differ from one utterance to another (its output layer's weights scaled up)."""
+    torch.manual_seed(0)
+    model = speech_model.build(exp)
+    with torch.no_grad():
+        model.out.weight *= 30.0
+    utterances = []  # the utterances each forward pass decodes
+    model.register_forward_pre_hook(lambda module, args: utterances.append(len(args[1])))
+    return model, utterances
+
+
+def _sharded_validation(rank, world, init_file, base, out_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    exp = _exp(base, utterances_per_speaker=COUNTS)
+    model, utterances = _talking_model(exp)
+    monitored = speech_metric.monitor(model, exp, "cpu")  # one batch of 8 (train.batch_size): rank 1 has none
+    decoded = speech_metric._decode(model, exp, "val", "cpu", speech_config.Eval(batch_size=3), shard=True)
+    torch.save({"monitor": monitored, "decoded": decoded, "utterances": utterances}, f"{out_file}.{rank}")
+    leave_process_group()
+
+
+def test_the_per_epoch_validation_is_sharded_over_ddp_ranks_with_one_processs_wer(tmp_path, tiny):
+    """Under DDP each rank decodes its whole batches of the length-sorted split (each utterance once, in the batch
+    one process decodes it in) and every rank scores all the hypotheses: one process's WER to the last bit, and
+    the per-utterance results in the split's order."""
+    import torch.multiprocessing as mp
+
+    base, _ = tiny
+    exp = _exp(base, utterances_per_speaker=COUNTS)
+    model, utterances = _talking_model(exp)
+    alone = speech_metric.monitor(model, exp, "cpu")
+    whole = speech_metric._decode(model, exp, "val", "cpu", speech_config.Eval(batch_size=3))
+    assert utterances == [8, 3, 3, 2] and 0 < alone["cer_pct"] < 100 and len(set(whole["greedy"])) > 1
+    out = tmp_path / "ranks"
+    mp.spawn(_sharded_validation, args=(2, str(tmp_path / "init"), str(base), str(out)), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in (0, 1)]
+    assert [r["utterances"] for r in ranks] == [[8, 3, 2], [3]]  # batches 0 and 2 of 3, batch 1 of 3
+    for r in ranks:
+        assert r["monitor"] == alone and r["decoded"] == whole
 
 
 class DeviceReads(TorchFunctionMode):

@@ -144,6 +144,19 @@ def gather_strided(local: list) -> list:
     return merged
 
 
+def in_split_order(indices: list[int], values: list, gather: bool = False) -> list:
+    """Per-item results (`values[k]` is item `indices[k]`'s) in the split's order. With `gather`, under
+    torch.distributed, those of an evaluation sharded over the ranks: every rank's items, on every rank."""
+    parts = [(indices, values)]
+    if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = from_every_rank(parts[0], torch.distributed.get_world_size())
+    out: list = [None] * sum(len(part) for part, _ in parts)
+    for part, part_values in parts:
+        for index, value in zip(part, part_values, strict=True):
+            out[index] = value
+    return out
+
+
 def from_every_rank(value, world: int) -> list:
     """`value` of each rank, in rank order, on every rank (one process: a list of its own)."""
     if world == 1:

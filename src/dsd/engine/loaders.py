@@ -123,6 +123,18 @@ def train_order(
     return keyed, per_rank
 
 
+def rank_batches(order: Sequence[int], batch_size: int) -> list[int]:
+    """An evaluation's `order` in batches of `batch_size`, of which this rank takes batches r, r + N, ... under
+    torch.distributed (one process: all of them): each item is scored once, in the batch one process scores it
+    in (the same padding and batch shape: on the same kernels, one process's outputs to the last bit)."""
+    dist = distributed()
+    if dist is None:
+        return list(order)
+    rank, world = dist
+    starts = range(rank * batch_size, len(order), world * batch_size)
+    return [index for start in starts for index in order[start : start + batch_size]]
+
+
 class EpochSampler(Sampler[tuple[int, int]]):
     """The sampler of a persistent loader: `set_epoch` before each epoch; yields (index, sample seed) pairs.
 

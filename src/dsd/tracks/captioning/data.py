@@ -270,10 +270,13 @@ def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0, 
     )
 
 
-def eval_loader(exp: Experiment, split: str, batch_size: int):
+def eval_loader(exp: Experiment, split: str, batch_size: int, shard: bool = False):
+    """The split's images in order; with `shard`, under torch.distributed, this rank's share of its batches."""
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
-    return loaders.loader(built_once(SplitImages, exp, split), batch_size, train=False)
+    ds = built_once(SplitImages, exp, split)
+    order = loaders.rank_batches(range(len(ds)), batch_size) if shard and loaders.distributed() else None
+    return loaders.loader(ds, batch_size, train=False, order=order)
 
 
 # ------------------------------------------------------------------------------------- prepare, encode

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dsd.engine import distributed
 from dsd.spec import Experiment
 from dsd.tracks.captioning.data import eval_loader, vocabulary
 from dsd.tracks.captioning.model import ShowAndTell, beam_search, greedy
@@ -98,17 +99,21 @@ def bleu4_item_shares(statistics: dict) -> list[float]:
     return (bleu * (1.0 + len(test) * slope)).tolist()
 
 
-def _captions(model, exp: Experiment, split: str, device, decode, batch_size: int):
+def _captions(model, exp: Experiment, split: str, device, decode, batch_size: int, shard: bool = False):
+    """The split's images and their captions, in order. With `shard`, under torch.distributed, each rank decodes
+    its share of the batches and every rank gets all the captions."""
     words = {i: w for w, i in vocabulary(exp).items()}
     was_training = model.training
     model.eval()
-    loader = eval_loader(exp, split, batch_size)
+    loader = eval_loader(exp, split, batch_size, shard=shard)
     hypotheses = []
     try:
         for features, _ in loader:
             hypotheses += [[words[i] for i in ids] for ids in decode(features.to(device))]
     finally:
         model.train(was_training)
+    if shard:
+        hypotheses = distributed.in_split_order(list(loader.sampler), hypotheses, gather=True)
     return loader.dataset.items, hypotheses
 
 
@@ -131,10 +136,11 @@ def evaluate(model, exp: Experiment, split: str, device, n_samples: int = 0) -> 
 
 
 def monitor(model, exp: Experiment, device) -> dict:
-    """The per-epoch validation during training: BLEU of greedy captions up to the training caption length."""
+    """The per-epoch validation during training: BLEU of greedy captions up to the training caption length, under
+    DDP sharded over the ranks (corpus BLEU of all the ranks' captions, as one process computes it)."""
     max_len = exp.data.max_words + 1
     items, hypotheses = _captions(
-        model, exp, "val", device, lambda f: greedy(model, f, max_len), exp.train.batch_size
+        model, exp, "val", device, lambda f: greedy(model, f, max_len), exp.train.batch_size, shard=True
     )
     return corpus_bleu([list(im.captions) for im in items], hypotheses)
 

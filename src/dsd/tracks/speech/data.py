@@ -496,12 +496,14 @@ def train_loader(exp: Experiment, seed: int, epoch: int, skip_batches: int = 0, 
     )
 
 
-def eval_loader(exp: Experiment, split: str, batch_size: int):
+def eval_loader(exp: Experiment, split: str, batch_size: int, shard: bool = False):
+    """The split by length in batches; with `shard`, under torch.distributed, this rank's share of them."""
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     ds = dataset(exp, split)
+    order = loaders.rank_batches(by_length(ds), batch_size) if shard else by_length(ds)
     return loaders.loader(
-        ds, batch_size, train=False, collate_fn=collate, workers=exp.options.workers, order=by_length(ds)
+        ds, batch_size, train=False, collate_fn=collate, workers=exp.options.workers, order=order
     )
 
 

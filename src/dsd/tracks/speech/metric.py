@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsd.engine import distributed
 from dsd.errors import ConfigError, DataError
 from dsd.spec import Experiment
 from dsd.tracks.speech.config import Eval
@@ -97,11 +98,12 @@ def _beam_decoder(cfg: Eval):
 
 
 @torch.no_grad()
-def _decode(model: nn.Module, exp: Experiment, split: str, device, cfg: Eval) -> dict:
+def _decode(model: nn.Module, exp: Experiment, split: str, device, cfg: Eval, shard: bool = False) -> dict:
     """One forward pass per batch, decoded by the configured decoder ("hyps") and greedily ("greedy").
 
     Both from the same log-probabilities, so the greedy numbers show the acoustic model alone at no cost
-    of a second pass. With the greedy decoder the two lists are the same.
+    of a second pass. With the greedy decoder the two lists are the same. With `shard`, under
+    torch.distributed, each rank decodes its share of the batches and every rank gets all the results.
     """
     was_training = model.training
     beam = None
@@ -110,7 +112,7 @@ def _decode(model: nn.Module, exp: Experiment, split: str, device, cfg: Eval) ->
         beam = _beam_decoder(replace(cfg, **{k: None if f is None else str(f) for k, f in files.items()}))
     model.eval()
     out = {"ids": [], "refs": [], "hyps": [], "greedy": []}
-    loader = eval_loader(exp, split, cfg.batch_size)
+    loader = eval_loader(exp, split, cfg.batch_size, shard=shard)
     try:
         for batch in loader:
             log_probs, lengths = model(batch["features"].to(device, non_blocking=True), batch["lengths"])
@@ -127,16 +129,11 @@ def _decode(model: nn.Module, exp: Experiment, split: str, device, cfg: Eval) ->
             out["refs"] += batch["texts"]
     finally:
         model.train(was_training)
-    return {key: _in_split_order(values, loader.sampler.order) for key, values in out.items()}
-
-
-def _in_split_order(values: list, order: list[int]) -> list:
-    """Results decoded in `order` (batched by length) back in the split's order: the samples shown, and the
-    per-utterance errors that the report resamples, are the same utterances whatever the batching."""
-    out = [None] * len(values)
-    for value, index in zip(values, order, strict=True):
-        out[index] = value
-    return out
+    # decoded in the loader's order (batched by length), returned in the split's: the samples shown, and the
+    # per-utterance errors that the report resamples, are the same utterances whatever the batching
+    rows = list(zip(*out.values(), strict=True))
+    rows = distributed.in_split_order(loader.sampler.order, rows, gather=shard)
+    return {key: [row[k] for row in rows] for k, key in enumerate(out)}
 
 
 def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float]:
@@ -178,6 +175,8 @@ def evaluate(
 
 
 def monitor(model: nn.Module, exp: Experiment, device) -> dict:
-    """The per-epoch validation during training: greedy WER / CER (the acoustic model alone)."""
-    out = _decode(model, exp, "val", device, Eval(batch_size=exp.train.batch_size, decoder="greedy"))
+    """The per-epoch validation during training: greedy WER / CER (the acoustic model alone), under DDP
+    sharded over the ranks (the corpus rates of all the ranks' hypotheses, as one process computes them)."""
+    cfg = Eval(batch_size=exp.train.batch_size, decoder="greedy")
+    out = _decode(model, exp, "val", device, cfg, shard=True)
     return error_rates(out["refs"], out["greedy"])
