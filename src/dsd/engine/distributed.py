@@ -50,8 +50,9 @@ def autocast(dtype: torch.dtype | None):
 
 
 def fast_kernels(device: torch.device, fixed_shapes: bool) -> None:
-    """On CUDA: TF32 for fp32 matmuls and convolutions; cuDNN's autotuner where input shapes repeat (it tunes
-    again for every new shape, which variable-length speech batches would pay every step)."""
+    """On CUDA: TF32 for fp32 matmuls and cuDNN's convolutions and recurrent layers (`cudnn.allow_tf32` covers
+    both); cuDNN's autotuner where input shapes repeat (it tunes again for every new shape, which
+    variable-length speech batches would pay every step)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
