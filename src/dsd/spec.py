@@ -183,7 +183,9 @@ class RunOptions:
     workers: int = option(0, "DataLoader worker processes per GPU process (auto: its cores less one)", min=0)
     gpus_per_job: int = option(1, "GPUs per training job; more than one trains as that many DDP ranks", min=1)
     compile: bool = option(
-        False, "torch.compile the training forward/backward (masks are still applied after every step)"
+        False,
+        "torch.compile the training forward/backward (masks are still applied after every step; speech's "
+        "packed recurrent layers and captioning's LSTM run eagerly inside the compiled model)",
     )
     compile_mode: Literal["default", "reduce-overhead"] = option(
         "default",

@@ -58,6 +58,13 @@ class BiRecurrent(nn.Module):
         return out._replace(data=out.data[:, :half] + out.data[:, half:])
 
 
+def eager_under_compile(method):
+    """`method` runs eagerly inside a `torch.compile`d model (`compile: true`), the layers around it compiled:
+    Dynamo cannot trace packed sequences, whose batch sizes are data that `pad_packed_sequence` reads on the
+    host (tracing failed: "data is not allocated yet"). Uncompiled, `method` runs as it is."""
+    return torch.compiler.disable(method)
+
+
 def _without_autocast(device_type: str):
     """Autocast off where the device has it (the meta device, which tests trace the step on, has none)."""
     if torch.amp.is_autocast_available(device_type):
@@ -88,10 +95,15 @@ class DeepSpeech(nn.Module):
         lengths = torch.div(lengths.cpu() - 1, self.stride, rounding_mode="floor") + 1
         for layer in (self.layer0, self.fc1, self.fc2):
             x = self.dropout(F.hardtanh(layer(x), 0.0, self.clip))
-        packed, restore = pack(x, lengths)
-        x = unpack(self.rnn(packed), restore, x.shape[1])
+        x = self.recurrent(x, lengths)
         x = self.dropout(F.hardtanh(self.fc4(x.to(self.fc4.weight.dtype)), 0.0, self.clip))
         return self.out(x).log_softmax(-1), lengths
+
+    @eager_under_compile
+    def recurrent(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The bidirectional layer over the utterances' frames (padding excluded), padded again."""
+        packed, restore = pack(x, lengths)
+        return unpack(self.rnn(packed), restore, x.shape[1])
 
 
 class DeepSpeech2(nn.Module):
@@ -135,15 +147,20 @@ class DeepSpeech2(nn.Module):
             x = conv(x)
             lengths = torch.div(lengths + 2 * (kt // 2) - kt, st, rounding_mode="floor") + 1
             x = F.hardtanh(_norm_frames(norm, x, lengths), 0.0, self.clip)
-        x = x.flatten(1, 2).transpose(1, 2)  # (B, T', C*F')
+        x = self.recurrent(x.flatten(1, 2).transpose(1, 2), lengths)  # (B, T', C*F')
+        return self.out(x).log_softmax(-1), lengths
+
+    @eager_under_compile
+    def recurrent(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The recurrent layers and the fully connected one over the utterances' frames (padding excluded: its
+        batch norm's statistics too), padded again."""
         packed, restore = pack(x, lengths)
         for i, rnn in enumerate(self.rnn):
             if i > 0 and self.rnn_bn:
                 packed = packed._replace(data=self.rnn_bn[i - 1](packed.data))
             packed = rnn(packed)
         data = F.hardtanh(self.fc_bn(self.fc(packed.data.to(self.fc.weight.dtype))), 0.0, self.clip)
-        x = unpack(packed._replace(data=data), restore, x.shape[1])
-        return self.out(x).log_softmax(-1), lengths
+        return unpack(packed._replace(data=data), restore, x.shape[1])
 
 
 def output_lengths(cfg: Model, lengths: torch.Tensor) -> torch.Tensor:
