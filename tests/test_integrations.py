@@ -328,3 +328,37 @@ def test_huggingface_resume_check_reads_a_compiled_model_under_its_own_names():
     model = net()
     state = dsd.Pruner(model, 0.5).state_dict()
     assert masks_fit(torch.compile(model), state) and masks_fit(model, state)
+
+
+def test_huggingface_saves_into_a_hyperparameter_search_trials_checkpoint(tmp_path):
+    """Under `hyperparameter_search` the Trainer saves into the trial's run folder (`output_dir/run-<id>`): the
+    DSD state went to `output_dir/checkpoint-N`, a crash (no such folder) or, left by an earlier run there, that
+    run's checkpoint overwritten. Each trial is run as the search's wandb backend runs it (a sweep agent needs a
+    server): `train(trial=params)` with the backend set."""
+    transformers = pytest.importorskip("transformers")
+    wandb = pytest.importorskip("wandb")
+    from transformers.trainer_utils import HPSearchBackend
+
+    from dsd.integrations.huggingface import DSDTrainerCallback
+
+    x, y = dataset()
+    output = tmp_path / "hf"
+    earlier = output / "checkpoint-10"  # an earlier run's, in the same output_dir
+    earlier.mkdir(parents=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(output), per_device_train_batch_size=BATCH, num_train_epochs=5, optim="sgd",
+        save_strategy="steps", save_steps=10, report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    rows = [{"x": a, "labels": b} for a, b in zip(x, y, strict=True)]
+    trainer = transformers.Trainer(
+        model_init=Classifier, args=args, train_dataset=rows, callbacks=[DSDTrainerCallback(RECIPE)]
+    )
+    trainer.hp_search_backend = HPSearchBackend.WANDB
+    for seed in (0, 1):
+        run = wandb.init(mode="disabled")
+        trainer.train(trial={"seed": seed})
+        for step in (10, 20):
+            saved = torch.load(output / f"run-{run.id}" / f"checkpoint-{step}" / "dsd.pt", weights_only=True)
+            assert saved["global_step"] == step
+        wandb.finish()
+    assert not any(earlier.iterdir())

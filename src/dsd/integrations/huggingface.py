@@ -10,14 +10,16 @@ Set `num_train_epochs` to the recipe's total. The callback sets each step's lear
 scheduler has run, and again before the next step (so `lr_scheduler_type` does not matter to training,
 `reduce_lr_on_plateau` included; the Trainer's own `learning_rate` log
 column shows its scheduler, `dsd_lr` the rate applied), stops training when the recipe is done, writes its
-step count and masks as `dsd.pt` into every checkpoint folder and reads them back when training resumes from
-one (`output_dir/checkpoint-N`, or the folder `TrainingArguments.resume_from_checkpoint` names: the Trainer does
+step count and masks as `dsd.pt` into every checkpoint folder (a `hyperparameter_search` trial's too) and
+reads them back when training resumes from one (`output_dir/checkpoint-N`, or the folder `TrainingArguments.resume_from_checkpoint` names: the Trainer does
 not tell callbacks the folder given to `train()`), refusing masks that do not fit the restored weights, and adds `dsd_lr`, `dsd_sparsity` (measured) and `dsd_phase` of the step just taken to the Trainer's log
 history (with `logging_strategy="steps"`).
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import math
 import os
 
@@ -28,6 +30,34 @@ from dsd.core.masks import unpack_mask, unwrapped
 from dsd.integrations._recipe import RecipeCallback
 
 STATE_FILE = "dsd.pt"
+TRAINER_STATE = "trainer_state.json"  # what the Trainer writes into every checkpoint before on_save
+
+
+def saved_checkpoint(args, state) -> str:
+    """The folder the Trainer has just saved `checkpoint-<step>` in. Under `hyperparameter_search` that is in the
+    trial's own run folder, `output_dir/<hp_name(trial)>` or `output_dir/run-<trial id>`; callbacks are not told
+    the trial id, so it is the newest such checkpoint of this trial's parameters."""
+    name = f"checkpoint-{state.global_step}"
+    if state.trial_name is not None:  # hp_name's run folder
+        return os.path.join(args.output_dir, state.trial_name, name)
+    if state.trial_params is None:  # no search
+        return os.path.join(args.output_dir, name)
+    pattern = os.path.join(glob.escape(args.output_dir), "*", name, TRAINER_STATE)
+    params = same_in_json(state.trial_params)
+    found = [path for path in glob.glob(pattern) if saved_trial_params(path) == params]
+    if not found:
+        raise FileNotFoundError(f"{pattern}: no checkpoint of this trial's, where the Trainer saves one")
+    return os.path.dirname(max(found, key=os.path.getmtime))
+
+
+def saved_trial_params(path: str):
+    with open(path, encoding="utf-8") as file:
+        return json.load(file).get("trial_params")
+
+
+def same_in_json(value):
+    """`value` as read back from the Trainer's JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 def masks_fit(model: torch.nn.Module, pruner: dict | None) -> bool:
@@ -93,8 +123,7 @@ class DSDTrainerCallback(RecipeCallback, TrainerCallback):
 
     def on_save(self, args, state, control, **kw):
         if args.should_save:  # the processes the Trainer saves from: one per node with save_on_each_node
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            torch.save(self.driver.state_dict(), os.path.join(folder, STATE_FILE))
+            torch.save(self.driver.state_dict(), os.path.join(saved_checkpoint(args, state), STATE_FILE))
 
     def on_log(self, args, state, control, logs=None, **kw):
         if self.logged and state.log_history:  # the values of the step just taken
