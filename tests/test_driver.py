@@ -335,6 +335,31 @@ def test_param_groups_keep_their_learning_rate_ratios_through_the_recipe():
     assert optimizer.param_groups[2]["lr"] == pytest.approx(0.002)  # a tenth of the sparse LR, halved
 
 
+def test_a_param_group_added_within_a_phase_takes_its_first_step_at_the_recipes_lr():
+    """A layer unfrozen mid-phase (`add_param_group` at the optimizer's default LR, 0.1): its first step ran at
+    0.1, not at the phase's 0.2, since the driver sets LRs only in `step()`, after that optimizer step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    recipe = [
+        {"kind": "dense", "epochs": 1, "lr": 0.2},
+        {"kind": "sparse", "epochs": 1, "lr": 0.04, "sparsity": 0.5},
+    ]
+    run = dsd.DSD(model, optimizer, recipe, steps_per_epoch=2)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    run.step()
+    optimizer.add_param_group({"params": model[0].requires_grad_(True).parameters()})
+    before = model[0].weight.detach().clone()
+    model(torch.randn(3, 4)).sum().backward()
+    grad = model[0].weight.grad.clone()
+    optimizer.step()
+    assert torch.allclose(model[0].weight, before - 0.2 * grad)  # not before - 0.1 * grad
+    assert [g["lr"] for g in optimizer.param_groups] == [0.2, 0.2]
+
+
 def test_a_warmup_scheduler_built_before_the_driver_does_not_freeze_training():
     """A warmup scheduler (the Hugging Face Trainer's `warmup_steps`, a Lightning module's LambdaLR) sets every
     group's LR to 0 when it is built: the groups' ratios were read from that 0 and held every LR at 0 for the

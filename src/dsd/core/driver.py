@@ -24,6 +24,7 @@ state dict resumes exactly: step count and masks (bit-packed).
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -33,6 +34,7 @@ from dsd.core.masks import (
     Optimizers,
     Pruner,
     check_patterns,
+    holder,
     optimizer_list,
     prunable_parameters,
     shaped_state,
@@ -54,6 +56,12 @@ def built_lr(group: dict) -> float:
     Trainer's, a Lightning module's) keeps it as `initial_lr` and may have moved `lr` already: a warmup's first
     LR is 0, which as a ratio would hold every group at 0 for the whole recipe."""
     return float(group.get("initial_lr", group["lr"]))
+
+
+def stepped_by(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The outermost optimizer whose `step()` runs step hooks: accelerate's AcceleratedOptimizer does not (it
+    skips torch's Optimizer.__init__), the one inside it does."""
+    return optimizer if hasattr(optimizer, "_optimizer_step_pre_hooks") else holder(optimizer)
 
 
 class DSD:
@@ -82,6 +90,7 @@ class DSD:
         self._skip_empty()
         self._before_entry = self._snapshot() if self.phase is not None and self.phase.prunes else None
         self._enter()
+        self._watch_added_param_groups()
 
     # ------------------------------------------------------------------------------------------ progress
 
@@ -164,6 +173,20 @@ class DSD:
         for name, tensor, value in self._before_entry:
             if torch.equal(tensor, value * masks[name].to(value.device)):
                 tensor.copy_(value)
+
+    def _watch_added_param_groups(self) -> None:
+        """A param group added within a phase (`add_param_group`: a layer unfrozen) would take its first step at
+        the LR it was added with, before `step()` next sets LRs: a hook sets the recipe's before that step. It
+        holds the driver weakly: a dropped driver's hook does nothing."""
+        driver = weakref.ref(self)
+
+        def before_step(optimizer, args, kwargs):
+            this = driver()
+            if this is not None and any(LR_SCALE not in group for group in this._param_groups()):
+                this._set_lr()
+
+        for optimizer in self._optimizers:
+            stepped_by(optimizer).register_step_pre_hook(before_step)
 
     def _param_groups(self) -> list[dict]:
         return [group for optimizer in self._optimizers for group in optimizer.param_groups]
