@@ -59,10 +59,11 @@ class Module(L.LightningModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*dataset()), batch_size=BATCH)
 
 
-def lightning_fit(module, tmp_path, max_epochs, ckpt_path=None, logger=False):
+def lightning_fit(module, tmp_path, max_epochs, ckpt_path=None, logger=False, callback=None):
+    callback = callback or DSDCallback(RECIPE, exclude=["net.0.weight"])
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=logger, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
-                        callbacks=[DSDCallback(RECIPE, exclude=["net.0.weight"])])  # fmt: skip
+                        callbacks=[callback])  # fmt: skip
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
 
@@ -99,6 +100,19 @@ def test_lightning_resume_mid_sparse_matches_an_uninterrupted_run(tmp_path):
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     assert [lr for lr, _ in resumed.seen] == pytest.approx(EXPECTED_LR[15:])
+
+
+def test_a_lightning_callback_reused_after_a_resume_starts_the_next_fit_afresh(tmp_path):
+    """The same callback in a later fit without `ckpt_path` (a loop over runs): it loaded the earlier fit's
+    checkpoint again, so a fresh model started mid-sparse, pruned, and the recipe ended after 10 of its 25 steps."""
+    with pytest.warns(UserWarning, match=STOPPED_MID_SPARSE):
+        lightning_fit(Module(), tmp_path, max_epochs=3).save_checkpoint(tmp_path / "mid.ckpt")
+    callback = DSDCallback(RECIPE, exclude=["net.0.weight"])
+    lightning_fit(Module(), tmp_path, max_epochs=50, ckpt_path=tmp_path / "mid.ckpt", callback=callback)
+    fresh = Module()
+    assert lightning_fit(fresh, tmp_path, max_epochs=50, callback=callback).global_step == 25
+    assert [lr for lr, _ in fresh.seen] == pytest.approx(EXPECTED_LR)
+    assert [z for _, z in fresh.seen][:10] == [0.0] * 10
 
 
 class TwoOptimizers(Module):

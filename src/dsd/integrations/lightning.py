@@ -58,8 +58,9 @@ class DSDCallback(RecipeCallback, Callback):
         else:
             steps = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
             self.start(pl_module, optimizers[0], steps)
-        if self._restored is not None:
+        if self._restored is not None:  # this fit's checkpoint: a later fit without one starts afresh
             self.driver.load_state_dict(self._restored)
+            self._restored = None
         self._done_steps = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
