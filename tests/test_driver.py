@@ -248,6 +248,30 @@ def test_a_wrong_iht_entry_names_its_key(entry, message):
         dsd.Recipe.from_config([{"kind": "dense", "epochs": 1, "lr": 0.1}, iht])
 
 
+def test_numpy_numbers_make_the_same_recipe_and_nan_is_refused():
+    """Numbers from numpy (a sweep's np.float32 sparsity, epochs computed as np.int64) were refused as "must be a
+    number ..., got np.float32(0.5)"; a NaN LR was accepted and trained every weight to NaN."""
+    written = [
+        {"kind": "dense", "epochs": np.int64(2), "lr": np.float32(0.5)},
+        {
+            "kind": "iht",
+            "cycles": np.int64(2),
+            "epochs": np.float64(1.5),
+            "lr": np.float32(0.25),
+            "sparsity": np.float32(0.5),
+        },
+    ]
+    plain = [
+        {"kind": "dense", "epochs": 2, "lr": 0.5},
+        {"kind": "iht", "cycles": 2, "epochs": 1.5, "lr": 0.25, "sparsity": 0.5},
+    ]
+    assert dsd.Recipe.from_config(written) == dsd.Recipe.from_config(plain)
+    assert dsd.Pruner(make()[0], np.float32(0.5)).overall_sparsity() == 0.5
+    for key in ("lr", "epochs"):
+        with pytest.raises(ValueError, match=rf"phases\[0\]\.{key} must be a"):
+            dsd.Recipe.from_config([{"kind": "dense", "epochs": 1, "lr": 0.1} | {key: float("nan")}])
+
+
 def test_the_readme_quick_start_runs_as_written():
     readme = (REPO / "README.md").read_text()
     block = re.search(r"<!-- quickstart:plain -->\n```python\n(.*?)```", readme, re.S).group(1)

@@ -9,6 +9,7 @@ continues from `dense` for as many epochs, with the same learning rates, as all 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -18,9 +19,14 @@ CONTROL = "control"
 REDENSE_LR_FACTOR = 0.1
 
 
+def is_number(value) -> bool:
+    """A finite real number, numpy's too (a sweep's np.float32, a computed np.int64 of epochs); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_sparsity(sparsity: float) -> float:
     """Sparsity is the fraction pruned: 0 keeps everything, 1 would delete the tensor."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+    if not is_number(sparsity) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     return float(sparsity)
 
@@ -59,7 +65,7 @@ class Recipe:
             if kind == "redense" and (previous is None or previous.kind != "sparse"):
                 raise ValueError(f"{where}: a redense phase must follow a sparse phase")
             epochs = entry.get("epochs")
-            if not isinstance(epochs, (int, float)) or isinstance(epochs, bool) or epochs < 0:
+            if not is_number(epochs) or epochs < 0:
                 raise ValueError(f"{where}.epochs must be a non-negative number, got {epochs!r}")
             if epochs == 0 and kind != "dense":
                 raise ValueError(f"{where}.epochs: only a dense phase may have 0 epochs (a pretrained start)")
@@ -70,7 +76,7 @@ class Recipe:
                 lr = 0.0
             elif epochs == 0:
                 raise ValueError(f"{where}.lr: a dense phase of 0 epochs (a pretrained start) takes no lr")
-            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or (lr <= 0 and epochs > 0):
+            if not is_number(lr) or (lr <= 0 and epochs > 0):
                 raise ValueError(f"{where}.lr must be a positive number, got {lr!r}")
             sparsity = entry.get("sparsity", 0.0)
             if kind == "sparse":
@@ -162,7 +168,7 @@ def _expand_iht(entries: Iterable[Mapping]) -> Iterable[tuple[str, Mapping]]:
             yield where, entry
             continue
         cycles = entry.get("cycles")
-        if not isinstance(cycles, int) or isinstance(cycles, bool) or cycles < 1:
+        if not isinstance(cycles, numbers.Integral) or isinstance(cycles, bool) or cycles < 1:
             raise ValueError(f"{where}.cycles must be a whole number >= 1 for an iht entry, got {cycles!r}")
         for key in ("lr", "sparsity"):
             if entry.get(key) is None:
