@@ -13,6 +13,7 @@
             if dsd_run.done:
                 break
 
+`steps_per_epoch` counts optimizer steps (with gradient accumulation over k batches, ceil(len(loader) / k)).
 It sets each step's learning rate (the phase's own LR and schedule; param groups built with different LRs keep
 their ratios, the largest getting the recipe's), chooses the masks when a sparse phase starts, re-applies them
 (and zeroes the optimizer state at pruned entries) after every step, drops them when a re-dense phase starts,
