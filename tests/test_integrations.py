@@ -115,6 +115,16 @@ def test_a_lightning_callback_reused_after_a_resume_starts_the_next_fit_afresh(t
     assert [z for _, z in fresh.seen][:10] == [0.0] * 10
 
 
+def test_lightning_resuming_a_finished_recipe_trains_nothing(tmp_path):
+    """A finished run resumed (a requeued job) took one more batch, unmasked and at the last LR before stopping."""
+    whole = Module()
+    lightning_fit(whole, tmp_path, max_epochs=50).save_checkpoint(tmp_path / "end.ckpt")
+    resumed = Module()
+    assert lightning_fit(resumed, tmp_path, max_epochs=50, ckpt_path=tmp_path / "end.ckpt").global_step == 25
+    assert resumed.seen == []
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
+
+
 class TwoOptimizers(Module):
     """Each linear layer stepped by its own optimizer (manual optimization, as Lightning requires for two)."""
 
@@ -290,6 +300,15 @@ def test_huggingface_follows_the_recipe_and_resumes_mid_sparse(tmp_path):
     with pytest.raises(FileNotFoundError, match="name it in TrainingArguments.resume_from_checkpoint"):
         hf_train(tmp_path / "e", resume=str(elsewhere))
     resumed, _ = hf_train(tmp_path / "f", resume=str(elsewhere), resume_in_args=True)
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
+
+
+def test_huggingface_resuming_a_finished_recipe_leaves_the_model_as_it_ended(tmp_path):
+    """A finished run resumed (a requeued job): the Trainer takes one step before the callback can stop it, which
+    trained the model unmasked at the last LR; the model is put back as the recipe left it."""
+    whole, _ = hf_train(tmp_path, save_steps=25)
+    resumed, trainer = hf_train(tmp_path, resume=str(tmp_path / "hf" / "checkpoint-25"))
+    assert trainer.state.global_step == 26
     assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
 
 

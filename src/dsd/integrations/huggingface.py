@@ -77,6 +77,7 @@ def masks_fit(model: torch.nn.Module, pruner: dict | None) -> bool:
 
 class DSDTrainerCallback(RecipeCallback, TrainerCallback):
     logged: dict | None = None  # the values of the step being taken, for the next log
+    untrained: dict | None = None  # the model before a step taken after the recipe's end, put back after it
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kw):
         try:
@@ -105,7 +106,11 @@ class DSDTrainerCallback(RecipeCallback, TrainerCallback):
                 )
             self.driver.load_state_dict(saved)
 
-    def on_step_begin(self, args, state, control, **kw):
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        if (
+            self.driver.done
+        ):  # a finished run resumed (a requeued job): the Trainer takes a step before it stops
+            self.untrained = {name: value.clone() for name, value in model.state_dict().items()}
         # again: a ReduceLROnPlateau scheduler steps after evaluation, past on_step_end's LR
         self.driver._set_lr()
         every = state.logging_steps or 1
@@ -113,7 +118,10 @@ class DSDTrainerCallback(RecipeCallback, TrainerCallback):
             driver = self.driver
             self.logged = {"dsd_lr": driver.lr, "dsd_sparsity": driver.sparsity(), "dsd_phase": driver.index}
 
-    def on_step_end(self, args, state, control, **kw):
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if self.untrained is not None:  # that step trained without the recipe (dense, at a stale LR): undone
+            model.load_state_dict(self.untrained)
+            self.untrained = None
         self.driver.step()
         if self.driver.done:
             control.should_training_stop = True

@@ -61,6 +61,9 @@ class DSDCallback(RecipeCallback, Callback):
         if self._restored is not None:  # this fit's checkpoint: a later fit without one starts afresh
             self.driver.load_state_dict(self._restored)
             self._restored = None
+        # a finished run resumed (a requeued job): a batch more would train it without the recipe
+        if self.driver.done:
+            trainer.should_stop = True
         self._done_steps = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
