@@ -107,9 +107,8 @@ class DSDTrainerCallback(RecipeCallback, TrainerCallback):
             self.driver.load_state_dict(saved)
 
     def on_step_begin(self, args, state, control, model=None, **kw):
-        if (
-            self.driver.done
-        ):  # a finished run resumed (a requeued job): the Trainer takes a step before it stops
+        # a finished run resumed (a requeued job): the Trainer takes a step before it stops
+        if self.driver.done:
             self.untrained = {name: value.clone() for name, value in model.state_dict().items()}
         # again: a ReduceLROnPlateau scheduler steps after evaluation, past on_step_end's LR
         self.driver._set_lr()
