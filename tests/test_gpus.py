@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import re
 import selectors
 import signal
 import stat
@@ -368,6 +369,47 @@ def test_auto_threads_and_workers_share_the_node_among_its_gpu_jobs(monkeypatch)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     config = load_config(REPO / "configs" / "paper.yaml", sets=["workers=2"], check_models=False)
     assert (config.options.threads, config.options.workers) == (1, 2)
+
+
+def test_auto_workers_of_a_one_process_job_are_its_cores_less_one(tmp_path, monkeypatch):
+    """An evaluation runs one process on one GPU: `workers: auto` is its job's cores less
+    one. It got a DDP rank's share (cores / gpus_per_job, less one) like the training jobs, though nothing else
+    runs in it: with `gpus_per_job: 4` a quarter of its loader workers."""
+    from conftest import BIN, REPO, tiny_vision_config, write_config
+
+    from dsd.config import load_config
+    from dsd.gpus import cpus_per_job
+
+    assert cpus_per_job(4, cores=16, gpus=4) == (16, 3)  # one 4-GPU job: 3 workers for each of its 4 ranks
+    assert cpus_per_job(4, cores=16, gpus=4, processes=1) == (16, 15)  # its evaluation: one process
+    assert cpus_per_job(1, cores=16, gpus=4, processes=1) == (4, 3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    config = load_config(REPO / "configs" / "paper.yaml", sets=["gpus_per_job=2"], check_models=False)
+    threads = config.options.threads
+    assert config.options.workers == max(0, threads // 2 - 1)
+    assert config.one_process_options.workers == threads - 1
+    assert config.one_process_options.threads == threads
+    pinned = load_config(REPO / "configs" / "paper.yaml", sets=["workers=2"], check_models=False)
+    assert pinned.one_process_options == pinned.options  # a number is every process's, as written
+
+    # what the rules pass: the evaluation's command carries the one-process count, the training's the ranks'
+    raw = tiny_vision_config(
+        tmp_path, seeds=[0], device="cuda", threads="auto", workers="auto", gpus_per_job=2
+    )
+    plan = subprocess.run(
+        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "-p", "--cores", "all",
+         "--configfile", str(write_config(tmp_path, raw)), "--resources", "gpu=2"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    commands = [
+        line for line in plan.stdout.splitlines() if "-m dsd evaluate" in line or " train --spec" in line
+    ]
+    workers = {
+        ("evaluate" if "-m dsd evaluate" in c else "train"): re.search(r'"workers": (\d+)', c)[1]
+        for c in commands
+    }
+    assert workers == {"evaluate": str(threads - 1), "train": str(max(0, threads // 2 - 1))}, workers
 
 
 def test_auto_threads_inside_a_slurm_job_stay_within_its_cpus(monkeypatch):

@@ -35,9 +35,13 @@ def _row(args) -> str:
     return args.row
 
 
-def _options(args, config: Config | None = None) -> RunOptions:
+def _options(args, config: Config | None = None, one_process: bool = False) -> RunOptions:
+    """The run options: `--options`, else the config's, for a job of one process (`one_process`: an evaluation,
+    whose `workers: auto` is not a DDP rank's share) or for a training job."""
     options = _from_json(RunOptions, args.options, "--options") if getattr(args, "options", None) else None
-    options = options or (config.options if config is not None else RunOptions())
+    if options is None and config is not None:
+        options = config.one_process_options if one_process else config.options
+    options = options or RunOptions()
     from dsd.gpus import cpu_isa_env
 
     pinned = cpu_isa_env(options.cpu_isa, options.device)
@@ -186,7 +190,7 @@ def cmd_train(args) -> None:
 
 def cmd_evaluate(args) -> None:
     config = None if args.spec else _config(args)
-    options = _options(args, config)  # before torch starts: it pins the kernels torch picks then
+    options = _options(args, config, one_process=True)  # before torch starts: it pins the kernels torch picks
     from dsd import hparams, tracks
     from dsd.engine.evaluation import evaluate_checkpoint
 
@@ -225,6 +229,7 @@ def cmd_run(args) -> None:
 
     config = _config(args)
     options, row = _options(args, config), config.row(args.row)  # before torch starts (the kernels' pin)
+    eval_options = _options(args, config, one_process=True)
     from dsd import tracks
     from dsd.engine import prepare
     from dsd.engine.evaluation import evaluate_checkpoint
@@ -261,7 +266,7 @@ def cmd_run(args) -> None:
         if evaluated and not _any_newer(evaluation_reads, paths.evaluation(out)):
             result = paths.read_json(paths.evaluation(out))
         else:
-            result = evaluate_checkpoint(spec, row.eval, paths.checkpoint(out), options)
+            result = evaluate_checkpoint(spec, row.eval, paths.checkpoint(out), eval_options)
             paths.write_json(paths.evaluation(out), result)
         print(
             f"{args.row} seed {args.seed} {phase}: test {result['metric']} = {result['test'][result['metric']]:.2f}"

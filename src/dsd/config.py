@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,9 @@ class Config:
     seeds: tuple[int, ...]
     options: RunOptions
     experiments: Mapping[str, RowSpec]
+    # the options of a job that runs one process (an evaluation): `workers: auto` gives it its job's cores less
+    # one, where a training job's DDP ranks share them
+    one_process_options: RunOptions
 
     def row(self, name: str) -> RowSpec:
         if name not in self.experiments:
@@ -145,14 +148,16 @@ def parse_sets(pairs: Iterable[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _resolve_auto_cpus(raw: Mapping) -> Mapping:
-    """`threads: auto` / `workers: auto` become numbers for the node Snakemake plans on (dsd.gpus.cpus_per_job)."""
+def _resolve_auto_cpus(raw: Mapping, processes: int | None = None) -> Mapping:
+    """`threads: auto` / `workers: auto` become numbers for the node Snakemake plans on (dsd.gpus.cpus_per_job),
+    for a job of `processes` processes (default: a training job's, one per GPU)."""
     if "auto" not in (raw.get("threads"), raw.get("workers")):
         return raw
     from dsd.gpus import cpus_per_job
 
     per_job = raw.get("gpus_per_job", 1)
-    threads, workers = cpus_per_job(per_job if isinstance(per_job, int) and per_job > 0 else 1)
+    per_job = per_job if isinstance(per_job, int) and per_job > 0 else 1
+    threads, workers = cpus_per_job(per_job, processes=processes)
     resolved = dict(raw)
     for key, value in (("threads", threads), ("workers", workers)):
         if resolved.get(key) == "auto":
@@ -181,6 +186,8 @@ def load_config(
 
 
 def parse_config(raw: Mapping, check_models: bool = True) -> Config:
+    auto_workers = raw.get("workers") == "auto"
+    one_process_workers = _resolve_auto_cpus(raw, processes=1).get("workers")
     raw = _resolve_auto_cpus(raw)
     top = hparams.parse(ConfigKeys, {k: v for k, v in raw.items() if not str(k).startswith("_")}, "config")
     options = RunOptions(**{f.name: _expand_home(f.name, getattr(top, f.name)) for f in fields(RunOptions)})
@@ -205,7 +212,8 @@ def parse_config(raw: Mapping, check_models: bool = True) -> Config:
             raise ConfigError(
                 f"config.rows[{i}]: {name!r} is not an experiment (have: {', '.join(experiments)})"
             )
-    config = Config(rows, top.seeds, options, experiments)
+    one_process = replace(options, workers=one_process_workers) if auto_workers else options
+    config = Config(rows, top.seeds, options, experiments, one_process)
     _check_shared_data(config)
     for name, row in experiments.items():
         tracks.get(row.track).config.check_config(row, config, f"config.experiments.{name}")

@@ -323,16 +323,20 @@ def cpu_isa_env(isa: str, device: str) -> dict[str, str]:
     return {"ATEN_CPU_CAPABILITY": isa, "ONEDNN_MAX_CPU_ISA": isa.upper(), "MKL_CBWR": isa.upper()}
 
 
-def cpus_per_job(gpus_per_job: int, cores: int | None = None, gpus: int | None = None) -> tuple[int, int]:
+def cpus_per_job(
+    gpus_per_job: int, cores: int | None = None, gpus: int | None = None, processes: int | None = None
+) -> tuple[int, int]:
     """(threads, DataLoader workers per process) for `threads: auto` / `workers: auto`: this node's cores shared
     by the GPU jobs that run on it at once (one per `gpus_per_job` GPUs), a core per process kept for its main
-    thread. Without a GPU: one thread, no workers (the embedded jobs are many and short; cores run jobs)."""
+    thread. `processes`: how many processes share a job's threads, default `gpus_per_job` (a training job's
+    ranks); 1 for a job that runs one process (an evaluation). Without a GPU: one thread, no workers (the
+    embedded jobs are many and short; cores run jobs)."""
     cores = cores if cores is not None else _cores()
     gpus = gpus if gpus is not None else len(visible_devices())
     if gpus == 0:
         return 1, 0
     threads = max(1, cores // max(1, gpus // gpus_per_job))
-    return threads, max(0, threads // gpus_per_job - 1)
+    return threads, max(0, threads // (processes or gpus_per_job) - 1)
 
 
 def _cores() -> int:

@@ -24,6 +24,8 @@ OPTIONS = CONFIG.options
 OUT, DATA_ROOT = OPTIONS.output_dir, OPTIONS.data_root
 ROWS, SEEDS = CONFIG.rows, CONFIG.seeds  # the rows of the tables; CONFIG.experiments also has rows they read
 RUN = shlex.quote(OPTIONS.to_json())  # run options: in the commands, never a rerun trigger
+# those of an evaluation job, one process: `workers: auto` is its cores less one, not a training rank's share
+RUN_ONE_PROCESS = shlex.quote(CONFIG.one_process_options.to_json())
 os.environ.update(dsd_gpus.cpu_isa_env(OPTIONS.cpu_isa, OPTIONS.device))  # before any job imports torch
 PYTHON = sys.executable
 # Distinct GPUs per concurrent job (Snakemake only counts them); a stdlib-only script, so no torch import.

@@ -22,4 +22,4 @@ rule evaluate_phase:
         str(paths.benchmarks_dir(OUT) / "rules" / "{row}" / "seed{seed}" / "{phase}.eval.tsv")
     shell:
         "{GPUS} {resources.gpu} -- {PYTHON} -m dsd evaluate --spec {params.spec:q} --eval {params.eval:q}"
-        " --checkpoint {input.model:q} --options {RUN} --out {output:q} 2> {log:q}"
+        " --checkpoint {input.model:q} --options {RUN_ONE_PROCESS} --out {output:q} 2> {log:q}"
