@@ -499,3 +499,32 @@ def test_a_rank_killed_by_a_signal_is_named_in_the_job_log(tmp_path, monkeypatch
     said = capfd.readouterr().err.splitlines()
     assert "dsd.gpus: rank 1 ended by SIGKILL (exit status 137)" in said, said
     assert "dsd.gpus: rank 0 still running 0.5 s after rank 1 failed: killed" in said, said
+
+
+def _attempt(log: Path, out: Path, said: str) -> None:
+    """One attempt of a training job as the rule starts it: Snakemake deletes the log first, the shell opens it
+    for stderr (`2> log`), the prefix runs, then the job writes its lines."""
+    log.unlink(missing_ok=True)
+    job = f"import sys; from dsd import gpus; gpus.keep_earlier_attempts(['train', '--out', {str(out)!r}]); print({said!r}, file=sys.stderr)"
+    with log.open("w") as stderr:
+        subprocess.run([sys.executable, "-c", job], stderr=stderr, check=True, timeout=60)
+
+
+def test_a_phase_continued_from_its_resume_point_keeps_its_earlier_attempts_in_its_log(tmp_path):
+    """Snakemake deletes a job's log before each attempt: the log of a phase cut by a time limit (or preempted,
+    or killed) and resumed by `retries` or a rerun said only the last attempt, not why the first one ended."""
+    out, log = tmp_path / "runs" / "dense", tmp_path / "logs" / "dense.log"
+    out.mkdir(parents=True)
+    log.parent.mkdir()
+    _attempt(log, out, "first: SIGTERM: checkpointed dense after 1 epoch")
+    (out / "resume.pt").write_bytes(b"")
+    _attempt(log, out, "second: resuming")
+    _attempt(log, out, "third: resuming again")
+    lines = log.read_text().splitlines()
+    assert lines[0] == "first: SIGTERM: checkpointed dense after 1 epoch", lines
+    assert "a new attempt at this phase" in lines[1] and lines[2] == "second: resuming", lines
+    assert "a new attempt at this phase" in lines[3] and lines[4:] == ["third: resuming again"], lines
+    (out / "resume.pt").unlink()  # the phase finished; trained again (a new spec), it starts afresh
+    _attempt(log, out, "afresh")
+    assert log.read_text().splitlines() == ["afresh"]
+    assert sorted(p.name for p in log.parent.iterdir()) == [".dense.log.attempts", "dense.log"]

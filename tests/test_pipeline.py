@@ -3,13 +3,15 @@
 import json
 import os
 import shlex
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, dsd_cli, snakemake, tiny_vision_config, write_config
+from conftest import BIN, REPO, dsd_cli, snakemake, tiny_vision_config, write_config
 
 from dsd import paths
 from dsd.report.tables import item_differences, item_shares, paired_ci_items
@@ -522,3 +524,52 @@ def test_dsd_run_trains_one_row_and_seed_in_order_then_keeps_what_is_done(tmp_pa
     rerun = dsd_cli(*command[:2], str(write_config(tmp_path, config)), *command[3:])
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert rerun.stdout.count("trained;") == 4
+
+
+def _training_pid(out: Path) -> int | None:
+    """The pid of the `dsd train` process writing `out`, or None."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train" in argv and str(out).encode() in argv and b"snakemake" not in b" ".join(argv):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_phase_cut_short_and_retried_resumes_and_its_log_keeps_both_attempts(tmp_path):
+    """A phase stopped by SIGTERM (SLURM's at a time limit) checkpoints and fails; Snakemake's `retries` (the
+    SLURM profile's) runs it again, from its resume point. The log of the first attempt was deleted by
+    Snakemake before the second: the phase's log said nothing of why it was cut."""
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    exp = config["experiments"]["resnet18"]
+    exp["data"]["generate"] = {"per_class": {"train": 13, "val": 3, "test": 3}}
+    exp["model"]["width"] = 8
+    exp["train"]["max_steps_per_epoch"] = 8
+    exp["phases"][0]["epochs"] = 6
+    configfile = write_config(tmp_path, config)
+    out = paths.run_dir(config["output_dir"], "resnet18", 0, "dense")
+    log = tmp_path / "results" / "logs" / "resnet18" / "seed0" / "dense.log"
+    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile",
+           str(configfile), "--cores", "1", "--retries", "1", str(paths.metrics(out))]  # fmt: skip
+    snakemake_run = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not paths.resume(out).exists() and time.monotonic() < deadline and snakemake_run.poll() is None:
+            time.sleep(0.05)
+        os.kill(_training_pid(out), signal.SIGTERM)  # after its first epoch, before its last
+        output, _ = snakemake_run.communicate(timeout=300)
+    finally:
+        if snakemake_run.poll() is None:
+            snakemake_run.kill()
+    assert snakemake_run.returncode == 0, output[-3000:]
+    text = log.read_text()
+    cut, marked, resumed = (
+        text.find(s) for s in ("SIGTERM: checkpointed dense", "a new attempt", "resuming from")
+    )
+    assert 0 <= cut < marked < resumed, text
+    assert text.count(" dense epoch 6/6") == 1, text

@@ -43,6 +43,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,7 @@ __all__ = [
     "cpu_isa_env",
     "cpus_per_job",
     "held",
+    "keep_earlier_attempts",
     "lock_folder",
     "main",
     "release",
@@ -490,6 +492,59 @@ def _run_options(dsd_args: list[str]) -> dict:
     return options if isinstance(options, dict) else {}
 
 
+def _arg(args: list[str], flag: str) -> str | None:
+    """The value after `flag` in `args`, or None."""
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+
+def _stderr_file() -> Path | None:
+    """The regular file stderr writes to (a rule's `2> log`), by its current name; None for a terminal or a
+    pipe, or off Linux."""
+    try:
+        if not stat.S_ISREG(os.fstat(2).st_mode):
+            return None
+        path = Path(os.readlink("/proc/self/fd/2"))
+        return path if path.is_absolute() and _is_file_at(2, path) else None
+    except OSError:
+        return None
+
+
+def keep_earlier_attempts(dsd_args: list[str]) -> None:
+    """A `--dsd train` job whose stderr is a file (its rule's log) that continues its phase from a resume point
+    (after a time limit, a preemption, a kill): the earlier attempts' lines go back into the log, above a line
+    marking this attempt. Snakemake deletes a job's log before each attempt (a `retries` resubmission, a rerun),
+    so each attempt's log is kept as a hard link beside it, `.<log>.attempts`, its name for the next attempt.
+    A phase starting afresh starts its log afresh. Best effort: a file system without hard links keeps none."""
+    out, log = _arg(dsd_args, "--out"), _stderr_file()
+    if not dsd_args or dsd_args[0] != "train" or out is None or log is None:
+        return
+    kept = log.with_name(f".{log.name}.attempts")
+    with contextlib.suppress(OSError):
+        continues = (Path(out) / "resume.pt").exists()  # dsd.paths.resume: this module imports no dsd
+        if continues and kept.is_file() and not _is_file_at(2, kept):  # not when the log was kept (`2>>`)
+            _copy_into_stderr(kept)
+            _say(f"a new attempt at this phase ({_where_and_when()}); above: the earlier ones")
+        link = kept.with_name(f"{kept.name}.{os.getpid()}")
+        os.link(log, link)
+        try:
+            os.replace(link, kept)
+        finally:
+            link.unlink(missing_ok=True)
+
+
+def _where_and_when() -> str:
+    job = os.environ.get("SLURM_JOB_ID")
+    return ", ".join(
+        [time.strftime("%Y-%m-%d %H:%M:%S %Z"), os.uname().nodename] + ([f"SLURM job {job}"] if job else [])
+    )
+
+
+def _copy_into_stderr(path: Path) -> None:
+    with open(path, "rb") as earlier:
+        shutil.copyfileobj(earlier, sys.stderr.buffer)
+    sys.stderr.flush()
+
+
 def _dsd_ranks_and_devices(n: int, dsd_args: list[str]) -> tuple[int, int]:
     """(ranks, GPUs to lock) of a `--dsd` command. With `device: cpu` it locks no GPU (one would only keep other
     jobs waiting, one at a time per GPU) and the rules ask Snakemake for none (N = 0), so its ranks (gloo) are
@@ -530,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not command:
         parser.error("give the command after --")
+    if args.dsd:
+        keep_earlier_attempts(command)
     ranks, devices = _dsd_ranks_and_devices(args.n, command) if args.dsd else (1, args.n)
     if args.dsd and ranks == 1:
         command = [sys.executable, "-m", "dsd", *command]
