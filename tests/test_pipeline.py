@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import BIN, REPO, dsd_cli, snakemake, tiny_vision_config, write_config
 
 from dsd import paths
@@ -538,38 +539,58 @@ def _training_pid(out: Path) -> int | None:
     return None
 
 
+def _cut_after_a_checkpoint(out: Path, earlier: int | None, deadline: float) -> int:
+    """SIGTERM the `dsd train` job of `out` (SLURM's at a time limit) once it has written a resume point of its
+    own (after an epoch), where `earlier` was the last job's pid; return its pid."""
+    while (pid := _training_pid(out)) in (None, earlier) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    written = paths.resume(out).stat().st_mtime_ns if paths.resume(out).exists() else 0
+    while (not paths.resume(out).exists() or paths.resume(out).stat().st_mtime_ns == written) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGTERM)
+    return pid
+
+
 @pytest.mark.slow
-def test_a_phase_cut_short_and_retried_resumes_and_its_log_keeps_both_attempts(tmp_path):
-    """A phase stopped by SIGTERM (SLURM's at a time limit) checkpoints and fails; Snakemake's `retries` (the
-    SLURM profile's) runs it again, from its resume point. The log of the first attempt was deleted by
-    Snakemake before the second: the phase's log said nothing of why it was cut."""
+def test_a_phase_cut_by_two_time_limits_finishes_under_the_slurm_profile_and_its_log_keeps_every_attempt(
+    tmp_path,
+):
+    """A phase stopped by SIGTERM (SLURM's at a time limit) checkpoints and fails; Snakemake's `retries` runs it
+    again from its resume point. The SLURM profile's `retries: 1` let a phase span two time-limit windows only:
+    one needing three failed. And Snakemake deletes a job's log before each attempt: the phase's log said
+    nothing of why it was cut."""
+    retries = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())["retries"]
     config = tiny_vision_config(tmp_path, seeds=[0])
     exp = config["experiments"]["resnet18"]
     exp["data"]["generate"] = {"per_class": {"train": 13, "val": 3, "test": 3}}
     exp["model"]["width"] = 8
     exp["train"]["max_steps_per_epoch"] = 8
-    exp["phases"][0]["epochs"] = 6
+    exp["phases"][0]["epochs"] = 8
     configfile = write_config(tmp_path, config)
     out = paths.run_dir(config["output_dir"], "resnet18", 0, "dense")
     log = tmp_path / "results" / "logs" / "resnet18" / "seed0" / "dense.log"
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile",
-           str(configfile), "--cores", "1", "--retries", "1", str(paths.metrics(out))]  # fmt: skip
+           str(configfile), "--cores", "1", "--retries", str(retries), str(paths.metrics(out))]  # fmt: skip
     snakemake_run = subprocess.Popen(
         cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
         deadline = time.monotonic() + 240
-        while not paths.resume(out).exists() and time.monotonic() < deadline and snakemake_run.poll() is None:
-            time.sleep(0.05)
-        os.kill(_training_pid(out), signal.SIGTERM)  # after its first epoch, before its last
+        first = _cut_after_a_checkpoint(out, None, deadline)  # the first window's end
+        _cut_after_a_checkpoint(out, first, deadline)  # the second's
         output, _ = snakemake_run.communicate(timeout=300)
     finally:
         if snakemake_run.poll() is None:
             snakemake_run.kill()
     assert snakemake_run.returncode == 0, output[-3000:]
     text = log.read_text()
+    assert (
+        text.count("SIGTERM: checkpointed dense") == 2 and text.count("a new attempt at this phase") == 2
+    ), text
     cut, marked, resumed = (
         text.find(s) for s in ("SIGTERM: checkpointed dense", "a new attempt", "resuming from")
     )
     assert 0 <= cut < marked < resumed, text
-    assert text.count(" dense epoch 6/6") == 1, text
+    assert text.count(" dense epoch 8/8") == 1, text
