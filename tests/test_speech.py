@@ -934,3 +934,15 @@ def test_a_compiled_speech_model_trains_as_the_uncompiled_one(tmp_path, arch, rn
         for eager, traced in zip(*grads, strict=True):
             torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
     assert backend.frame_count > 0  # the layers outside the recurrence compiled, not all of it skipped
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a machine of 2 or more cores")
+@pytest.mark.parametrize("confined", ["slurm", "taskset"])
+def test_featurising_runs_on_the_cores_the_job_may_use_not_the_nodes(confined):
+    """Featurising a corpus took `os.cpu_count()` processes: a SLURM job given 1 CPU on a 64-core node ran 64."""
+    code = "from dsd.spec import RunOptions; from dsd.tracks.speech.data import feature_workers as f; print(f(RunOptions()))"
+    env = os.environ | ({"SLURM_CPUS_PER_TASK": "1"} if confined == "slurm" else {})
+    prefix = ["taskset", "-c", "0"] if confined == "taskset" else []
+    done = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "1"

@@ -56,6 +56,7 @@ __all__ = [
     "cpu_isa_env",
     "cpus_per_job",
     "held",
+    "job_cores",
     "keep_earlier_attempts",
     "lock_folder",
     "main",
@@ -333,7 +334,7 @@ def cpus_per_job(
     thread. `processes`: how many processes share a job's threads, default `gpus_per_job` (a training job's
     ranks); 1 for a job that runs one process (an evaluation). Without a GPU: one thread, no workers (the
     embedded jobs are many and short; cores run jobs)."""
-    cores = cores if cores is not None else _cores()
+    cores = cores if cores is not None else job_cores()
     gpus = gpus if gpus is not None else len(visible_devices())
     if gpus == 0:
         return 1, 0
@@ -341,7 +342,7 @@ def cpus_per_job(
     return threads, max(0, threads // (processes or gpus_per_job) - 1)
 
 
-def _cores() -> int:
+def job_cores() -> int:
     """This process's cores, and inside a SLURM job no more than its --cpus-per-task: SLURM pins a job to its
     CPUs only with an affinity or cgroup task plugin (with task/none a job sees the whole node's)."""
     cores = len(os.sched_getaffinity(0))

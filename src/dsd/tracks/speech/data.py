@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from dsd import paths
+from dsd import gpus, paths
 from dsd.engine import distributed, loaders
 from dsd.engine import prepare as prepared
 from dsd.errors import DataError
@@ -279,13 +279,19 @@ def _featurise(job: tuple[dict, Data, float | None]):
     return item["id"], " ".join(item["transcript"].split()), features(wav, data).numpy()
 
 
+def feature_workers(options) -> int:
+    """The run option `workers`, else every core this job may use: a SLURM job's allocation, a taskset's
+    cores, not the node's (os.cpu_count: 1 allocated CPU ran as many processes as the node has cores)."""
+    return options.workers or gpus.job_cores()
+
+
 def build_features(exp: Experiment, split: str, out: Path) -> Path:
-    """Featurise a split once, in parallel (workers: the run option, else every core), into one raw float32
-    file of frames and an index; utterances stream through in order, so memory does not grow with the corpus."""
+    """Featurise a split once, in parallel (`feature_workers`), into one raw float32 file of frames and an
+    index; utterances stream through in order, so memory does not grow with the corpus."""
     items = _sources(exp, split)
     max_seconds = exp.data.max_seconds if split == "train" else None
     jobs = [(item, exp.data, max_seconds) for item in items]
-    workers = exp.options.workers or os.cpu_count() or 1
+    workers = feature_workers(exp.options)
     remove_dead_builds(out)
     tmp = out.with_name(f".{out.name}.{paths.writer_tag()}.tmp")  # parallel jobs may build the same split
     tmp.mkdir(parents=True, exist_ok=True)
