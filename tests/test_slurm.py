@@ -70,6 +70,8 @@ def test_gpu_jobs_planned_on_a_login_node_get_more_than_one_cpu(tmp_path):
         job.split(":")[0]: re.search(r"cpus_per_task=(\d+)", job).group(1) for job in jobs if "gpu=1" in job
     }
     assert {"train_phase", "evaluate_phase"} <= set(cpus) and "1" not in cpus.values(), cpus
+    # a job's ranks start on the node it runs on: SLURM could spread --gpus=N over several nodes
+    assert all("nodes=1" in job for job in jobs if job.startswith("train_phase")), jobs[:1]
 
 
 def _test_profile(folder: Path) -> Path:
