@@ -528,3 +528,38 @@ def test_a_phase_continued_from_its_resume_point_keeps_its_earlier_attempts_in_i
     _attempt(log, out, "afresh")
     assert log.read_text().splitlines() == ["afresh"]
     assert sorted(p.name for p in log.parent.iterdir()) == [".dense.log.attempts", "dense.log"]
+
+
+def test_a_slurm_job_works_out_auto_threads_and_workers_from_its_own_allocation(monkeypatch):
+    """Snakemake resolves `threads: auto` / `workers: auto` on the login node, where no GPU gives 1 thread and
+    no loader workers: every paper job on SLURM trained on one core whatever its cpus_per_task. In the job, the
+    options say which were auto and the job's CPUs and GPUs decide."""
+    import argparse
+
+    from conftest import REPO
+
+    from dsd import cli
+    from dsd.config import load_config
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # the login node
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    planned = load_config(
+        REPO / "configs" / "paper.yaml", sets=["gpus_per_job=2"], check_models=False
+    ).options
+    assert (planned.threads, planned.workers, planned.auto_cpus) == (1, 0, ("threads", "workers"))
+    args = argparse.Namespace(options=planned.to_json())
+    planned_here = cli._options(args)  # not in a SLURM job: as planned
+    assert (planned_here.threads, planned_here.workers) == (1, 0)
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the job's two GPUs
+    training = cli._options(args)
+    assert (training.threads, training.workers) == (cores, max(0, cores // 2 - 1))  # per rank of 2
+    evaluation = cli._options(args, one_process=True)
+    assert (evaluation.threads, evaluation.workers) == (cores, cores - 1)
+    numbers = load_config(
+        REPO / "configs" / "paper.yaml", sets=["threads=3", "workers=1"], check_models=False
+    )
+    assert numbers.options.auto_cpus == ()
+    given = cli._options(argparse.Namespace(options=numbers.options.to_json()))
+    assert (given.threads, given.workers) == (3, 1)  # numbers stay numbers

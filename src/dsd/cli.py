@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from dsd import paths, prefork
-from dsd.config import Config, load_config
+from dsd.config import Config, in_this_job, load_config
 from dsd.errors import CheckpointError, ConfigError, DSDError
 from dsd.spec import DataSpec, PhaseSpec, RowSpec, RunOptions
 
@@ -41,7 +41,7 @@ def _options(args, config: Config | None = None, one_process: bool = False) -> R
     options = _from_json(RunOptions, args.options, "--options") if getattr(args, "options", None) else None
     if options is None and config is not None:
         options = config.one_process_options if one_process else config.options
-    options = options or RunOptions()
+    options = in_this_job(options or RunOptions(), one_process)
     from dsd.gpus import cpu_isa_env
 
     pinned = cpu_isa_env(options.cpu_isa, options.device)

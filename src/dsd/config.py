@@ -165,6 +165,18 @@ def _resolve_auto_cpus(raw: Mapping, processes: int | None = None) -> Mapping:
     return resolved
 
 
+def in_this_job(options: RunOptions, one_process: bool = False) -> RunOptions:
+    """Inside a SLURM job, `auto` threads / workers from the job's own CPUs and GPUs: Snakemake resolved them
+    on the login node, where no GPU gives 1 thread and no workers, whatever the job is allocated."""
+    if not options.auto_cpus or "SLURM_JOB_ID" not in os.environ:
+        return options
+    from dsd.gpus import cpus_per_job
+
+    threads, workers = cpus_per_job(options.gpus_per_job, processes=1 if one_process else None)
+    resolved = {"threads": threads, "workers": workers}
+    return replace(options, **{key: resolved[key] for key in options.auto_cpus})
+
+
 def load_config(
     files: str | Path | Iterable[str | Path],
     overrides: Mapping | None = None,
@@ -188,7 +200,8 @@ def load_config(
 def parse_config(raw: Mapping, check_models: bool = True) -> Config:
     auto_workers = raw.get("workers") == "auto"
     one_process_workers = _resolve_auto_cpus(raw, processes=1).get("workers")
-    raw = _resolve_auto_cpus(raw)
+    auto = tuple(key for key in ("threads", "workers") if raw.get(key) == "auto")
+    raw = _resolve_auto_cpus(raw) | ({"auto_cpus": auto} if auto else {})
     top = hparams.parse(ConfigKeys, {k: v for k, v in raw.items() if not str(k).startswith("_")}, "config")
     options = RunOptions(**{f.name: _expand_home(f.name, getattr(top, f.name)) for f in fields(RunOptions)})
     experiments = {}

@@ -182,6 +182,12 @@ class RunOptions:
     )
     workers: int = option(0, "DataLoader worker processes per GPU process (auto: its cores less one)", min=0)
     gpus_per_job: int = option(1, "GPUs per training job; more than one trains as that many DDP ranks", min=1)
+    auto_cpus: tuple[Literal["threads", "workers"], ...] = option(
+        (),
+        "set by dsd: which of threads / workers the config gave as auto; a SLURM job works those out again from "
+        "its own CPUs and GPUs (Snakemake planned them on the login node)",
+        unique=True,
+    )
     compile: bool = option(
         False,
         "torch.compile the training forward/backward (masks are still applied after every step; speech's "
