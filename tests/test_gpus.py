@@ -563,3 +563,21 @@ def test_a_slurm_job_works_out_auto_threads_and_workers_from_its_own_allocation(
     assert numbers.options.auto_cpus == ()
     given = cli._options(argparse.Namespace(options=numbers.options.to_json()))
     assert (given.threads, given.workers) == (3, 1)  # numbers stay numbers
+
+
+def test_a_cpu_slurm_job_given_auto_uses_its_whole_allocation(monkeypatch):
+    """A job without a GPU (preparing a real data set: verify_data's decoding, speech featurising) on SLURM: its
+    cores are its own, not a node's shared among GPU jobs."""
+    import argparse
+
+    from conftest import REPO
+
+    from dsd import cli
+    from dsd.config import load_config
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    planned = load_config(REPO / "configs" / "paper.yaml", check_models=False).options
+    monkeypatch.setenv("SLURM_JOB_ID", "8")
+    job = cli._options(argparse.Namespace(options=planned.to_json()))
+    cores = len(os.sched_getaffinity(0))
+    assert (job.threads, job.workers) == (cores, max(0, cores - 1))

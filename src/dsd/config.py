@@ -166,13 +166,15 @@ def _resolve_auto_cpus(raw: Mapping, processes: int | None = None) -> Mapping:
 
 
 def in_this_job(options: RunOptions, one_process: bool = False) -> RunOptions:
-    """Inside a SLURM job, `auto` threads / workers from the job's own CPUs and GPUs: Snakemake resolved them
-    on the login node, where no GPU gives 1 thread and no workers, whatever the job is allocated."""
+    """Inside a SLURM job, `auto` threads / workers from the job's own CPUs: Snakemake resolved them on the login
+    node, where no GPU gives 1 thread and no workers, whatever the job is allocated. The allocation is the job's
+    alone (no other job shares its cores, GPU job or not): its ranks, or its one process, share all of it."""
     if not options.auto_cpus or "SLURM_JOB_ID" not in os.environ:
         return options
     from dsd.gpus import cpus_per_job
 
-    threads, workers = cpus_per_job(options.gpus_per_job, processes=1 if one_process else None)
+    per_job = options.gpus_per_job
+    threads, workers = cpus_per_job(per_job, gpus=per_job, processes=1 if one_process else None)
     resolved = {"threads": threads, "workers": workers}
     return replace(options, **{key: resolved[key] for key in options.auto_cpus})
 
