@@ -160,6 +160,18 @@ def test_lbfgs_is_refused():
         dsd.DSD(model, [torch.optim.SGD(model.parameters()), optimizer], recipe, 1)
 
 
+def test_pruning_works_after_torch_distributed_fsdp_was_imported():
+    """Lightning, accelerate and transformers import torch.distributed.fsdp, which imports
+    torch.distributed.tensor; before torch 2.5 that module has no DTensor (torch.distributed._tensor has it), and
+    every Pruner failed with "module 'torch.distributed.tensor' has no attribute 'DTensor'" (`make torch-range`)."""
+    pytest.importorskip("torch.distributed.fsdp")
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    pruner = dsd.Pruner(model, 0.5)
+    pruner.step(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert pruner.overall_sparsity() == 0.5
+    assert pruner.state_dict()["masks"].keys() == {"0.weight", "2.weight"}
+
+
 def test_a_model_on_the_meta_device_is_refused_naming_its_weight():
     """Its weights have no values to rank: the error was torch's 'Tensor.item() cannot be called on meta tensors'."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).to("meta")

@@ -11,6 +11,7 @@ of the same model unsharded; the older FullyShardedDataParallel is refused (see 
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -44,11 +45,19 @@ def unwrapped(model: nn.Module) -> nn.Module:
             return model
 
 
+# Where DTensor lives: public from torch 2.5; before, torch.distributed.tensor holds only `parallel` (imported
+# with torch.distributed.fsdp) and DTensor is torch.distributed._tensor's (later an alias of the public one).
+DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
     """A DTensor: an FSDP2 parameter, or optimizer state of one. Checked without importing
     torch.distributed.tensor (0.6 s): no tensor can be a DTensor until something has imported it."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
+    for name in DTENSOR_MODULES:
+        dtensor = getattr(sys.modules.get(name), "DTensor", None)
+        if dtensor is not None:
+            return isinstance(tensor, dtensor)
+    return False
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -68,8 +77,13 @@ def sharded_like(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     its own shard without communication (src_data_rank=None)."""
     if not is_sharded(param) or is_sharded(tensor):
         return tensor
-    from torch.distributed.tensor import distribute_tensor
-
+    try:
+        from torch.distributed.tensor import distribute_tensor
+    except ImportError:  # torch < 2.5 (see DTENSOR_MODULES)
+        from torch.distributed._tensor import distribute_tensor
+    if "src_data_rank" not in inspect.signature(distribute_tensor).parameters:
+        # older torch sends rank 0's mask to every rank instead: the same mask, and every rank calls this
+        return distribute_tensor(tensor, param.device_mesh, param.placements)
     return distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
 
 
