@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: run test lint format bench gpu-bench publish study publish-study
+.PHONY: run test lint format bench gpu-bench torch-range publish study publish-study
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -47,6 +47,11 @@ bench: $(STAMP)
 # On a CUDA machine: the paper's vision rows, a few hundred steps each (benchmarks/gpu_bench.py)
 gpu-bench: $(STAMP)
 	$(BIN)/python benchmarks/gpu_bench.py
+
+# The core library's tests on other torch versions than the pin, each in a throwaway venv of a few GB
+# (benchmarks/torch_range.sh): `make torch-range TORCH="2.3.1 2.13.0"`; the default is the lowest allowed
+torch-range:
+	benchmarks/torch_range.sh $(TORCH)
 
 # one worker per core (pytest-xdist), a test file per worker at a time (module fixtures built once)
 test: $(STAMP)

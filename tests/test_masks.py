@@ -78,6 +78,8 @@ def train_steps(model, optimizer, pruner, steps, check=None):
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_sparse_phase_holds_masks_and_redense_revives(model_name, opt_name):
+    if "fused" in opt_name and torch.__version__ < (2, 4):  # the core supports torch 2.3 (pyproject.toml)
+        pytest.skip("torch runs fused optimizers on the CPU from 2.4")
     torch.manual_seed(0)
     factory, exclude = MODELS[model_name]
     model = factory()
