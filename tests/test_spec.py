@@ -255,7 +255,7 @@ def test_the_defaults_of_keys_added_later_never_change():
         for f in dataclasses.fields(cls)
         if f.metadata.get("added")
     }
-    assert added == {"Train.lr_anneal": 1.2}
+    assert added == {"Train.lr_anneal": 1.2, "Data.train_crop": "random_resized"}
 
 
 def test_config_path_imports_no_torch():

@@ -223,6 +223,87 @@ def test_crops_decoded_on_the_device_are_the_workers_crops(tmp_path):
     assert torch.equal(vision_data.to_model_input(encoded, "cpu"), vision_data.to_model_input(images, "cpu"))
 
 
+def test_random_crop_boxes_are_image_size_squares_placed_uniformly_at_one_scale():
+    """train_crop random (Caffe's crop_size + mirror): every box an image_size square inside the image resized
+    to `resize` on its shorter side (aspect kept, as v2.Resize), its offsets uniform over every place (each
+    value drawn, mean and variance of a discrete uniform), half the crops flipped."""
+    transform = vision_data.transforms(Data(image_size=224, resize=256, train_crop="random"), train=True)
+    n = 6000
+    torch.manual_seed(0)
+    for height, width, scaled in ((300, 400, [256, 341]), (500, 333, [384, 256]), (256, 256, [256, 256])):
+        draws = [vision_data.draw_crop(transform, height, width) for _ in range(n)]
+        assert all(s == scaled for s, _, _ in draws)
+        boxes = torch.tensor([box for _, box, _ in draws], dtype=torch.float64)
+        assert bool((boxes[:, 2:] == 224).all())
+        for column, room in ((0, scaled[0] - 224), (1, scaled[1] - 224)):
+            offsets = boxes[:, column]
+            assert set(offsets.long().tolist()) == set(range(room + 1))
+            mean, var = room / 2, ((room + 1) ** 2 - 1) / 12
+            assert abs(float(offsets.mean()) - mean) < 4 * math.sqrt(var / n) + 1e-9
+            assert abs(float(offsets.var()) - var) < 0.1 * var + 1e-9
+        assert abs(sum(flipped for _, _, flipped in draws) / n - 0.5) < 4 * 0.5 / math.sqrt(n)
+
+
+def test_random_crop_is_resize_then_random_crop_and_flip_on_both_decode_paths(tmp_path):
+    """train_crop random: the workers' crops are torchvision's Resize(resize), RandomCrop(image_size),
+    RandomHorizontalFlip on the same draws (bitwise), and decode: device, which draws the scaled size, box and
+    flip in the worker and scales and crops on the device, gives the same crops (bitwise on the CPU)."""
+    from dataclasses import replace
+
+    from torch.utils.data import default_collate
+    from torchvision.transforms import v2
+
+    root = make_imagenet(tmp_path / "imagenet", per_class=3)
+    samples = [(str(p), 0) for p in sorted((root / "train").rglob("*.JPEG"))]
+    gray = tmp_path / "gray.JPEG"  # decoded by the worker under decode: device
+    Image.open(samples[0][0]).convert("L").save(gray)
+    samples.append((str(gray), 1))
+    cfg = Data(image_size=64, resize=80, train_crop="random")
+    workers = vision_data.ImageFolderData(samples, cfg, train=True, in_memory=False)
+    readers = vision_data.ImageFolderData(samples, replace(cfg, decode="device"), True, False)
+    keys = [(i, 500 + i) for i in range(len(samples))]
+    images, _ = default_collate([workers[key] for key in keys])
+    encoded, _ = vision_data.collate_encoded([readers[key] for key in keys])
+    reference = v2.Compose([v2.Resize(80), v2.RandomCrop(64), v2.RandomHorizontalFlip()])
+    for (path, _), (_, seed), image in zip(samples, keys, images, strict=True):
+        torch.manual_seed(seed)
+        assert torch.equal(image, reference(vision_data.decode(path)))
+    assert images.shape == (len(samples), 3, 64, 64) and 0 < int(encoded.flips.sum()) < len(samples)
+    assert bool((encoded.scaled.min(dim=1).values == 80).all()) and bool((encoded.boxes[:, 2:] == 64).all())
+    assert torch.equal(vision_data.to_model_input(encoded, "cpu"), vision_data.to_model_input(images, "cpu"))
+
+
+def test_in_memory_random_crops_are_uniform_cuts_of_the_resized_batch():
+    """In memory a batch is cropped in one go: resized as one (here to its own size: nothing to resample), each
+    image an image_size cut at its own uniform offset (read back from pixels that hold their coordinates)."""
+    height, width, size, n = 20, 30, 12, 4000
+    rows = torch.arange(height, dtype=torch.uint8)[:, None].expand(height, width)
+    cols = torch.arange(width, dtype=torch.uint8)[None, :].expand(height, width)
+    image = torch.stack([rows, cols, torch.zeros_like(rows)])
+    images = image.expand(n, 3, height, width).contiguous()
+    torch.manual_seed(0)
+    crops = (vision_data.batch_random_crop(images, height, size) * 255).round().long()
+    assert crops.shape == (n, 3, size, size)
+    top, left = crops[:, 0, 0, 0], crops[:, 1, 0, 0]
+    assert torch.equal(crops[:, 0, :, 0] - top[:, None], torch.arange(size).expand(n, size))  # a plain cut
+    assert torch.equal(crops[:, 1, 0, :] - left[:, None], torch.arange(size).expand(n, size))
+    for offsets, room in ((top, height - size), (left, width - size)):
+        assert set(offsets.tolist()) == set(range(room + 1))
+        mean, var = room / 2, ((room + 1) ** 2 - 1) / 12
+        assert abs(float(offsets.double().mean()) - mean) < 4 * math.sqrt(var / n)
+
+
+def test_random_crop_larger_than_the_resized_image_is_refused_naming_the_key(tmp_path):
+    from dsd.errors import ConfigError
+
+    raw = tiny_vision_config(tmp_path)
+    raw["experiments"]["resnet18"]["data"].update(train_crop="random", image_size=32, resize=28)
+    with pytest.raises(
+        ConfigError, match=r"experiments.resnet18.data.resize: train_crop random .* >= image_size"
+    ):
+        parse(raw)
+
+
 def test_a_file_that_cannot_be_decoded_on_the_device_is_named(tmp_path):
     """decode: device decodes a batch in one call; a file whose header reads (in the worker) but whose data
     does not decode is named, as the workers' decoding path names it."""
@@ -371,12 +452,18 @@ def _epoch(exp, epoch: int, skip: int = 0) -> list[tuple[torch.Tensor, torch.Ten
     ]
 
 
-@pytest.mark.parametrize("source", ["files", "memory", "device"])
-def test_a_persistent_loader_gives_the_same_batches_for_any_worker_count_and_on_resume(tmp_path, source):
+@pytest.mark.parametrize(
+    ("source", "crop"),
+    [("files", "random_resized"), ("memory", "random_resized"), ("device", "random_resized")]
+    + [("files", "random"), ("memory", "random"), ("device", "random")],
+)
+def test_a_persistent_loader_gives_the_same_batches_for_any_worker_count_and_on_resume(
+    tmp_path, source, crop
+):
     """With worker processes the training loader lives for the phase (workers start once) and each sample's
     augmentation is seeded by (seed, epoch, position): 1 or 2 workers, and a resumed epoch, give the same
     batches bitwise; a new epoch a new order and new crops. Also where the workers only read the files and
-    draw the crops (decode: device)."""
+    draw the crops (decode: device), and with either training crop (random: 24 of 28, a box to place)."""
     from conftest import prepare_data, tiny_vision_config
 
     batches = {}
@@ -384,6 +471,8 @@ def test_a_persistent_loader_gives_the_same_batches_for_any_worker_count_and_on_
         raw = tiny_vision_config(tmp_path, workers=workers)
         raw["experiments"]["resnet18"]["data"]["in_memory"] = source == "memory"
         raw["experiments"]["resnet18"]["data"]["decode"] = "device" if source == "device" else "cpu"
+        if crop == "random":
+            raw["experiments"]["resnet18"]["data"].update(train_crop="random", image_size=24, resize=28)
         raw["experiments"]["resnet18"]["train"]["batch_size"] = 4
         config = parse(raw)
         prepare_data(config, "resnet18")
@@ -399,6 +488,7 @@ def test_a_persistent_loader_gives_the_same_batches_for_any_worker_count_and_on_
     for a, b in zip(first[2:], resumed, strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(torch.cat([b[1] for b in first]), torch.cat([b[1] for b in second]))
+    assert first[0][0].shape[-2:] == ((24, 24) if crop == "random" else (32, 32))
 
 
 def test_a_batch_reaches_the_model_in_the_model_memory_layout():

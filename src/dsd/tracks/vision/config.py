@@ -87,8 +87,21 @@ class Generate:
 @dataclass(frozen=True)
 class Data:
     image_size: int = option(224, "training crop and evaluation crop side", min=1)
-    resize: int = option(256, "evaluation: resize the shorter side to this, then centre-crop", min=1)
-    crop_scale_min: float = option(0.08, "RandomResizedCrop's smallest area fraction", gt=0, max=1)
+    resize: int = option(
+        256,
+        "evaluation (and training with train_crop random): resize the shorter side to this, then crop",
+        min=1,
+    )
+    crop_scale_min: float = option(
+        0.08, "train_crop random_resized: RandomResizedCrop's smallest area fraction", gt=0, max=1
+    )
+    train_crop: Literal["random_resized", "random"] = option(
+        "random_resized",
+        "training crop: RandomResizedCrop (random_resized: crop_scale_min-1 of the area, aspect 3/4-4/3, resized "
+        "to image_size) or Caffe's crop_size at one scale (random: the shorter side resized to `resize`, a "
+        "uniformly placed image_size square cut out); either flipped at random",
+        added=True,
+    )
     train_dir: str = option("train", "training split folder, inside the data set")
     val_dir: str = option("val", "validation split folder (per-epoch monitor, sweep choice)")
     test_dir: str = option("val", "test split folder (ImageNet reports on its validation set)")
@@ -131,6 +144,11 @@ def check(row, where: str) -> None:
         raise ConfigError(
             f"{where}.data.decode: device decodes files as they are read; in_memory images are decoded once "
             "already (set one of them)"
+        )
+    if row.data.train_crop == "random" and row.data.resize < row.data.image_size:
+        raise ConfigError(
+            f"{where}.data.resize: train_crop random cuts image_size {row.data.image_size} squares from images "
+            f"resized to this on the shorter side: must be >= image_size, got {row.data.resize}"
         )
     if row.dataset == "shapes":  # the generated splits must be the folders the row reads, each non-empty
         counts, data = row.data.generate.per_class, row.data

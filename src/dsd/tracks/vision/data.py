@@ -1,5 +1,6 @@
 """Vision data: ImageFolder splits (ImageNet's layout, and the generated `shapes` in the same layout), the
-training augmentation (RandomResizedCrop + flip) and the evaluation transform (resize + centre crop)."""
+training augmentation (data.train_crop: RandomResizedCrop, or a random crop at one scale as Caffe's crop_size;
+either with a flip) and the evaluation transform (resize + centre crop)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ class ImageFolderData(Dataset):
     """Images with labels, one decoder for every image (corrupt files named).
 
     In memory (small data sets of one image size) a batch is transformed in one go: `__getitems__` crops
-    every image of the batch with `batch_random_resized_crop` (one kernel call per batch, not per image).
+    every image of the batch with `batch_random_resized_crop` (one kernel call per batch, not per image) or
+    `batch_random_crop`.
     """
 
     def __init__(self, samples: list[tuple[str, int]], cfg: Data, train: bool, in_memory: bool):
@@ -81,12 +83,14 @@ class ImageFolderData(Dataset):
         path, label = self.samples[index]
         if self.train and self.cfg.decode == "device":
             with _seeded(seed):
-                return encoded_crop(path, self.transform), label
+                return encoded_crop(path, self.transform, self.cfg.image_size), label
         image = self.images[index] if self.images is not None else decode(path)
         with _seeded(seed):
             if not self.train:
                 return self.transform(image), label
-            box, flipped = draw_crop(self.transform, *image.shape[-2:])
+            scaled, box, flipped = draw_crop(self.transform, *image.shape[-2:])
+            if self.cfg.train_crop == "random":
+                return scaled_crop(image, scaled, box, flipped), label
             return resized_crop(image, box, flipped, self.cfg.image_size), label
 
     def __getitems__(self, keys: list):
@@ -101,7 +105,10 @@ class ImageFolderData(Dataset):
     def _batch(self, indices: list[int]):
         batch = self.images[indices]
         if self.train:
-            batch = batch_random_resized_crop(batch, self.cfg.image_size, (self.cfg.crop_scale_min, 1.0))
+            if self.cfg.train_crop == "random":
+                batch = batch_random_crop(batch, self.cfg.resize, self.cfg.image_size)
+            else:
+                batch = batch_random_resized_crop(batch, self.cfg.image_size, (self.cfg.crop_scale_min, 1.0))
             flip = torch.rand(len(indices)) < 0.5
             batch[flip] = batch[flip].flip(-1)
             batch = v2.functional.normalize(batch, IMAGENET_MEAN, IMAGENET_STD)
@@ -113,22 +120,23 @@ class ImageFolderData(Dataset):
 class EncodedCrops(NamedTuple):
     """A training batch to decode on the device: the JPEG files back to back in one tensor (one shared-memory
     block from a worker, not one per image) and each one's length; other images (not a JPEG; a grayscale or
-    CMYK one) decoded by the worker instead (length 0, in `decoded`); each crop box (top, left, height, width),
-    flip, and the crop side."""
+    CMYK one) decoded by the worker instead (length 0, in `decoded`); each image's size (height, width) scaled
+    to before cropping (train_crop random; else its own), crop box (top, left, height, width) in it, flip, and
+    the crop side."""
 
     files: torch.Tensor
     lengths: torch.Tensor
     decoded: list[torch.Tensor]
+    scaled: torch.Tensor
     boxes: torch.Tensor
     flips: torch.Tensor
     size: int
     paths: list[str]
 
 
-def encoded_crop(path: str, transform: v2.Compose) -> tuple[bytes | torch.Tensor, list[int], bool, int, str]:
-    """A file's bytes and the crop and flip `transform` (RandomResizedCrop, RandomHorizontalFlip) would draw
-    for it: the same draws in the same order, so the same crops as the workers' decoding path. Only the header
-    is parsed here."""
+def encoded_crop(path: str, transform: v2.Compose, size: int):
+    """A file's bytes and the scaling, crop and flip `transform` would draw for it (`draw_crop`): the same
+    draws in the same order, so the same crops as the workers' decoding path. Only the header is parsed here."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -136,18 +144,38 @@ def encoded_crop(path: str, transform: v2.Compose) -> tuple[bytes | torch.Tensor
             width, height, jpeg = *header.size, header.format == "JPEG" and header.mode == "RGB"
     except Exception as err:
         raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
-    box, flipped = draw_crop(transform, height, width)
+    scaled, box, flipped = draw_crop(transform, height, width)
     data = raw if jpeg else decode(path)
-    return data, box, flipped, transform.transforms[0].size[0], path
+    return data, scaled, box, flipped, size, path
 
 
-def draw_crop(transform: v2.Compose, height: int, width: int) -> tuple[list[int], bool]:
-    """The crop box (top, left, height, width) and flip that `transform` (RandomResizedCrop,
-    RandomHorizontalFlip) draws for an image of this size: its own draws, in its order."""
-    crop, flip = transform.transforms
-    box = crop.make_params([torch.empty(()).expand(3, height, width)])
+def draw_crop(transform: v2.Compose, height: int, width: int) -> tuple[list[int], list[int], bool]:
+    """For an image of this size, the size (height, width) `transform` scales it to first, the crop box (top,
+    left, height, width) in that, and the flip: the transform's own draws, in its order. RandomResizedCrop,
+    flip: not scaled (its box is resized); Resize, RandomCrop, flip: an image_size box, placed uniformly."""
+    *crops, flip = transform.transforms
+    scaled = [height, width]
+    if isinstance(crops[0], v2.Resize):
+        scaled = scaled_size(height, width, crops[0].size[0])
+    box = crops[-1].make_params([torch.empty(()).expand(3, *scaled)])
     flipped = bool(torch.rand(1) < flip.p)  # v2.RandomHorizontalFlip's draw
-    return [box["top"], box["left"], box["height"], box["width"]], flipped
+    return scaled, [box["top"], box["left"], box["height"], box["width"]], flipped
+
+
+def scaled_size(height: int, width: int, shorter: int) -> list[int]:
+    """(height, width) after v2.Resize(shorter): the shorter side `shorter`, the longer one in proportion,
+    truncated (torchvision's rule), so a worker knows the size from the file's header alone."""
+    short, long = min(height, width), max(height, width)
+    long = int(shorter * long / short)
+    return [shorter, long] if height <= width else [long, shorter]
+
+
+def scaled_crop(image: torch.Tensor, scaled: list[int], box: list[int], flipped: bool) -> torch.Tensor:
+    """train_crop random: the uint8 image resized to `scaled` as v2.Resize does (bilinear, antialiased), the box
+    cut out of it at that scale, flipped."""
+    top, left, height, width = box
+    out = v2.functional.resize(image, scaled, antialias=True)[:, top : top + height, left : left + width]
+    return out.flip(-1) if flipped else out
 
 
 def resized_crop(image: torch.Tensor, box: list[int], flipped: bool, size: int) -> torch.Tensor:
@@ -163,12 +191,13 @@ def resized_crop(image: torch.Tensor, box: list[int], flipped: bool, size: int) 
 
 
 def collate_encoded(samples: list) -> tuple[EncodedCrops, torch.Tensor]:
-    (data, boxes, flips, sizes, paths) = zip(*(sample for sample, _ in samples), strict=True)
+    (data, scaled, boxes, flips, sizes, paths) = zip(*(sample for sample, _ in samples), strict=True)
     files = [d for d in data if isinstance(d, bytes)]
     batch = EncodedCrops(
         files=torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8) if files else torch.empty(0),
         lengths=torch.tensor([len(d) if isinstance(d, bytes) else 0 for d in data]),
         decoded=[d for d in data if not isinstance(d, bytes)],
+        scaled=torch.tensor(scaled),
         boxes=torch.tensor(boxes),
         flips=torch.tensor(flips),
         size=sizes[0],
@@ -213,14 +242,20 @@ def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Te
 
 
 def decode_crops(batch: EncodedCrops, device) -> torch.Tensor:
-    """The uint8 crops of an encoded batch, decoded (nvJPEG on a GPU, one batched call), cropped, resized with
-    antialiasing as RandomResizedCrop does and flipped, on `device`."""
+    """The uint8 crops of an encoded batch, decoded (nvJPEG on a GPU, one batched call), scaled (train_crop
+    random; v2's resize returns an image of the size asked as it is), cropped, resized with antialiasing as
+    RandomResizedCrop does (the same: a box of the crop's size) and flipped, on `device`."""
     decoded = iter(_decode_files(batch, device) if len(batch.files) else [])
     by_worker = iter(batch.decoded)
     images = [next(decoded) if n > 0 else next(by_worker).to(device) for n in batch.lengths.tolist()]
     crops = [
-        v2.functional.resized_crop(image, *box.tolist(), [batch.size, batch.size], antialias=True)
-        for image, box in zip(images, batch.boxes, strict=True)
+        v2.functional.resized_crop(
+            v2.functional.resize(image, scaled.tolist(), antialias=True),
+            *box.tolist(),
+            [batch.size, batch.size],
+            antialias=True,
+        )
+        for image, scaled, box in zip(images, batch.scaled, batch.boxes, strict=True)
     ]
     out = torch.stack(crops)
     flips = batch.flips.to(device)
@@ -256,6 +291,22 @@ def batch_random_resized_crop(
     return roi_align(floats, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
+def batch_random_crop(images: torch.Tensor, resize: int, size: int) -> torch.Tensor:
+    """train_crop random for a whole uint8 batch: resized in one call (the shorter side to `resize`, as
+    `scaled_crop`), a uniformly placed size x size box per image; float output in [0, 1]."""
+    scaled = v2.functional.resize(images, scaled_size(*images.shape[-2:], resize), antialias=True)
+    top, left = random_crop_offsets(len(images), *scaled.shape[-2:], size)
+    crops = [image[:, y : y + size, x : x + size] for image, y, x in zip(scaled, top, left, strict=True)]
+    return torch.stack(crops).float().div_(255)
+
+
+def random_crop_offsets(n: int, height: int, width: int, size: int) -> tuple[list[int], list[int]]:
+    """n uniform (top, left) offsets of a size x size box inside height x width."""
+    top = torch.randint(0, height - size + 1, (n,)).tolist()
+    left = torch.randint(0, width - size + 1, (n,)).tolist()
+    return top, left
+
+
 def random_resized_boxes(n: int, height: int, width: int, scale, ratio, tries: int = 10):
     """n draws of RandomResizedCrop's box as (top, left, height, width) float tensors.
 
@@ -284,6 +335,8 @@ def random_resized_boxes(n: int, height: int, width: int, scale, ratio, tries: i
 def transforms(cfg: Data, train: bool):
     """Crop (and flip) in uint8: a quarter of float32's bytes through the workers' queues and the copy to the
     device; `to_model_input` scales and normalises there."""
+    if train and cfg.train_crop == "random":  # Caffe's crop_size + mirror, at one scale
+        return v2.Compose([v2.Resize(cfg.resize), v2.RandomCrop(cfg.image_size), v2.RandomHorizontalFlip()])
     if train:
         return v2.Compose(
             [v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0)), v2.RandomHorizontalFlip()]
