@@ -446,6 +446,35 @@ def test_the_vision_rows_keep_the_dropout_of_the_models_the_paper_started_from()
     assert [m.p for m in googlenet.modules() if isinstance(m, torch.nn.Dropout)] == [0.4]
 
 
+def test_googlenet_and_vgg16_train_on_the_prototxts_crop_at_one_scale_and_the_resnets_on_scale_augmentation():
+    """DSD's GoogleNet and VGG16 train_val.prototxt crop a random 224 square at one scale and mirror
+    (`crop_size: 224, mirror: true` over BVLC's LMDB of 256x256 images); paper.yaml trained them, as the
+    ResNets, on RandomResizedCrop's 8-100% of the area, and the fidelity table compared that with the
+    prototxts' crop. The ResNets keep fb.resnet.torch's scale augmentation; the embedded default its crop."""
+    from dsd.config import load_config
+
+    config = load_config([REPO / "configs" / "paper.yaml"])
+    for name in ("googlenet", "vgg16"):
+        row = config.row(name)
+        assert (row.data.train_crop, row.data.image_size, row.data.resize) == ("random", 224, 256)
+        line = _paper_fidelity_line(row, "augmentation")
+        assert "crop_size 224" in line["paper"] and "warped to 256x256" in line["paper"], line
+        assert line["ours"].startswith("random 224x224 crops of images resized to 256 on the shorter side")
+        assert line["verdict"].startswith("deviation: the prototxt's crop_size 224 and mirror, at one scale")
+        assert "warped every image to 256x256" in line["verdict"]
+    for name in ("resnet18", "resnet50"):
+        line = _paper_fidelity_line(config.row(name), "augmentation")
+        assert config.row(name).data.train_crop == "random_resized"
+        assert (
+            line["ours"].startswith("RandomResizedCrop 224 (0.08-1")
+            and "scale augmentation" in line["verdict"]
+        )
+    default = load_config(REPO / "configs" / "default.yaml")
+    assert {
+        default.row(name).data.train_crop for name in default.rows if default.row(name).track == "vision"
+    } == {"random_resized"}
+
+
 def test_the_neuraltalk_fidelity_lines_say_the_weight_decay_the_paper_states():
     """Section 4.4 keeps "the same weight decay and batch size as the original paper" (neuraltalk's L2 of 1e-8):
     the optimizer line printed no weight decay, so the table was silent on a value the paper states."""

@@ -123,8 +123,7 @@ def vision(row) -> list[dict]:
               pretrained),
         _line(row, "data", common["data"], f"{row.dataset}: train {data.train_dir}/, test {data.test_dir}/",
               row.dataset == "imagenet" and data.test_dir == "val"),
-        _line(row, "augmentation", facts["augmentation"],
-              f"RandomResizedCrop {data.image_size} ({data.crop_scale_min:g}-1 of the area), horizontal flip", False),
+        _line(row, "augmentation", facts["augmentation"], _augmentation(data), False),
         _line(row, "dropout", facts["dropout"], ", ".join(f"{p:g}" for p in dropout) or "none",
               dropout == expect["dropout"]),
         _line(row, "batch_size", f"{facts['batch_size']} ({facts['batch_size_source']})", str(hp.batch_size),
@@ -141,6 +140,17 @@ def vision(row) -> list[dict]:
               f"top-1 / top-5 error on {data.test_dir}/ (resize {data.resize}, centre crop {data.image_size})",
               data.test_dir == "val" and data.resize == 256 and data.image_size == 224),
     ]  # fmt: skip
+
+
+def _augmentation(data) -> str:
+    """The training crop (data.train_crop) and flip; never the paper's: Caffe's LMDB warped images to a square,
+    fb.resnet.torch added colour jitter and lighting noise (the rows' reasons say which)."""
+    if data.train_crop == "random":
+        return (
+            f"random {data.image_size}x{data.image_size} crops of images resized to {data.resize} on the shorter "
+            "side (aspect kept), horizontal flip"
+        )
+    return f"RandomResizedCrop {data.image_size} ({data.crop_scale_min:g}-1 of the area), horizontal flip"
 
 
 def _schedule(hp) -> str:
