@@ -153,7 +153,7 @@ class RowKeys:
 @dataclass(frozen=True)
 class Wandb:
     mode: Literal["online", "offline", "disabled"] = option(
-        "offline", "offline: run folders to `wandb sync` later"
+        "offline", "offline: run folders under <output_dir>/wandb/wandb/, to `wandb sync` that folder later"
     )
     project: str = option("dsd", "wandb project")
     entity: str | None = option(None, "wandb entity (team or user)")
