@@ -224,7 +224,7 @@ def cmd_evaluate(args) -> None:
 
 def cmd_run(args) -> None:
     """One (row, seed) without Snakemake: data, every phase in order (the control and sweep variants included),
-    then each phase's evaluation. What is finished for this spec is kept; an interrupted phase resumes."""
+    each followed by its evaluation. What is finished for this spec is kept; an interrupted phase resumes."""
     import argparse
 
     config = _config(args)
