@@ -258,6 +258,21 @@ def test_the_defaults_of_keys_added_later_never_change():
     assert added == {"Train.lr_anneal": 1.2, "Data.train_crop": "random_resized"}
 
 
+def test_every_option_of_every_command_says_what_it_takes_in_its_help():
+    """`dsd <command> --help` is what a user reads first: an option listed bare (`--seed SEED`) does not say
+    which phases, seeds or files it means, nor its default."""
+    from dsd import cli
+
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    bare = [
+        f"dsd {name} {action.option_strings[-1]}"
+        for name, parser in commands.items()
+        for action in parser._actions
+        if action.option_strings and action.dest != "help" and not action.help
+    ]
+    assert not bare, bare
+
+
 def test_config_path_imports_no_torch():
     code = (
         "import sys; from dsd import cli, config; "

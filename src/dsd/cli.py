@@ -444,6 +444,15 @@ def cmd_keys(args) -> None:
 # ------------------------------------------------------------------------------------------- parser
 
 
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key by its dotted path (repeatable): experiments.resnet18.train.batch_size=32",
+    )
+
+
 def _add_source(
     parser: argparse.ArgumentParser,
     what: str = "the job's spec as JSON (what the rules pass)",
@@ -453,7 +462,7 @@ def _add_source(
     parser.add_argument("--spec", help=what, action="append" if repeat else "store")
     parser.add_argument("--options", help="run options as JSON (what the rules pass)")
     parser.add_argument("--config", nargs="+", help="config file(s), instead of --spec (later ones win)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
+    _add_set(parser)
     parser.add_argument("--row", help=row)
 
 
@@ -463,12 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate config file(s) in depth, without running anything")
     p.add_argument("file", nargs="+", help="config file(s), later ones win")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
+    _add_set(p)
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("readme", help="write a run's results table and sentences into the README")
-    p.add_argument("--tables", default="results/published/tables")
-    p.add_argument("--readme", default="README.md")
+    p.add_argument("--tables", default="results/published/tables", help="the tables folder (%(default)s)")
+    p.add_argument("--readme", default="README.md", help="the README to write into (%(default)s)")
     p.add_argument("--section", choices=["results", "study"], default="results", help="which README block")
     p.set_defaults(func=cmd_publish_readme)
 
@@ -477,8 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("spec", help="print one phase's spec and fingerprint")
     _add_source(p)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--phase")
+    p.add_argument("--seed", type=int, help="with --config: the run's seed")
+    p.add_argument(
+        "--phase", help="with --config: dense, sparseN, redenseN, control, or a sweep's sparse1_s50, ..."
+    )
     p.set_defaults(func=cmd_spec)
 
     p = sub.add_parser("prepare", help="generate an embedded data set or check a real one")
@@ -488,15 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="captioning: encode the images once with the frozen CNN")
     _add_source(p, "the captioning row's dense phase spec as JSON")
     p.add_argument("--encoder-spec", help="the encoder run's dense phase spec as JSON")
-    p.add_argument("--encoder-checkpoint")
+    p.add_argument("--encoder-checkpoint", help="the encoder run's dense model.pt (default: its run folder)")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser(
         "train", help="train one phase (dense, sparseN, redenseN, control or a sweep's sparse1_s50, ...)"
     )
     _add_source(p)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--phase")
+    p.add_argument("--seed", type=int, help="with --config: the run's seed")
+    p.add_argument(
+        "--phase", help="with --config: dense, sparseN, redenseN, control, or a sweep's sparse1_s50, ..."
+    )
     p.add_argument("--init", help="checkpoint of the previous phase (default with --config: its run folder)")
     p.add_argument("--out", help="run folder (default: from output_dir)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
@@ -506,16 +519,16 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="one (row, seed) in order without Snakemake: data, every phase, evaluations"
     )
     p.add_argument("--config", nargs="+", required=True, help="config file(s), later ones win")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--row", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    _add_set(p)
+    p.add_argument("--row", required=True, help="experiment name in the config, e.g. resnet18")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (default: %(default)s)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on the validation and test splits")
     _add_source(p)
     p.add_argument("--eval", help="with --spec: the eval section as JSON")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a phase's model.pt")
     p.add_argument("--seed", type=int, help="with --config (default: the checkpoint's)")
     p.add_argument("--phase", help="with --config (default: the checkpoint's)")
     p.add_argument("--split", action="append", choices=["val", "test"], help="default: both")
@@ -535,7 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
             repeat=True,
             row="only this row (default: the config's rows)",
         )
-        p.add_argument("--seeds", type=int, nargs="+")
+        p.add_argument(
+            "--seeds",
+            type=int,
+            nargs="+",
+            help="seeds to read (default with --config: the config's; needed with --spec)",
+        )
         p.add_argument(
             "--out",
             help="also write fidelity.csv and fidelity.md into this folder (default: print only)"
