@@ -316,6 +316,25 @@ def test_a_damaged_prepared_marker_is_named_and_prepared_again(tmp_path):
     assert prepare.is_current(exp) and not list(marker.parent.glob(".*tmp*"))
 
 
+def test_preparing_an_unchanged_data_set_again_keeps_its_marker_time(tmp_path):
+    """`dsd prepare` by hand of a data set nothing has changed rewrote its marker, newer than every run: the
+    next `snakemake` trained every phase of every row on it again (the marker is their input). The same record
+    keeps the marker's time; another one (here another setting) makes it newer."""
+    raw = tiny_vision_config(tmp_path)
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    marker = prepare.marker(config.row("resnet18").data_spec().experiment(config.options))
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(marker, ns=(an_hour_ago, an_hour_ago))
+    prepare_data(config, "resnet18")
+    assert marker.stat().st_mtime_ns == an_hour_ago and prepare.is_current(
+        config.row("resnet18").data_spec().experiment(config.options)
+    )
+    raw["experiments"]["resnet18"]["data"]["generate"]["per_class"]["test"] = 3
+    prepare_data(parse(raw), "resnet18")
+    assert marker.stat().st_mtime_ns > an_hour_ago
+
+
 def test_dsd_run_evaluates_again_where_eval_json_cannot_be_read(tmp_path):
     """A damaged eval.json (cut short, or not an object) is evaluated again, as a damaged metrics.json is
     trained again; it stopped `dsd run` with a JSON message naming no file, or a traceback."""

@@ -122,8 +122,17 @@ def prepare(exp: Experiment) -> dict:
         return _prepare(exp)
 
 
+def _previous(path: Path) -> tuple[dict | None, int]:
+    """The marker's record and time before it is rewritten (none if missing or unreadable)."""
+    try:
+        return paths.read_json(path), path.stat().st_mtime_ns
+    except (OSError, DataError):
+        return None, 0
+
+
 def _prepare(exp: Experiment) -> dict:
     path = marker(exp)
+    before, written = _previous(path)
     path.unlink(missing_ok=True)  # a data set being rewritten must not look prepared
     data_fp = content_fingerprint(exp)
     summary = tracks.get(exp.track).data.prepare(exp, data_fp)
@@ -137,4 +146,8 @@ def _prepare(exp: Experiment) -> dict:
         "summary": summary,
     }
     paths.write_json(path, record)  # whole and flushed, or not at all (its presence means prepared)
+    # the same record as before (a `dsd prepare` by hand of data nothing changed): its time too, as a newer
+    # marker would make Snakemake train every phase of every row on this data set again
+    if paths.read_json(path) == before:
+        os.utime(path, ns=(written, written))
     return record
