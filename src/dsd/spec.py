@@ -178,7 +178,10 @@ class RunOptions:
     data_root: str = option("results/data", "generated data sets, prepared markers and caches")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
     threads: int = option(
-        1, "CPU threads per job (auto: this node's cores / (its visible GPUs / gpus_per_job))", min=1
+        1,
+        "CPU threads per job (auto: this node's cores / (its visible GPUs / gpus_per_job); in a SLURM job, its "
+        "own CPUs)",
+        min=1,
     )
     workers: int = option(0, "DataLoader worker processes per GPU process (auto: its cores less one)", min=0)
     gpus_per_job: int = option(1, "GPUs per training job; more than one trains as that many DDP ranks", min=1)
