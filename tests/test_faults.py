@@ -766,3 +766,18 @@ def test_an_audio_file_with_a_nan_sample_is_named(tmp_path):
     sf.write(tmp_path / "u.wav", audio, 16000, subtype="FLOAT")
     with pytest.raises(DataError, match=r"u.wav: audio file has non-finite samples"):
         speech_data.load_audio(tmp_path / "u.wav")
+
+
+def test_images_deleted_after_preparing_stop_training_with_one_line_naming_the_folder(tmp_path):
+    """A prepared image data set some of whose files went afterwards (a clean-up, an rsync cut short) trained
+    and scored silently on the rest: the marker, and so Snakemake, still called it prepared."""
+    config = parse(tiny_vision_config(tmp_path, seeds=[0]))
+    prepare_data(config, "resnet18")
+    for image in sorted((tmp_path / "data" / "shapes" / "train").rglob("*.jpg"))[:3]:
+        image.unlink()
+    with pytest.raises(
+        DataError, match=r"train: 57 images, 60 when data set 'shapes' was prepared .*dsd prepare"
+    ):
+        train(config, "resnet18", 0, "dense")
+    prepare_data(config, "resnet18")  # as the message says: the images written again
+    assert train(config, "resnet18", 0, "dense")["epochs"] == 1

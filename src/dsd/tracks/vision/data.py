@@ -21,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
-from dsd import hparams
+from dsd import hparams, paths
 from dsd.engine import distributed, loaders
 from dsd.errors import DataError
 from dsd.paths import read_text
@@ -382,8 +382,32 @@ def dataset(exp: Experiment, split: str) -> ImageFolderData:
     folder = {"train": cfg.train_dir, "val": cfg.val_dir, "test": cfg.test_dir}[split]
     key = (exp.data_dir, folder, split == "train", json.dumps(hparams.as_dict(cfg), sort_keys=True))
     if key not in _CACHE:
-        _CACHE[key] = ImageFolderData(samples(exp, folder), cfg, split == "train", cfg.in_memory)
+        found = samples(exp, folder)
+        check_unchanged_since_prepared(exp, folder, len(found))
+        _CACHE[key] = ImageFolderData(found, cfg, split == "train", cfg.in_memory)
     return _CACHE[key]
+
+
+def check_unchanged_since_prepared(exp: Experiment, folder: str, found: int) -> None:
+    """As many images in `folder` as when the data set was prepared: images deleted since (a clean-up, a copy
+    cut short) trained and scored silently on the rest. No marker, or one without counts: nothing to compare."""
+    expected = prepared_images(exp, folder)
+    if expected is not None and found != expected:
+        raise DataError(
+            f"{Path(exp.data_dir) / folder}: {found} images, {expected} when data set {exp.dataset!r} was "
+            f"prepared (files removed or added since); run: dsd prepare --config ... --row {exp.row}"
+        )
+
+
+def prepared_images(exp: Experiment, folder: str) -> int | None:
+    """The images `folder` held when the data set was prepared, from its marker's summary (generated: per
+    split; real: per split folder)."""
+    try:
+        summary = paths.read_json(paths.prepared(exp.options.data_root, exp.dataset)).get("summary") or {}
+    except (OSError, DataError):
+        return None
+    counts = summary.get("splits", {}).get(folder, {}).get("images") if "splits" in summary else None
+    return counts if counts is not None else (summary.get("images") or {}).get(folder)
 
 
 def classes(exp: Experiment) -> list[str]:
