@@ -564,3 +564,17 @@ def test_hidden_files_beside_the_data_leave_its_fingerprint_as_it_was(tmp_path):
     assert prepare.is_current(exp)
     (root / "train" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG").unlink()  # a real change still counts
     assert not prepare.is_current(exp)
+
+
+def test_googlenet_and_vgg16_evaluation_says_their_prototxts_test_crop_was_of_a_warped_image():
+    """The prototxts' TEST layer cut the centre 224 square from BVLC's 256x256 warp; the metric line called
+    our aspect-kept resize-and-crop the same as the paper's. The ResNets' (fb.resnet.torch) is the same."""
+    from dsd.config import load_config
+
+    config = load_config([REPO / "configs" / "paper.yaml"])
+    for name in ("googlenet", "vgg16"):
+        line = _paper_fidelity_line(config.row(name), "metric")
+        assert "warped to 256x256" in line["paper"], line
+        assert line["verdict"].startswith("deviation: the centre 224 crop of each validation image"), line
+    for name in ("resnet18", "resnet50"):
+        assert _paper_fidelity_line(config.row(name), "metric")["verdict"] == "same"
