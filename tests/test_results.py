@@ -667,3 +667,22 @@ def test_every_deviation_of_the_embedded_default_gives_its_reason_and_reasons_ch
     assert replace(config.row("resnet18"), fidelity={}).data_spec().fingerprint == (
         config.row("resnet18").data_spec().fingerprint
     )
+
+
+@pytest.mark.parametrize("folder", ["tables", "study"])
+def test_the_published_fidelity_text_is_what_the_code_and_configs_say_now(folder):
+    """The published fidelity table and the landing page's copy of it are generated: a paper fact or a reason
+    edited in the code or the configs (GoogLeNet's prototxt crop, say) left the published text stale."""
+    from conftest import REPO
+
+    from dsd.config import load_config
+    from dsd.report import claims, fidelity
+    from dsd.report.tables import landing_page
+
+    published = REPO / "results" / "published" / folder
+    config = load_config(REPO / "configs" / "default.yaml")
+    frame = fidelity.table([config.row(name) for name in config.rows])
+    assert fidelity.markdown(frame) == (published / "fidelity.md").read_text()
+    comparison = pd.read_csv(published / "paper_comparison.csv")
+    page = landing_page(comparison, pd.read_csv(published / "fidelity.csv"), claims.paragraph(comparison))
+    assert page == (published / "report.rst").read_text()
