@@ -486,6 +486,37 @@ def test_the_neuraltalk_fidelity_lines_say_the_weight_decay_the_paper_states():
     assert "1e-8" in line["paper"] and "1e-10 per caption" in line["verdict"]
 
 
+def test_the_neuraltalk_metric_line_says_the_paper_names_no_bleu_scorer():
+    """The paper names no BLEU scorer, and neuraltalk's own (eval/multi-bleu.perl) has its brevity penalty
+    commented out; the table credited the paper with coco-caption's and called our metric the same. The
+    reason's figures are the scorer's: captions at 0.8 of their references' length, with and without it."""
+    import math
+
+    from dsd.config import load_config
+    from dsd.tracks.captioning.metric import bleu_statistics, corpus_bleu
+
+    line = _paper_fidelity_line(load_config([REPO / "configs" / "paper.yaml"]).row("neuraltalk"), "metric")
+    assert "coco-caption" not in line["paper"] and "brevity penalty" in line["paper"], line
+    assert line["verdict"].startswith("reading: coco-caption's corpus BLEU"), line
+    references = [
+        [
+            "a dog runs through the tall green grass".split(),
+            "a brown dog is running in a field of grass".split(),
+        ],
+        [
+            "two children play on the sandy beach".split(),
+            "two kids are playing in the sand near the water".split(),
+        ],
+    ]
+    captions = ["a dog runs through the grass".split(), "two children play in the sand".split()]
+    counts = bleu_statistics(references, captions)
+    correct, guess = (np.sum(counts[k], axis=0) for k in ("correct", "guess"))
+    assert sum(counts["testlen"]) / sum(counts["reflen"]) == 0.8
+    assert f"{corpus_bleu(references, captions)['bleu4']:.1f}" == "49.8"
+    assert f"{100 * math.exp(np.mean(np.log(correct / guess))):.1f}" == "63.9"  # no brevity penalty
+    assert "BLEU-4 49.8 with the penalty, 63.9 without" in line["verdict"]
+
+
 def test_googlenets_optimizer_line_says_caffes_bias_multipliers_are_not_kept():
     """DSD's GoogleNet/train_val.prototxt trains every bias at twice the LR and without weight decay; we have one
     LR and one decay for all parameters, and the fidelity table called GoogLeNet's optimizer the same."""
