@@ -517,6 +517,19 @@ def test_the_neuraltalk_metric_line_says_the_paper_names_no_bleu_scorer():
     assert "BLEU-4 49.8 with the penalty, 63.9 without" in line["verdict"]
 
 
+def test_the_neuraltalk_architecture_line_says_torchs_lstm_cell_is_not_neuraltalks():
+    """neuraltalk's LSTM (lstm_generator.py, tanhC_version 0 by default) outputs o * c with one bias per gate;
+    torch's outputs o * tanh(c) with two: the table called the architecture the same for matching sizes."""
+    from dsd.config import load_config
+
+    for config in ("paper.yaml", "default.yaml"):
+        line = _paper_fidelity_line(
+            load_config([REPO / "configs" / config]).row("neuraltalk"), "architecture"
+        )
+        assert "o * c" in line["paper"] and "o * tanh(c)" in line["ours"], line
+        assert line["verdict"].startswith("deviation:") and "o * tanh(c)" in line["verdict"], line
+
+
 def test_googlenets_optimizer_line_says_caffes_bias_multipliers_are_not_kept():
     """DSD's GoogleNet/train_val.prototxt trains every bias at twice the LR and without weight decay; we have one
     LR and one decay for all parameters, and the fidelity table called GoogLeNet's optimizer the same."""

@@ -167,16 +167,17 @@ def captioning(row) -> list[dict]:
     facts = paper_rows()["captioning"]["rows"].get(row.name)
     if facts is None:
         return []
-    expect, cfg, hp, data = facts["expect"], row.model, row.train, row.data
+    cfg, hp, data = row.model, row.train, row.data
     count, pruned, dense = _built(row)
     paper_phases_text, our_phases, phases_same = _phases(row)
     encoder = (
         f"row {data.encoder_row} (seed {data.encoder_seed})" if data.encoder_row else data.encoder_weights
     )
     return [
+        # torch's LSTM cell is never neuraltalk's (o * tanh(c), two biases): a deviation at any size
         _line(row, "architecture", facts["architecture"],
-              f"fc7 -> {cfg.embed_dim}-d image projection, {cfg.embed_dim}-d word embedding, LSTM {cfg.hidden_dim}",
-              cfg.embed_dim == expect["embed_dim"] and cfg.hidden_dim == expect["hidden_dim"]),
+              f"fc7 -> {cfg.embed_dim}-d image projection, {cfg.embed_dim}-d word embedding, LSTM {cfg.hidden_dim} "
+              "(torch's: o * tanh(c), two biases per gate)", False),
         _line(row, "parameters", facts["parameters"], f"{count:,} (with Flickr8k's 2,538-word vocabulary)", None),
         _line(row, "pruned", facts["pruned"],
               f"{', '.join(sorted(pruned))}; dense: {', '.join(dense) or 'none'}",
