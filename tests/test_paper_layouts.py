@@ -530,6 +530,21 @@ def test_the_neuraltalk_architecture_line_says_torchs_lstm_cell_is_not_neuraltal
         assert line["verdict"].startswith("deviation:") and "o * tanh(c)" in line["verdict"], line
 
 
+def test_the_neuraltalk_rows_have_a_dropout_line():
+    """neuraltalk trains with dropout 0.5 before and after its LSTM; the captioning rows had no dropout line, so
+    the embedded row's dropout 0 departed from it unseen."""
+    from dsd.config import load_config
+
+    paper = _paper_fidelity_line(load_config([REPO / "configs" / "paper.yaml"]).row("neuraltalk"), "dropout")
+    assert "0.5" in paper["paper"] and paper["ours"].startswith("0.5 ") and paper["verdict"] == "same", paper
+    embedded = _paper_fidelity_line(
+        load_config([REPO / "configs" / "default.yaml"]).row("neuraltalk"), "dropout"
+    )
+    assert embedded["ours"].startswith("0 ") and embedded["verdict"].startswith("deviation: none in the"), (
+        embedded
+    )
+
+
 def test_googlenets_optimizer_line_says_caffes_bias_multipliers_are_not_kept():
     """DSD's GoogleNet/train_val.prototxt trains every bias at twice the LR and without weight decay; we have one
     LR and one decay for all parameters, and the fidelity table called GoogLeNet's optimizer the same."""

@@ -2,7 +2,7 @@
 same, a deviation (with the config's reason), or a reading of something the paper leaves unstated.
 
 Aspects: architecture, parameters, pruned (which weight tensors), sparsity, start (pretrained or scratch),
-data, features (captioning), augmentation, dropout (vision), batch_size, optimizer, phases (epochs, LR, sparsity), schedule (the
+data, features (captioning), augmentation (vision), dropout (vision, captioning), batch_size, optimizer, phases (epochs, LR, sparsity), schedule (the
 LR within a phase), metric (and test set); a row's `fidelity:` section gives its reasons under these names.
 
 Our side is computed from the config and the code: models are built on the meta device to count parameters
@@ -167,7 +167,7 @@ def captioning(row) -> list[dict]:
     facts = paper_rows()["captioning"]["rows"].get(row.name)
     if facts is None:
         return []
-    cfg, hp, data = row.model, row.train, row.data
+    expect, cfg, hp, data = facts["expect"], row.model, row.train, row.data
     count, pruned, dense = _built(row)
     paper_phases_text, our_phases, phases_same = _phases(row)
     encoder = (
@@ -190,6 +190,8 @@ def captioning(row) -> list[dict]:
               row.dataset == "flickr8k"),
         _line(row, "features", facts["features"], f"fc7 of {encoder}, {data.image_size} centre crop, standardised",
               False),
+        _line(row, "dropout", facts["dropout"], f"{cfg.dropout:g} on the LSTM's inputs and on its outputs",
+              cfg.dropout == expect["dropout"]),
         _line(row, "batch_size", str(facts["batch_size"]), str(hp.batch_size), hp.batch_size == facts["batch_size"]),
         _line(row, "optimizer", facts["optimizer"],
               f"{hp.optimizer}, momentum {hp.momentum:g}, weight decay {hp.weight_decay:g}, clip {hp.grad_clip}", None),
