@@ -545,6 +545,26 @@ def test_the_neuraltalk_rows_have_a_dropout_line():
     )
 
 
+def test_the_paper_neuraltalk_row_cuts_no_caption_and_decodes_up_to_neuraltalks_20_words():
+    """neuraltalk trains on whole captions and its predict() stops after 20 words; the paper row cut training
+    captions at 16 words (a long Flickr8k caption lost its end, <end> included where it is learnt) and decoded at
+    most 16, with no reason in the table."""
+    from dsd.config import load_config
+    from dsd.tracks.captioning.data import END, START, build_vocabulary, encode
+
+    row = load_config([REPO / "configs" / "paper.yaml"]).row("neuraltalk")
+    caption = ("a man in a red shirt and a woman in a blue dress walk their two brown dogs along the wet sand of a "
+               "quiet beach while the sun sets behind the tall grey rocks").split()  # fmt: skip
+    vocab = build_vocabulary([caption], min_count=1)
+    assert len(caption) == 35 and len(encode(caption, vocab, row.data.max_words)) == 35 + 2  # <start>, <end>
+    assert encode(caption, vocab, row.data.max_words)[-1] == vocab[END] != vocab[START]
+    line = _paper_fidelity_line(row, "decoding")
+    assert (
+        row.eval.max_len == 20 and "at most 20 words" in line["paper"] and "at most 20 words" in line["ours"]
+    )
+    assert line["verdict"].startswith("reading: beam search of width 3, our choice"), line
+
+
 def test_googlenets_optimizer_line_says_caffes_bias_multipliers_are_not_kept():
     """DSD's GoogleNet/train_val.prototxt trains every bias at twice the LR and without weight decay; we have one
     LR and one decay for all parameters, and the fidelity table called GoogLeNet's optimizer the same."""
