@@ -581,6 +581,30 @@ def test_the_gains_bars_are_the_tables_gains_of_the_means(tmp_path, monkeypatch)
     assert bars == pytest.approx(table)
 
 
+def test_plots_read_their_own_rows_of_the_table_and_refuse_another_seed_count(tmp_path, monkeypatch):
+    """`dsd plots --row X` after a whole table failed with "zip() argument 2 is longer than argument 1"; plots of
+    one seed over a table of two drew the 2-seed means' bars with one seed's dots and curves, unsaid."""
+    from dsd import paths
+    from dsd.config import load_config
+    from dsd.errors import DSDError
+    from dsd.report import plots
+
+    comparison, _ = _summary_figures(tmp_path, monkeypatch)
+    table = paths.tables_dir(str(tmp_path)) / "paper_comparison.csv"
+    pd.concat([comparison.assign(row="other"), comparison]).to_csv(table, index=False)  # another row first
+    row = _neuraltalk_records(tmp_path)
+    plots.write_plots([row], [0, 1], str(tmp_path), tmp_path / "plots", part="summary")  # its own line
+    with pytest.raises(
+        DSDError, match="a table of 2 seeds, plots of 1 .seeds 0.: run dsd table with the same"
+    ):
+        plots.write_plots([row], [0], str(tmp_path), tmp_path / "plots", part="summary")
+    comparison.to_csv(table, index=False)
+    with pytest.raises(DSDError, match="paper_comparison.csv: no row resnet18 .run dsd table"):
+        plots.write_plots(
+            [load_config("configs/default.yaml").row("resnet18")], [0, 1], str(tmp_path), tmp_path
+        )
+
+
 def test_the_curves_are_labelled_as_the_training_monitor_not_the_tables_metric(tmp_path, monkeypatch):
     """NeuralTalk's table has beam-search BLEU-4; its curves plot the greedy BLEU-4 of the per-epoch monitor."""
     _, figures = _summary_figures(tmp_path, monkeypatch)

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from dsd import paths  # noqa: E402
 from dsd.core.masks import unpack_mask  # noqa: E402
 from dsd.core.schedule import CONTROL, Recipe  # noqa: E402
+from dsd.errors import DSDError  # noqa: E402
 from dsd.report.tables import chosen_final_phase, read_eval, read_metrics, rel_gain_pct, sweep_rows  # noqa: E402
 
 
@@ -261,6 +262,24 @@ def sweep(spec, seeds, output_dir: str, out: Path) -> list[Path]:
     return _save(fig, out, f"sweep_{spec.name}")
 
 
+def table_of(specs, seeds, path: Path) -> pd.DataFrame:
+    """The comparison table's lines of these rows, in their order. The gains' bars are the table's and the dots and
+    curves the runs of `seeds`: a table of other rows (`dsd table --row X` before, or `dsd plots --row X` after a
+    whole table) or of another seed count would mix two sets of runs in one figure, so it is refused."""
+    table = pd.read_csv(path)
+    for row in specs:
+        if row.name not in set(table["row"]):
+            raise DSDError(f"{path}: no row {row.name} (run dsd table for the same rows and seeds first)")
+    table = table.set_index("row").loc[[row.name for row in specs]].reset_index()
+    other = sorted(set(table["n_seeds"]) - {len(seeds)})
+    if other:
+        raise DSDError(
+            f"{path}: a table of {other[0]} seeds, plots of {len(seeds)} (seeds {', '.join(map(str, seeds))}): "
+            "run dsd table with the same --seeds first"
+        )
+    return table
+
+
 ROW_FIGURES = tuple(f"{kind}_*.{ext}" for kind in ("weights", "captions", "sweep") for ext in ("png", "pdf"))
 
 
@@ -268,7 +287,7 @@ def write_plots(specs, seeds, output_dir: str, out: str | Path, part: str = "all
     """`part`: "summary" (gains, curves), "rows" (each row's weights, captions, sweep) or "all"."""
     out = Path(out)
     recipes = {row.name: row.recipe for row in specs}
-    comparison = pd.read_csv(paths.tables_dir(output_dir) / "paper_comparison.csv")
+    comparison = table_of(specs, seeds, paths.tables_dir(output_dir) / "paper_comparison.csv")
     chosen = {
         row.name: row.recipe_of(phase) for row, phase in zip(specs, comparison["dsd_phase"], strict=True)
     }
