@@ -605,6 +605,27 @@ def test_plots_read_their_own_rows_of_the_table_and_refuse_another_seed_count(tm
         )
 
 
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_the_gains_legend_leaves_the_axis_label_readable(tmp_path, monkeypatch, rows):
+    """The legend sat 0.13 axes heights under the bars: with one or two rows the axes are short and it covered
+    the axis label (positive = better). Seven rows keep the published figure's place."""
+    from dsd.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: figures.append(fig) or [])
+    plots.gains(pd.read_csv(TABLES / "comparison_3seeds.csv").head(rows), tmp_path)
+    fig = figures[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ours = fig.axes[0]
+    label, legend = (
+        ours.xaxis.label.get_window_extent(renderer),
+        ours.get_legend().get_window_extent(renderer),
+    )
+    assert legend.y1 < label.y0
+    assert label.y0 < ours.bbox.y0 and legend.y0 >= 0  # under the axes, inside the figure
+
+
 def test_the_curves_are_labelled_as_the_training_monitor_not_the_tables_metric(tmp_path, monkeypatch):
     """NeuralTalk's table has beam-search BLEU-4; its curves plot the greedy BLEU-4 of the per-epoch monitor."""
     _, figures = _summary_figures(tmp_path, monkeypatch)

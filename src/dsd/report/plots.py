@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
 
 from dsd import paths  # noqa: E402
 from dsd.core.masks import unpack_mask  # noqa: E402
@@ -86,14 +87,33 @@ def gains(
     left.set_yticks(y, [f"{r} ({m})" for r, m in zip(rows, comparison["metric"], strict=True)], fontsize=8)
     left.set_xlabel("relative gain, % (positive = better" + ("; dots: seeds)" if per_seed else ")"))
     left.set_title("ours: embedded miniatures", fontsize=10)
-    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: never on a bar
+    legend = left.legend(
+        fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2
+    )  # never on a bar
     right.barh(y, comparison["paper_rel_gain_pct"], 0.5, color="#999999")
     right.axvline(0, color="black", linewidth=0.8)
     right.set_xlabel("relative gain, % (DSD vs baseline)")
     right.set_title("the paper (ImageNet, Flickr8k, WSJ)", fontsize=10)
     fig.suptitle("DSD's gains: two scales, two axes, not comparable in size", fontsize=10)
     fig.tight_layout()
+    _below_the_label(fig, left, legend)
     return _save(fig, out, "gains")
+
+
+def _below_the_label(fig, ax, legend) -> None:
+    """Move the legend under the axis label where it would cover it: its place is a share of the axes' height,
+    which a table of one or two rows makes too short for the label. Moved, it keeps its distance in points,
+    which the axes' height after the new layout does not change."""
+    fig.canvas.draw()  # lays the axis label out where it will be drawn
+    label = ax.xaxis.label.get_window_extent(fig.canvas.get_renderer())
+    to_points = 72 / fig.dpi
+    depth = (ax.bbox.y0 - label.y0) * to_points + 3  # 3 points between the label and the legend
+    place = -legend.get_bbox_to_anchor().transformed(ax.transAxes.inverted()).y0 * ax.bbox.height * to_points
+    if depth > place:
+        legend.set_bbox_to_anchor(
+            (0.5, 0), transform=offset_copy(ax.transAxes, fig, y=-depth, units="points")
+        )
+        fig.tight_layout()
 
 
 def _segments(recipe: Recipe, phase: str) -> list[float]:
