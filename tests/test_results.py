@@ -455,6 +455,35 @@ def test_the_extra_epochs_sentence_needs_an_interval_on_every_row_and_no_decided
         assert "extra epochs at this power" not in text and "explained by the extra epochs" not in text
 
 
+def test_one_seed_claims_no_agreement_of_intervals_it_has_not_got(tmp_path):
+    """One seed: no row has an interval, and the sentences said "Each row's own 95% interval gives the same
+    verdicts" all the same."""
+    from dsd.report import claims
+
+    table = _published_comparison(tmp_path).head(2)
+    none = ["dsd_minus_control_joint_low", "dsd_minus_control_joint_high", "detectable_difference"]
+    none += ["dsd_minus_control_ci95_low", "dsd_minus_control_ci95_high"]
+    one = table.assign(
+        n_seeds=1, verdict="too few seeds", verdict_row_alone="too few seeds", **dict.fromkeys(none)
+    )
+    text = claims.paragraph(one)
+    assert "has no interval on 2 (googlenet: too few seeds; vgg16: too few seeds)" in text
+    assert "interval gives the same verdicts" not in text and "detectable_difference" not in text
+    assert "Each row's own 95% interval gives the same verdicts." in claims.paragraph(table)
+
+
+def test_one_detectable_size_is_not_given_as_a_range_over_rows(tmp_path):
+    """A table of one row (or rows of one size) said "from 17% to 17% of the control's value, depending on the row"."""
+    from dsd.report import claims
+
+    table = _published_comparison(tmp_path)
+    text = claims.paragraph(table.head(1))
+    share = 100 * table["detectable_difference"][0] / table["control_mean"][0]
+    assert f"joint test) at {share:.0f}% of the control's value (column `detectable_difference`);" in text
+    assert "depending on the row" not in text
+    assert "from 4% to 26% of the control's value, depending on the row" in claims.paragraph(table)
+
+
 def test_an_interval_end_that_rounds_to_zero_is_printed_on_its_side_of_zero():
     """The ten-seed study's resnet18: own 95% interval 0.0013 to 0.47, "DSD worse"; "0.00 to 0.47" reads as
     touching zero, so the sentences print enough digits to show the side."""

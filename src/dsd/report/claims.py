@@ -72,6 +72,8 @@ def _rows_alone(comparison: pd.DataFrame) -> str:
     """Where a row's own 95% interval, uncorrected for the table's other rows, would give another verdict."""
     if "verdict_row_alone" not in comparison or len(comparison) == 1:
         return ""
+    if not comparison["verdict"].isin(INTERVAL_VERDICTS).any():  # no interval anywhere: nothing to agree on
+        return ""
     differ = comparison[comparison["verdict_row_alone"] != comparison["verdict"]]
     if differ.empty:
         return " Each row's own 95% interval gives the same verdicts."
@@ -149,11 +151,12 @@ def paragraph(comparison: pd.DataFrame) -> str:
     detectable = comparison.get("detectable_difference")
     if detectable is not None and detectable.notna().any():
         relative = 100.0 * detectable / comparison["control_mean"].abs()
+        low, high = f"{relative.min():.0f}%", f"{relative.max():.0f}%"
+        size = f"at {low}" if low == high else f"from {low} to {high}"
+        rows = ", depending on the row" if low != high else ""
         sentence = (
             f"With these seeds and test sets, a true DSD - control difference is detected 80% of the time (by that "
-            f"joint test) from "
-            f"{relative.min():.0f}% to {relative.max():.0f}% of the control's value, depending on the row (column "
-            f"`detectable_difference`)"
+            f"joint test) {size} of the control's value{rows} (column `detectable_difference`)"
         )
         paper = comparison.get("paper_rel_gain_pct")
         if paper is not None and paper.notna().any():
