@@ -549,6 +549,21 @@ def test_samples_show_the_phase_that_stands_for_dsd_in_the_comparison(tmp_path):
     assert samples["dsd"].tolist() == ["said by redense1_s50"]
 
 
+def test_a_value_the_runs_do_not_give_reads_n_a_not_nan(tmp_path):
+    """One seed has no spread, no interval and no detectable size: the markdown table and the report's landing
+    page printed them as the number "nan"."""
+    from dsd.report.tables import write_tables
+
+    row = _neuraltalk_records(tmp_path, seeds=[0])
+    comparison = write_tables([row], [0], str(tmp_path), tmp_path / "tables")
+    assert comparison[["dsd_std", "detectable_difference"]].isna().all(axis=None)
+    for name in ("paper_comparison.md", "report.rst"):
+        text = (tmp_path / "tables" / name).read_text()
+        assert "nan" not in text.lower() and "n/a" in text
+    line = (tmp_path / "tables" / "paper_comparison.md").read_text().splitlines()[2]
+    assert "| too few seeds | n/a " in line
+
+
 def test_the_phases_table_has_every_phase_of_every_run_sweep_variants_too(tmp_path):
     from dsd.report.tables import write_tables
 

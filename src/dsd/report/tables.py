@@ -348,11 +348,15 @@ def phase_rows(output_dir: str, row: str, seeds, phase_names: list[str]) -> list
     return rows
 
 
+MISSING = "n/a"  # a value the runs do not give (a spread of one seed, a paper figure of a row of our own)
+
+
 def _markdown(frame: pd.DataFrame, as_written: tuple[str, ...] = ()) -> str:
     """Numbers to 2 decimals, but the columns `as_written` (text already formatted: tabulate would read "0.001"
-    as a number and print it as 0.00)."""
+    as a number and print it as 0.00); a missing value as MISSING, not as the number "nan"."""
     keep = [list(frame.columns).index(column) for column in as_written]
-    return frame.to_markdown(index=False, floatfmt=".2f", disable_numparse=keep) + "\n"
+    cells = frame.astype(object).where(frame.notna(), None)  # tabulate's missing value is None, not NaN
+    return cells.to_markdown(index=False, floatfmt=".2f", disable_numparse=keep, missingval=MISSING) + "\n"
 
 
 def samples_table(output_dir: str, row: str, seed: int, dsd_phase: str) -> pd.DataFrame | None:
@@ -485,6 +489,8 @@ def _csv_table(title: str, frame: pd.DataFrame) -> str:
     """An rst csv-table with the frame inline (numbers to 2 decimals)."""
 
     def cell(value) -> str:
+        if isinstance(value, float) and math.isnan(value):
+            return f'"{MISSING}"'
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
         return '"' + text.replace('"', "'") + '"'
 
