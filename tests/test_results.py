@@ -691,6 +691,28 @@ def test_the_sweep_figure_says_its_bars_are_the_seeds_sd(tmp_path, monkeypatch):
     assert "val: mean, bars SD over seeds" in labels and "test: mean, bars SD over seeds" in labels
 
 
+def test_figures_of_one_seed_promise_no_band_nor_bars(tmp_path, monkeypatch):
+    """One seed has no spread: the legends said "mean of 1 seeds, band min-max" and "bars SD over seeds"."""
+    from dsd import paths
+    from dsd.report import plots
+    from dsd.report.tables import write_tables
+
+    row = _neuraltalk_records(tmp_path, seeds=[0])
+    write_tables([row], [0], str(tmp_path), paths.tables_dir(str(tmp_path)))
+    figures = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: figures.update({name: fig}) or [])
+    plots.write_plots([row], [0], str(tmp_path), tmp_path / "plots", part="summary")
+    plots.sweep(row, [0], str(tmp_path), tmp_path / "plots")
+    curves = [t.get_text() for t in figures["curves"].legends[0].get_texts()]
+    assert curves == [
+        "DSD (dense > sparse > re-dense ...): one seed, no band",
+        "equal-epoch dense control: one seed, no band",
+    ]
+    sweep = figures["sweep_neuraltalk"].axes[0]
+    assert sweep.get_title() == "neuraltalk: metric vs sparsity (1 seed)"
+    assert "val: one seed, no bars" in sweep.get_legend_handles_labels()[1]
+
+
 def test_stability_names_rows_missing_from_a_run_and_unequal_seed_counts():
     """A published 3-seed table against a 10-seed study with its resnet18 row dropped."""
     from dsd.report import claims

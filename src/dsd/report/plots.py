@@ -198,7 +198,8 @@ def curves(
         axes[0][col].set_title(title, fontsize=9)
         axes[-1][col].set_xlabel("epoch", fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    labels = [f"{label}: mean of {len(seeds)} seeds, band min-max" for label in labels]
+    over = f"mean of {len(seeds)} seeds, band min-max" if len(seeds) > 1 else "one seed, no band"
+    labels = [f"{label}: {over}" for label in labels]
     fig.legend(
         handles, labels, loc="upper center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, 1.0), frameon=False
     )
@@ -271,12 +272,13 @@ def sweep(spec, seeds, output_dir: str, out: Path) -> list[Path]:
     for split, style in (("val", "o-"), ("test", "s--")):
         x, y, err = 100 * rows["sparsity"], rows[f"{split}_mean"], rows[f"{split}_std"]
         # the bars are the seeds' SD, not the comparison table's confidence intervals: say so
-        ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=f"{split}: mean, bars SD over seeds")
+        over = "mean, bars SD over seeds" if len(seeds) > 1 else "one seed, no bars"
+        ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=f"{split}: {over}")
     _, chosen = chosen_final_phase(spec, seeds, output_dir)
     ax.axvline(100 * chosen, color="gray", linestyle=":", label=f"chosen on val: {100 * chosen:.0f}%")
     ax.set_xlabel("sparsity of the sparse phase, %")
     ax.set_ylabel(f"{rows['metric'][0]} after re-dense")
-    ax.set_title(f"{spec.name}: metric vs sparsity ({len(seeds)} seeds)")
+    ax.set_title(f"{spec.name}: metric vs sparsity ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
     # below the axes: no bar hidden
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     return _save(fig, out, f"sweep_{spec.name}")
