@@ -403,6 +403,12 @@ def test_convergence_is_the_trend_of_the_seeds_mean_validation_curve(tmp_path):
     assert dense_convergence(str(tmp_path), "blanks", [0])[1] == "at chance"
     write(0, [2.0] * 6, row="bleu", track="captioning", metric="bleu4", higher=True)  # BLEU: no chance level
     assert dense_convergence(str(tmp_path), "bleu", [0])[1] == "yes"
+    # a dense phase too short to judge its trend, at chance all the same: said, not hidden as "too few epochs"
+    write(0, [90.0], row="short")
+    write(1, [85.0], row="short")
+    assert dense_convergence(str(tmp_path), "short", [0, 1])[1:] == ("at chance", "")
+    write(1, [80.0], row="short")  # seeds' mean 85: clear of chance
+    assert dense_convergence(str(tmp_path), "short", [0, 1])[1:] == ("too few epochs", "")
 
 
 # Comparison tables of real runs (the publication of 3cc905a: its 3-seed table and the 10-seed second study),

@@ -231,12 +231,14 @@ def dense_convergence(output_dir: str, row: str, seeds) -> tuple[float, str, str
     curves = [[h["val"][r["metric"]] for h in r["history"]] for r in records]
     if not all(curves):
         return float("nan"), "pretrained", ""
+    # a model at chance is said so however short its dense phase: "too few epochs" hid that it never learned
+    final = float(np.mean([c[-1] for c in curves]))
     if min(map(len, curves)) < CONVERGED_WINDOW:
-        return float("nan"), "too few epochs", ""
+        return float("nan"), "at chance" if _at_chance(records[0], final) else "too few epochs", ""
     last = np.array([c[-CONVERGED_WINDOW:] for c in curves], dtype=float)
     trend = _trend(last.mean(axis=0))
     flat = f"{sum(abs(_trend(c)) < CONVERGED_POINTS_PER_EPOCH for c in last)}/{len(curves)}"
-    if _at_chance(records[0], float(last[:, -1].mean())):
+    if _at_chance(records[0], final):
         return trend, "at chance", flat
     return trend, "yes" if abs(trend) < CONVERGED_POINTS_PER_EPOCH else "no", flat
 
