@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import parse, prepare_data, tiny_vision_config, train
+from conftest import evaluate, parse, prepare_data, tiny_vision_config, train
 
 from dsd.report.tables import (
     detectable_difference,
@@ -568,6 +568,27 @@ def test_a_value_the_runs_do_not_give_reads_n_a_not_nan(tmp_path):
         assert "nan" not in text.lower() and "n/a" in text
     line = (tmp_path / "tables" / "paper_comparison.md").read_text().splitlines()[2]
     assert "| too few seeds | n/a " in line
+
+
+def test_a_row_of_one_phase_is_named_not_failed_on_a_control_no_run_writes(tmp_path):
+    """A recipe of the dense phase alone passes the config check and `dsd run` trains it; its table failed with
+    "No such file or directory: .../control/eval.json", a run that nothing would ever write."""
+    from dsd import paths
+    from dsd.errors import ConfigError
+    from dsd.report.tables import write_tables
+
+    raw = tiny_vision_config(tmp_path, seeds=[0])
+    raw["experiments"]["resnet18"]["phases"] = raw["experiments"]["resnet18"]["phases"][:1]
+    config = parse(raw)
+    prepare_data(config, "resnet18")
+    train(config, "resnet18", 0, "dense")
+    run = paths.run_dir(config.options.output_dir, "resnet18", 0, "dense")
+    paths.write_json(paths.evaluation(run), evaluate(config, "resnet18", 0, "dense"))
+    with pytest.raises(
+        ConfigError, match=r"^row resnet18: one phase \(dense\), so no DSD phase and no equal-epoch"
+    ):
+        write_tables([config.row("resnet18")], [0], config.options.output_dir, tmp_path / "tables")
+    assert not (tmp_path / "tables").exists()
 
 
 def test_the_phases_table_has_every_phase_of_every_run_sweep_variants_too(tmp_path):

@@ -23,6 +23,7 @@ from scipy import optimize, stats
 
 from dsd import paths, tracks
 from dsd.core.schedule import CONTROL
+from dsd.errors import ConfigError
 
 
 def paper_headline() -> pd.DataFrame:
@@ -414,8 +415,20 @@ def runtime_rows(
 ROW_TABLES = ("sweep_*.csv", "samples_*.md", "samples_*.csv")  # one per row that has one
 
 
+def comparable(specs) -> None:
+    """A row of one phase (a dense run, kept for another row's use) has neither DSD nor an equal-epoch control:
+    the table names it, where its missing control run would fail as a file that no run ever writes."""
+    for row in specs:
+        if len(row.recipe.phases) < 2:
+            raise ConfigError(
+                f"row {row.name}: one phase ({row.recipe.final}), so no DSD phase and no equal-epoch control to "
+                "tabulate (a row only trained for another's use belongs under experiments, not in rows)"
+            )
+
+
 def write_tables(specs, seeds, output_dir: str, out_dir: str | Path) -> pd.DataFrame:
     """paper_comparison.{csv,md}, phases.{csv,md}, runtime.{csv,md}, sweep_<row>.csv and samples_<row>.md."""
+    comparable(specs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths.remove_row_files(out_dir, ROW_TABLES)
