@@ -755,6 +755,23 @@ def test_stability_names_rows_missing_from_a_run_and_unequal_seed_counts():
     assert "the first run has 3 seeds per row, the second 10" in text
 
 
+def test_stability_against_a_run_without_intervals_prints_no_nan_and_blames_no_arithmetic(tmp_path):
+    """A one-seed run beside a two-seed one: the sentence printed "(DSD - control -5.00, nan to nan)", "1 seeds",
+    and put the verdicts' difference down to CPU kernel arithmetic, where one run had no interval at all."""
+    from dsd.report import claims
+
+    second = _published_comparison(tmp_path).head(2)
+    none = ["dsd_minus_control_joint_low", "dsd_minus_control_joint_high"]
+    none += ["dsd_minus_control_ci95_low", "dsd_minus_control_ci95_high"]
+    first = second.assign(n_seeds=1, verdict="too few seeds", verdict_row_alone="too few seeds")
+    first = first.assign(**dict.fromkeys(none, float("nan")))
+    text = claims.stability_sentence(claims.stability(first, second), "x")
+    assert "nan" not in text and "the first run has 1 seed per row, the second 3" in text
+    assert "(googlenet: too few seeds (DSD - control +0.24, no interval) -> no significant difference" in text
+    assert "googlenet and vgg16 had no interval in one of the runs, so no verdict to hold" in text
+    assert "CPU kernel arithmetic" not in text
+
+
 def test_runtime_divides_by_the_cores_this_process_may_use(tmp_path, monkeypatch):
     """A job limited to 2 of a machine's 8 cores (taskset, a cgroup's cpuset) shares 2 cores, not 8."""
     import os

@@ -236,6 +236,8 @@ def _difference(row, run: str, interval: str = "joint") -> str:
     low, high = (getattr(row, f"dsd_minus_control_{interval}_{end}_{run}", None) for end in ("low", "high"))
     if mean is None or low is None or high is None:
         return ""
+    if not (np.isfinite(low) and np.isfinite(high)):  # one seed, or no spread: the verdict says which
+        return f" (DSD - control {mean:+.2f}, no interval)"
     return f" (DSD - control {mean:+.2f}, {_bound(low)} to {_bound(high)})"
 
 
@@ -269,7 +271,7 @@ def _seed_counts(frame: pd.DataFrame) -> str:
     if firsts == seconds and len(firsts) <= 1:
         return ""
     return (
-        f"; the first run has {'/'.join(map(str, firsts))} seeds per row, the second "
+        f"; the first run has {'/'.join(map(str, firsts))} seed{'s' if firsts != [1] else ''} per row, the second "
         f"{'/'.join(map(str, seconds))}"
     )
 
@@ -287,11 +289,19 @@ def stability_sentence(frame: pd.DataFrame, setting: str) -> str:
         + _missing(whole)
         + _seed_counts(whole)
     )
-    if not changed.empty:
+    tested = changed["verdict_first"].isin(INTERVAL_VERDICTS) & changed["verdict_second"].isin(
+        INTERVAL_VERDICTS
+    )
+    if tested.any():
         text += (
             f" ({_flips(changed, 'verdict', 'joint')}): the per-seed values move with CPU kernel arithmetic, and "
             "with these seeds the verdicts of those rows do not hold across such runs; read them as undecided"
         )
+    elif not changed.empty:  # a run with no interval on the row (too few seeds): not a verdict that moved
+        text += f" ({_flips(changed, 'verdict', 'joint')})"
+    if not tested.all():
+        untested = _rows(changed, ~tested)
+        text += f"; {_names(untested)} had no interval in one of the runs, so no verdict to hold"
     if "same_row_alone" in frame and not frame["same_row_alone"].all():
         alone = frame[~frame["same_row_alone"]]
         text += (
