@@ -697,6 +697,28 @@ def test_the_gains_legend_leaves_the_axis_label_readable(tmp_path, monkeypatch, 
     assert label.y0 < ours.bbox.y0 and legend.y0 >= 0  # under the axes, inside the figure
 
 
+def test_the_gains_figure_names_the_data_it_was_measured_on_and_rows_the_paper_has_not(tmp_path, monkeypatch):
+    """The figure said "ours: embedded miniatures ... not comparable in size" of a paper configuration's ImageNet
+    rows too, and left a row of our own (no paper figure) as an empty space, which reads as a zero gain."""
+    from dsd.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: figures.append(fig) or [])
+    table = pd.read_csv(TABLES / "comparison_3seeds.csv")
+    plots.gains(table, tmp_path)
+    real = {"shapes": "imagenet", "scenes": "flickr8k", "spoken": "wsj"}
+    plots.gains(table.assign(dataset=table["dataset"].map(real)), tmp_path)
+    mine = table.head(2).assign(row=["resnet18", "mynet"], paper_rel_gain_pct=[4.14, float("nan")])
+    plots.gains(mine, tmp_path)
+    embedded, paper, own = figures
+    assert embedded.axes[0].get_title() == "ours: embedded miniatures"
+    assert "not comparable in size" in embedded._suptitle.get_text()
+    assert paper.axes[0].get_title() == "ours: imagenet, flickr8k, wsj"
+    assert "not comparable" not in paper._suptitle.get_text()
+    assert [t.get_text() for t in own.axes[1].texts] == ["not in the paper"]
+    assert not embedded.axes[1].texts
+
+
 def test_the_curves_are_labelled_as_the_training_monitor_not_the_tables_metric(tmp_path, monkeypatch):
     """NeuralTalk's table has beam-search BLEU-4; its curves plot the greedy BLEU-4 of the per-epoch monitor."""
     _, figures = _summary_figures(tmp_path, monkeypatch)
