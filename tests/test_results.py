@@ -762,6 +762,30 @@ def test_figures_of_one_seed_promise_no_band_nor_bars(tmp_path, monkeypatch):
     assert "val: one seed, no bars" in sweep.get_legend_handles_labels()[1]
 
 
+def test_the_sweep_figure_names_the_phase_its_values_are_after(tmp_path, monkeypatch):
+    """A sweep whose recipe ends with its sparse phase was labelled "... after re-dense"."""
+    from dsd import paths
+    from dsd.report import plots
+
+    raw = tiny_vision_config(tmp_path, seeds=[0])
+    raw["experiments"]["resnet18"] |= {
+        "phases": raw["experiments"]["resnet18"]["phases"][:2],
+        "sweep": [0.3, 0.5],
+    }
+    row = parse(raw).row("resnet18")
+    for sparsity, recipe in row.variants.items():
+        run = paths.run_dir(str(tmp_path), "resnet18", 0, recipe.final)
+        evaluation = {"metric": "top1_error_pct", "higher_is_better": False}
+        paths.write_json(paths.evaluation(run), evaluation | {"val": {"top1_error_pct": 50 + sparsity}} | {
+            "test": {"top1_error_pct": 60.0}})  # fmt: skip
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: figures.append(fig) or [])
+    plots.sweep(row, [0], str(tmp_path), tmp_path)
+    assert figures[0].axes[0].get_ylabel() == "top1_error_pct after sparse"
+    plots.sweep(_neuraltalk_records(tmp_path), [0, 1], str(tmp_path), tmp_path)
+    assert figures[1].axes[0].get_ylabel() == "bleu4 after re-dense"
+
+
 def test_stability_names_rows_missing_from_a_run_and_unequal_seed_counts():
     """A published 3-seed table against a 10-seed study with its resnet18 row dropped."""
     from dsd.report import claims

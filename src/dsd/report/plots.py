@@ -299,7 +299,8 @@ def sweep(spec, seeds, output_dir: str, out: Path) -> list[Path]:
     _, chosen = chosen_final_phase(spec, seeds, output_dir)
     ax.axvline(100 * chosen, color="gray", linestyle=":", label=f"chosen on val: {100 * chosen:.0f}%")
     ax.set_xlabel("sparsity of the sparse phase, %")
-    ax.set_ylabel(f"{rows['metric'][0]} after re-dense")
+    final = spec.recipe.phases[-1].kind  # a recipe may end sparse: no re-dense phase to name
+    ax.set_ylabel(f"{rows['metric'][0]} after {'re-dense' if final == 'redense' else final}")
     ax.set_title(f"{spec.name}: metric vs sparsity ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
     # below the axes: no bar hidden
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
