@@ -490,6 +490,18 @@ def test_one_detectable_size_is_not_given_as_a_range_over_rows(tmp_path):
     assert "from 4% to 26% of the control's value, depending on the row" in claims.paragraph(table)
 
 
+def test_a_control_of_zero_gives_no_detectable_share_not_inf(tmp_path):
+    """A control whose metric is 0 (BLEU-4 of a captioner that never learned): "from 6% to inf% of the control's
+    value", and the row counted among those that could hide the paper's gain."""
+    from dsd.report import claims
+
+    table = _published_comparison(tmp_path).head(3)
+    table.loc[2, "control_mean"] = 0.0
+    text = claims.paragraph(table)
+    assert "inf" not in text and "of the control's value, depending on the row" in text
+    assert "that is more than the paper's own relative gain" in text and " of the 2 rows that is more" in text
+
+
 def test_an_interval_end_that_rounds_to_zero_is_printed_on_its_side_of_zero():
     """The ten-seed study's resnet18: own 95% interval 0.0013 to 0.47, "DSD worse"; "0.00 to 0.47" reads as
     touching zero, so the sentences print enough digits to show the side."""

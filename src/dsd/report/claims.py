@@ -149,8 +149,11 @@ def paragraph(comparison: pd.DataFrame) -> str:
             "this power: on every row the interval of DSD - control includes zero."
         )
     detectable = comparison.get("detectable_difference")
-    if detectable is not None and detectable.notna().any():
+    relative = None
+    if detectable is not None:  # a share of a control of 0 (BLEU of a model that never learned) is no size
         relative = 100.0 * detectable / comparison["control_mean"].abs()
+        relative = relative.where(np.isfinite(relative.astype(float)))
+    if relative is not None and relative.notna().any():
         low, high = f"{relative.min():.0f}%", f"{relative.max():.0f}%"
         size = f"at {low}" if low == high else f"from {low} to {high}"
         rows = ", depending on the row" if low != high else ""
