@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import BIN, REPO, dsd_cli, snakemake, tiny_vision_config, write_config
+from test_reliability import slow_sparse_config
 
 from dsd import paths
 from dsd.report.tables import item_differences, item_shares, paired_ci_items
@@ -562,12 +563,8 @@ def test_a_phase_cut_by_two_time_limits_finishes_under_the_slurm_profile_and_its
     one needing three failed. And Snakemake deletes a job's log before each attempt: the phase's log said
     nothing of why it was cut."""
     retries = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())["retries"]
-    config = tiny_vision_config(tmp_path, seeds=[0])
-    exp = config["experiments"]["resnet18"]
-    exp["data"]["generate"] = {"per_class": {"train": 13, "val": 3, "test": 3}}
-    exp["model"]["width"] = 8
-    exp["train"]["max_steps_per_epoch"] = 8
-    exp["phases"][0]["epochs"] = 8
+    config = slow_sparse_config(tmp_path)
+    config["experiments"]["resnet18"]["phases"][0]["epochs"] = 8  # the dense phase, cut twice here
     configfile = write_config(tmp_path, config)
     out = paths.run_dir(config["output_dir"], "resnet18", 0, "dense")
     log = tmp_path / "results" / "logs" / "resnet18" / "seed0" / "dense.log"

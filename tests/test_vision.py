@@ -422,18 +422,27 @@ def test_any_torchvision_model_on_any_image_folder_by_config_only(tmp_path):
     assert (tmp_path / "results" / "plots" / "curves.png").is_file()
 
 
-def test_dsd_run_retrains_a_phase_whose_image_folder_changed(tmp_path):
-    """A real data set's content is part of a result's identity: a new training image, same config."""
-    folder = make_imagenet(tmp_path / "imagenet", per_class=2)
-    raw = {
+def small_imagenet_config(tmp_path, folder, lr: float) -> dict:
+    """One mini ResNet-18 row, one dense epoch, on an ImageNet-layout folder of 2 classes."""
+    return {
         "data": {"imagenet": str(folder)}, "output_dir": str(tmp_path / "out"), "data_root": str(tmp_path / "d"),
         "seeds": [0], "threads": 1, "wandb": {"mode": "disabled"},
         "experiments": {"resnet18": {
             "track": "vision", "dataset": "imagenet",
-            "model": {"size": "mini", "width": 4, "num_classes": 2}, "data": {"image_size": 32, "resize": 32},
-            "eval": {"batch_size": 4}, "train": {"batch_size": 4}, "prune": {"exclude": ["conv1.weight"]},
-            "phases": [{"kind": "dense", "epochs": 1, "lr": 0.01}]}},
+            "model": {"arch": "resnet18", "size": "mini", "width": 4, "num_classes": 2},
+            "data": {"image_size": 32, "resize": 32}, "phases": [{"kind": "dense", "epochs": 1, "lr": lr}]}},
     }  # fmt: skip
+
+
+def test_dsd_run_retrains_a_phase_whose_image_folder_changed(tmp_path):
+    """A real data set's content is part of a result's identity: a new training image, same config."""
+    folder = make_imagenet(tmp_path / "imagenet", per_class=2)
+    raw = small_imagenet_config(tmp_path, folder, lr=0.01)
+    raw["experiments"]["resnet18"] |= {
+        "eval": {"batch_size": 4},
+        "train": {"batch_size": 4},
+        "prune": {"exclude": ["conv1.weight"]},
+    }
     command = ["run", "--config", str(write_config(tmp_path, raw)), "--row", "resnet18"]
     assert "trained;" in dsd_cli(*command).stdout
     assert "trained;" not in dsd_cli(*command).stdout  # nothing changed: kept
@@ -634,14 +643,7 @@ def test_dsd_prepare_says_how_many_images_it_found(tmp_path, capsys):
     from dsd.cli import main
 
     folder = make_imagenet(tmp_path / "imagenet", per_class=2)
-    raw = {
-        "data": {"imagenet": str(folder)}, "output_dir": str(tmp_path / "out"), "data_root": str(tmp_path / "d"),
-        "seeds": [0], "threads": 1, "wandb": {"mode": "disabled"},
-        "experiments": {"resnet18": {
-            "track": "vision", "dataset": "imagenet",
-            "model": {"arch": "resnet18", "size": "mini", "width": 4, "num_classes": 2},
-            "data": {"image_size": 32, "resize": 32}, "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}},
-    }  # fmt: skip
+    raw = small_imagenet_config(tmp_path, folder, lr=0.1)
     assert main(["prepare", "--config", str(write_config(tmp_path, raw)), "--row", "resnet18"]) == 0
     said = capsys.readouterr().out
     assert said.startswith(f"prepared imagenet at {folder} (content ") and '"classes": 2' in said
