@@ -632,7 +632,7 @@ def bench_startup(quick: bool) -> list[dict]:
 
     Wall-clock of the whole command, interleaved; the warm server is started before timing (its one-off
     imports are the cost of the first job of a pipeline, not of every job)."""
-    reps, per_class = (2, 4) if quick else (5, 8)
+    reps, per_class = (1, 4) if quick else (5, 8)  # quick: a smoke run, one interleaved pair per command
     rows = []
     with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
         tmp = Path(tmp)
@@ -677,7 +677,7 @@ def bench_config_path(quick: bool) -> list[dict]:
     """Reading and checking a config, as `dsd check-config` and a Snakemake dry run do: wall-clock per command,
     and whether it imports torch (each command also runs once with a `torch` on the path that fails to
     import: it must still succeed). Parameter names for the prune-pattern check are cached after the first."""
-    reps = 2 if quick else 5
+    reps = 1 if quick else 5  # quick: a smoke run of each command
     paper = str(ROOT / "configs" / "paper.yaml")
     rows = []
     with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
@@ -760,7 +760,7 @@ def bench_speech_memory(quick: bool) -> list[dict]:
     a dense epoch on it (features read utterance by utterance), at 1x and 10x the embedded corpus' size; and
     the feature extraction's throughput. Target: the 10x peak within 1.2x of the 1x peak."""
     rows = []
-    scales, base = ((1, 3), SPEECH_1X // 5) if quick else ((1, 10), SPEECH_1X)
+    scales, base = ((1, 3), SPEECH_1X // 10) if quick else ((1, 10), SPEECH_1X)
     with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
         for scale in scales:
             root = Path(tmp) / f"corpus{scale}"
@@ -850,7 +850,7 @@ def summary(results: dict, quick: bool, clock_name: str, seconds: dict[str, floa
     head = [
         "# DSD benchmarks",
         "",
-        f"{'QUICK smoke run (reduced sizes, 2 or 3 repetitions: not for quoting)' if quick else 'Full run'}; "
+        f"{'QUICK smoke run (reduced sizes, 1 to 3 repetitions: not for quoting)' if quick else 'Full run'}; "
         f"torch {torch.__version__}, {THREADS} CPU thread(s) (torch.set_num_threads({THREADS})), "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end; {sum(seconds.values()):.0f} s wall in all ("
