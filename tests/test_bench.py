@@ -68,7 +68,8 @@ def test_gpu_step_profile_prints_every_variant_of_the_step(tmp_path):
     broken script: each variant of the step is timed (the CUDA-graph one is GPU-only). Its JPEGs go into a
     temporary folder that it removes (every run left one in /tmp)."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_step_profile.py"), "cpu", "2", "resnet18"],
+        [sys.executable, str(REPO / "benchmarks" / "gpu_step_profile.py"), "cpu", "2", "resnet18",
+         "--steps", "1"],
         capture_output=True, text=True, timeout=600, env=os.environ | {"TMPDIR": str(tmp_path)},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
