@@ -72,6 +72,26 @@ def test_bad_config_is_one_line_from_check_config_and_snakemake(tmp_path, case):
     assert not (tmp_path / "results").exists()  # nothing ran
 
 
+def test_a_table_row_of_the_dense_phase_alone_is_warned_of_before_training(tmp_path):
+    """Such a row passed `dsd check-config` and `snakemake -n` in silence, trained, and only then did `dsd table`
+    (the default target) refuse it; it stays accepted (`dsd run` trains a dense model), with one warning line."""
+    config = tiny_vision_config(tmp_path)
+    config["experiments"]["dense_only"] = config["experiments"]["resnet18"] | {
+        "phases": [{"kind": "dense", "epochs": 1, "lr": 0.05}]
+    }
+    warning = "dsd: warning: config.experiments.dense_only.phases: one phase (dense), so no DSD phase"
+    configfile = write_config(tmp_path, config)  # rows: [resnet18], the dense row left out
+    for result in (dsd_cli("check-config", str(configfile)), snakemake(tmp_path, configfile, "-n")):
+        assert result.returncode == 0 and "dsd: warning" not in result.stderr, result.stderr[-2000:]
+    del config["rows"]  # every experiment
+    configfile = write_config(tmp_path, config)
+    for result in (dsd_cli("check-config", str(configfile)), snakemake(tmp_path, configfile, "-n")):
+        lines = [line for line in result.stderr.splitlines() if line.startswith("dsd: warning")]
+        assert result.returncode == 0 and len(lines) == 1, result.stderr[-2000:]
+        assert lines[0].startswith(warning), lines[0]
+    assert not (tmp_path / "results").exists()  # nothing ran
+
+
 def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("seeds: [0, 1\nexperiments: {}\n")

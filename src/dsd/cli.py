@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from dsd import paths, prefork
-from dsd.config import Config, in_this_job, load_config
+from dsd.config import Config, in_this_job, load_config, table_warnings
 from dsd.errors import CheckpointError, ConfigError, DSDError
 from dsd.spec import DataSpec, PhaseSpec, RowSpec, RunOptions
 
@@ -90,6 +90,8 @@ def _phase_spec(args, config: Config | None) -> PhaseSpec:
 def cmd_check_config(args) -> None:
     config = load_config(args.file, sets=args.set or ())
     jobs = len(_trained_runs(config))
+    for warning in table_warnings(config):
+        print(f"dsd: warning: {warning}", file=sys.stderr)
     print(
         f"{', '.join(map(str, args.file))}: ok ({len(config.rows)} rows, {len(config.seeds)} seeds, {jobs} training jobs)"
     )

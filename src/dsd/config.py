@@ -237,6 +237,18 @@ def parse_config(raw: Mapping, check_models: bool = True) -> Config:
     return config
 
 
+def table_warnings(config: Config) -> list[str]:
+    """A row of the tables whose recipe is the dense phase alone trains (`dsd run`, Snakemake's targets for its
+    runs), but has no DSD phase and no equal-epoch control, so `dsd table` refuses it: said before training."""
+    return [
+        f"config.experiments.{name}.phases: one phase ({config.row(name).recipe.final}), so no DSD phase and no "
+        f"equal-epoch control: it trains, but `dsd table` (Snakemake's default target) refuses it as a row of the "
+        f"tables (leave it out of `rows:`, which defaults to every experiment)"
+        for name in config.rows
+        if len(config.row(name).recipe.phases) < 2
+    ]
+
+
 def _expand_home(key: str, value):
     """`~/runs` as the shell reads it: the folder options and data paths are written as on a command line (kept
     as written, `~` became a folder of that name under the working directory)."""

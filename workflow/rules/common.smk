@@ -19,6 +19,8 @@ try:
     CONFIG = dsd_config.load_config(CONFIG_FILES, overrides=dict(workflow.config_settings.config))
 except dsd_config.ConfigError as err:
     sys.exit(f"dsd: error: {err}")
+for _warning in dsd_config.table_warnings(CONFIG):  # before any training: the tables rule would refuse it
+    print(f"dsd: warning: {_warning}", file=sys.stderr)
 
 OPTIONS = CONFIG.options
 OUT, DATA_ROOT = OPTIONS.output_dir, OPTIONS.data_root
