@@ -332,6 +332,19 @@ def test_verdict_stability_between_two_runs_is_generated():
     )
 
 
+def test_a_verdict_that_moves_is_put_down_to_the_setting_the_runs_differ_in_not_to_cpu_arithmetic():
+    """Every such sentence said "the per-seed values move with CPU kernel arithmetic", also of two GPU runs or of
+    a setting that is no thread count: the comparison knows only the setting (the second run's SETTING file)."""
+    from dsd.report import claims
+
+    first = pd.DataFrame({"row": ["a"], "verdict": ["no significant difference"]})
+    moved = claims.stability(first, first.assign(verdict="DSD worse than control"))
+    text = claims.stability_sentence(moved, "its GPU model (an H200 instead of an H100)")
+    assert "differs only in its GPU model (an H200 instead of an H100), a setting that must not" in text
+    assert "): the per-seed values move with that setting, and with these seeds" in text
+    assert "CPU" not in text
+
+
 def test_the_study_block_of_the_readme_is_filled_from_its_own_table(tmp_path):
     from dsd.cli import main
 
@@ -827,7 +840,7 @@ def test_stability_against_a_run_without_intervals_prints_no_nan_and_blames_no_a
     assert "nan" not in text and "the first run has 1 seed per row, the second 3" in text
     assert "(googlenet: too few seeds (DSD - control +0.24, no interval) -> no significant difference" in text
     assert "googlenet and vgg16 had no interval in one of the runs, so no verdict to hold" in text
-    assert "CPU kernel arithmetic" not in text
+    assert "move with that setting" not in text
 
 
 def test_runtime_divides_by_the_cores_this_process_may_use(tmp_path, monkeypatch):

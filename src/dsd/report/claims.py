@@ -295,9 +295,10 @@ def stability_sentence(frame: pd.DataFrame, setting: str) -> str:
     tested = changed["verdict_first"].isin(INTERVAL_VERDICTS) & changed["verdict_second"].isin(
         INTERVAL_VERDICTS
     )
+    # what moved them is known only as `setting` (a thread count, a GPU model, ...): no cause is guessed
     if tested.any():
         text += (
-            f" ({_flips(changed, 'verdict', 'joint')}): the per-seed values move with CPU kernel arithmetic, and "
+            f" ({_flips(changed, 'verdict', 'joint')}): the per-seed values move with that setting, and "
             "with these seeds the verdicts of those rows do not hold across such runs; read them as undecided"
         )
     elif not changed.empty:  # a run with no interval on the row (too few seeds): not a verdict that moved
