@@ -104,9 +104,7 @@ def test_the_warm_job_runs_the_code_a_fresh_one_would(tmp_path, sockets):
         REPO / "src" / "dsd", checkout / "src" / "dsd", ignore=shutil.ignore_patterns("__pycache__")
     )
     cli = checkout / "src" / "dsd" / "cli.py"
-    cli.write_text(
-        cli.read_text().replace(": ok ({len(config.rows)}", ": ok in the checkout ({len(config.rows)}")
-    )
+    cli.write_text(cli.read_text().replace(": ok ({counted(", ": ok in the checkout ({counted("))
     config = shutil.copy(REPO / "configs" / "default.yaml", checkout / "default.yaml")
     env = os.environ | {"DSD_PREFORK": "1", "DSD_PREFORK_DIR": str(sockets), "PYTHONPATH": "src"}
     result = dsd_command("check-config", config, env=env, cwd=checkout)

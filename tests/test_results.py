@@ -376,7 +376,7 @@ def test_the_study_block_of_the_readme_is_filled_from_its_own_table(tmp_path):
     (second / "SETTING").write_text("its CPU thread count\n")
     assert main(["readme", "--section", "study", "--tables", str(tables), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "differs only in its CPU thread count" in text and "same verdict on 0 of the 1 rows" in text
+    assert "differs only in its CPU thread count" in text and "same verdict on 0 of the 1 row " in text
     assert (second / "verdict_stability.csv").is_file()
 
 
@@ -912,3 +912,25 @@ def test_the_published_fidelity_text_is_what_the_code_and_configs_say_now(folder
     comparison = pd.read_csv(published / "paper_comparison.csv")
     page = landing_page(comparison, pd.read_csv(published / "fidelity.csv"), claims.paragraph(comparison))
     assert page == (published / "report.rst").read_text()
+
+
+def test_a_count_of_one_is_said_in_the_singular(tmp_path):
+    """Said "1 rows", "1 seeds", "1 training jobs", "on 1 of the 1 rows", "sparse 1 epochs": the counts of a one-row,
+    one-seed config and of one-epoch phases were followed by a plural noun."""
+    from conftest import dsd_cli, write_config
+
+    from dsd.config import load_config
+    from dsd.report import claims, fidelity
+
+    config = tiny_vision_config(tmp_path, seeds=[0])
+    config["experiments"]["resnet18"]["phases"][1]["epochs"] = 1
+    result = dsd_cli("check-config", str(write_config(tmp_path, config)))
+    assert result.returncode == 0 and "ok (1 row, 1 seed, 4 training jobs)" in result.stdout, result.stdout
+    config["experiments"]["resnet18"]["phases"] = config["experiments"]["resnet18"]["phases"][:1]
+    result = dsd_cli("check-config", str(write_config(tmp_path, config)))
+    assert result.returncode == 0 and "ok (1 row, 1 seed, 1 training job)" in result.stdout, result.stdout
+    text = claims.paragraph(_published_comparison(tmp_path).head(1))
+    assert text.count(" of the 1 row") == 3 and " 1 rows" not in text
+    default = load_config("configs/default.yaml", sets=["experiments.resnet18.phases.1.epochs=1"])
+    ours = fidelity.table([default.row("resnet18")])["ours"]
+    assert ours.str.contains("sparse 1 epoch at 0.01").any() and not ours.str.contains("1 epochs").any()

@@ -466,6 +466,6 @@ def test_check_config_counts_the_encoder_run_a_captioning_row_reads():
     """`rows: [neuraltalk]` trains resnet18's seed-0 dense run too (its encoder): 25 jobs, not the 24 it said."""
     default = str(REPO / "configs" / "default.yaml")
     alone = dsd_cli("check-config", default, "--set", "rows=[neuraltalk]")
-    assert alone.stdout.strip().endswith("ok (1 rows, 3 seeds, 25 training jobs)"), alone.stderr[-2000:]
+    assert alone.stdout.strip().endswith("ok (1 row, 3 seeds, 25 training jobs)"), alone.stderr[-2000:]
     every = dsd_cli("check-config", default)  # the encoder's run is one of the rows' own: counted once
     assert every.stdout.strip().endswith("ok (7 rows, 3 seeds, 108 training jobs)"), every.stderr[-2000:]

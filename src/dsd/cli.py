@@ -20,6 +20,7 @@ from dsd import paths, prefork
 from dsd.config import Config, in_this_job, load_config, table_warnings
 from dsd.errors import CheckpointError, ConfigError, DSDError
 from dsd.spec import DataSpec, PhaseSpec, RowSpec, RunOptions
+from dsd.words import counted
 
 
 def _config(args) -> Config:
@@ -93,7 +94,8 @@ def cmd_check_config(args) -> None:
     for warning in table_warnings(config):
         print(f"dsd: warning: {warning}", file=sys.stderr)
     print(
-        f"{', '.join(map(str, args.file))}: ok ({len(config.rows)} rows, {len(config.seeds)} seeds, {jobs} training jobs)"
+        f"{', '.join(map(str, args.file))}: ok ({counted(len(config.rows), 'row')}, "
+        f"{counted(len(config.seeds), 'seed')}, {counted(jobs, 'training job')})"
     )
 
 
@@ -376,7 +378,7 @@ def cmd_table(args) -> None:
     rows, seeds, options = _rows_and_seeds(args)
     out = args.out or str(paths.tables_dir(options.output_dir))
     table = tables.write_tables(rows, seeds, options.output_dir, out)
-    print(f"wrote {out}/paper_comparison.csv ({len(table)} rows)")
+    print(f"wrote {out}/paper_comparison.csv ({counted(len(table), 'row')})")
 
 
 def cmd_plots(args) -> None:

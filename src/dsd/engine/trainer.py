@@ -28,6 +28,7 @@ from dsd.engine.loaders import epoch_seed
 from dsd.errors import ConfigError, Preempted
 from dsd.spec import Experiment, PhaseSpec, RunOptions
 from dsd.tracking import Tracker
+from dsd.words import counted
 
 
 @dataclass
@@ -182,7 +183,7 @@ def restore(
 def say_resumed(spec: PhaseSpec, path: Path, state: State) -> None:
     """One line before training: a resumed job's first epoch line can be a whole epoch away."""
     epochs, steps = len(state.history), state.position["step"]
-    where = f"after {epochs} epoch{'s' if epochs != 1 else ''}" + (f" and {steps} steps" if steps else "")
+    where = f"after {counted(epochs, 'epoch')}" + (f" and {counted(steps, 'step')}" if steps else "")
     distributed.say(f"dsd: {spec.row} seed {spec.seed} {spec.phase}: resuming from {path} {where}")
 
 

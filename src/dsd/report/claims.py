@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from dsd.report.tables import CLEAR_OF_CHANCE_POINTS, CONVERGED_POINTS_PER_EPOCH, CONVERGED_WINDOW
+from dsd.words import counted
 
 
 def _rows(frame: pd.DataFrame, mask) -> list[str]:
@@ -98,7 +99,7 @@ def _baseline_sentence(comparison: pd.DataFrame) -> str:
     asides = ([f"not on {_names(not_better)}"] if not_better else []) + (
         [f"no value on {_names(missing)}"] if missing else []
     )
-    rows = f"{int(valued.sum())} rows with a value" if missing else f"{len(comparison)} rows"
+    rows = f"{counted(int(valued.sum()), 'row')} with a value" if missing else counted(len(comparison), "row")
     return (
         f"On the means over seeds (point estimates, not tested), DSD is better than its own dense baseline on "
         f"{len(better)} of the {rows}" + (f" ({'; '.join(asides)})" if asides else "") + "."
@@ -130,7 +131,7 @@ def paragraph(comparison: pd.DataFrame) -> str:
         f"interval of DSD - control over {'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}"
         f"{_over_items(comparison)}, "
         f"{_joint(comparison)}, excludes zero in DSD's favour on "
-        f"{len(beat)} row{'s' if len(beat) != 1 else ''}"
+        f"{counted(len(beat), 'row')}"
         + (f" ({_names(beat)})" if beat else "")
         + f", includes zero on {len(tie)}"
         + (f" ({_names(tie)})" if tie else "")
@@ -166,7 +167,7 @@ def paragraph(comparison: pd.DataFrame) -> str:
             larger = _rows(comparison, relative > paper.abs())
             both = int((relative.notna() & paper.notna()).sum())  # a row without either is no comparison
             sentence += (
-                f"; on {len(larger)} of the {both} rows that is more than the paper's own relative "
+                f"; on {len(larger)} of the {counted(both, 'row')} that is more than the paper's own relative "
                 "gain for the row, so an effect of the paper's size could pass unseen there"
             )
         text.append(sentence + ".")
@@ -175,7 +176,7 @@ def paragraph(comparison: pd.DataFrame) -> str:
         text.append(
             f"The dense baseline met the convergence criterion (the least-squares trend of the seeds' mean "
             f"validation curve over the dense phase's last {CONVERGED_WINDOW} epochs is flatter than "
-            f"{CONVERGED_POINTS_PER_EPOCH:g} points per epoch) on {len(converged)} of the {n} rows"
+            f"{CONVERGED_POINTS_PER_EPOCH:g} points per epoch) on {len(converged)} of the {counted(n, 'row')}"
             + (f" ({_names(converged)})" if converged and len(converged) < n else "")
             + _too_short(comparison)
             + _flat_seeds(comparison)
@@ -287,7 +288,7 @@ def stability_sentence(frame: pd.DataFrame, setting: str) -> str:
     changed = frame[~frame["same"]]
     text = (
         f"A second fresh run that differs only in {setting}, a setting that must not change a result, gives the "
-        f"same verdict on {int(frame['same'].sum())} of the {len(frame)} rows"
+        f"same verdict on {int(frame['same'].sum())} of the {counted(len(frame), 'row')}"
         + (" in both runs" if len(whole) > len(frame) else "")
         + _missing(whole)
         + _seed_counts(whole)
@@ -309,7 +310,7 @@ def stability_sentence(frame: pd.DataFrame, setting: str) -> str:
     if "same_row_alone" in frame and not frame["same_row_alone"].all():
         alone = frame[~frame["same_row_alone"]]
         text += (
-            f". Judged by each row's own 95% interval, without the correction for the table's {len(frame)} rows, "
+            f". Judged by each row's own 95% interval, without the correction for the table's {counted(len(frame), 'row')}, "
             f"the two runs would differ on {len(alone)} ({_flips(alone, 'verdict_row_alone', 'ci95')})"
         )
     return text + "."

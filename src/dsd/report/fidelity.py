@@ -24,6 +24,7 @@ from dsd import tracks
 from dsd.core.masks import prunable_parameters
 from dsd.report.tables import paper_phases
 from dsd.tracks.speech.config import n_features
+from dsd.words import counted
 
 NO_REASON = "no reason given (add one to the row's fidelity section)"
 WSJ_EVALUATION_SETS = (  # the paper's WSJ'92 and WSJ'93: Nov'92's and Nov'93's evaluation sets
@@ -72,6 +73,13 @@ def _dropout(row) -> list[float]:
     return [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
 
 
+def _phase_text(kind: str, epochs: float, lr: float, sparsity: float | None) -> str:
+    """'sparse 2 epochs at 0.01, 30%' (one epoch: '1 epoch')."""
+    return f"{kind} {counted(float(epochs), 'epoch')} at {float(lr):g}" + (
+        f", {sparsity:.0%}" if sparsity else ""
+    )
+
+
 def _phases(row) -> tuple[str, str, bool]:
     """The paper's phases after the starting model against ours (epochs, LR, sparsity)."""
     paper = paper_phases()
@@ -79,12 +87,8 @@ def _phases(row) -> tuple[str, str, bool]:
     ours = row.recipe.phases
     if paper.empty:
         return "not in the paper", "", False
-    fmt = "{} {:g} epochs at {:g}{}"
-    theirs = [
-        fmt.format(p.phase, p.epochs, float(p.lr), f", {p.sparsity:.0%}" if p.sparsity else "")
-        for p in paper.itertuples()
-    ]
-    mine = [fmt.format(p.kind, p.epochs, p.lr, f", {p.sparsity:.0%}" if p.sparsity else "") for p in ours]
+    theirs = [_phase_text(p.phase, p.epochs, p.lr, p.sparsity) for p in paper.itertuples()]
+    mine = [_phase_text(p.kind, p.epochs, p.lr, p.sparsity) for p in ours]
     pairs = list(zip(paper.itertuples(), ours, strict=False))
     same = len(paper) == len(ours) and all(
         (q.kind == "dense" and q.epochs == 0)  # a pretrained start: the paper's dense epochs are that model's
@@ -119,7 +123,7 @@ def vision(row) -> list[dict]:
               f"{len(pruned)} weight tensors at {row.recipe.phases[1].sparsity:.0%}; dense: {', '.join(dense) or 'none'}",
               dense == [first] and row.recipe.phases[1].sparsity == 0.3),
         _line(row, "start", common["start"],
-              f"pretrained {cfg.weights}, dense phase 0 epochs" if pretrained else f"from scratch, {row.phases[0].epochs:g} dense epochs",
+              f"pretrained {cfg.weights}, dense phase 0 epochs" if pretrained else f"from scratch, {counted(float(row.phases[0].epochs), 'dense epoch')}",
               pretrained),
         _line(row, "data", common["data"], f"{row.dataset}: train {data.train_dir}/, test {data.test_dir}/",
               row.dataset == "imagenet" and data.test_dir == "val"),
@@ -185,7 +189,7 @@ def captioning(row) -> list[dict]:
         _line(row, "sparsity", facts["sparsity_choice"],
               f"best on validation among {', '.join(f'{s:.0%}' for s in row.sweep)}" if row.sweep else f"{row.recipe.phases[1].sparsity:.0%} fixed",
               0.8 in row.sweep),
-        _line(row, "start", facts["start"], f"from scratch, {row.phases[0].epochs:g} dense epochs", False),
+        _line(row, "start", facts["start"], f"from scratch, {counted(float(row.phases[0].epochs), 'dense epoch')}", False),
         _line(row, "data", facts["data"], f"{row.dataset} ({data.json or 'dataset_' + row.dataset + '.json'})",
               row.dataset == "flickr8k"),
         _line(row, "features", facts["features"], f"fc7 of {encoder}, {data.image_size} centre crop, standardised",
@@ -229,7 +233,7 @@ def speech(row) -> list[dict]:
               f"{count:,}", abs(count - facts["parameters"]) <= 0.01 * facts["parameters"] and all(per_layer)),
         _line(row, "pruned", facts["pruned"], f"{len(pruned)} weight tensors; dense: {', '.join(dense) or 'none'}",
               dense == sorted(facts["dense"])),
-        _line(row, "start", facts["start"], f"from scratch, {row.phases[0].epochs:g} dense epochs", False),
+        _line(row, "start", facts["start"], f"from scratch, {counted(float(row.phases[0].epochs), 'dense epoch')}", False),
         _line(row, "data", facts["data"], f"{row.dataset}: train {_names(row.data.train)}, test {_names(row.data.test)}",
               row.dataset == "wsj" and row.name == "deepspeech"),
         _line(row, "features", facts["features"],

@@ -28,6 +28,7 @@ from dsd.core.masks import unpack_mask  # noqa: E402
 from dsd.core.schedule import CONTROL, Recipe  # noqa: E402
 from dsd.errors import DSDError  # noqa: E402
 from dsd.report.tables import chosen_final_phase, read_eval, read_metrics, rel_gain_pct, sweep_rows  # noqa: E402
+from dsd.words import counted  # noqa: E402
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
@@ -301,7 +302,7 @@ def sweep(spec, seeds, output_dir: str, out: Path) -> list[Path]:
     ax.set_xlabel("sparsity of the sparse phase, %")
     final = spec.recipe.phases[-1].kind  # a recipe may end sparse: no re-dense phase to name
     ax.set_ylabel(f"{rows['metric'][0]} after {'re-dense' if final == 'redense' else final}")
-    ax.set_title(f"{spec.name}: metric vs sparsity ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+    ax.set_title(f"{spec.name}: metric vs sparsity ({counted(len(seeds), 'seed')})")
     # below the axes: no bar hidden
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     return _save(fig, out, f"sweep_{spec.name}")
@@ -319,7 +320,7 @@ def table_of(specs, seeds, path: Path) -> pd.DataFrame:
     other = sorted(set(table["n_seeds"]) - {len(seeds)})
     if other:
         raise DSDError(
-            f"{path}: a table of {other[0]} seeds, plots of {len(seeds)} (seeds {', '.join(map(str, seeds))}): "
+            f"{path}: a table of {counted(other[0], 'seed')}, plots of {len(seeds)} (seeds {', '.join(map(str, seeds))}): "
             "run dsd table with the same --seeds first"
         )
     return table
