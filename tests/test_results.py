@@ -934,3 +934,23 @@ def test_a_count_of_one_is_said_in_the_singular(tmp_path):
     default = load_config("configs/default.yaml", sets=["experiments.resnet18.phases.1.epochs=1"])
     ours = fidelity.table([default.row("resnet18")])["ours"]
     assert ours.str.contains("sparse 1 epoch at 0.01").any() and not ours.str.contains("1 epochs").any()
+
+
+def test_the_captioning_parameter_count_says_its_tokens_include_our_special_ones():
+    """NeuralTalk's count read "(with Flickr8k's 2,538-word vocabulary)", where the model it counts has 2,538
+    tokens in all, our 4 special tokens (<pad>, <start>, <end>, <unk>) among them: 2,534 words."""
+    from dsd.config import load_config
+    from dsd.report import fidelity
+    from dsd.tracks.captioning.data import SPECIALS
+    from dsd.tracks.captioning.model import ShowAndTell
+
+    row = load_config("configs/default.yaml").row("neuraltalk")
+    frame = fidelity.table([row])
+    (ours,) = frame[frame["aspect"] == "parameters"]["ours"]
+    with torch.device("meta"):
+        model = ShowAndTell(4096, 2538, row.model.embed_dim, row.model.hidden_dim, 0.0)
+    count = sum(p.numel() for p in model.parameters())
+    assert (
+        ours.startswith(f"{count:,} (2,538 tokens, our {len(SPECIALS)} special ones included")
+        and "word" not in ours
+    )

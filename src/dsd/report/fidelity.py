@@ -23,6 +23,7 @@ import yaml
 from dsd import tracks
 from dsd.core.masks import prunable_parameters
 from dsd.report.tables import paper_phases
+from dsd.tracks.captioning.data import SPECIALS
 from dsd.tracks.speech.config import n_features
 from dsd.words import counted
 
@@ -49,12 +50,19 @@ def _line(row, aspect: str, paper: str, ours: str, same: bool | None) -> dict:
     return {"row": row.name, "aspect": aspect, "paper": paper, "ours": ours, "verdict": verdict}
 
 
+# the captioning count's vocabulary, fixed (a row's own is its data's): embedding and output layer over these
+# tokens, our special ones (<pad>, <start>, <end>, <unk>) among them
+CAPTION_TOKENS = 2538
+
+
 def _built(row):
     """The row's model on the meta device: parameter count, weight tensors pruned and left dense."""
     track = tracks.get(row.track)
     with torch.device("meta"):
         if row.track == "captioning":
-            model = track.model.ShowAndTell(4096, 2538, row.model.embed_dim, row.model.hidden_dim, 0.0)
+            model = track.model.ShowAndTell(
+                4096, CAPTION_TOKENS, row.model.embed_dim, row.model.hidden_dim, 0.0
+            )
         elif row.track == "speech":
             model = track.model.build(row.experiment())
         else:
@@ -182,7 +190,7 @@ def captioning(row) -> list[dict]:
         _line(row, "architecture", facts["architecture"],
               f"fc7 -> {cfg.embed_dim}-d image projection, {cfg.embed_dim}-d word embedding, LSTM {cfg.hidden_dim} "
               "(torch's: o * tanh(c), two biases per gate)", False),
-        _line(row, "parameters", facts["parameters"], f"{count:,} (with Flickr8k's 2,538-word vocabulary)", None),
+        _line(row, "parameters", facts["parameters"], f"{count:,} ({CAPTION_TOKENS:,} tokens, our {len(SPECIALS)} special ones included: a Flickr8k-sized vocabulary, whatever the row's data)", None),
         _line(row, "pruned", facts["pruned"],
               f"{', '.join(sorted(pruned))}; dense: {', '.join(dense) or 'none'}",
               dense == ["embed.weight"]),
