@@ -213,3 +213,11 @@ def end_together(rank: int, world: int) -> None:
     store.wait([done], timedelta(days=7))
     if store.add(f"dsd/phase-leaving/{n}", 1) == world - 1:
         store.set(left, "1")
+
+
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor copied to `device` without making the host wait: from pinned memory on a GPU, a copy queued
+    behind the work already there (from pageable memory it waits for that work)."""
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

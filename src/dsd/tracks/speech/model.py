@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, invert_permutation, pack_padded_sequence, pad_packed_sequence
 
+from dsd.engine.distributed import to_device
 from dsd.spec import Experiment
 from dsd.tracks.speech.config import Model, n_features
 from dsd.tracks.speech.data import ALPHABET
@@ -183,13 +184,19 @@ def _norm_frames(norm: nn.BatchNorm1d, x: torch.Tensor, lengths: torch.Tensor) -
     boolean mask on the GPU makes the host wait for the count of its true elements, forward and backward. The
     same indexing operations as the mask's, which torch turns into these indices itself."""
     b, c, f, t = x.shape
-    valid = torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
-    where = tuple(to_device(i, x.device) for i in valid.nonzero(as_tuple=True))
+    where = _frame_indices(lengths, t, x.device)
     frames = x.permute(0, 3, 1, 2)  # (B, T, C, F)
     normed = norm(frames[where].reshape(-1, c * f))
     out = torch.zeros(b, t, c, f, dtype=normed.dtype, device=x.device)
     out[where] = normed.reshape(-1, c, f)
     return out.permute(0, 2, 3, 1)
+
+
+@torch.compiler.disable  # eager under compile: Dynamo has no fake kernel for pinning (compile: true on a GPU)
+def _frame_indices(lengths: torch.Tensor, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (utterance, frame) indices of the frames within `lengths` (on the host) of `t`, on `device`."""
+    valid = torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
+    return tuple(to_device(i, device) for i in valid.nonzero(as_tuple=True))
 
 
 def pack(x: torch.Tensor, lengths: torch.Tensor) -> tuple[PackedSequence, torch.Tensor]:
@@ -208,14 +215,6 @@ def unpack(packed: PackedSequence, restore: torch.Tensor, total_length: int) -> 
     which are known here, on the host: reading its order back from the GPU waits for it)."""
     x, _ = pad_packed_sequence(packed, batch_first=True, total_length=total_length)
     return x.index_select(0, restore)
-
-
-def to_device(host: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor copied to `device` without making the host wait: from pinned memory on a GPU, a copy queued
-    behind the work already there (from pageable memory it waits for that work)."""
-    if torch.device(device).type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 def build(exp: Experiment, pretrained: bool = True) -> nn.Module:

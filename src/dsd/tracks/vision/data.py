@@ -258,7 +258,7 @@ def decode_crops(batch: EncodedCrops, device) -> torch.Tensor:
         for image, scaled, box in zip(images, batch.scaled, batch.boxes, strict=True)
     ]
     out = torch.stack(crops)
-    flips = batch.flips.to(device)
+    flips = distributed.to_device(batch.flips, device)  # a pageable copy would wait for the crops above
     return torch.where(flips[:, None, None, None], out.flip(-1), out)
 
 
