@@ -79,6 +79,24 @@ def test_gpu_step_profile_prints_every_variant_of_the_step(tmp_path):
         assert line in done.stdout, line
 
 
+def test_gpu_trainer_check_trains_both_rows_and_counts_syncs(tmp_path):
+    """The GPU sync-debug script, smoke-tested on the CPU (no compiled part: ~1 min; CUDA's sync debug mode
+    has nothing to count here): both vision decoders and the speech row train dense then sparse through the
+    trainer, the sparse phase keeps its zeros, and the report has its lines."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_trainer_check.py"), "--device", "cpu",
+         "--parts", "vision", "speech"],
+        capture_output=True, text=True, timeout=600, env=os.environ | {"TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for line in ("resnet18 (paper row), decode: cpu: sparse phase 2 steps",
+                 "resnet18 (paper row), decode: device: sparse phase 2 steps",
+                 "deepspeech2 (paper model), eager: sparse phase 4 steps",
+                 "least zero fraction of a pruned tensor 0.500", "step: 0 syncs"):  # fmt: skip
+        assert line in done.stdout, line
+    assert not list(tmp_path.glob("dsd-trainer-check-*"))
+
+
 def test_gpu_compile_check_trains_each_variant_through_the_trainer():
     """The GPU script that compares eager, compiled and CUDA-graph training, smoke-tested on the CPU (where
     reduce-overhead forms no graphs): every rerun from eager's dense checkpoint keeps its masks and stays near
