@@ -413,6 +413,33 @@ def test_from_state_dict_rejects_other_model():
         dsd.Pruner.from_state_dict(RecurrentNet(nn.GRU), pruner.state_dict())
 
 
+def damaged(state, how):
+    """A copy of a pruner state with its first mask cut short, its first mask gone, or a bad sparsity."""
+    state = copy.deepcopy(state)
+    name = next(iter(state["masks"]))
+    if how == "truncated":
+        state["masks"][name] = state["masks"][name][:-1]
+    elif how == "mask_missing":
+        del state["masks"][name]
+    else:
+        state["sparsity"] = 1.5
+    return state
+
+
+@pytest.mark.parametrize("how", ["truncated", "mask_missing", "bad_sparsity"])
+@pytest.mark.parametrize("model_name", ["conv", "lstm"])
+def test_a_damaged_pruner_state_is_refused_and_leaves_the_model_as_it_was(model_name, how):
+    """numpy pads a short packed mask with zeros: a truncated one used to prune every weight it lost."""
+    make_model, _ = MODELS[model_name]
+    torch.manual_seed(0)
+    state = dsd.Pruner(make_model(), 0.5).state_dict()
+    model = make_model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="damaged|sparsity must be"):
+        dsd.Pruner.from_state_dict(model, damaged(state, how))
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+
+
 def test_skipped_amp_step_leaves_pruned_weights_zero():
     torch.manual_seed(0)
     model = ConvNet()

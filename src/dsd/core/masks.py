@@ -277,6 +277,11 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_mask(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
     shape = torch.Size(shape)
+    size = (shape.numel() + 7) // 8
+    # numpy pads a short one with zeros: a truncated mask would silently prune the weights it lost
+    if not torch.is_tensor(packed) or packed.dtype != torch.uint8 or packed.shape != (size,):
+        got = f"{tuple(packed.shape)} {packed.dtype}" if torch.is_tensor(packed) else type(packed).__name__
+        raise ValueError(f"a packed mask of shape {tuple(shape)} is {size} bytes of uint8, got {got}")
     bits = np.unpackbits(packed.cpu().numpy(), count=shape.numel())
     return torch.from_numpy(bits.astype(bool)).view(shape)
 
@@ -474,21 +479,50 @@ class Pruner:
 
     @classmethod
     def from_state_dict(cls, model: nn.Module, state: Mapping) -> Pruner:
-        """Resume with exactly the saved masks (never re-chosen from the current weights)."""
-        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
-            raise ValueError("not a dsd.Pruner state dict (missing or unknown 'version')")
-        params = dict(sharding_checked(model).named_parameters())
-        masks = {}
-        for name, shape in state["shapes"].items():
-            if name not in params:
-                raise ValueError(f"pruner state names parameter {name!r}, which the model does not have")
-            if list(params[name].shape) != list(shape):
-                raise ValueError(
-                    f"pruner state mask for {name!r} has shape {tuple(shape)}, "
-                    f"the model's parameter has {tuple(params[name].shape)}"
-                )
-            masks[name] = unpack_mask(state["masks"][name], shape)
+        """Resume with exactly the saved masks (never re-chosen from the current weights). A state that does not
+        fit the model raises ValueError before anything of the model is changed."""
+        return cls.resumed(model, state, saved_masks(model, state))
+
+    @classmethod
+    def resumed(cls, model: nn.Module, state: Mapping, masks: Mapping[str, torch.Tensor]) -> Pruner:
+        """`from_state_dict` with the masks `saved_masks` has checked and unpacked already."""
         pruner = cls(model, state["sparsity"], state["exclude"], state["include"], _masks=masks)
         if not state.get("active", True):
             pruner.remove()
         return pruner
+
+
+PRUNER_KEYS = ("sparsity", "exclude", "include", "masks", "shapes")
+
+
+def saved_masks(model: nn.Module, state: Mapping) -> dict[str, torch.Tensor]:
+    """The masks of a `Pruner.state_dict()`, unpacked, once all of it is known to fit `model`: a state that does
+    not (another model's, a damaged one) raises one ValueError naming what does not fit, and changes nothing."""
+    if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+        raise ValueError("not a dsd.Pruner state dict (missing or unknown 'version')")
+    missing = [key for key in PRUNER_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"pruner state has no {missing[0]!r} (a damaged dsd.Pruner state dict?)")
+    check_sparsity(state["sparsity"])
+    _patterns(state["exclude"], "exclude")
+    _patterns(state["include"], "include")
+    shapes, packed = state["shapes"], state["masks"]
+    if not isinstance(shapes, Mapping) or not isinstance(packed, Mapping) or set(shapes) != set(packed):
+        raise ValueError(
+            "pruner state: its 'masks' and 'shapes' name different parameters (a damaged state?)"
+        )
+    params = dict(sharding_checked(model).named_parameters())
+    masks = {}
+    for name, shape in shapes.items():
+        if name not in params:
+            raise ValueError(f"pruner state names parameter {name!r}, which the model does not have")
+        if list(params[name].shape) != list(shape):
+            raise ValueError(
+                f"pruner state mask for {name!r} has shape {tuple(shape)}, "
+                f"the model's parameter has {tuple(params[name].shape)}"
+            )
+        try:
+            masks[name] = unpack_mask(packed[name], shape)
+        except ValueError as err:
+            raise ValueError(f"pruner state mask for {name!r}: {err} (a damaged state?)") from None
+    return masks
