@@ -1,6 +1,7 @@
 """dsd.DSD, the recipe driver for any training loop: phases at the right steps, exact sparsity, re-dense at a
 tenth of the LR, iterative DSD and IHT, exact resume; and the README's quick start, run as written."""
 
+import copy
 import re
 
 import numpy as np
@@ -437,3 +438,108 @@ def test_a_model_stepped_by_two_optimizers_gets_both_masked_and_both_lrs():
             assert all(t[p].abs().sum() == 0 and p.any() for t, p in zip(state, pruned, strict=True))
     assert driver.done and lrs[0] == pytest.approx((0.01, 0.1)) and lrs[10] == pytest.approx((0.005, 0.05))
     assert lrs[-1] == pytest.approx((0.0005, 0.005))  # re-dense: a tenth of the sparse LR, for both
+
+
+class SmallLSTM(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.rnn = nn.LSTM(8, width, batch_first=True)
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0])
+
+
+SMALL_MODELS = {  # a model of a given width, and an input for it
+    "linear": (lambda width: nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 3)),
+               lambda g: torch.randn(4, 8, generator=g)),
+    "conv": (lambda width: nn.Sequential(nn.Conv2d(3, width, 3), nn.ReLU(), nn.Conv2d(width, 4, 3)),
+             lambda g: torch.randn(2, 3, 6, 6, generator=g)),
+    "lstm": (SmallLSTM, lambda g: torch.randn(2, 5, 8, generator=g)),
+}  # fmt: skip
+STARTS = {  # a recipe, and the steps its driver has taken when a state is loaded into it
+    "mid-sparse": ([{"kind": "dense", "epochs": 1, "lr": 0.1}, *RECIPE[1:3]], 7),
+    "pretrained": ([{"kind": "dense", "epochs": 0}, *RECIPE[1:3]], 0),  # pruned when built
+}
+
+
+def small_run(kind, start, steps, width=6, exclude=()):
+    """A model of `kind` trained `steps` steps under the driver of `start`'s recipe: model, optimizer, driver."""
+    make_model, make_input = SMALL_MODELS[kind]
+    torch.manual_seed(0)
+    model = make_model(width)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    driver = dsd.DSD(model, optimizer, STARTS[start][0], steps_per_epoch=STEPS, exclude=exclude)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(make_input(g)).square().mean().backward()
+        optimizer.step()
+        driver.step()
+    return model, optimizer, driver
+
+
+def misfit(kind, start, how):
+    """A DSD state, mid-sparse, that does not fit a `kind` model of width 6 driven by `start`'s recipe."""
+    width, exclude = (
+        (12, ()) if how == "other model" else (6, ["fc.weight" if kind == "lstm" else "2.weight"])
+    )
+    state = copy.deepcopy(
+        small_run(kind, start, 8, width, exclude if how == "other exclude" else ())[2].state_dict()
+    )
+    first = next(iter(state["pruner"]["masks"]))
+    if how == "missing key":
+        del state["global_step"]
+    elif how == "truncated mask":
+        state["pruner"]["masks"][first] = state["pruner"]["masks"][first][:-1]
+    elif how == "no masks":
+        state["pruner"] = None
+    return state
+
+
+def snapshot(model, optimizer, driver):
+    pruner = driver.pruner
+    masks = {n: m.clone() for n, m in pruner.masks.items()} if pruner is not None else None
+    return (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), driver.global_step,
+            driver.index, pruner, masks, pruner is not None and pruner.active)  # fmt: skip
+
+
+def same(a, b):
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return torch.equal(a, b) if torch.is_tensor(a) else a is b or a == b
+
+
+MISFITS = {"other model": "has shape", "other exclude": "has no mask for", "missing key": "has no 'global_step'",
+           "truncated mask": "damaged", "no masks": "has no masks"}  # fmt: skip
+
+
+@pytest.mark.parametrize("how", list(MISFITS))
+@pytest.mark.parametrize("start", list(STARTS))
+@pytest.mark.parametrize("kind", list(SMALL_MODELS))
+def test_a_state_that_does_not_fit_changes_nothing(kind, start, how):
+    """Loading checks the whole state first: one that does not fit raises, naming what, and leaves the driver (step,
+    phase, masks), the model and the optimizer as they were; the right state loads into it afterwards as into a
+    fresh driver (a pretrained start's construction pruning still undone)."""
+    model, optimizer, driver = small_run(kind, start, STARTS[start][1])
+    before = snapshot(model, optimizer, driver)
+    with pytest.raises(ValueError, match=MISFITS[how]):
+        driver.load_state_dict(misfit(kind, start, how))
+    assert same(snapshot(model, optimizer, driver), before)
+
+    fitting = small_run(kind, start, 8)[2].state_dict()
+    driver.load_state_dict(fitting)
+    twin_model, _, twin = small_run(kind, start, STARTS[start][1])
+    twin.load_state_dict(fitting)
+    assert (driver.global_step, driver.index) == (twin.global_step, twin.index) == (8, 1)
+    assert same(driver.pruner.masks, twin.pruner.masks) and same(model.state_dict(), twin_model.state_dict())
+
+
+def test_a_state_whose_step_and_phase_disagree_is_refused():
+    model, optimizer, driver = small_run("linear", "mid-sparse", 3)
+    state = small_run("linear", "mid-sparse", 8)[2].state_dict() | {"index": 2}  # step 8 is in sparse1
+    with pytest.raises(ValueError, match="in phase 2 at step 8, which is in phase 1"):
+        driver.load_state_dict(state)
+    assert (driver.global_step, driver.index, driver.pruner) == (3, 0, None)

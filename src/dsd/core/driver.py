@@ -19,12 +19,14 @@ their ratios, the largest getting the recipe's), chooses the masks when a sparse
 (and zeroes the optimizer state at pruned entries) after every step, drops them when a re-dense phase starts,
 and says which phase it is in. A model stepped by several optimizers passes a list of them: each gets its
 LR and its state masked. Iterative DSD and Skinny-DNN / IHT are recipes too (`dsd.Recipe.iht`). Its
-state dict resumes exactly: step count and masks (bit-packed).
+state dict resumes exactly: step count and masks (bit-packed); one that does not fit is refused whole.
 """
 
 from __future__ import annotations
 
+import itertools
 import numbers
+import operator
 import weakref
 from collections.abc import Iterable, Mapping
 
@@ -38,6 +40,7 @@ from dsd.core.masks import (
     holder,
     optimizer_list,
     prunable_parameters,
+    saved_masks,
     shaped_state,
 )
 from dsd.core.schedule import Phase, Recipe, lr_at, phase_steps
@@ -218,6 +221,28 @@ class DSD:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Resume at the saved step with the saved masks. All of `state` is checked first: one that does not fit
+        (another recipe, model, batch size or exclude; a damaged one) raises one ValueError naming what, and
+        leaves the driver and the model as they were."""
+        global_step, index = self._checked_progress(state)
+        masks = self._checked_masks(state.get("pruner"), index)
+        # nothing has changed yet, and nothing below can fail on the state
+        self.global_step, self.index = global_step, index
+        if self._before_entry is not None:  # built just now: undo the pruning its construction did
+            self._undo_construction_pruning()
+            self._before_entry, self.pruner = None, None
+        elif self.pruner is not None:
+            self.pruner.remove()
+        self.pruner = Pruner.resumed(self.model, state["pruner"], masks) if masks is not None else None
+        self._set_lr()
+
+    def _checked_progress(self, state: Mapping) -> tuple[int, int]:
+        """The saved step and phase index, once the state is known to be this recipe's at this batch size."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"not a dsd.DSD state dict: a {type(state).__name__}")
+        missing = [key for key in ("global_step", "index", "phases") if key not in state]
+        if missing:
+            raise ValueError(f"DSD state has no {missing[0]!r} (not a dsd.DSD state dict?)")
         if [vars(p) for p in self.recipe.phases] != list(state["phases"]):
             raise ValueError("DSD state of another recipe")
         saved_steps = state.get("steps_per_epoch", self.steps_per_epoch)
@@ -226,11 +251,57 @@ class DSD:
                 f"DSD state saved with steps_per_epoch={saved_steps}, this one has {self.steps_per_epoch} "
                 "(another batch size or number of processes?)"
             )
-        self.global_step, self.index = int(state["global_step"]), int(state["index"])
-        if self._before_entry is not None:  # built just now: undo the pruning its construction did
-            self._undo_construction_pruning()
-            self._before_entry, self.pruner = None, None
-        elif self.pruner is not None:
-            self.pruner.remove()
-        self.pruner = Pruner.from_state_dict(self.model, state["pruner"]) if state.get("pruner") else None
-        self._set_lr()
+        global_step, index, total = _whole(state["global_step"]), _whole(state["index"]), sum(self.lengths)
+        if global_step is None or not 0 <= global_step <= total:
+            raise ValueError(
+                f"DSD state at step {state['global_step']!r}, not one of the recipe's 0..{total}"
+            )
+        if index != self._index_at(global_step):
+            raise ValueError(
+                f"DSD state in phase {state['index']!r} at step {global_step}, which is in phase "
+                f"{self._index_at(global_step)} of this recipe (a damaged state?)"
+            )
+        return global_step, index
+
+    def _index_at(self, global_step: int) -> int:
+        """The phase a step belongs to, as `step()` counts it (phases of 0 steps skipped)."""
+        ends = itertools.accumulate(self.lengths)
+        return next((i for i, end in enumerate(ends) if end > global_step), len(self.lengths))
+
+    def _checked_masks(self, pruner: Mapping | None, index: int) -> dict[str, torch.Tensor] | None:
+        """The saved masks, unpacked, once they are known to be this model's: masks in every sparse phase and
+        only there, for exactly the weights this driver prunes."""
+        phase = self.recipe.phases[index] if index < len(self.recipe.phases) else None
+        if not (phase is not None and phase.prunes):
+            if pruner:
+                raise ValueError(
+                    f"DSD state has masks outside a sparse phase (in {phase.name if phase else 'the end'})"
+                )
+            return None
+        if not pruner or not pruner.get("active", True):
+            raise ValueError(f"DSD state in sparse phase {phase.name} has no masks (a damaged state?)")
+        try:
+            masks = saved_masks(self.model, pruner)
+        except ValueError as err:
+            raise ValueError(f"DSD state: {err}") from None
+        chosen = prunable_parameters(self.model, self.exclude, self.include)
+        unexpected, missing = sorted(set(masks) - set(chosen)), sorted(set(chosen) - set(masks))
+        if unexpected or missing:
+            raise ValueError(
+                "DSD state "
+                + (
+                    f"masks {unexpected[0]!r}, which"
+                    if unexpected
+                    else f"has no mask for {missing[0]!r}, which"
+                )
+                + f" this driver {'does not prune' if unexpected else 'prunes'} (another model, exclude or include?)"
+            )
+        return masks
+
+
+def _whole(value) -> int | None:
+    """A saved count as an int (numpy's and 0-d tensors' too); None if it is not a whole number."""
+    try:
+        return None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return None
