@@ -543,3 +543,19 @@ def test_a_state_whose_step_and_phase_disagree_is_refused():
     with pytest.raises(ValueError, match="in phase 2 at step 8, which is in phase 1"):
         driver.load_state_dict(state)
     assert (driver.global_step, driver.index, driver.pruner) == (3, 0, None)
+
+
+@pytest.mark.parametrize("kind", list(SMALL_MODELS))
+def test_a_sparse_driver_rolled_back_to_a_dense_checkpoint_keeps_the_weights_loaded(kind):
+    """Model, optimizer, then driver (the natural order) loaded into objects already in a sparse phase: the
+    driver's masks of that phase used to prune the dense weights just loaded."""
+    model, optimizer, driver = small_run(kind, "mid-sparse", 3)  # dense
+    saved = copy.deepcopy(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "dsd": driver.state_dict()}
+    )
+    model, optimizer, driver = small_run(kind, "mid-sparse", 8)  # the same run, on into sparse1
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    driver.load_state_dict(saved["dsd"])
+    assert driver.pruner is None and (driver.global_step, driver.phase.name) == (3, "dense")
+    assert same(model.state_dict(), saved["model"])

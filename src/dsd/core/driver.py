@@ -230,9 +230,8 @@ class DSD:
         self.global_step, self.index = global_step, index
         if self._before_entry is not None:  # built just now: undo the pruning its construction did
             self._undo_construction_pruning()
-            self._before_entry, self.pruner = None, None
-        elif self.pruner is not None:
-            self.pruner.remove()
+            self._before_entry = None
+        # a pruner of the phase it was in is dropped unapplied: its masks would prune the weights just loaded
         self.pruner = Pruner.resumed(self.model, state["pruner"], masks) if masks is not None else None
         self._set_lr()
 
