@@ -137,6 +137,31 @@ def test_a_pretrained_start_resumes_in_its_redense_phase_exactly(tmp_path, make_
         assert torch.equal(value, straight.model.state_dict()[name]), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_pretrained_start_built_on_the_cpu_resumes_on_the_gpu(tmp_path):
+    """Built on the CPU (where it prunes), the model then moved to the GPU and the checkpoint loaded: the driver
+    compares the weights it pruned with its CPU copies of them, which used to fail across devices."""
+    recipe, data = (
+        [{"kind": "dense", "epochs": 0}, *RECIPE[1:3]],
+        [(x.cuda(), y.cuda()) for x, y in batches(15)],
+    )
+    model, optimizer = make()
+    straight = dsd.DSD(model.cuda(), optimizer, recipe, steps_per_epoch=STEPS)
+    run(model, optimizer, straight, data)
+    model, optimizer = make()
+    first = dsd.DSD(model.cuda(), optimizer, recipe, steps_per_epoch=STEPS)
+    run(model, optimizer, first, data[:12])
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "dsd": first.state_dict()}
+    model, optimizer = make()
+    resumed = dsd.DSD(model, optimizer, recipe, steps_per_epoch=STEPS)  # on the CPU
+    model.cuda().load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    resumed.load_state_dict(saved["dsd"])
+    run(model, optimizer, resumed, data[12:])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, straight.model.state_dict()[name]), name
+
+
 def test_rprop_step_sizes_restart_at_the_redense_lr():
     model, _ = make()
     optimizer = torch.optim.Rprop(model.parameters(), lr=1.0)

@@ -175,7 +175,8 @@ class DSD:
         loaded after the driver was built (build, then load the checkpoint) holds the resumed values."""
         masks = self.pruner.masks
         for name, tensor, value in self._before_entry:
-            if torch.equal(tensor, value * masks[name].to(value.device)):
+            value = value.to(tensor.device)  # the model moved since it was built (`.to("cuda")`), say
+            if torch.equal(tensor, value * masks[name].to(tensor.device)):
                 tensor.copy_(value)
 
     def _watch_added_param_groups(self) -> None:
