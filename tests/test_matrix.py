@@ -424,18 +424,51 @@ def _trains(process, phase: str) -> bool:
     return "train" in args and any(a.endswith(f"/seed0/{phase}") for a in args)
 
 
+def _run_of(folder, phase: str):
+    return paths.run_dir(str(folder / "results"), "resnet18", 0, phase)
+
+
+def _epochs_checkpointed(resume_file, seen: dict) -> int:
+    """Epochs in the phase's mid-phase checkpoint now (0: none yet); read again only when it was replaced."""
+    with contextlib.suppress(FileNotFoundError):
+        stat = resume_file.stat()
+        key = (stat.st_ino, stat.st_mtime_ns)
+        if key not in seen:  # written atomically: a name that exists holds a whole checkpoint
+            seen[key] = len(torch.load(resume_file, weights_only=True)["history"])
+        return seen[key]
+    return 0
+
+
+def _kill_mid_phase(job, run, epochs: int, after: int, delay: float) -> int:
+    """kill -9 of `job` `delay` seconds after its phase's checkpoint of epoch `after` (of `epochs`), asserting
+    that it still trained then; the epochs its last checkpoint holds, which the rerun resumes after."""
+    resume_file, seen = paths.resume(run), {}
+    while _epochs_checkpointed(resume_file, seen) < after:
+        assert job.is_running(), f"{run}: the job ended before its checkpoint of epoch {after}"
+        time.sleep(0.01)
+    time.sleep(delay)
+    assert not paths.metrics(run).exists(), f"{run}: the phase had ended before the kill"
+    job.send_signal(signal.SIGKILL)
+    job.wait(timeout=60)
+    done = _epochs_checkpointed(resume_file, seen)  # killed mid-phase, after a mid-phase checkpoint:
+    assert after <= done < epochs, f"{run}: killed after {done} of {epochs} epochs"
+    return done
+
+
 def test_random_kills_of_every_phase_kind(tmp_path):
-    """kill -9 of the training job at a random moment of a dense, a sparse, a re-dense and a control phase,
-    rerunning after each: every phase's final weights and metrics equal an undisturbed run's, bitwise."""
+    """kill -9 of the training job at a random moment of a dense, a sparse, a re-dense and a control phase, after
+    a random number of its epochs (each phase's rerun resumes from a mid-phase checkpoint), rerunning after
+    each: every phase's final weights and metrics equal an undisturbed run's, bitwise."""
 
     def config_in(folder):
         raw = tiny_vision_config(folder, seeds=[0])
         row = raw["experiments"]["resnet18"]
         row["data"]["generate"] = {"per_class": {"train": 13, "val": 3, "test": 3}}
         row["train"]["max_steps_per_epoch"] = 8
-        row["phases"] = [{"kind": "dense", "epochs": 3, "lr": 0.05},
-                         {"kind": "sparse", "epochs": 3, "lr": 0.005, "sparsity": 0.3},
-                         {"kind": "redense", "epochs": 3}]  # fmt: skip
+        # 6 epochs (~0.1 s each): training is a small part of each job, and a kill has epochs to land in
+        row["phases"] = [{"kind": "dense", "epochs": 6, "lr": 0.05},
+                         {"kind": "sparse", "epochs": 6, "lr": 0.005, "sparsity": 0.3},
+                         {"kind": "redense", "epochs": 6}]  # fmt: skip
         return raw
 
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
@@ -457,31 +490,35 @@ def test_random_kills_of_every_phase_kind(tmp_path):
         "1",
     ]
     rng = random.Random(7)
-    remaining, kills = ["dense", "sparse1", "redense1", "control"], []
-    for _ in range(12):  # a rerun after each kill, until every phase kind has been killed
-        if not remaining:
-            break
+    remaining, resumed_after = ["dense", "sparse1", "redense1", "control"], {}
+    for _ in range(len(remaining)):  # a rerun after each kill, until every phase kind has been killed
         run = subprocess.Popen(
             cmd, cwd=crashed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         while run.poll() is None:
             children = psutil.Process(run.pid).children(recursive=True)
-            jobs = [(p, phase) for p in children for phase in set(remaining) if _trains(p, phase)]
+            jobs = [(p, phase) for p in children for phase in remaining if _trains(p, phase)]
             if jobs:
-                time.sleep(rng.uniform(0.3, 1.5))  # somewhere inside the phase
                 job, phase = jobs[0]
-                if job.is_running():
-                    with contextlib.suppress(psutil.Error):
-                        job.send_signal(signal.SIGKILL)
-                        kills.append(phase)
-                        remaining.remove(phase)
+                history = json.loads(paths.metrics(_run_of(reference, phase)).read_text())["history"]
+                # after a random epoch's checkpoint but the last three's: killed less than an epoch later, the
+                # phase has two epochs left (a cold job spends its first ~3 s starting, not training)
+                after = rng.randint(1, len(history) - 3)
+                delay = rng.uniform(0, 0.8) * history[after]["seconds"]
+                resumed_after[phase] = _kill_mid_phase(
+                    job, _run_of(crashed, phase), len(history), after, delay
+                )
+                remaining.remove(phase)
                 break
             time.sleep(0.02)
         run.wait(timeout=300)
-    assert sorted(kills) == ["control", "dense", "redense1", "sparse1"], kills
+    assert not remaining, f"never killed: {remaining}"
     # the kills above need cold jobs (a warm job's client SIGTERMs its child when killed); the rest may be warm
     final = subprocess.run(cmd, cwd=crashed, capture_output=True, text=True, timeout=600, env=WARM)
     assert final.returncode == 0, final.stderr[-3000:]
+    for phase, epochs in resumed_after.items():  # each phase continued from its checkpoint, not afresh
+        log = (paths.logs_dir(config["output_dir"]) / "resnet18" / "seed0" / f"{phase}.log").read_text()
+        assert f"resuming from {paths.resume(_run_of(crashed, phase))} after {epochs} epoch" in log, log
     assert_same_run(
         ref["output_dir"], config["output_dir"], "resnet18", 0, ["dense", "sparse1", "redense1", "control"]
     )
