@@ -657,3 +657,22 @@ def test_googlenet_and_vgg16_evaluation_says_their_prototxts_test_crop_was_of_a_
         assert line["verdict"].startswith("deviation: the centre 224 crop of each validation image"), line
     for name in ("resnet18", "resnet50"):
         assert _paper_fidelity_line(config.row(name), "metric")["verdict"] == "same"
+
+
+def test_wsj_discs_linked_into_the_data_folder_read_as_copied_ones(tmp_path):
+    """Each LDC disc mounted elsewhere and linked in (`wsj0 -> /mnt/wsj0`, as Kaldi's wsj_data_prep links them):
+    `rglob` did not follow the link to its .dot files, so all of si84's utterances were left out of training
+    as untranscribed (one line on stderr) and every dev93 and Nov'93 utterance of a linked disc failed."""
+    from dsd.tracks.speech import data as speech_data
+
+    copied, linked = fake_wsj(tmp_path / "copied"), fake_wsj(tmp_path / "linked")
+    for disc in ("wsj0", "wsj1"):
+        (linked / disc).rename(tmp_path / f"mounted-{disc}")
+        (linked / disc).symlink_to(tmp_path / f"mounted-{disc}")
+    (tmp_path / "mounted-wsj1" / "loop").symlink_to(linked)  # a link back up is read once, not forever
+    for index in ("wsj0/doc/indices/train/tr_s_wv1.ndx", "wsj1/doc/indices/h1_p0.ndx"):
+        read = {root: speech_data.read_wsj_index(root / index, root, "skip") for root in (copied, linked)}
+        assert len(read[linked]) == 4
+        assert [(u["id"], u["transcript"]) for u in read[linked]] == [
+            (u["id"], u["transcript"]) for u in read[copied]
+        ]

@@ -205,11 +205,28 @@ def normalise_wsj(text: str, where: str) -> str:
 def read_wsj_dots(root: Path) -> dict[str, str]:
     """utterance id -> transcript line of every .dot file below `root` ("text (011c0201)" per line)."""
     out = {}
-    for dot in sorted(root.rglob("*.dot")):
+    for dot in sorted(dot_files(root)):
         for n, line in enumerate(dot.read_text(errors="replace").splitlines(), 1):
             match = re.fullmatch(r"\s*(.*?)\s*\((\w+)\)\s*", line)
             if match:
                 out[match.group(2).lower()] = (match.group(1), f"{dot}:{n}")
+    return out
+
+
+def dot_files(root: Path) -> list[Path]:
+    """The .dot files below `root`, through symbolic links to folders (each disc mounted elsewhere and linked
+    in, as Kaldi's wsj_data_prep links them): `rglob` does not follow those, so every utterance of a linked
+    disc had no transcript, and training left them all out with one line on stderr. A folder reached twice
+    (a link to a parent) is read once; hidden files are skipped, as the data set's fingerprint skips them."""
+    out, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        out += [Path(folder) / f for f in files if f.endswith(".dot") and not f.startswith(".")]
     return out
 
 
