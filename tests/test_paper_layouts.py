@@ -267,8 +267,12 @@ def test_corrected_validation_labels_change_the_data_sets_fingerprint(tmp_path, 
 
 
 @pytest.mark.parametrize(
-    "problem", ["no labels", "unknown synset", "count mismatch", "devkit without meta", "devkit not UTF-8"]
-)
+    "problem",
+    [
+        "no labels", "unknown synset", "count mismatch", "devkit without meta", "devkit not UTF-8",
+        "two images of one name", "an image labelled twice",
+    ],
+)  # fmt: skip
 def test_a_bad_imagenet_layout_is_one_line_naming_the_file(tmp_path, problem):
     layout = "devkit" if problem.startswith("devkit") else "kaggle"
     root = fake_imagenet(tmp_path / "imagenet", labels=layout)
@@ -284,6 +288,13 @@ def test_a_bad_imagenet_layout_is_one_line_naming_the_file(tmp_path, problem):
             (root / "val" / "ILSVRC2012_val_00000001.JPEG").read_bytes()
         )
         expected = f"{csv}: labels for 4 images, {root / 'val'} has 5"
+    elif problem == "two images of one name":  # an IndexError's traceback
+        second = root / "val" / "ILSVRC2012_val_00000002.png"
+        Image.open(root / "val" / "ILSVRC2012_val_00000002.JPEG").save(second)
+        expected = f"{second}: a second image named 'ILSVRC2012_val_00000002' in {root / 'val'} (ILSVRC2012_val_00000002.JPEG)"
+    elif problem == "an image labelled twice":  # the later line's label was read, silently
+        csv.write_text(csv.read_text() + f"ILSVRC2012_val_00000002,{WNIDS[0]} 1 2 30 40\n")
+        expected = f"{csv}:6: 'ILSVRC2012_val_00000002' again (first on line 3)"
     elif problem == "devkit without meta":
         (root / "ILSVRC2012_devkit_t12" / "data" / "meta.mat").unlink()
         expected = "meta.mat: the devkit's meta.mat is needed"

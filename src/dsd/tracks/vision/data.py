@@ -505,6 +505,7 @@ def flat_samples(exp: Experiment, root: Path) -> list[tuple[str, int]]:
     wnids = kaggle_labels(path) if path.suffix == ".csv" else devkit_labels(exp, path, len(images))
     index = {name: i for i, name in enumerate(classes(exp))}
     stems = [p.stem for p in images]
+    check_one_image_per_name(images, root)
     missing = [s for s in stems if s not in wnids]
     if missing or len(wnids) != len(images):
         unlabelled = set(wnids) - set(stems)
@@ -521,6 +522,18 @@ def flat_samples(exp: Experiment, root: Path) -> list[tuple[str, int]]:
     return out
 
 
+def check_one_image_per_name(images: list[Path], root: Path) -> None:
+    """A labels file names an image without its suffix: two files of one name (`x.JPEG` and a converted
+    `x.png` or a copied `x.jpeg`) would both take its label, and failed the count check with an IndexError."""
+    seen: dict[str, Path] = {}
+    for image in images:
+        if image.stem in seen:
+            raise DataError(
+                f"{image}: a second image named {image.stem!r} in {root} ({seen[image.stem].name})"
+            )
+        seen[image.stem] = image
+
+
 def kaggle_labels(path: Path) -> dict[str, tuple[str, int]]:
     """LOC_val_solution.csv: `ImageId,PredictionString`, the class being the first word of the string."""
     import csv
@@ -529,11 +542,14 @@ def kaggle_labels(path: Path) -> dict[str, tuple[str, int]]:
     with io.StringIO(read_text(path), newline="") as f:  # read_text drops a spreadsheet's byte-order mark
         for line, row in enumerate(csv.DictReader(f), start=2):
             try:
-                out[row["ImageId"]] = (row["PredictionString"].split()[0], line)
+                image, label = row["ImageId"], row["PredictionString"].split()[0]
             except (KeyError, IndexError, AttributeError):
                 raise DataError(
                     f"{path}:{line}: expected ImageId,PredictionString (Kaggle's {KAGGLE_LABELS})"
                 ) from None
+            if image in out:  # the later line's label silently won, and the count check still passed
+                raise DataError(f"{path}:{line}: {image!r} again (first on line {out[image][1]})")
+            out[image] = (label, line)
     return out
 
 
