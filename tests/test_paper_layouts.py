@@ -687,3 +687,22 @@ def test_wsj_discs_linked_into_the_data_folder_read_as_copied_ones(tmp_path):
         assert [(u["id"], u["transcript"]) for u in read[linked]] == [
             (u["id"], u["transcript"]) for u in read[copied]
         ]
+
+
+@pytest.mark.parametrize("fault", ["empty", "not readable"])
+def test_an_empty_or_unreadable_image_fails_prepare_not_training(tmp_path, fault):
+    """A zero-byte JPEG (a copy cut short) passed `dsd prepare` and stopped training when an epoch reached it."""
+    if fault == "not readable" and os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    config = {"experiments": {"r": {"track": "vision", "dataset": "imagenet", "model": {"num_classes": 1000},
+                                    "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}}}  # fmt: skip
+    root = fake_imagenet(tmp_path / "imagenet")
+    exp = parse_config(config | {"data": {"imagenet": str(root)}}, check_models=False).experiment("r")
+    bad = root / "train" / WNIDS[1] / f"{WNIDS[1]}_2.JPEG"
+    if fault == "empty":
+        bad.write_bytes(b"")
+    else:
+        bad.chmod(0)
+    with pytest.raises(DataError) as caught:
+        vision_data.check_imagefolder(exp)
+    assert str(caught.value) == f"1 of 12 images are empty or not readable: {bad} ({fault})"

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -632,13 +633,30 @@ def check_imagefolder(exp: Experiment) -> dict:
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found (set data.{exp.dataset} to the data set's folder)")
     names = classes(exp)
-    summary = {}
+    summary, files = {}, []
     for folder in dict.fromkeys((exp.data.train_dir, exp.data.val_dir, exp.data.test_dir)):
         found = samples(exp, folder)
         summary[folder] = {"images": len(found), "classes": len({label for _, label in found})}
+        files += [Path(p) for p, _ in found]
     if exp.options.verify_data:
-        verify_images([Path(p) for folder in summary for p, _ in samples(exp, folder)], exp)
+        verify_images(files, exp)
+    else:
+        check_readable_files(files)
     return {"classes": len(names), "splits": summary}
+
+
+def check_readable_files(files: list[Path]) -> None:
+    """Every image a non-empty file this process may read: a zero-byte file (a copy or an extraction cut short)
+    or one without read permission passed `dsd prepare` and stopped training when an epoch reached it, hours
+    in. A stat per file, as the data set's fingerprint takes anyway; decoding every image is verify_data's."""
+    bad = [f"{p} (empty)" if p.stat().st_size == 0 else f"{p} (not readable)" for p in files if _unusable(p)]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{len(bad)} of {len(files)} images are empty or not readable: {shown}")
+
+
+def _unusable(path: Path) -> bool:
+    return path.stat().st_size == 0 or not os.access(path, os.R_OK)
 
 
 VERIFY_CHUNK = 4096  # images decoded per batch of futures
