@@ -103,8 +103,9 @@ def test_preparing_flickr8k_names_a_missing_image_and_an_empty_split(tmp_path):
     with pytest.raises(DataError, match="dataset_flickr8k.json: no 'test' images"):
         prepare.prepare(_exp(tmp_path))  # would score no model, or every one 0 (an empty 'val')
     _karpathy(
-        tmp_path, [_entry(0, "train", ["a dog"]), _entry(1, "val", ["a cat"]), _entry(0, "test", ["a"])]
+        tmp_path, [_entry(0, "train", ["a dog"]), _entry(1, "val", ["a cat"]), _entry(2, "test", ["a"])]
     )
+    (tmp_path / "images" / "im2.jpg").write_bytes(b"")
     assert prepare.prepare(_exp(tmp_path))["summary"]["images"] == {"train": 1, "val": 1, "test": 1}
     verified = dataclasses.replace(
         _exp(tmp_path), options=RunOptions(data_root=str(tmp_path), verify_data=True)

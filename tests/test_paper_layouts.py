@@ -706,3 +706,19 @@ def test_an_empty_or_unreadable_image_fails_prepare_not_training(tmp_path, fault
     with pytest.raises(DataError) as caught:
         vision_data.check_imagefolder(exp)
     assert str(caught.value) == f"1 of 12 images are empty or not readable: {bad} ({fault})"
+
+
+def test_an_image_listed_twice_in_the_karpathy_file_is_refused(tmp_path):
+    """A split file listing one image twice (a test copy of a training entry, from a hand-merged file) put a
+    training image in the test split, scored on the captions it was trained on, without a word."""
+    (tmp_path / "vgg.pth").write_bytes(b"")
+    root = fake_flickr8k(tmp_path / "flickr8k", tmp_path / "vgg.pth")
+    split_file = root / "dataset_flickr8k.json"
+    raw = json.loads(split_file.read_text())
+    raw["images"].append(raw["images"][3] | {"split": "test"})
+    split_file.write_text(json.dumps(raw))
+    with pytest.raises(DataError) as caught:
+        captioning_data.read_karpathy(split_file, root / "Flicker8k_Dataset")
+    assert str(caught.value) == (
+        f"{split_file}: images[12] (1003_abc.jpg): image listed again (first as images[3], split 'train')"
+    )

@@ -65,7 +65,7 @@ def read_karpathy(json_path: str | Path, image_dir: str | Path | None = None) ->
         raise DataError(f"{json_path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("images"), list):
         raise DataError(f"{json_path}: missing field 'images' (expected a Karpathy split file)")
-    images = []
+    images, seen = [], {}
     for i, entry in enumerate(raw["images"]):
         name = entry.get("filename") if isinstance(entry, dict) else None
         where = f"{json_path}: images[{i}]" + (f" ({name})" if name else "")
@@ -107,6 +107,12 @@ def read_karpathy(json_path: str | Path, image_dir: str | Path | None = None) ->
             captions.append(tuple(words))
         split = "train" if entry["split"] == "restval" else entry["split"]
         path = image_dir / entry.get("filepath", "") / entry["filename"]
+        if path in seen:  # in two splits, a test image was scored on captions it was trained on
+            first = images[seen[path]]
+            raise DataError(
+                f"{where}: image listed again (first as images[{seen[path]}], split {first.split!r})"
+            )
+        seen[path] = i
         images.append(CaptionedImage(path, str(entry["filename"]), split, tuple(captions)))
     return images
 
