@@ -722,3 +722,38 @@ def test_an_image_listed_twice_in_the_karpathy_file_is_refused(tmp_path):
     assert str(caught.value) == (
         f"{split_file}: images[12] (1003_abc.jpg): image listed again (first as images[3], split 'train')"
     )
+
+
+@pytest.mark.parametrize("layout", ["wsj index line", "wsj index named twice", "librispeech transcript line"])
+def test_an_utterance_listed_twice_in_a_split_is_refused(tmp_path, layout):
+    """A line repeated in an .ndx index or a trans.txt, or one index named twice in data.train: the utterance
+    trained twice per epoch (in a test split, its errors counted twice in the WER), without a word."""
+    from dsd.tracks.speech import data as speech_data
+
+    paper = hparams.load_yaml(REPO / "configs" / "paper.yaml")["experiments"]["deepspeech"]
+    row = {"track": "speech", "dataset": "wsj", "model": paper["model"], "data": dict(paper["data"]),
+           "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}  # fmt: skip
+    if layout.startswith("wsj"):
+        root = fake_wsj(tmp_path / "wsj")
+        index = root / row["data"]["train"][0]
+        if layout == "wsj index line":
+            index.write_text(index.read_text() + index.read_text().splitlines()[2] + "\n")
+            expected = f"{index}:5: 011c0202 is listed again in split 'train' (first at {index}:3)"
+        else:
+            row["data"]["train"] = [*row["data"]["train"], row["data"]["train"][0]]
+            expected = f"{index}:1: 011c0200 is listed again in split 'train' (first at {index}:1)"
+    else:
+        root = fake_librispeech(tmp_path / "LibriSpeech")
+        row |= {
+            "dataset": "librispeech",
+            "data": {"train": "train-clean-100", "val": "dev-clean", "test": "dev-clean"},
+        }
+        trans = root / "train-clean-100" / "19" / "198" / "19-198.trans.txt"
+        trans.write_text(trans.read_text() + "19-198-0003 THE CAT\n")
+        expected = f"{trans}:5: 19-198-0003 is listed again in split 'train' (first at {trans}:4)"
+    config = {"data": {row["dataset"]: str(root)}, "experiments": {"r": row}}
+    exp = parse_config(config, check_models=False).experiment("r")
+    with pytest.raises(DataError) as caught:
+        speech_data._sources(exp, "train")
+    assert str(caught.value) == expected
+    assert len(speech_data._sources(exp, "val")) == 4  # the other splits read as before

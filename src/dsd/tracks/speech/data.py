@@ -99,9 +99,8 @@ def read_librispeech(folder: str | Path) -> list[dict]:
                 continue
             uid, text = (*line.split(maxsplit=1), "")[:2]  # a tab after the id, as in Kaldi's text files
             encode(text, f"{trans}:{n} ({uid})")
-            items.append(
-                {"id": uid, "audio": str(librispeech_audio(trans.parent, uid)), "transcript": text.lower()}
-            )
+            audio = str(librispeech_audio(trans.parent, uid))
+            items.append({"id": uid, "audio": audio, "transcript": text.lower(), "where": f"{trans}:{n}"})
     return items
 
 
@@ -163,7 +162,23 @@ def _sources(exp: Experiment, split: str) -> list[dict]:
             items += read_wsj_index(path, Path(exp.data_dir), "skip" if split == "train" else "error")
         else:
             items += read_librispeech(path)
+    check_listed_once(items, split)
     return items
+
+
+def check_listed_once(items: list[dict], split: str) -> None:
+    """An utterance of a LibriSpeech or WSJ layout (with `where` it is listed) in a split once: a line
+    repeated in an index or transcript file, or an index named twice in data.<split>, trained on it twice
+    per epoch or counted its errors twice in the WER, silently. A manifest may repeat an utterance."""
+    first: dict[str, str] = {}
+    for item in items:
+        if "where" not in item:
+            continue
+        if item["audio"] in first:
+            raise DataError(
+                f"{item['where']}: {item['id']} is listed again in split {split!r} (first at {first[item['audio']]})"
+            )
+        first[item["audio"]] = item["where"]
 
 
 # ---------------------------------------------------------------------------------------------------- WSJ
@@ -255,7 +270,8 @@ def read_wsj_index(index: Path, root: Path, untranscribed: str = "error") -> lis
         if uid not in dots:
             raise DataError(f"{index}:{n}: no transcript for {uid} in the .dot files below {root}")
         text, where = dots[uid]
-        items.append({"id": uid, "audio": str(audio), "transcript": normalise_wsj(text, where)})
+        transcript = normalise_wsj(text, where)
+        items.append({"id": uid, "audio": str(audio), "transcript": transcript, "where": f"{index}:{n}"})
     if skipped:
         print(
             f"{index}: {len(skipped)} utterances without a transcript left out (e.g. {skipped[0]})",
