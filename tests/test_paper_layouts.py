@@ -757,3 +757,31 @@ def test_an_utterance_listed_twice_in_a_split_is_refused(tmp_path, layout):
         speech_data._sources(exp, "train")
     assert str(caught.value) == expected
     assert len(speech_data._sources(exp, "val")) == 4  # the other splits read as before
+
+
+@pytest.mark.parametrize("layout", ["imagenet image", "wsj disc"])
+def test_a_broken_symbolic_link_in_the_data_is_named_as_one(tmp_path, layout):
+    """A link whose target is gone (a disc not mounted, a link farm's source moved) failed with "No such file or
+    directory" naming a file that `ls` shows."""
+    from dsd.engine.prepare import content_fingerprint
+
+    if layout == "imagenet image":
+        row = {"track": "vision", "dataset": "imagenet", "model": {"num_classes": 1000}}
+        root = fake_imagenet(tmp_path / "imagenet")
+        link = root / "train" / WNIDS[0] / f"{WNIDS[0]}_9.JPEG"
+    else:
+        paper = hparams.load_yaml(REPO / "configs" / "paper.yaml")["experiments"]["deepspeech"]
+        row = {"track": "speech", "dataset": "wsj", "model": paper["model"], "data": paper["data"]}
+        root = fake_wsj(tmp_path / "wsj")
+        link = root / "wsj0"
+        shutil.rmtree(link)
+    link.symlink_to(tmp_path / "unmounted")
+    config = {"data": {row["dataset"]: str(root)}, "experiments": {"r": row | {
+        "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}}}  # fmt: skip
+    exp = parse_config(config, check_models=False).experiment("r")
+    with pytest.raises(DataError) as caught:
+        content_fingerprint(exp)
+    assert (
+        str(caught.value)
+        == f"{link}: broken symbolic link (its target {tmp_path / 'unmounted'} does not exist)"
+    )

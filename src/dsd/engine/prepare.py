@@ -86,8 +86,21 @@ def _listing(root: Path):
             if entry.is_dir():
                 stack.append(Path(entry.path))
             else:
-                st = entry.stat()
+                st = _stat(entry)
                 yield f"{os.path.relpath(entry.path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+
+
+def _stat(entry: os.DirEntry) -> os.stat_result:
+    """A listed file's status; a symbolic link whose target is gone (a disc not mounted, a link farm of an
+    ImageNet subset after its source moved) is named as one: "No such file" named a file `ls` shows."""
+    try:
+        return entry.stat()
+    except FileNotFoundError:
+        if not entry.is_symlink():
+            raise
+        raise DataError(
+            f"{entry.path}: broken symbolic link (its target {os.readlink(entry.path)} does not exist)"
+        ) from None
 
 
 @contextlib.contextmanager
