@@ -785,3 +785,18 @@ def test_a_broken_symbolic_link_in_the_data_is_named_as_one(tmp_path, layout):
         str(caught.value)
         == f"{link}: broken symbolic link (its target {tmp_path / 'unmounted'} does not exist)"
     )
+
+
+def test_librispeech_audio_without_a_transcript_line_is_counted(tmp_path, capsys):
+    """A chapter whose trans.txt was lost or cut short in a copy: its audio was left out without a word."""
+    from dsd.tracks.speech import data as speech_data
+
+    root = fake_librispeech(tmp_path / "LibriSpeech")
+    (root / "dev-clean" / "84" / "198" / "._84-198-0000.flac").write_bytes(b"AppleDouble")  # no audio
+    assert len(speech_data.read_librispeech(root / "dev-clean")) == 4 and capsys.readouterr().err == ""
+    (root / "dev-clean" / "84" / "198" / "84-198.trans.txt").write_text("84-198-0000 A CAT\n")
+    assert len(speech_data.read_librispeech(root / "dev-clean")) == 1
+    assert capsys.readouterr().err == (
+        f"{root / 'dev-clean'}: 3 audio files without a line in their chapter's trans.txt left out "
+        "(e.g. 84/198/84-198-0001.flac)\n"
+    )

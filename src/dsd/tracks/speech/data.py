@@ -101,7 +101,22 @@ def read_librispeech(folder: str | Path) -> list[dict]:
             encode(text, f"{trans}:{n} ({uid})")
             audio = str(librispeech_audio(trans.parent, uid))
             items.append({"id": uid, "audio": audio, "transcript": text.lower(), "where": f"{trans}:{n}"})
+    say_untranscribed(folder, items)
     return items
+
+
+def say_untranscribed(folder: Path, items: list[dict]) -> None:
+    """Count the audio files no trans.txt line names (a chapter whose trans.txt was lost, or cut short, in a
+    copy): left out, as WSJ's untranscribed utterances are, but no longer without a word."""
+    listed = {Path(item["audio"]).with_suffix("") for item in items}
+    audio = (p for p in folder.glob("*/*/*") if p.suffix in (".flac", ".wav") and not p.name.startswith("."))
+    left_out = sorted(p for p in audio if p.with_suffix("") not in listed)
+    if left_out:
+        print(
+            f"{folder}: {len(left_out)} audio files without a line in their chapter's trans.txt left out "
+            f"(e.g. {left_out[0].relative_to(folder)})",
+            file=sys.stderr,
+        )
 
 
 def librispeech_audio(chapter: Path, uid: str) -> Path:
