@@ -800,3 +800,35 @@ def test_librispeech_audio_without_a_transcript_line_is_counted(tmp_path, capsys
         f"{root / 'dev-clean'}: 3 audio files without a line in their chapter's trans.txt left out "
         "(e.g. 84/198/84-198-0001.flac)\n"
     )
+
+
+def test_si84s_speaker_401_listed_on_two_discs_trains_once_as_kaldis_recipe(tmp_path, capsys):
+    """tr_s_wv1.ndx lists speaker 401's utterances on disc 11_2_1 (which does not hold them) and again on 11_3_1;
+    with the discs merged into wsj0/ both lines name one file, so the paper rows' training split was refused
+    as listing every one of them twice. Kaldi's wsj_data_prep.sh drops the 11_2_1 lines (si84: 7138)."""
+    import soundfile as sf
+
+    from dsd.tracks.speech import data as speech_data
+
+    root = fake_wsj(tmp_path / "wsj")
+    speaker = root / "wsj0" / "si_tr_s" / "401"
+    speaker.mkdir(parents=True)
+    dots = root / "wsj0" / "transcrp" / "dots" / "si_tr_s" / "401"
+    dots.mkdir(parents=True)
+    for i in range(2):
+        sf.write(speaker / f"401c020{i}.wv1", np.zeros(4800), 16000, format="NIST", subtype="PCM_16")
+    (dots / "401c0200.dot").write_text("A CAT (401c0200)\nA DOG (401c0201)\n")
+    index = root / "wsj0" / "doc" / "indices" / "train" / "tr_s_wv1.ndx"
+    listed = [f"{disc}:wsj0/si_tr_s/401/401c020{i}.wv1" for disc in ("11_2_1", "11_3_1") for i in range(2)]
+    index.write_text(index.read_text() + "\n".join(listed) + "\n")
+    paper = hparams.load_yaml(REPO / "configs" / "paper.yaml")["experiments"]["deepspeech"]
+    row = {"track": "speech", "dataset": "wsj", "model": paper["model"], "data": paper["data"],
+           "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}  # fmt: skip
+    exp = parse_config(
+        {"data": {"wsj": str(root)}, "experiments": {"r": row}}, check_models=False
+    ).experiment("r")
+    train = speech_data._sources(exp, "train")
+    assert [u["id"] for u in train if u["id"].startswith("401")] == ["401c0200", "401c0201"]
+    assert {u["where"] for u in train if u["id"].startswith("401")} == {f"{index}:7", f"{index}:8"}
+    assert len(train) == 10  # si84's 4 + speaker 401's 2, si_tr_s's 4
+    assert f"{index}: 2 lines of 11_2_1:wsj0/si_tr_s/401 left out" in capsys.readouterr().err

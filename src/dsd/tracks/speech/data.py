@@ -269,13 +269,17 @@ def read_wsj_index(index: Path, root: Path, untranscribed: str = "error") -> lis
     """An LDC index file (si284's tr_s_wv1.ndx and friends, dev93, eval92, eval93): one `disc:/path/utt.wv1`
     per line (";" comments; the evaluation indices leave out the `.wv1`); audio paths relative to the data
     folder, transcripts from the .dot files below it. An utterance without a transcript is an error, or with
-    `untranscribed="skip"` (training) left out and counted on stderr (si84's speaker 401 has none)."""
+    `untranscribed="skip"` (training) left out and counted on stderr. The lines that list an utterance on a
+    disc that does not hold it (`listed_on_the_wrong_disc`) are left out and counted too."""
     if not index.is_file():
         raise DataError(f"{index}: WSJ index file is missing")
-    dots, items, skipped = _wsj_dots(str(root)), [], []
+    dots, items, skipped, misplaced = _wsj_dots(str(root)), [], [], 0
     for n, line in enumerate(paths.read_text(index).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith(";"):
+            continue
+        if listed_on_the_wrong_disc(line):
+            misplaced += 1
             continue
         audio = wsj_audio(root, line.split(":", 1)[-1].strip().lstrip("/"))
         uid = audio.stem.lower()
@@ -292,7 +296,24 @@ def read_wsj_index(index: Path, root: Path, untranscribed: str = "error") -> lis
             f"{index}: {len(skipped)} utterances without a transcript left out (e.g. {skipped[0]})",
             file=sys.stderr,
         )
+    if misplaced:
+        print(
+            f"{index}: {misplaced} lines of {WRONG_DISC[0].rstrip('/')} left out (a disc that does not hold "
+            f"them; the index lists them again on the one that does, as Kaldi's wsj_data_prep.sh reads it)",
+            file=sys.stderr,
+        )
     return items
+
+
+# si84's tr_s_wv1.ndx lists speaker 401's utterances twice: on disc 11-2.1, which does not hold them, and on
+# 11-3.1, which does. With the discs merged into wsj0/ both lines name one file, so si284 was refused as
+# listing it twice. Kaldi's wsj_data_prep.sh drops the 11-2.1 lines (7138 si84, 37416 si284 utterances left).
+WRONG_DISC = ("11_2_1:wsj0/si_tr_s/401/",)
+
+
+def listed_on_the_wrong_disc(line: str) -> bool:
+    disc, _, path = line.partition(":")
+    return f"{disc.strip()}:{path.strip().lstrip('/')}".lower().startswith(WRONG_DISC)
 
 
 def wsj_audio(root: Path, relative: str) -> Path:
