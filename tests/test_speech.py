@@ -541,6 +541,17 @@ def test_wsj_backslash_quoting_and_verbalised_punctuation_marks_are_read_as_spok
         assert speech_data.normalise_wsj(line, "x.dot:1") == expected
 
 
+def test_wsj_verbalised_single_quotes_lose_their_unspoken_apostrophe():
+    """The CMU dictionary's single-quote words ("'SINGLE-QUOTE", "'END-INNER-QUOTE") kept their mark, the one
+    verbalised punctuation that did: "'single quote" taught an apostrophe the reader never spoke."""
+    cases = {
+        "HE SAID \\'SINGLE-QUOTE YES \\'END-INNER-QUOTE 'QUOTE": "he said single quote yes end inner quote quote",
+        "LET \\'EM GO \"DOUBLE-QUOTE": "let 'em go double quote",
+    }
+    for line, expected in cases.items():
+        assert speech_data.normalise_wsj(line, "x.dot:1") == expected
+
+
 def write_wsj(root, utterances, seconds=0.4, shorten=False):
     """A tiny WSJ disc layout: SPHERE .wv1 audio (written by soundfile), .dot transcripts, an .ndx index."""
     sr = 16000

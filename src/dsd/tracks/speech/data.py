@@ -211,7 +211,8 @@ def normalise_wsj(text: str, where: str) -> str:
     2. noise markers in square brackets ("[loud_breath]", "[door_slam]") are dropped;
     3. angle brackets and asterisks around words ("<is>", "*mispronounced*") are removed, the word kept;
     4. verbalised punctuation and symbols keep their spoken word (".period" -> "period", ",comma" -> "comma",
-       "(left-paren" -> "left paren", "%percent" -> "percent", "--dash" -> "dash");
+       "(left-paren" -> "left paren", "%percent" -> "percent", "--dash" -> "dash", "'single-quote" -> "single
+       quote"; a leading apostrophe of other words is kept: "'em");
     5. word fragments (a hyphen at a word's start or end: "wo-", "-tend") are dropped;
     6. dots ("u.s.") and "~", ":", "!" marks are removed; a hyphen inside a word is a space.
     Anything still outside a-z, space and ' is a DataError naming the line.
@@ -221,6 +222,8 @@ def normalise_wsj(text: str, where: str) -> str:
         if token.startswith("[") and token.endswith("]"):
             continue
         token = token.strip("<>*").lstrip(VERBALISED_MARKS).replace('"', "")
+        if re.fullmatch(r"'[a-z-]*quote", token):  # "'single-quote": the mark is not spoken
+            token = token[1:]
         if re.fullmatch(r"-+(dash|hyphen)", token):  # the CMU dictionary's "-dash", "-hyphen"
             token = token.lstrip("-")
         elif token.startswith("-") or token.endswith("-"):
