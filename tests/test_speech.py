@@ -957,3 +957,32 @@ def test_featurising_runs_on_the_cores_the_job_may_use_not_the_nodes(confined):
     done = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "1"
+
+
+def test_features_cached_before_a_transcript_rule_changed_are_not_read_with_the_old_transcripts(
+    tmp_path, monkeypatch
+):
+    """The features cache was named by the corpus' files and the feature settings: after `normalise_wsj` changed
+    ("'SINGLE-QUOTE" -> "single quote", not "'single quote") the .dot files were the same, the data set stayed
+    current, and training and the WER read the transcripts cached by the old rules."""
+    write_wsj(tmp_path / "wsj", [("011c0201", "HE SAID 'SINGLE-QUOTE HELLO"), ("011c0202", "WORLD")])
+    index = "wsj0/doc/indices/train/tr_s_wv1.ndx"
+    entry = {"track": "speech", "dataset": "wsj", "model": {"arch": "deepspeech"},
+             "data": {"train": index, "val": index, "test": index},
+             "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}  # fmt: skip
+    exp = parse_row("ds", entry, str(tmp_path / "wsj")).experiment(
+        RunOptions(data_root=str(tmp_path / "data"))
+    )
+    rules = speech_data.normalise_wsj
+
+    def older_rules(text, where):  # before the single quotes lost their apostrophe
+        return rules(text.replace("'SINGLE-QUOTE", "'SINGLE QUOTE"), where)
+
+    monkeypatch.setattr(speech_data, "normalise_wsj", older_rules)
+    prepare.prepare(exp)
+    assert list(speech_data.dataset(exp, "train").texts)[0] == "he said 'single quote hello"
+    monkeypatch.setattr(speech_data, "normalise_wsj", rules)
+    speech_data._UTTERANCES.clear()  # what a new process with the new code reads
+    prepare.ensure(exp)
+    assert prepare.is_current(exp)  # the files are the same: the data set is not prepared again
+    assert list(speech_data.dataset(exp, "train").texts) == ["he said single quote hello", "world"]

@@ -1,8 +1,9 @@
 """Speech data: LibriSpeech-layout folders and JSON-lines manifests, checked transcripts, log spectra cached
 once per split, SortaGrad, and the embedded corpus (synthesised with eSpeak NG, LibriSpeech layout).
 
-A split's features are cached in a file named by the corpus' content fingerprint and the feature settings,
-so features computed from another corpus or with other settings are never read as this one's.
+A split's features are cached in a folder named by the corpus' content fingerprint, the feature settings and
+the utterances as this code reads them (transcripts by the current normalisation rules), so features or
+transcripts from another corpus, other settings or older rules are never read as this one's.
 """
 
 from __future__ import annotations
@@ -339,8 +340,28 @@ def _cache_dir(exp: Experiment, split: str, data_fingerprint: str) -> Path:
         "feature": data.feature,
         "bins": n_features(data),
         "max_seconds": data.max_seconds if split == "train" else None,
+        "utterances": utterances_read_now(exp, split, data_fingerprint),
     }
     return exp.cache_dir / "features" / f"{split}-{fingerprint(key)}"
+
+
+_UTTERANCES: dict[tuple, str] = {}
+
+
+def utterances_read_now(exp: Experiment, split: str, data_fingerprint: str) -> str:
+    """Fingerprint of the split's utterances as this code reads them: ids, audio files (relative to the data
+    folder) and transcripts by the current normalisation rules. The data fingerprint covers the files alone: a
+    cache built before `normalise_wsj` changed kept the old transcripts, and training and the WER read them.
+    Read once per process and data set (a LibriSpeech-size split takes seconds)."""
+    names = getattr(exp.data, split)
+    memo = (exp.data_dir, split, json.dumps(names), data_fingerprint)
+    if memo not in _UTTERANCES:
+        read = [
+            [i["id"], os.path.relpath(i["audio"], exp.data_dir), i["transcript"]]
+            for i in _sources(exp, split)
+        ]
+        _UTTERANCES[memo] = fingerprint(read)
+    return _UTTERANCES[memo]
 
 
 def _featurise(job: tuple[dict, Data, float | None]):
