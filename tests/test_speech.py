@@ -984,5 +984,26 @@ def test_features_cached_before_a_transcript_rule_changed_are_not_read_with_the_
     monkeypatch.setattr(speech_data, "normalise_wsj", rules)
     speech_data._UTTERANCES.clear()  # what a new process with the new code reads
     prepare.ensure(exp)
-    assert prepare.is_current(exp)  # the files are the same: the data set is not prepared again
     assert list(speech_data.dataset(exp, "train").texts) == ["he said single quote hello", "world"]
+
+
+def test_a_transcript_rule_change_makes_a_real_corpus_another_data_set(tmp_path, monkeypatch):
+    """The corpus' fingerprint, which every checkpoint and result records, covered its files alone: after
+    `normalise_wsj` changed, the dense checkpoint trained on the old transcripts started the sparse phase on
+    the new ones, and finished phases kept WERs scored against the old references, all as current."""
+    write_wsj(tmp_path / "wsj", [("011c0201", "HE SAID 'SINGLE-QUOTE HELLO"), ("011c0202", "WORLD")])
+    index = "wsj0/doc/indices/train/tr_s_wv1.ndx"
+    entry = {"track": "speech", "dataset": "wsj", "model": {"arch": "deepspeech"},
+             "data": {"train": index, "val": index, "test": index},
+             "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}  # fmt: skip
+    exp = parse_row("ds", entry, str(tmp_path / "wsj")).experiment(
+        RunOptions(data_root=str(tmp_path / "data"))
+    )
+    rules = speech_data.normalise_wsj
+    today = prepare.content_fingerprint(exp)
+    monkeypatch.setattr(
+        speech_data, "normalise_wsj", lambda text, where: rules(text.replace("-Q", " Q"), where)
+    )
+    assert prepare.content_fingerprint(exp) != today
+    monkeypatch.setattr(speech_data, "normalise_wsj", rules)
+    assert prepare.content_fingerprint(exp) == today

@@ -56,14 +56,19 @@ def is_current(exp: Experiment) -> bool:
 
 def content_fingerprint(exp: Experiment) -> str:
     """Generated data: its settings. Real data: every source file's relative path, size and mtime (hidden
-    files and folders left out)."""
+    files and folders left out), and (speech) its transcripts as this code reads them."""
     spec = exp.data_spec()
     if exp.generated:
         return fingerprint({"generated": spec.fingerprint})
     digest = hashlib.sha256(spec.fingerprint.encode())
-    for source in tracks.get(exp.track).data.sources(exp):
+    track = tracks.get(exp.track).data
+    for source in track.sources(exp):
         for entry in _listing(Path(source)):
             digest.update(entry.encode())
+    # the text as read by this code's rules (WSJ's transcript normalisation): a rule changed, the same
+    # files hold other transcripts
+    if hasattr(track, "content_as_read"):
+        digest.update(track.content_as_read(exp).encode())
     return digest.hexdigest()[:16]
 
 

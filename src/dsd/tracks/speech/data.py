@@ -356,12 +356,21 @@ def utterances_read_now(exp: Experiment, split: str, data_fingerprint: str) -> s
     names = getattr(exp.data, split)
     memo = (exp.data_dir, split, json.dumps(names), data_fingerprint)
     if memo not in _UTTERANCES:
-        read = [
-            [i["id"], os.path.relpath(i["audio"], exp.data_dir), i["transcript"]]
-            for i in _sources(exp, split)
-        ]
-        _UTTERANCES[memo] = fingerprint(read)
+        _UTTERANCES[memo] = fingerprint(_as_read(exp, split))
     return _UTTERANCES[memo]
+
+
+def _as_read(exp: Experiment, split: str) -> list[list[str]]:
+    return [
+        [i["id"], os.path.relpath(i["audio"], exp.data_dir), i["transcript"]] for i in _sources(exp, split)
+    ]
+
+
+def content_as_read(exp: Experiment) -> str:
+    """The corpus' every split as this code reads it, for a real corpus' fingerprint (prepare.content_fingerprint):
+    the transcript files are the same after a normalisation rule changed, the transcripts trained and scored on
+    are not, so the runs trained on the old ones are not this corpus' either."""
+    return fingerprint({split: _as_read(exp, split) for split in SPLITS})
 
 
 def _featurise(job: tuple[dict, Data, float | None]):
