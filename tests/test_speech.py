@@ -959,20 +959,25 @@ def test_featurising_runs_on_the_cores_the_job_may_use_not_the_nodes(confined):
     assert done.stdout.strip() == "1"
 
 
+def _quoted_wsj(tmp_path):
+    """A two-utterance WSJ layout whose transcript has a verbalised single quote, as one split."""
+    write_wsj(tmp_path / "wsj", [("011c0201", "HE SAID 'SINGLE-QUOTE HELLO"), ("011c0202", "WORLD")])
+    index = "wsj0/doc/indices/train/tr_s_wv1.ndx"
+    entry = {"track": "speech", "dataset": "wsj", "model": {"arch": "deepspeech"},
+             "data": {"train": index, "val": index, "test": index},
+             "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}  # fmt: skip
+    return parse_row("ds", entry, str(tmp_path / "wsj")).experiment(
+        RunOptions(data_root=str(tmp_path / "data"))
+    )
+
+
 def test_features_cached_before_a_transcript_rule_changed_are_not_read_with_the_old_transcripts(
     tmp_path, monkeypatch
 ):
     """The features cache was named by the corpus' files and the feature settings: after `normalise_wsj` changed
     ("'SINGLE-QUOTE" -> "single quote", not "'single quote") the .dot files were the same, the data set stayed
     current, and training and the WER read the transcripts cached by the old rules."""
-    write_wsj(tmp_path / "wsj", [("011c0201", "HE SAID 'SINGLE-QUOTE HELLO"), ("011c0202", "WORLD")])
-    index = "wsj0/doc/indices/train/tr_s_wv1.ndx"
-    entry = {"track": "speech", "dataset": "wsj", "model": {"arch": "deepspeech"},
-             "data": {"train": index, "val": index, "test": index},
-             "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}  # fmt: skip
-    exp = parse_row("ds", entry, str(tmp_path / "wsj")).experiment(
-        RunOptions(data_root=str(tmp_path / "data"))
-    )
+    exp = _quoted_wsj(tmp_path)
     rules = speech_data.normalise_wsj
 
     def older_rules(text, where):  # before the single quotes lost their apostrophe
@@ -991,19 +996,14 @@ def test_a_transcript_rule_change_makes_a_real_corpus_another_data_set(tmp_path,
     """The corpus' fingerprint, which every checkpoint and result records, covered its files alone: after
     `normalise_wsj` changed, the dense checkpoint trained on the old transcripts started the sparse phase on
     the new ones, and finished phases kept WERs scored against the old references, all as current."""
-    write_wsj(tmp_path / "wsj", [("011c0201", "HE SAID 'SINGLE-QUOTE HELLO"), ("011c0202", "WORLD")])
-    index = "wsj0/doc/indices/train/tr_s_wv1.ndx"
-    entry = {"track": "speech", "dataset": "wsj", "model": {"arch": "deepspeech"},
-             "data": {"train": index, "val": index, "test": index},
-             "phases": [{"kind": "dense", "epochs": 1, "lr": 0.1}]}  # fmt: skip
-    exp = parse_row("ds", entry, str(tmp_path / "wsj")).experiment(
-        RunOptions(data_root=str(tmp_path / "data"))
-    )
+    exp = _quoted_wsj(tmp_path)
     rules = speech_data.normalise_wsj
     today = prepare.content_fingerprint(exp)
     monkeypatch.setattr(
         speech_data, "normalise_wsj", lambda text, where: rules(text.replace("-Q", " Q"), where)
     )
+    speech_data._UTTERANCES.clear()  # what a new process with the changed code reads
     assert prepare.content_fingerprint(exp) != today
     monkeypatch.setattr(speech_data, "normalise_wsj", rules)
+    speech_data._UTTERANCES.clear()
     assert prepare.content_fingerprint(exp) == today

@@ -68,7 +68,7 @@ def content_fingerprint(exp: Experiment) -> str:
     # the text as read by this code's rules (WSJ's transcript normalisation): a rule changed, the same
     # files hold other transcripts
     if hasattr(track, "content_as_read"):
-        digest.update(track.content_as_read(exp).encode())
+        digest.update(track.content_as_read(exp, digest.hexdigest()).encode())
     return digest.hexdigest()[:16]
 
 

@@ -348,13 +348,14 @@ def _cache_dir(exp: Experiment, split: str, data_fingerprint: str) -> Path:
 _UTTERANCES: dict[tuple, str] = {}
 
 
-def utterances_read_now(exp: Experiment, split: str, data_fingerprint: str) -> str:
+def utterances_read_now(exp: Experiment, split: str, files: str) -> str:
     """Fingerprint of the split's utterances as this code reads them: ids, audio files (relative to the data
-    folder) and transcripts by the current normalisation rules. The data fingerprint covers the files alone: a
-    cache built before `normalise_wsj` changed kept the old transcripts, and training and the WER read them.
-    Read once per process and data set (a LibriSpeech-size split takes seconds)."""
+    folder) and transcripts by the current normalisation rules. A fingerprint of the files alone missed a
+    changed rule: a cache built before `normalise_wsj` changed kept the old transcripts, and training and the
+    WER read them. Read once per process and state of the files (`files`, a fingerprint of them): a
+    LibriSpeech-size split takes seconds, and every check that the data set is current asks."""
     names = getattr(exp.data, split)
-    memo = (exp.data_dir, split, json.dumps(names), data_fingerprint)
+    memo = (exp.data_dir, split, json.dumps(names), files)
     if memo not in _UTTERANCES:
         _UTTERANCES[memo] = fingerprint(_as_read(exp, split))
     return _UTTERANCES[memo]
@@ -366,11 +367,11 @@ def _as_read(exp: Experiment, split: str) -> list[list[str]]:
     ]
 
 
-def content_as_read(exp: Experiment) -> str:
-    """The corpus' every split as this code reads it, for a real corpus' fingerprint (prepare.content_fingerprint):
-    the transcript files are the same after a normalisation rule changed, the transcripts trained and scored on
-    are not, so the runs trained on the old ones are not this corpus' either."""
-    return fingerprint({split: _as_read(exp, split) for split in SPLITS})
+def content_as_read(exp: Experiment, files: str) -> str:
+    """The corpus' every split as this code reads it, for a real corpus' fingerprint (prepare.content_fingerprint,
+    `files` the fingerprint of its files): the transcript files are the same after a normalisation rule changed,
+    the transcripts trained and scored on are not, so the runs trained on the old ones are not this corpus'."""
+    return fingerprint({split: utterances_read_now(exp, split, files) for split in SPLITS})
 
 
 def _featurise(job: tuple[dict, Data, float | None]):
